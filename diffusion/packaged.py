@@ -1,0 +1,110 @@
+"""The trained model as one object: the network, the configs that rebuild it, sampling.
+
+``models/model.pt`` (the train stage's output) and the MLflow model are both this
+module. ``forward(noise)`` maps x_T to images with the default sampler, so the
+MLflow pytorch flavour's ``predict`` on an array of noise returns samples;
+:meth:`PackagedDiffusion.sample` takes any sampler, step count and seed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffusion.checkpoint import load_checkpoint, save_checkpoint
+from diffusion.gaussian import GaussianDiffusion
+from diffusion.models import create_model
+from diffusion.samplers import sample as run_sampler
+from diffusion.schedules import make_betas
+
+DEFAULT_SAMPLER = {"sampler": "ddim", "steps": 50, "eta": 0.0}
+
+
+class PackagedDiffusion(nn.Module):
+    """A denoiser plus everything needed to sample from it.
+
+    ``model_spec``: ``create_model`` arguments (name, in_channels, image_size,
+    learn_sigma, num_classes, overrides). ``process``: the diffusion section of
+    params.yaml (schedule, timesteps, zero_terminal_snr, prediction, variance, loss).
+    """
+
+    def __init__(self, model_spec: dict[str, Any], process: dict[str, Any], net: nn.Module | None = None):
+        super().__init__()
+        self.model_spec = dict(model_spec)
+        self.process = dict(process)
+        spec = dict(model_spec)
+        self.net = net if net is not None else create_model(
+            spec.pop("name"), **spec.pop("overrides", {}), **spec
+        )
+        self.diffusion = GaussianDiffusion(
+            make_betas(process["schedule"], process["timesteps"], process.get("zero_terminal_snr", False)),
+            prediction=process["prediction"],
+            variance=process["variance"],
+            loss=process["loss"],
+        )
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.model_spec["in_channels"], self.model_spec["image_size"], self.model_spec["image_size"])
+
+    def forward(self, noise: torch.Tensor) -> torch.Tensor:
+        """x_T -> x_0 in [-1, 1] with the default sampler (DDIM, 50 steps, eta 0)."""
+        return self.sample(noise.shape[0], noise=noise, device=noise.device)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: int,
+        *,
+        sampler: str = DEFAULT_SAMPLER["sampler"],
+        steps: int | None = DEFAULT_SAMPLER["steps"],
+        eta: float = DEFAULT_SAMPLER["eta"],
+        clip_denoised: bool = True,
+        threshold: float | None = None,
+        labels: torch.Tensor | None = None,
+        seed: int | None = None,
+        noise: torch.Tensor | None = None,
+        device: str | torch.device = "cpu",
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Samples in [-1, 1], shape [num_samples, C, H, W]."""
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            return run_sampler(
+                self.diffusion,
+                self.net,
+                (num_samples, *self.image_shape),
+                sampler=sampler,
+                steps=steps,
+                eta=eta,
+                model_kwargs={"y": labels} if labels is not None else None,
+                clip_denoised=clip_denoised,
+                threshold=threshold,
+                seed=seed,
+                device=device,
+                noise=noise,
+                progress=progress,
+            )
+        finally:
+            self.net.train(was_training)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the weights and both configs atomically (no pickled code)."""
+        state = {"model_spec": self.model_spec, "process": self.process, "state_dict": self.net.state_dict()}
+        return save_checkpoint(path, state)
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> PackagedDiffusion:
+        state = load_checkpoint(path)
+        packaged = cls(state["model_spec"], state["process"])
+        packaged.net.load_state_dict(state["state_dict"])
+        return packaged.to(map_location).eval()
+
+
+def to_uint8(samples: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> uint8 in [0, 255], the inverse of the data scaling x/127.5 - 1."""
+    return ((samples.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

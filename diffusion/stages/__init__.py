@@ -1,0 +1,1 @@
+"""Pipeline stages: prepare, train, sample, evaluate. Each takes its validated config."""

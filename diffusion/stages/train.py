@@ -1,0 +1,115 @@
+"""train: the model, the process and the loop as params.yaml says; resumes after a kill.
+
+Outputs: ``models/model.pt`` (the EMA network and its configs, see
+:mod:`diffusion.packaged`), ``models/run.json`` (the MLflow run that trained it),
+``metrics/train.json`` and ``plots/train_loss.csv``. Checkpoints live in
+``checkpoints/<key>/``, where the key hashes the dataset and every param that
+changes the trajectory (not ``steps``: raising it continues a finished run), so a
+killed run resumes where it stopped, a changed config starts afresh, and the
+resumed run logs into the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+from diffusion import tracking
+from diffusion.config import Params
+from diffusion.data import load_dataset
+from diffusion.gaussian import GaussianDiffusion
+from diffusion.packaged import PackagedDiffusion
+from diffusion.train import train
+
+TRAIN_SET = Path("data/train.npz")
+HELDOUT_SET = Path("data/heldout.npz")
+MODEL = Path("models/model.pt")
+RUN_FILE = Path("models/run.json")
+METRICS = Path("metrics/train.json")
+LOSS_CURVE = Path("plots/train_loss.csv")
+CHECKPOINTS = Path("checkpoints")
+# Params that do not change the trajectory: a checkpoint stays valid when they change.
+RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "bpd_images", "device"}
+
+
+def checkpoint_key(params: Params, data_md5: str) -> str:
+    """Hash of the dataset and the trajectory-defining params."""
+    key = {
+        "data": data_md5,
+        "model": params.model.model_dump(),
+        "diffusion": params.diffusion.model_dump(),
+        "train": params.train.model_dump(exclude=RESUMABLE_CHANGES),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_spec(params: Params, channels: int, image_size: int, num_classes: int) -> dict:
+    return {
+        "name": params.model.name,
+        "in_channels": channels,
+        "image_size": image_size,
+        "learn_sigma": params.diffusion.variance == "learned_range",
+        "num_classes": num_classes if params.model.class_conditional else None,
+        "overrides": dict(params.model.overrides),
+    }
+
+
+def run(params: Params) -> None:
+    dataset = load_dataset(TRAIN_SET)
+    heldout = load_dataset(HELDOUT_SET)
+    _, channels, height, _ = dataset.images.shape
+    spec = model_spec(params, channels, height, len(dataset.class_names))
+    packaged = PackagedDiffusion(spec, params.diffusion.model_dump())
+    diffusion: GaussianDiffusion = packaged.diffusion
+
+    data_md5 = tracking.file_md5(TRAIN_SET)
+    ckpt_dir = CHECKPOINTS / checkpoint_key(params, data_md5)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    resume_run = tracking.read_run_id(ckpt_dir / "run.json")
+
+    with tracking.stage_run(
+        "train", params.tracking.experiment, resume_run_id=resume_run, run_name=f"train-{params.model.name}",
+        system_metrics=True,
+    ) as active:
+        run_id = active.info.run_id
+        tracking.write_run_id(ckpt_dir / "run.json", run_id)
+        if resume_run is None:
+            tracking.log_params(params.model_dump(include={"data", "model", "diffusion", "train"}))
+            tracking.log_dataset(
+                TRAIN_SET, name=params.data.source, source=dataset.source_uri,
+                images=dataset.images, labels=dataset.labels,
+            )
+        result = train(
+            packaged.net,
+            diffusion,
+            dataset.images,
+            dataset.labels,
+            params.train,
+            checkpoint_dir=ckpt_dir,
+            log=lambda step, metrics: tracking.log_metrics(metrics, step=step),
+            heldout_images=heldout.images,
+            class_conditional=params.model.class_conditional,
+        )
+        ema_net = result.ema_model
+        final = PackagedDiffusion(spec, params.diffusion.model_dump(), net=ema_net)
+        final.save(MODEL)
+        summary = {"step": result.step, "loss": result.loss, "img_per_s": result.img_per_s}
+        if result.bpd is not None:
+            summary["bpd"] = result.bpd
+        tracking.log_metrics({f"final_{k}": v for k, v in summary.items() if k != "step"})
+        _write_outputs(summary, result.loss_curve)
+        if params.tracking.log_model:
+            tracking.log_packaged_model(final)
+        tracking.write_run_id(RUN_FILE, run_id)
+
+
+def _write_outputs(summary: dict, loss_curve: list[tuple[int, float]]) -> None:
+    METRICS.parent.mkdir(parents=True, exist_ok=True)
+    METRICS.write_text(json.dumps(summary, indent=2) + "\n")
+    LOSS_CURVE.parent.mkdir(parents=True, exist_ok=True)
+    with LOSS_CURVE.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["step", "loss"])
+        writer.writerows(loss_curve)

@@ -1,0 +1,258 @@
+"""The one place that talks to MLflow.
+
+Runs follow DVC's data lineage (README, "Tracking"):
+
+- ``train`` opens a run (the *model run*): params of data/model/diffusion/train,
+  the dataset, per-step metrics, system metrics, the model. Its id is written to
+  ``models/run.json``, a DVC output, so a stage restored from DVC's run cache brings
+  back the id of the run that really trained it and creates no duplicate run.
+- ``sample`` opens a run nested under the model run: sample/evaluate params, the
+  grid. ``evaluate`` logs FID/KID into that run and mirrors them onto its parent.
+- An orchestrator (a Prefect flow, a sweep trial) that owns a run sets
+  ``MLFLOW_RUN_ID``; every stage then logs into that run instead, and tags it with
+  the model run it used.
+
+The default store is SQLite in ``mlflow/`` at the repository root (database and
+artifacts, git-ignored); ``MLFLOW_TRACKING_URI`` points elsewhere (a server).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+RUN_ID_ENV = "MLFLOW_RUN_ID"
+STORE_DIR = "mlflow"
+
+
+def repo_root() -> Path:
+    """The repository root: DVC's, else git's, else the working directory."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"])
+    try:
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True)
+        return Path(out.stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return Path.cwd()
+
+
+def default_tracking_uri(root: Path | None = None) -> str:
+    store = (root or repo_root()) / STORE_DIR
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def _mlflow():
+    import mlflow
+
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        mlflow.set_tracking_uri(default_tracking_uri())
+    return mlflow
+
+
+def experiment_id(name: str) -> str:
+    """The experiment, created with its artifacts beside a local SQLite store."""
+    mlflow = _mlflow()
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    uri = mlflow.get_tracking_uri()
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"train": {"lr": 1e-3}}`` -> ``{"train.lr": "0.001"}``; lists and dicts as JSON."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+    return flat
+
+
+def git_commit(root: Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root or repo_root(), capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def dvc_lock_hashes(root: Path | None = None) -> dict[str, str]:
+    """``dvc.lock`` as tags: ``dvc.<stage>.<path>`` -> md5 of every dep and out recorded so far."""
+    lock = (root or repo_root()) / "dvc.lock"
+    if not lock.is_file():
+        return {}
+    import yaml
+
+    data = yaml.safe_load(lock.read_text()) or {}
+    tags = {}
+    for stage, entry in (data.get("stages") or {}).items():
+        for item in (entry.get("deps") or []) + (entry.get("outs") or []):
+            if "md5" in item:
+                tags[f"dvc.{stage}.{item['path']}"] = item["md5"]
+    return tags
+
+
+def file_md5(path: str | Path) -> str:
+    """MD5 of a file's bytes: the hash DVC records for a file output."""
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_run_id(path: str | Path) -> str | None:
+    path = Path(path)
+    return json.loads(path.read_text())["run_id"] if path.is_file() else None
+
+
+def write_run_id(path: str | Path, run_id: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"run_id": run_id}) + "\n")
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str,
+    experiment: str,
+    *,
+    parent_run_id: str | None = None,
+    resume_run_id: str | None = None,
+    run_name: str | None = None,
+    system_metrics: bool = False,
+) -> Iterator[Any]:
+    """Open the MLflow run a stage logs into (see the module docstring).
+
+    The orchestrator's run (``MLFLOW_RUN_ID``) wins; then ``resume_run_id`` (a
+    stage resumed after a kill continues its run); else a new run, nested under
+    ``parent_run_id`` when given. The run is tagged with the stage, the git commit
+    and the dvc.lock hashes. On an exception the run ends FAILED.
+    """
+    mlflow = _mlflow()
+    owned_id = os.environ.get(RUN_ID_ENV)
+    if resume_run_id and not owned_id:
+        run = mlflow.start_run(run_id=resume_run_id, log_system_metrics=system_metrics)
+    elif owned_id:
+        run = mlflow.start_run(run_id=owned_id, log_system_metrics=system_metrics)
+        if parent_run_id and parent_run_id != owned_id:
+            mlflow.set_tag(f"{stage}.model_run_id", parent_run_id)
+    else:
+        tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
+        run = mlflow.start_run(
+            experiment_id=experiment_id(experiment),
+            run_name=run_name,
+            tags=tags,
+            log_system_metrics=system_metrics,
+        )
+    commit = git_commit()
+    tags = {f"stage.{stage}": "ran", **dvc_lock_hashes()}
+    if commit:
+        tags.update({"git_commit": commit, "mlflow.source.git.commit": commit})
+    mlflow.set_tags(tags)
+    try:
+        yield run
+    except BaseException:
+        mlflow.end_run("FAILED" if not owned_id else "RUNNING")
+        raise
+    else:
+        # An orchestrator's run stays open for the orchestrator to end.
+        mlflow.end_run("FINISHED" if not owned_id else "RUNNING")
+
+
+def log_params(params: Mapping[str, Any], run_id: str | None = None) -> None:
+    """Log a (nested) params mapping flattened, in batches MLflow accepts."""
+    mlflow = _mlflow()
+    flat = flatten(params)
+    client = mlflow.MlflowClient()
+    run_id = run_id or mlflow.active_run().info.run_id
+    from mlflow.entities import Param
+
+    items = [Param(k, v[:6000]) for k, v in flat.items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[start : start + 100])
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None, run_id: str | None = None) -> None:
+    """Log metrics to the active run, or to ``run_id`` (a parent mirrored from a child)."""
+    mlflow = _mlflow()
+    if run_id is None:
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        return
+    client = mlflow.MlflowClient()
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, float(value), step=step or 0)
+
+
+def log_dataset(path: str | Path, *, name: str, source: str, images, labels, context: str = "training") -> None:
+    """The dataset as an MLflow dataset: its DVC hash (md5 of the file) as digest, its source."""
+    mlflow = _mlflow()
+    import numpy as np
+
+    digest = file_md5(path)
+    ds = mlflow.data.from_numpy(
+        np.asarray(images).reshape(len(images), -1),
+        targets=np.asarray(labels),
+        source=source,
+        name=name,
+        digest=digest[:36],
+    )
+    mlflow.log_input(ds, context=context, tags={"dvc_md5": digest, "path": str(path)})
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    _mlflow().log_artifact(str(path), artifact_path)
+
+
+def log_dict(data: dict, artifact_file: str) -> None:
+    _mlflow().log_dict(data, artifact_file)
+
+
+def log_image(image, artifact_file: str) -> None:
+    _mlflow().log_image(image, artifact_file)
+
+
+def active_run_id() -> str:
+    return _mlflow().active_run().info.run_id
+
+
+def log_packaged_model(packaged, name: str = "model") -> None:
+    """Log a :class:`~diffusion.packaged.PackagedDiffusion` as an MLflow pytorch model.
+
+    Its input is x_T (float32 [N, C, H, W]), its output the samples in [-1, 1]; the
+    ``diffusion`` package travels with it (``code_paths``) and its requirements are
+    pinned to the versions in use, so ``mlflow.pytorch.load_model`` samples back.
+    """
+    mlflow = _mlflow()
+    import importlib.metadata as md
+
+    import numpy as np
+
+    import diffusion
+
+    example = np.random.default_rng(0).standard_normal((1, *packaged.image_shape)).astype(np.float32)
+    requirements = [f"{pkg}=={md.version(pkg)}" for pkg in ("torch", "torchvision", "numpy", "tqdm")]
+    mlflow.pytorch.log_model(
+        packaged.cpu().eval(),
+        name=name,
+        input_example=example,
+        pip_requirements=requirements,
+        code_paths=[str(Path(diffusion.__file__).parent)],
+    )

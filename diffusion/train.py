@@ -1,0 +1,395 @@
+"""The training loop: minibatch SGD on the diffusion loss, with EMA, checkpoints, resume.
+
+One step (Ho et al. 2020, Algorithm 1; Nichol & Dhariwal 2021 for importance-
+sampled timesteps and the hybrid loss):
+
+1. draw a batch x0 from the uint8 images (scaled to [-1, 1]), flipped left-right
+   with probability 1/2 if ``hflip``; for class-conditional training each label is
+   replaced by the null class with probability :data:`LABEL_DROP_PROB`
+   (classifier-free guidance training, Ho & Salimans 2022, Algorithm 1);
+2. draw timesteps t and importance weights w from the timestep sampler, and the
+   noise; the loss is ``mean(w * L_t)`` from ``diffusion.training_losses``;
+3. AdamW (Loshchilov & Hutter 2019) with linear learning-rate warm-up
+   (:func:`warmup_lr`), the gradient norm clipped to ``grad_clip`` (always
+   measured), then an EMA update of the weights (:mod:`diffusion.ema`).
+
+Checkpoints are ``<checkpoint_dir>/ckpt-<step>.pt`` (zero-padded step), written
+atomically every ``checkpoint_every`` steps and at the end; the newest
+:data:`KEEP_CHECKPOINTS` are kept; there is no separate ``last.pt``:
+:func:`diffusion.checkpoint.latest_checkpoint` names the newest file.
+
+Resume continues the same trajectory. Every random draw comes from state that is
+saved: batch indices, flips, label drops, timesteps and noise all come from one
+CPU ``torch.Generator`` (so they do not depend on the device), and dropout uses
+torch's global RNG, which :func:`train` seeds inside ``torch.random.fork_rng``
+(the caller's RNG state is left untouched) and saves with the checkpoint. On the
+CPU, N steps + resume + M steps equals N + M straight steps bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from diffusion.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from diffusion.ema import EMA
+from diffusion.timestep_sampling import make_timestep_sampler
+
+if TYPE_CHECKING:
+    from diffusion.config import TrainParams
+    from diffusion.gaussian import GaussianDiffusion
+
+LABEL_DROP_PROB = 0.1
+"""Probability of training on the null class (Ho & Salimans 2022 use 0.1 or 0.2)."""
+
+KEEP_CHECKPOINTS = 3
+"""How many ``ckpt-<step>.pt`` files are kept; older ones are deleted."""
+
+LOGGED_TERMS = ("loss", "mse", "vb")
+"""Per-example terms of ``training_losses`` that are logged when present."""
+
+LogFn = Callable[[int, dict[str, float]], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient went NaN/inf; the message names the step and last good checkpoint."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    step: int
+    """Optimiser steps done in total (including those before a resume)."""
+    loss: float
+    """Mean loss over the last log window."""
+    loss_curve: list[tuple[int, float]]
+    """(step, mean loss of the window ending there) at every log point."""
+    bpd: float | None
+    """Held-out bits/dim of the EMA model, or None when no held-out images were given."""
+    img_per_s: float | None
+    """Training throughput of this call (None when no step was left to run)."""
+    checkpoint: Path
+    """The newest checkpoint file."""
+
+
+# ---------------------------------------------------------------- device & precision
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> the current CUDA device if there is one, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device: 'cuda' was asked for but CUDA is not available")
+        return torch.device("cuda", torch.cuda.current_device())
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"device: got {name!r}; allowed 'auto', 'cpu', 'cuda'")
+
+
+_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype: ``"auto"`` is bf16 on a CUDA device that supports it, else fp32."""
+    if name == "auto":
+        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16_ok else torch.float32
+    if name not in _PRECISIONS:
+        raise ValueError(f"precision: got {name!r}; allowed 'auto', {', '.join(map(repr, _PRECISIONS))}")
+    return _PRECISIONS[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
+    """Mixed precision for ``dtype`` on ``device``; a no-op for fp32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+# ---------------------------------------------------------------- schedule & data
+
+
+def warmup_lr(step: int, lr: float, warmup_steps: int) -> float:
+    """Learning rate of optimiser step ``step`` (1-based): linear from lr/warmup to lr, then flat."""
+    if warmup_steps <= 0:
+        return lr
+    return lr * min(1.0, step / warmup_steps)
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1] (x / 127.5 - 1, as in Ho et al. 2020)."""
+    return images.float() / 127.5 - 1.0
+
+
+def draw_batch(
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    batch_size: int,
+    generator: torch.Generator,
+    *,
+    hflip: bool,
+    null_class: int | None,
+    label_drop: float = LABEL_DROP_PROB,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A random batch (indices drawn with replacement) and its labels.
+
+    All draws use ``generator`` (on the CPU); the images may live on any device.
+    Labels are returned only when ``null_class`` is given, each replaced by it
+    with probability ``label_drop``.
+    """
+    device = images.device
+    idx = torch.randint(len(images), (batch_size,), generator=generator)
+    x = to_model_range(images[idx.to(device)])
+    if hflip:
+        flip = torch.rand(batch_size, generator=generator) < 0.5
+        x = torch.where(flip.to(device)[:, None, None, None], x.flip(3), x)
+    if null_class is None:
+        return x, None
+    drop = torch.rand(batch_size, generator=generator) < label_drop
+    y = labels[idx.to(labels.device)].to(device).masked_fill(drop.to(device), null_class)
+    return x, y
+
+
+def _seeds(seed: int) -> tuple[int, int]:
+    """Two independent seeds from ``seed``: the data generator's and torch's global RNG."""
+    data_seed, torch_seed = np.random.SeedSequence(seed).generate_state(2)
+    return int(data_seed), int(torch_seed)
+
+
+def _check_data(images: torch.Tensor, labels: torch.Tensor | None, class_conditional: bool) -> None:
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(
+            f"train: images must be a uint8 tensor [N, C, H, W]; got {images.dtype} {tuple(images.shape)}"
+        )
+    if class_conditional:
+        if labels is None or labels.shape != (len(images),):
+            got = None if labels is None else tuple(labels.shape)
+            raise ValueError(f"train: class-conditional training needs labels of shape ({len(images)},); got {got}")
+
+
+# ---------------------------------------------------------------- the loop
+
+
+class _Trainer:
+    """The objects one training run updates, one step at a time, and their saved state."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        diffusion: GaussianDiffusion,
+        images: torch.Tensor,
+        labels: torch.Tensor | None,
+        cfg: TrainParams,
+        *,
+        class_conditional: bool,
+    ) -> None:
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_precision(cfg.precision, self.device)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
+        self.model = model.to(device=self.device, memory_format=self.memory_format).train()
+        self.diffusion = diffusion
+        self.cfg = cfg
+        self.ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sampler = make_timestep_sampler(cfg.timestep_sampler, diffusion)
+        self.null_class = model.num_classes if class_conditional else None
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device) if class_conditional else None
+        data_seed, self.torch_seed = _seeds(cfg.seed)
+        self.generator = torch.Generator().manual_seed(data_seed)
+
+    def step(self, step: int, last_good: Path | None) -> dict[str, float]:
+        """Optimiser step number ``step`` (steps 1-3 of the module doc); returns batch means.
+
+        Raises :class:`NonFiniteLossError` before touching the weights if the loss
+        or gradient norm is not finite.
+        """
+        cfg, device, fmt = self.cfg, self.device, self.memory_format
+        x0, y = draw_batch(
+            self.images, self.labels, cfg.batch_size, self.generator, hflip=cfg.hflip, null_class=self.null_class
+        )
+        x0 = x0.contiguous(memory_format=fmt)
+        t, weights = self.sampler.sample(cfg.batch_size, torch.device("cpu"), generator=self.generator)
+        noise = torch.randn(x0.shape, generator=self.generator).to(device, memory_format=fmt)
+        t, weights = t.to(device), weights.to(device)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(device, self.dtype):
+            losses = self.diffusion.training_losses(
+                self.model, x0, t, model_kwargs=None if y is None else {"y": y}, noise=noise
+            )
+        terms = {k: (losses[k].float() * weights).mean() for k in LOGGED_TERMS if k in losses}
+        terms["loss"].backward()
+        max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
+        terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        stats = dict(zip(terms, torch.stack(list(terms.values())).tolist(), strict=True))
+        bad = [k for k, v in stats.items() if not math.isfinite(v)]
+        if bad:
+            where = last_good if last_good is not None else "none written yet"
+            raise NonFiniteLossError(
+                f"step {step}: non-finite {bad[0]} ({stats[bad[0]]}); training stopped without "
+                f"saving; last good checkpoint: {where}"
+            )
+        lr = warmup_lr(step, cfg.lr, cfg.warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.sampler.update(t, losses["loss"].detach())
+        self.ema.update(self.model)
+        return stats | {"lr": lr}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model, EMA, optimiser, sampler and every RNG state: what resume needs."""
+        state = {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "timestep_sampler": self.sampler.state_dict(),
+            "data_generator": self.generator.get_state(),
+            "rng_cpu": torch.get_rng_state(),
+        }
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], path: Path) -> None:
+        """Load :meth:`state_dict` back; :class:`CheckpointError` (one line) if it does not fit."""
+        try:
+            self.model.load_state_dict(state["model"])
+            self.ema.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.sampler.load_state_dict(state["timestep_sampler"])
+            self.generator.set_state(state["data_generator"])
+            torch.set_rng_state(state["rng_cpu"])
+            if "rng_cuda" in state and self.device.type == "cuda":
+                torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+        except KeyError as err:
+            raise CheckpointError(f"{path}: not a training checkpoint (no key {err})") from None
+        except (RuntimeError, ValueError) as err:
+            first = str(err).strip().splitlines()[0]
+            raise CheckpointError(f"{path}: does not fit this model/config ({first})") from None
+
+
+def train(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    cfg: TrainParams,
+    *,
+    checkpoint_dir: str | Path,
+    heldout_images: torch.Tensor | None = None,
+    log: LogFn | None = None,
+    class_conditional: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``model`` to ``cfg.steps`` steps in total, resuming from ``checkpoint_dir``.
+
+    ``model`` is moved to the device and trained in place. ``log(step, metrics)``
+    is called every ``cfg.log_every`` steps and at the last step with the window
+    means of loss, mse (and vb) and grad_norm, plus lr and img_per_s. If
+    ``heldout_images`` (uint8) are given, the EMA model's bits/dim on the first
+    ``cfg.bpd_images`` of them is returned (class-conditional models are
+    evaluated with the null class, i.e. unconditionally).
+    """
+    _check_data(images, labels, class_conditional)
+    checkpoint_dir = Path(checkpoint_dir)
+    run = _Trainer(model, diffusion, images, labels, cfg, class_conditional=class_conditional)
+    rng_devices = [run.device.index] if run.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):
+        torch.manual_seed(run.torch_seed)
+        step, loss_curve, window = 0, [], []
+        last_ckpt = latest_checkpoint(checkpoint_dir)
+        if last_ckpt is not None:
+            state = load_checkpoint(last_ckpt)
+            run.load_state_dict(state, last_ckpt)
+            step, loss_curve, window = state["step"], state["loss_curve"], state["log_window"]
+
+        bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress)
+        timed_s, timed_steps, window_s, window_steps = 0.0, 0, 0.0, 0
+        while step < cfg.steps:
+            step += 1
+            start = time.perf_counter()
+            window.append(run.step(step, last_ckpt))
+            elapsed = time.perf_counter() - start
+            timed_s, timed_steps = timed_s + elapsed, timed_steps + 1
+            window_s, window_steps = window_s + elapsed, window_steps + 1
+            bar.update()
+
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                metrics = {k: sum(s[k] for s in window) / len(window) for k in window[0]}
+                metrics["lr"] = window[-1]["lr"]
+                metrics["img_per_s"] = cfg.batch_size * window_steps / window_s
+                loss_curve.append((step, metrics["loss"]))
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                if log is not None:
+                    log(step, metrics)
+                window, window_s, window_steps = [], 0.0, 0
+
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                state = run.state_dict() | {"step": step, "loss_curve": loss_curve, "log_window": window}
+                last_ckpt = save_checkpoint(checkpoint_path(checkpoint_dir, step), state)
+                prune_checkpoints(checkpoint_dir, KEEP_CHECKPOINTS)
+        bar.close()
+
+        bpd = None
+        if heldout_images is not None and cfg.bpd_images > 0:
+            bpd = heldout_bpd(
+                run.ema.model, diffusion, heldout_images[: cfg.bpd_images],
+                batch_size=cfg.batch_size, null_class=run.null_class, memory_format=run.memory_format,
+            )
+
+    return TrainResult(
+        step=step,
+        loss=loss_curve[-1][1],
+        loss_curve=loss_curve,
+        bpd=bpd,
+        img_per_s=cfg.batch_size * timed_steps / timed_s if timed_steps else None,
+        checkpoint=last_ckpt,
+    )
+
+
+# ---------------------------------------------------------------- held-out likelihood
+
+
+@torch.no_grad()
+def heldout_bpd(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    images: torch.Tensor,
+    *,
+    batch_size: int,
+    null_class: int | None = None,
+    memory_format: torch.memory_format = torch.preserve_format,
+) -> float:
+    """Mean bits/dim of uint8 ``images`` under ``model`` (the variational bound,
+    Ho et al. 2020 Eq. 5, via ``diffusion.calc_bpd_loop``), in fp32."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for chunk in images.split(batch_size):
+        x0 = to_model_range(chunk.to(device)).contiguous(memory_format=memory_format)
+        kwargs = None
+        if null_class is not None:
+            kwargs = {"y": torch.full((len(x0),), null_class, dtype=torch.long, device=device)}
+        out = diffusion.calc_bpd_loop(model, x0, model_kwargs=kwargs, clip_denoised=True, progress=False)
+        total += out["total_bpd"].sum().item()
+        count += len(x0)
+    model.train(was_training)
+    return total / count
