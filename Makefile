@@ -22,6 +22,9 @@ help:
 	@echo "make test      - set up .venv when missing, then run the test suite"
 	@echo "make ui        - MLflow UI on http://localhost:5000 over the local store in mlflow/"
 	@echo "make bench     - benchmarks/ side by side with their peers (writes nothing; see BENCHMARKS.md)"
+	@echo "make services  - Prefect server (http://127.0.0.1:4200) and MLflow server (mlflow/server.env); Ctrl-C stops both"
+	@echo "make worker    - a Prefect process worker on pool gpu; GPU=<index> picks CUDA_VISIBLE_DEVICES"
+	@echo "make deploy    - the deployments in prefect.yaml (train-pipeline, train-sweep, promote)"
 
 # The venv is (re)installed only when pyproject.toml or constraints.txt change.
 $(STAMP): pyproject.toml constraints.txt
@@ -50,3 +53,36 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Orchestration (flows/, prefect.yaml): local servers, one worker per GPU, the deployments.
+# Prefect keeps its database in .prefect/; the MLflow server's settings are mlflow/server.env.
+.PHONY: services worker deploy
+
+PREFECT := $(VENV)/bin/prefect
+PREFECT_PORT ?= 4200
+POOL := gpu
+GPU ?=
+comma := ,
+# A worker runs as many flow runs at once as it owns GPUs (one on a CPU-only machine).
+GPU_COUNT = $(if $(GPU),$(words $(subst $(comma), ,$(GPU))),1)
+PREFECT_ENV = PREFECT_HOME=$(CURDIR)/.prefect PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api
+MLFLOW_SERVER_ENV = set -a && . mlflow/server.env && set +a
+
+services: $(STAMP)
+	$(MLFLOW_SERVER_ENV); \
+	trap 'kill $$(jobs -p) 2>/dev/null || true' EXIT; \
+	$(PREFECT_ENV) $(PREFECT) server start --host 127.0.0.1 --port $(PREFECT_PORT) & \
+	$(VENV)/bin/mlflow server --host "$$MLFLOW_HOST" --port "$$MLFLOW_PORT" --workers "$$MLFLOW_WORKERS" & \
+	echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)   MLflow UI: http://$$MLFLOW_HOST:$$MLFLOW_PORT   (Ctrl-C stops both)"; \
+	wait
+
+worker: $(STAMP)
+	$(MLFLOW_SERVER_ENV); \
+	$(if $(GPU),CUDA_VISIBLE_DEVICES=$(GPU)) MLFLOW_TRACKING_URI="http://$$MLFLOW_HOST:$$MLFLOW_PORT" $(PREFECT_ENV) \
+	$(PREFECT) worker start --pool $(POOL) --type process --limit $(GPU_COUNT) \
+		--name "$(POOL)-$(or $(subst $(comma),_,$(GPU)),cpu)@$$(hostname)"
+
+deploy: $(STAMP)
+	$(PREFECT_ENV) $(PREFECT) work-pool inspect $(POOL) >/dev/null 2>&1 \
+		|| $(PREFECT_ENV) $(PREFECT) work-pool create $(POOL) --type process
+	$(PREFECT_ENV) $(PREFECT) --no-prompt deploy --all

@@ -12,14 +12,13 @@ the newest few; :func:`latest_checkpoint` finds the one with the highest step.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from diffusion.files import atomic_write
 
 _CKPT_NAME = re.compile(r"ckpt-(\d+)\.pt")
 
@@ -34,33 +33,10 @@ def checkpoint_path(directory: str | Path, step: int) -> Path:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` atomically (temp file, fsync, ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_directory(path.parent)
-    return path
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable (POSIX; directories cannot be opened on Windows)."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Write ``state`` to ``path`` atomically (:func:`~diffusion.files.atomic_write`)."""
+    with atomic_write(path) as fh:
+        torch.save(state, fh)
+    return Path(path)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from diffusion.model_configs import OVERRIDABLE, UNET_CONFIGS, downsampling_factor
+
 Device = Literal["auto", "cpu", "cuda"]
 
 
@@ -140,6 +142,7 @@ class Params(_Section):
     def check_combinations(self) -> Params:
         for path in self.sweep.space:
             _check_param_path(path)
+        _check_model(self.model, self.data.image_size)
         d = self.diffusion
         if d.variance == "learned_range" and d.loss == "mse":
             raise ValueError(
@@ -151,12 +154,40 @@ class Params(_Section):
                 f"diffusion.loss: '{d.loss}' trains a learned variance; use diffusion.variance "
                 "'learned_range' or loss 'mse'"
             )
+        if d.zero_terminal_snr and d.prediction == "eps":
+            raise ValueError(
+                "diffusion.prediction: 'eps' cannot recover x0 when zero_terminal_snr makes the last "
+                "alpha-bar 0; allowed 'v' or 'x0' (or zero_terminal_snr: false)"
+            )
+        if d.schedule == "linear" and d.timesteps < 20:
+            raise ValueError(
+                f"diffusion.timesteps: the linear schedule scales its last beta by 1000/T, reaching 1 below "
+                f"T=20; got {d.timesteps}, allowed 20..100000 (or another schedule)"
+            )
+        if self.sample.sampler == "ddim" and self.sample.eta > 1:
+            raise ValueError(f"sample.eta: {self.sample.eta} is outside DDIM's range; allowed 0..1")
         if self.sample.steps > d.timesteps:
             raise ValueError(
                 f"sample.steps: {self.sample.steps} is more than diffusion.timesteps "
                 f"({d.timesteps}); allowed 1..{d.timesteps}"
             )
         return self
+
+
+def _check_model(model: ModelParams, image_size: int) -> None:
+    """The named network exists, its overrides are constructor arguments, and it can
+    down-sample ``data.image_size`` to its lowest resolution."""
+    if model.name not in UNET_CONFIGS:
+        raise ValueError(f"model.name: got '{model.name}'; allowed {', '.join(UNET_CONFIGS)}")
+    for key in model.overrides:
+        if key not in OVERRIDABLE:
+            raise ValueError(f"model.overrides: unknown key '{key}'; allowed {', '.join(OVERRIDABLE)}")
+    factor = downsampling_factor(model.name, model.overrides)
+    if image_size % factor:
+        raise ValueError(
+            f"data.image_size: {image_size} is not divisible by {factor}, the down-sampling of "
+            f"model '{model.name}'; allowed multiples of {factor} (or fewer channel_mult levels)"
+        )
 
 
 def _check_param_path(path: str) -> None:

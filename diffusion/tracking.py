@@ -254,5 +254,19 @@ def log_packaged_model(packaged, name: str = "model") -> None:
         name=name,
         input_example=example,
         pip_requirements=requirements,
+        serialization_format="pickle",  # pt2 (torch.export) cannot trace the sampling loop
         code_paths=[str(Path(diffusion.__file__).parent)],
     )
+
+
+def mirror_to_parent(metrics: Mapping[str, float]) -> None:
+    """Copy metrics of a nested (sample) run onto its parent (model) run.
+
+    Not under an orchestrator: there the parent is a sweep, not the model run.
+    """
+    if os.environ.get(RUN_ID_ENV):
+        return
+    mlflow = _mlflow()
+    parent = mlflow.active_run().data.tags.get("mlflow.parentRunId")
+    if parent:
+        log_metrics(metrics, run_id=parent)

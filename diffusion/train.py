@@ -85,6 +85,8 @@ class TrainResult:
     """Training throughput of this call (None when no step was left to run)."""
     checkpoint: Path
     """The newest checkpoint file."""
+    ema_model: nn.Module
+    """The EMA network (eval mode, on the training device): the one to sample from."""
 
 
 # ---------------------------------------------------------------- device & precision
@@ -182,6 +184,19 @@ def _check_data(images: torch.Tensor, labels: torch.Tensor | None, class_conditi
             raise ValueError(f"train: class-conditional training needs labels of shape ({len(images)},); got {got}")
 
 
+def _null_class(model: nn.Module, labels: torch.Tensor) -> int:
+    """The model's null-class index (= its number of classes), checked against the labels."""
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is None:
+        raise ValueError("train: class-conditional training needs a model built with num_classes")
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
+        raise ValueError(
+            f"train: labels must lie in 0..{num_classes - 1} (the model's classes); "
+            f"got {int(labels.min())}..{int(labels.max())}"
+        )
+    return num_classes
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -207,17 +222,18 @@ class _Trainer:
         self.ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sampler = make_timestep_sampler(cfg.timestep_sampler, diffusion)
-        self.null_class = model.num_classes if class_conditional else None
+        self.null_class = _null_class(model, labels) if class_conditional else None
         self.images = images.to(self.device)
         self.labels = labels.to(self.device) if class_conditional else None
         data_seed, self.torch_seed = _seeds(cfg.seed)
         self.generator = torch.Generator().manual_seed(data_seed)
 
     def step(self, step: int, last_good: Path | None) -> dict[str, float]:
-        """Optimiser step number ``step`` (steps 1-3 of the module doc); returns batch means.
+        """Optimiser step number ``step`` (steps 1-3 of the module doc); returns the
+        batch means of the loss terms and the gradient norm.
 
-        Raises :class:`NonFiniteLossError` before touching the weights if the loss
-        or gradient norm is not finite.
+        Raises :class:`NonFiniteLossError` before touching the weights if one of
+        them is not finite (the check is the step's one host-device sync).
         """
         cfg, device, fmt = self.cfg, self.device, self.memory_format
         x0, y = draw_batch(
@@ -245,13 +261,12 @@ class _Trainer:
                 f"step {step}: non-finite {bad[0]} ({stats[bad[0]]}); training stopped without "
                 f"saving; last good checkpoint: {where}"
             )
-        lr = warmup_lr(step, cfg.lr, cfg.warmup_steps)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = warmup_lr(step, cfg.lr, cfg.warmup_steps)
         self.optimizer.step()
         self.sampler.update(t, losses["loss"].detach())
         self.ema.update(self.model)
-        return stats | {"lr": lr}
+        return stats
 
     def state_dict(self) -> dict[str, Any]:
         """Model, EMA, optimiser, sampler and every RNG state: what resume needs."""
@@ -301,11 +316,13 @@ def train(
     """Train ``model`` to ``cfg.steps`` steps in total, resuming from ``checkpoint_dir``.
 
     ``model`` is moved to the device and trained in place. ``log(step, metrics)``
-    is called every ``cfg.log_every`` steps and at the last step with the window
-    means of loss, mse (and vb) and grad_norm, plus lr and img_per_s. If
-    ``heldout_images`` (uint8) are given, the EMA model's bits/dim on the first
-    ``cfg.bpd_images`` of them is returned (class-conditional models are
-    evaluated with the null class, i.e. unconditionally).
+    is called at every multiple of ``cfg.log_every`` with the window means of
+    loss, mse (and vb) and grad_norm, plus lr and img_per_s; log points do not
+    depend on where runs were stopped and resumed, so neither does the loss
+    curve. The final loss is that of the last full window (of the steps so far
+    when there are fewer than ``log_every``). If ``heldout_images`` (uint8) are
+    given, the EMA model's bits/dim on the first ``cfg.bpd_images`` of them is
+    returned (:func:`heldout_bpd`).
     """
     _check_data(images, labels, class_conditional)
     checkpoint_dir = Path(checkpoint_dir)
@@ -319,48 +336,49 @@ def train(
             state = load_checkpoint(last_ckpt)
             run.load_state_dict(state, last_ckpt)
             step, loss_curve, window = state["step"], state["loss_curve"], state["log_window"]
+            print(f"train: resuming from {last_ckpt} at step {step}", flush=True)
 
-        bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress)
         timed_s, timed_steps, window_s, window_steps = 0.0, 0, 0.0, 0
-        while step < cfg.steps:
-            step += 1
-            start = time.perf_counter()
-            window.append(run.step(step, last_ckpt))
-            elapsed = time.perf_counter() - start
-            timed_s, timed_steps = timed_s + elapsed, timed_steps + 1
-            window_s, window_steps = window_s + elapsed, window_steps + 1
-            bar.update()
+        with tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress) as bar:
+            while step < cfg.steps:
+                step += 1
+                start = time.perf_counter()
+                window.append(run.step(step, last_ckpt))
+                elapsed = time.perf_counter() - start
+                timed_s, timed_steps = timed_s + elapsed, timed_steps + 1
+                window_s, window_steps = window_s + elapsed, window_steps + 1
+                bar.update()
 
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                metrics = {k: sum(s[k] for s in window) / len(window) for k in window[0]}
-                metrics["lr"] = window[-1]["lr"]
-                metrics["img_per_s"] = cfg.batch_size * window_steps / window_s
-                loss_curve.append((step, metrics["loss"]))
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-                if log is not None:
-                    log(step, metrics)
-                window, window_s, window_steps = [], 0.0, 0
+                if step % cfg.log_every == 0:
+                    metrics = {k: sum(s[k] for s in window) / len(window) for k in window[0]}
+                    metrics["lr"] = warmup_lr(step, cfg.lr, cfg.warmup_steps)
+                    metrics["img_per_s"] = cfg.batch_size * window_steps / window_s
+                    loss_curve.append((step, metrics["loss"]))
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                    if log is not None:
+                        log(step, metrics)
+                    window, window_s, window_steps = [], 0.0, 0
 
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                state = run.state_dict() | {"step": step, "loss_curve": loss_curve, "log_window": window}
-                last_ckpt = save_checkpoint(checkpoint_path(checkpoint_dir, step), state)
-                prune_checkpoints(checkpoint_dir, KEEP_CHECKPOINTS)
-        bar.close()
+                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                    state = run.state_dict() | {"step": step, "loss_curve": loss_curve, "log_window": window}
+                    last_ckpt = save_checkpoint(checkpoint_path(checkpoint_dir, step), state)
+                    prune_checkpoints(checkpoint_dir, KEEP_CHECKPOINTS)
 
         bpd = None
         if heldout_images is not None and cfg.bpd_images > 0:
             bpd = heldout_bpd(
                 run.ema.model, diffusion, heldout_images[: cfg.bpd_images],
-                batch_size=cfg.batch_size, null_class=run.null_class, memory_format=run.memory_format,
+                batch_size=cfg.batch_size, seed=cfg.seed, memory_format=run.memory_format,
             )
 
     return TrainResult(
         step=step,
-        loss=loss_curve[-1][1],
+        loss=loss_curve[-1][1] if loss_curve else sum(s["loss"] for s in window) / len(window),
         loss_curve=loss_curve,
         bpd=bpd,
         img_per_s=cfg.batch_size * timed_steps / timed_s if timed_steps else None,
         checkpoint=last_ckpt,
+        ema_model=run.ema.model,
     )
 
 
@@ -374,22 +392,22 @@ def heldout_bpd(
     images: torch.Tensor,
     *,
     batch_size: int,
-    null_class: int | None = None,
+    seed: int = 0,
     memory_format: torch.memory_format = torch.preserve_format,
 ) -> float:
-    """Mean bits/dim of uint8 ``images`` under ``model`` (the variational bound,
-    Ho et al. 2020 Eq. 5, via ``diffusion.calc_bpd_loop``), in fp32."""
+    """Mean bits/dim of uint8 ``images`` under ``model``: the variational bound (Ho et al.
+    2020, Eq. 5) by ``diffusion.calc_bpd_loop``, in fp32, its noise drawn from ``seed``.
+
+    The model is called without labels, so a class-conditional model is evaluated
+    with its null class, i.e. unconditionally.
+    """
     device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total = 0.0
     for chunk in images.split(batch_size):
         x0 = to_model_range(chunk.to(device)).contiguous(memory_format=memory_format)
-        kwargs = None
-        if null_class is not None:
-            kwargs = {"y": torch.full((len(x0),), null_class, dtype=torch.long, device=device)}
-        out = diffusion.calc_bpd_loop(model, x0, model_kwargs=kwargs, clip_denoised=True, progress=False)
-        total += out["total_bpd"].sum().item()
-        count += len(x0)
+        total += diffusion.calc_bpd_loop(model, x0, generator=generator)["total_bpd"].sum().item()
     model.train(was_training)
-    return total / count
+    return total / len(images)

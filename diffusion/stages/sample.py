@@ -15,6 +15,7 @@ from torchvision.utils import save_image
 
 from diffusion import tracking
 from diffusion.config import Params
+from diffusion.files import atomic_write
 from diffusion.packaged import PackagedDiffusion, to_uint8
 from diffusion.stages.train import MODEL, RUN_FILE
 from diffusion.train import resolve_device
@@ -63,10 +64,8 @@ def run(params: Params) -> None:
     ) as active:
         tracking.log_params(params.model_dump(include={"sample", "evaluate"}))
         images, labels = generate(packaged, params, device)
-        SAMPLES.parent.mkdir(parents=True, exist_ok=True)
-        tmp = SAMPLES.with_suffix(".tmp.npz")
-        np.savez(tmp, images=images.numpy(), labels=labels.numpy())
-        tmp.replace(SAMPLES)
+        with atomic_write(SAMPLES) as fh:
+            np.savez(fh, images=images.numpy(), labels=labels.numpy())
         rows = params.sample.grid_rows
         grid = images[: rows * rows].float() / 255.0
         save_image(grid, GRID, nrow=rows, padding=2, pad_value=1.0)

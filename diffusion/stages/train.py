@@ -21,10 +21,9 @@ from diffusion.config import Params
 from diffusion.data import load_dataset
 from diffusion.gaussian import GaussianDiffusion
 from diffusion.packaged import PackagedDiffusion
+from diffusion.stages.prepare import HELDOUT_SET, TRAIN_SET
 from diffusion.train import train
 
-TRAIN_SET = Path("data/train.npz")
-HELDOUT_SET = Path("data/heldout.npz")
 MODEL = Path("models/model.pt")
 RUN_FILE = Path("models/run.json")
 METRICS = Path("metrics/train.json")
@@ -95,9 +94,8 @@ def run(params: Params) -> None:
         ema_net = result.ema_model
         final = PackagedDiffusion(spec, params.diffusion.model_dump(), net=ema_net)
         final.save(MODEL)
-        summary = {"step": result.step, "loss": result.loss, "img_per_s": result.img_per_s}
-        if result.bpd is not None:
-            summary["bpd"] = result.bpd
+        summary = {"step": result.step, "loss": result.loss, "img_per_s": result.img_per_s, "bpd": result.bpd}
+        summary = {k: v for k, v in summary.items() if v is not None}
         tracking.log_metrics({f"final_{k}": v for k, v in summary.items() if k != "step"})
         _write_outputs(summary, result.loss_curve)
         if params.tracking.log_model:

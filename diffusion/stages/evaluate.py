@@ -1,0 +1,72 @@
+"""evaluate: FID and KID of the samples against the cached reference statistics.
+
+Outputs: ``metrics/evaluate.json`` (fid, kid, num_samples) for ``dvc metrics`` and
+``plots/fid_vs_samples.csv``, FID on growing prefixes of the samples (FID is biased
+upwards at small N; the curve shows how far from converged the number is). Both
+are logged into the sample stage's MLflow run and mirrored onto its model run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from diffusion import tracking
+from diffusion.config import Params
+from diffusion.data import DatasetError, quote_error
+from diffusion.metrics import fid_from_features, inception_features, kid_from_features, load_reference
+from diffusion.stages.prepare import REFERENCE
+from diffusion.stages.sample import SAMPLE_RUN_FILE, SAMPLES
+
+METRICS = Path("metrics/evaluate.json")
+FID_CURVE = Path("plots/fid_vs_samples.csv")
+CURVE_POINTS = 5
+MIN_CURVE_SAMPLES = 16
+
+
+def load_samples(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such samples file (the sample stage writes it)")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return npz["images"]
+    except Exception as err:  # zipfile/numpy raise many types for damaged files
+        raise DatasetError(f"{path}: truncated or corrupt samples file ({quote_error(err)})") from None
+
+
+def fid_curve(features: np.ndarray, reference_features: np.ndarray) -> list[tuple[int, float]]:
+    """FID on ``CURVE_POINTS`` geometrically growing prefixes, ending at all samples."""
+    n = len(features)
+    sizes = sorted({int(s) for s in np.geomspace(min(MIN_CURVE_SAMPLES, n), n, CURVE_POINTS)})
+    return [(size, fid_from_features(features[:size], reference_features)) for size in sizes]
+
+
+def run(params: Params) -> None:
+    cfg = params.evaluate
+    images = load_samples(SAMPLES)
+    reference = load_reference(REFERENCE)
+    features = inception_features(images, device=cfg.device, batch_size=cfg.batch_size)
+    curve = fid_curve(features, reference["features"])
+    results = {"fid": curve[-1][1], "num_samples": len(images)}
+    if cfg.kid:
+        results["kid"] = kid_from_features(features, reference["features"])
+    print("evaluate: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
+
+    METRICS.parent.mkdir(parents=True, exist_ok=True)
+    METRICS.write_text(json.dumps(results, indent=2) + "\n")
+    FID_CURVE.parent.mkdir(parents=True, exist_ok=True)
+    with FID_CURVE.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["num_samples", "fid"])
+        writer.writerows(curve)
+
+    with tracking.stage_run("evaluate", params.tracking.experiment, resume_run_id=tracking.read_run_id(SAMPLE_RUN_FILE)):
+        logged = {k: v for k, v in results.items() if k != "num_samples"}
+        tracking.log_metrics(logged)
+        for size, value in curve:
+            tracking.log_metrics({"fid_vs_samples": value}, step=size)
+        tracking.log_artifact(FID_CURVE)
+        tracking.mirror_to_parent(logged)

@@ -1,0 +1,31 @@
+"""prepare: a data source becomes a versioned dataset and its FID reference statistics.
+
+Outputs: ``data/train.npz`` and ``data/heldout.npz`` (uint8 images, labels, class
+names), ``data/reference.npz`` (Inception statistics of ``data.reference_images``
+training images, computed once here so evaluate never recomputes them) and
+``data/manifest.json`` (source, counts, the sha256 of each file).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffusion.config import Params
+from diffusion.data import load_source, save_dataset, split, write_manifest
+from diffusion.metrics import inception_features, save_reference
+
+TRAIN_SET = Path("data/train.npz")
+HELDOUT_SET = Path("data/heldout.npz")
+REFERENCE = Path("data/reference.npz")
+MANIFEST = Path("data/manifest.json")
+
+
+def run(params: Params) -> None:
+    splits = split(load_source(params.data), params.data)
+    TRAIN_SET.parent.mkdir(parents=True, exist_ok=True)
+    save_dataset(TRAIN_SET, splits.train)
+    save_dataset(HELDOUT_SET, splits.heldout)
+    print(f"prepare: {len(splits.train.images)} train, {len(splits.heldout.images)} held-out images; "
+          f"Inception features of {len(splits.reference.images)} reference images")
+    save_reference(REFERENCE, inception_features(splits.reference.images))
+    write_manifest(MANIFEST, params.data, splits, {"train": TRAIN_SET, "heldout": HELDOUT_SET, "reference": REFERENCE})

@@ -1,0 +1,223 @@
+"""Running the pipeline's commands from a flow: their environment, ``-S`` overrides and log.
+
+A flow never imports a stage. It runs ``dvc`` (whose stages are ``diffusion <stage>``)
+as a subprocess in the repository, streams the output line by line into the Prefect
+run's log, and can stop the whole process tree (a pruned trial).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# The virtual environment's bin: `dvc` and the `diffusion` console script live here.
+BIN = Path(sys.executable).parent
+QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1"}
+# tqdm reads TQDM_* from the environment: a progress line every 30 s in the flow's log, not every step.
+PROGRESS_EVERY_S = "30"
+
+
+class CommandError(RuntimeError):
+    """A command exited non-zero; the message names it and its exit code."""
+
+
+def tracking_uri(root: Path) -> str:
+    """``MLFLOW_TRACKING_URI`` (a server) or the repository's SQLite store, as an absolute URI.
+
+    Absolute because ``dvc exp run --temp`` runs the stages in a temporary copy of the
+    repository, where a relative ``sqlite:///mlflow/mlflow.db`` would be a new store.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        from diffusion.tracking import default_tracking_uri
+
+        return default_tracking_uri(root.resolve())
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{(root / uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
+
+
+def command_env(root: Path, *, run_id: str | None = None, gpu: str | None = None) -> dict[str, str]:
+    """The environment of a pipeline command: our bin first on PATH, the absolute tracking URI.
+
+    ``run_id`` is the MLflow run the command's stages log into (``MLFLOW_RUN_ID``, see
+    :mod:`diffusion.tracking`); ``gpu`` sets ``CUDA_VISIBLE_DEVICES``.
+    """
+    env = {**os.environ, **QUIET}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["MLFLOW_TRACKING_URI"] = tracking_uri(root)
+    env.pop("MLFLOW_RUN_ID", None)
+    if run_id:
+        env["MLFLOW_RUN_ID"] = run_id
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    env.setdefault("TQDM_MININTERVAL", PROGRESS_EVERY_S)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+# ---------------------------------------------------------------------------
+# `dvc exp run -S key=value`: DVC parses overrides with Hydra's grammar
+# ---------------------------------------------------------------------------
+
+_BARE = re.compile(r"[A-Za-z_][\w\-/]*")
+
+
+def hydra_value(value: Any) -> str:
+    """A Python value in Hydra's override grammar: ``true``, ``null``, ``[1,2,2]``, ``'a b'``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    text = str(value)
+    if _BARE.fullmatch(text) and text.lower() not in {"true", "false", "null", "nan", "inf"}:
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _has_key(raw: Mapping[str, Any], dotted: str) -> bool:
+    node: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def set_args(overrides: Mapping[str, Any], raw_params: Mapping[str, Any]) -> list[str]:
+    """``-S`` arguments for ``dvc exp run``; a key params.yaml lacks is added (``++key``)."""
+    args: list[str] = []
+    for key, value in overrides.items():
+        prefix = "" if _has_key(raw_params, key) else "++"
+        args += ["-S", f"{prefix}{key}={hydra_value(value)}"]
+    return args
+
+
+def apply_overrides(raw_params: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """params.yaml as a trial sees it: a deep copy with the dotted keys set."""
+    import copy
+
+    merged = copy.deepcopy(dict(raw_params))
+    for key, value in overrides.items():
+        node = merged
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise ValueError(f"{key}: '{part}' is not a section")
+            node = node[part]
+        node[leaf] = value
+    return merged
+
+
+# ---------------------------------------------------------------------------
+# Running a command with its log streamed
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    returncode: int
+    stopped: bool  # stopped by ``watch`` (a pruned trial), not by its own failure
+
+
+def stop_tree(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGINT to the process and its children (DVC and the stage it runs), SIGKILL after ``grace``.
+
+    DVC ignores SIGINT while a stage runs and leaves it to the stage, which is in the
+    same tree: ``diffusion train`` stops at once, and DVC then removes its temporary
+    copy of the repository. The process itself is reaped by ``proc`` (so its exit
+    code stays known), its children by psutil.
+    """
+    import psutil
+
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    for target in [proc, *children]:
+        try:
+            target.send_signal(signal.SIGINT)
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            pass
+    deadline = time.monotonic() + grace
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    _, alive = psutil.wait_procs(children, timeout=max(0.0, deadline - time.monotonic()))
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+
+
+def run_command(
+    cmd: Sequence[str],
+    *,
+    cwd: Path,
+    env: Mapping[str, str],
+    log: Callable[[str], Any],
+    watch: Callable[[], bool] | None = None,
+    every: float = 2.0,
+    grace: float = 30.0,
+) -> Outcome:
+    """Run ``cmd``, sending each output line to ``log``.
+
+    While it runs, ``watch()`` is called every ``every`` seconds; when it returns True
+    the process tree is stopped (:func:`stop_tree`) and the outcome says so.
+    """
+    log(f"$ {' '.join(cmd)}")
+    proc = subprocess.Popen(
+        list(cmd), cwd=cwd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, errors="replace", bufsize=1,
+    )
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line := line.rstrip():
+                log(line)
+
+    reader = threading.Thread(target=pump, name=f"log-{proc.pid}", daemon=True)
+    reader.start()
+    stopped = False
+    try:
+        while True:
+            try:
+                proc.wait(timeout=every)
+                break
+            except subprocess.TimeoutExpired:
+                if watch is not None and not stopped and watch():
+                    stopped = True
+                    stop_tree(proc, grace)
+    except BaseException:
+        # The flow itself was interrupted or cancelled: take the command down with it.
+        stop_tree(proc, grace=5.0)
+        raise
+    finally:
+        reader.join(timeout=10)
+    return Outcome(proc.returncode, stopped)
+
+
+def check(outcome: Outcome, cmd: Sequence[str]) -> None:
+    if outcome.returncode != 0:
+        raise CommandError(f"`{' '.join(cmd)}` exited with {outcome.returncode}")

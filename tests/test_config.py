@@ -1,0 +1,85 @@
+"""params.yaml validation: one line naming the key and what is allowed, before any work."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from diffusion.config import ConfigError, Params, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_committed_params_are_valid_and_match_the_defaults_where_documented():
+    params = load_params(ROOT / "params.yaml")
+    assert params.data.source == "mnist5k"
+    assert params.model.name in __import__("diffusion.models", fromlist=["MODELS"]).MODELS
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"train": {"lrr": 1}}, "train.lrr: unknown key; allowed: steps, batch_size, lr"),
+        ({"train": {"lr": "fast"}}, "train.lr: Input should be a valid number"),
+        ({"train": {"lr": -1}}, "train.lr: Input should be greater than 0"),
+        ({"diffusion": {"schedule": "cosin"}}, "diffusion.schedule: got 'cosin'; input should be 'linear', 'cosine' or 'sigmoid'"),
+        ({"diffusion": {"variance": "learned_range"}}, "diffusion.variance: 'learned_range' needs diffusion.loss"),
+        ({"diffusion": {"loss": "hybrid"}}, "diffusion.loss: 'hybrid' trains a learned variance"),
+        ({"sample": {"steps": 2000}}, "sample.steps: 2000 is more than diffusion.timesteps (1000)"),
+        ({"sample": {"eta": 1.5}}, "sample.eta: 1.5 is outside DDIM's range"),
+        ({"diffusion": {"zero_terminal_snr": True}}, "diffusion.prediction: 'eps' cannot recover x0"),
+        ({"diffusion": {"schedule": "linear", "timesteps": 10}, "sample": {"steps": 5}}, "diffusion.timesteps: the linear schedule"),
+        ({"data": {"image_size": 30}}, "data.image_size: 30 is not divisible by 4"),
+        ({"model": {"name": "unet-huge"}}, "model.name: got 'unet-huge'; allowed"),
+        ({"model": {"overrides": {"depth": 3}}}, "model.overrides: unknown key 'depth'; allowed"),
+        ({"sweep": {"space": {"train.lrx": {"type": "float", "low": 0.1, "high": 1}}}}, "sweep.space: 'train.lrx': unknown key 'lrx'"),
+        ({"extra": {}}, "extra: unknown key; allowed: data, model, diffusion"),
+    ],
+)
+def test_bad_params_give_one_line_naming_the_key(raw, expected):
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw, "params.yaml")
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("params.yaml: ")
+    assert expected in message
+
+
+def test_model_overrides_that_fit_are_accepted():
+    params = parse_params({"model": {"overrides": {"num_res_blocks": 1, "channel_mult": [1, 2]}}})
+    assert params.model.overrides["channel_mult"] == [1, 2]
+    assert isinstance(params, Params)
+
+
+def test_cli_rejects_bad_params_within_two_seconds_before_any_work(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump({"train": {"batch_size": 0}}))
+    start = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "-m", "diffusion.cli", "train", "--params", str(bad)],
+        cwd=tmp_path, capture_output=True, text=True,
+    )
+    elapsed = time.perf_counter() - start
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"diffusion train: error: {bad}: train.batch_size: Input should be greater than or equal to 1 (got 0)"
+    assert elapsed < 2.0
+    assert list(tmp_path.iterdir()) == [bad]  # nothing written
+
+
+def test_cli_names_a_missing_dataset_file(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"model": {"name": "unet-tiny"}}))
+    out = subprocess.run([sys.executable, "-m", "diffusion.cli", "train"], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 1
+    assert out.stderr.strip() == "diffusion train: error: data/train.npz: no such dataset file (the prepare stage writes it)"
+
+
+def test_unreadable_params_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such params file"):
+        load_params(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(broken)

@@ -1,0 +1,262 @@
+"""The flows under Prefect's test harness: a real sweep of tiny DVC experiments, promotion.
+
+One sweep (module fixture) runs four trials of a tiny config in a temporary git + DVC
+repository and every test reads what it left: the Optuna journal, ``dvc exp show``,
+the nested MLflow runs, then promotes by FID. Trials 0 and 2 differ only in
+``sample.steps``, so trial 2 restores ``train`` from DVC's run cache; trial 1 asks for
+more sampler steps than timesteps and fails; a second run of the flow (trial 3)
+continues the study.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TINY_PARAMS, make_pipeline_repo, pipeline_env, run_in
+
+STUDY = "tiny"
+# TINY_PARAMS cut further: a trial trains 6 steps (loss logged every 2) and scores 16 samples.
+SWEEP_PARAMS = {
+    **TINY_PARAMS,
+    "train": {**TINY_PARAMS["train"], "steps": 6, "log_every": 2, "checkpoint_every": 6, "bpd_images": 0},
+    "sample": {"num_samples": 16, "batch_size": 16, "steps": 2, "grid_rows": 4},
+    "evaluate": {"kid": False, "batch_size": 16},
+    "sweep": {
+        "study_name": STUDY,
+        "n_trials": 2,
+        "concurrency": 1,
+        "space": {"sample.steps": {"type": "int", "low": 2, "high": 1000}},
+    },
+}
+FIRST_RUN = [{"sample.steps": 2}, {"sample.steps": 1000}, {"sample.steps": 4}]  # 1000 > timesteps: fails
+
+
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One DVC cache (with its run cache) for every orchestration test of the session.
+
+    The first sweep trains; a later repository with the same params restores train
+    from the run cache, whichever test file runs first.
+    """
+    path = tmp_path_factory.getbasetemp() / "orchestration-dvc-cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def make_sweep_repo(path: Path, cache: Path, params: dict | None = None) -> Path:
+    """The shared pipeline repo plus flows/ and prefect.yaml, on a shared DVC cache."""
+    repo = make_pipeline_repo(path, params or SWEEP_PARAMS)
+    # An experiment commit holds only git-tracked files: DVC's uncached metrics must not be
+    # git-ignored, or metrics/evaluate.json is missing from every trial (and `dvc exp show`).
+    ignore = repo / ".gitignore"
+    if ignore.exists():
+        ignore.write_text("".join(l for l in ignore.read_text().splitlines(True) if l.strip() != "/metrics/"))
+    shutil.copytree(ROOT / "flows", repo / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "prefect.yaml", repo / "prefect.yaml")
+    run_in(repo, "dvc", "config", "--local", "cache.dir", str(cache))
+    run_in(repo, "git", "add", "-A")
+    run_in(repo, "git", "commit", "-qm", "flows")
+    return repo
+
+
+def experiment_names(repo: Path) -> set[str]:
+    shown = json.loads(run_in(repo, "dvc", "exp", "show", "--json").stdout)
+    return {rev["name"] for base in shown for exp in base.get("experiments") or [] for rev in exp["revs"]}
+
+
+# ---------------------------------------------------------------------------
+# Fast: overrides and pruning, no pipeline
+# ---------------------------------------------------------------------------
+
+
+def test_overrides_use_hydra_syntax_and_add_missing_keys():
+    from flows.commands import apply_overrides, set_args
+
+    raw = {"train": {"lr": 0.002}, "model": {"overrides": {}}}
+    args = set_args({"train.lr": 0.001, "model.overrides.channel_mult": [1, 2], "diffusion.schedule": "linear"}, raw)
+    assert args == ["-S", "train.lr=0.001", "-S", "++model.overrides.channel_mult=[1,2]", "-S", "++diffusion.schedule=linear"]
+    merged = apply_overrides(raw, {"model.overrides.num_res_blocks": 2})
+    assert merged["model"]["overrides"] == {"num_res_blocks": 2} and raw["model"]["overrides"] == {}
+
+
+def test_a_pruned_trial_stops_its_command():
+    """Losses that the pruner rejects stop the running command within a poll or two."""
+    import optuna
+
+    from flows.commands import command_env, run_command
+    from flows.sweep import LossReporter
+
+    class History:  # what MlflowClient.get_metric_history returns: objects with step and value
+        def get_metric_history(self, run_id, key):
+            return [type("M", (), {"step": s, "value": 5.0})() for s in (2, 4)]
+
+    study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=1.0))
+    trial = study.ask()
+    reporter = LossReporter(trial, History(), "run")
+    start = time.monotonic()
+    outcome = run_command(
+        [sys.executable, "-c", "import time; print('training', flush=True); time.sleep(60)"],
+        cwd=ROOT, env=command_env(ROOT), log=lambda line: None, watch=reporter, every=0.2, grace=5,
+    )
+    assert outcome.stopped and outcome.returncode != 0
+    assert time.monotonic() - start < 10
+    assert trial.storage.get_trial(trial._trial_id).intermediate_values == {2: 5.0, 4: 5.0}
+
+
+# ---------------------------------------------------------------------------
+# A real sweep under the harness
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """A throwaway Prefect API (its own PREFECT_HOME and database) for the session."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("PREFECT_HOME", str(home))
+    patch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{home / 'prefect.db'}")
+    from prefect.testing.utilities import prefect_test_harness
+
+    try:
+        with prefect_test_harness(server_startup_timeout=90):
+            yield
+    finally:
+        patch.undo()
+
+
+@pytest.fixture(scope="module")
+def swept(prefect_harness, tmp_path_factory):
+    """Two runs of train-sweep: trials 0-2 (one fails), then trial 3 continues the study."""
+    repo = make_sweep_repo(tmp_path_factory.mktemp("sweep") / "repo", shared_cache(tmp_path_factory))
+    uri = f"sqlite:///{repo / 'mlflow' / 'mlflow.db'}"
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MLFLOW_TRACKING_URI", uri)
+    patch.delenv("MLFLOW_RUN_ID", raising=False)
+    from flows.sweep import train_sweep
+
+    try:
+        start = time.monotonic()
+        first = train_sweep(n_trials=3, enqueue=FIRST_RUN, repo=str(repo), return_state=True)
+        second = train_sweep(n_trials=1, enqueue=[{"sample.steps": 2}], repo=str(repo), return_state=True)
+        print(f"sweep: 4 trials in {time.monotonic() - start:.0f} s")
+        yield {"repo": repo, "uri": uri, "first": first, "second": second}
+    finally:
+        patch.undo()
+
+
+def _study(repo: Path):
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(repo / ".optuna" / "journal.log")))
+    return optuna.load_study(study_name=STUDY, storage=storage)
+
+
+def test_sweep_completes_despite_a_failed_trial(swept):
+    assert swept["first"].is_completed(), swept["first"].message
+    assert swept["second"].is_completed(), swept["second"].message
+    summary = swept["first"].result()
+    assert summary["trials"] == {0: "COMPLETE", 1: "FAIL", 2: "COMPLETE"}
+    assert summary["best"][0]["number"] in (0, 2)
+
+
+def test_trials_are_in_optuna_storage(swept):
+    study = _study(swept["repo"])
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]  # the second run continued the study
+    assert [t.params["sample.steps"] for t in study.trials] == [2, 1000, 4, 2]
+    assert study.trials[0].intermediate_values, "trial 0 trained: its loss was reported for pruning"
+    assert all(t.user_attrs["mlflow_run_id"] for t in study.trials)
+
+
+def test_trials_are_dvc_experiments(swept):
+    names = experiment_names(swept["repo"])
+    assert {f"{STUDY}-0", f"{STUDY}-2", f"{STUDY}-3"} <= names
+    assert f"{STUDY}-1" not in names  # a failed experiment is not saved
+
+
+def test_trials_are_nested_mlflow_runs(swept):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(swept["uri"])
+    study = _study(swept["repo"])
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    runs = {t.number: client.get_run(t.user_attrs["mlflow_run_id"]) for t in study.trials}
+    for number, run in runs.items():
+        assert run.data.tags["mlflow.parentRunId"] == parent
+        assert run.data.tags["sweep.trial"] == str(number)
+        assert json.loads(run.data.tags["sweep.param.sample.steps"]) == study.trials[number].params["sample.steps"]
+    assert [runs[n].info.status for n in range(4)] == ["FINISHED", "FAILED", "FINISHED", "FINISHED"]
+    assert runs[1].data.tags["sweep.state"] == "FAIL"
+    # Trial 0 trained; trials 2 and 3 restored its model from DVC's run cache.
+    assert "loss" in runs[0].data.metrics
+    assert runs[2].data.tags["train.model_run_id"] == runs[0].info.run_id
+    assert runs[3].data.tags["train.model_run_id"] == runs[0].info.run_id
+    for n in (0, 2, 3):
+        assert runs[n].data.metrics["fid"] == pytest.approx(study.trials[n].values[0])
+    plots = {a.path for a in client.list_artifacts(parent, "optuna")}
+    assert {"optuna/history.png", "optuna/parallel_coordinates.png", "optuna/trials.csv"} <= plots
+
+
+def test_promotion_follows_fid(swept):
+    """CLI, flow and library promote alike; champion moves only to a lower FID."""
+    import mlflow
+    import torch
+    from mlflow import MlflowClient
+
+    from diffusion import registry
+    from flows.promote import promote
+
+    repo, uri = swept["repo"], swept["uri"]
+    study = _study(repo)
+    done = sorted((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: t.values[0])
+    best, worst = done[0], done[-1]
+    worst_run = worst.user_attrs["mlflow_run_id"]
+
+    cli = run_in(repo, "diffusion", "promote", "--name", STUDY, "--run-id", worst_run)
+    assert "challenger and champion" in cli.stdout
+    flowed = promote(name=STUDY, study=STUDY, repo=str(repo))
+    assert flowed["run_id"] == best.user_attrs["mlflow_run_id"]
+    assert flowed["champion"] is (best.values[0] < worst.values[0])
+    again = registry.promote(STUDY, run_id=worst_run, tracking_uri=uri)
+    assert not again.champion and "champion stays" in again.message
+
+    client = MlflowClient(uri)
+    champion = client.get_model_version_by_alias(STUDY, "champion")
+    challenger = client.get_model_version_by_alias(STUDY, "challenger")
+    assert challenger.version == again.version
+    assert champion.version == (flowed["version"] if flowed["champion"] else again.version)
+    assert float(champion.tags["fid"]) == pytest.approx(min(best.values[0], worst.values[0]))
+    assert champion.tags["source_run"] in {best.user_attrs["mlflow_run_id"], worst_run}
+
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pytorch.load_model(f"models:/{STUDY}@champion")
+    samples = model(torch.randn(1, 1, 28, 28))
+    assert samples.shape == (1, 1, 28, 28) and torch.isfinite(samples).all()
+
+
+def test_train_pipeline_runs_each_stage_as_a_task(prefect_harness, tmp_path_factory):
+    """train-pipeline in a repo whose stages all restore from the shared run cache."""
+    from flows.pipeline import train_pipeline
+
+    repo = make_sweep_repo(tmp_path_factory.mktemp("pipeline") / "repo", shared_cache(tmp_path_factory))
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow' / 'mlflow.db'}")
+    try:
+        ran = train_pipeline(repo=str(repo))
+        assert ran == [f"dvc repro --single-item {stage}" for stage in ("prepare", "train", "sample", "evaluate")]
+        assert json.loads((repo / "metrics" / "evaluate.json").read_text())["fid"] > 0
+        ran = train_pipeline(params={"sample.steps": 4}, name="from-flow", repo=str(repo))
+        assert ran == ["dvc exp run --temp --name from-flow -S sample.steps=4"]
+        assert "from-flow" in experiment_names(repo)
+        state = train_pipeline(params={"sample.steps": 1000}, retries=0, repo=str(repo), return_state=True)
+        assert state.is_failed()  # a failed command fails the task and the flow
+    finally:
+        patch.undo()

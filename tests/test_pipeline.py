@@ -1,0 +1,140 @@
+"""The real DVC pipeline in a temporary git repo, tracked into a real SQLite MLflow store."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import TINY_PARAMS, make_pipeline_repo, pipeline_env, run_in
+
+pytestmark = pytest.mark.integration
+
+STAGES = ("prepare", "train", "sample", "evaluate")
+
+
+def ran_stages(output: str) -> list[str]:
+    return [s for s in STAGES if f"Running stage '{s}'" in output]
+
+
+def test_dvc_repro_tracks_everything_and_reruns_only_what_changed(pipeline_repo: Path):
+    out = run_in(pipeline_repo, "dvc", "repro")
+    assert ran_stages(out.stdout) == list(STAGES)
+
+    lock = yaml.safe_load((pipeline_repo / "dvc.lock").read_text())
+    assert set(lock["stages"]) == set(STAGES)
+    evaluation = json.loads((pipeline_repo / "metrics/evaluate.json").read_text())
+    assert math.isfinite(evaluation["fid"]) and evaluation["fid"] > 0
+    assert evaluation["num_samples"] == TINY_PARAMS["sample"]["num_samples"]
+    assert 0 < evaluation["kid"] < 10
+    train_metrics = json.loads((pipeline_repo / "metrics/train.json").read_text())
+    assert train_metrics["step"] == TINY_PARAMS["train"]["steps"]
+    assert math.isfinite(train_metrics["bpd"])
+    manifest = json.loads((pipeline_repo / "data/manifest.json").read_text())
+    assert manifest["counts"] == {"train": 5000 - 16, "heldout": 16, "reference": 48}
+    curve = (pipeline_repo / "plots/fid_vs_samples.csv").read_text().splitlines()
+    assert curve[0] == "num_samples,fid" and curve[-1].startswith("48,")
+
+    # MLflow: the model run and its nested sample run, in the repo's own store.
+    mlflow.set_tracking_uri(pipeline_env(pipeline_repo)["MLFLOW_TRACKING_URI"])
+    model_run_id = json.loads((pipeline_repo / "models/run.json").read_text())["run_id"]
+    sample_run_id = json.loads((pipeline_repo / "samples/run.json").read_text())["run_id"]
+    client = mlflow.MlflowClient()
+    model_run, sample_run = client.get_run(model_run_id), client.get_run(sample_run_id)
+    assert model_run.info.status == sample_run.info.status == "FINISHED"
+    assert sample_run.data.tags["mlflow.parentRunId"] == model_run_id
+    assert model_run.data.params["train.steps"] == str(TINY_PARAMS["train"]["steps"])
+    assert model_run.data.params["model.name"] == "unet-tiny"
+    assert sample_run.data.params["sample.steps"] == "5"
+    losses = client.get_metric_history(model_run_id, "loss")
+    assert [m.step for m in losses] == list(range(5, 31, 5))
+    for key in ("grad_norm", "lr", "img_per_s"):
+        assert client.get_metric_history(model_run_id, key)
+    assert any(k.startswith("system/") for k in model_run.data.metrics)
+    assert model_run.data.tags["git_commit"] == run_in(pipeline_repo, "git", "rev-parse", "HEAD").stdout.strip()
+    assert model_run.data.tags["dvc.prepare.data/train.npz"] == lock["stages"]["prepare"]["outs"][0]["md5"]
+    dataset_input = model_run.inputs.dataset_inputs[0]
+    assert dataset_input.dataset.name == "mnist5k"
+    assert {t.key: t.value for t in dataset_input.tags}["dvc_md5"] == lock["stages"]["prepare"]["outs"][0]["md5"]
+    assert sample_run.data.metrics["fid"] == pytest.approx(evaluation["fid"])
+    assert model_run.data.metrics["fid"] == pytest.approx(evaluation["fid"])  # mirrored
+    assert "grid.png" in {a.path for a in client.list_artifacts(sample_run_id)}
+
+    # The logged model loads and samples back.
+    model = mlflow.pytorch.load_model(f"runs:/{model_run_id}/model")
+    images = model.sample(3, steps=4, seed=1)
+    assert images.shape == (3, 1, 28, 28)
+    assert images.min() >= -1 and images.max() <= 1
+    assert torch.equal(images, model.sample(3, steps=4, seed=1))
+
+    # Only a sampling param changes: sample and evaluate re-run, train does not.
+    params = yaml.safe_load((pipeline_repo / "params.yaml").read_text())
+    params["sample"]["steps"] = 4
+    (pipeline_repo / "params.yaml").write_text(yaml.safe_dump(params))
+    out = run_in(pipeline_repo, "dvc", "repro")
+    assert ran_stages(out.stdout) == ["sample", "evaluate"]
+    assert json.loads((pipeline_repo / "models/run.json").read_text())["run_id"] == model_run_id
+    new_sample_run = json.loads((pipeline_repo / "samples/run.json").read_text())["run_id"]
+    assert new_sample_run != sample_run_id
+    assert client.get_run(new_sample_run).data.tags["mlflow.parentRunId"] == model_run_id
+    assert run_in(pipeline_repo, "dvc", "status").stdout.strip() == "Data and pipelines are up to date."
+
+
+def test_killed_training_resumes_from_its_checkpoint(tmp_path: Path):
+    params = json.loads(json.dumps(TINY_PARAMS))
+    params["train"].update(steps=200, checkpoint_every=10, bpd_images=0)
+    repo = make_pipeline_repo(tmp_path / "repo", params)
+    run_in(repo, "dvc", "repro", "prepare")
+
+    proc = subprocess.Popen(
+        ["dvc", "repro", "train"], cwd=repo, env=pipeline_env(repo),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            ckpts = list((repo / "checkpoints").glob("*/ckpt-*.pt"))
+            if any(int(p.stem.split("-")[1]) >= 20 for p in ckpts):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("no checkpoint at step 20 within 300 s")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # kill -9 the whole dvc process group
+        proc.wait()
+    stopped_at = max(int(p.stem.split("-")[1]) for p in (repo / "checkpoints").glob("*/ckpt-*.pt"))
+    assert 20 <= stopped_at < 200
+    assert not (repo / "models/model.pt").exists()
+
+    out = run_in(repo, "dvc", "repro")
+    assert f"at step {stopped_at}" in out.stdout
+    assert ran_stages(out.stdout) == ["train", "sample", "evaluate"]
+    assert json.loads((repo / "metrics/train.json").read_text())["step"] == 200
+
+    mlflow.set_tracking_uri(pipeline_env(repo)["MLFLOW_TRACKING_URI"])
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("diffusion").experiment_id], "tags.`stage.train` = 'ran'")
+    assert len(runs) == 1  # the resumed training logged into the killed run, not a new one
+    losses = client.get_metric_history(runs[0].info.run_id, "loss")
+    assert sorted({m.step for m in losses}) == list(range(5, 201, 5))
+
+
+def test_missing_or_corrupt_dataset_gets_a_clear_error_and_keeps_outputs(pipeline_repo: Path):
+    run_in(pipeline_repo, "dvc", "repro", "prepare")
+    train_file = pipeline_repo / "data/train.npz"
+    data = train_file.read_bytes()
+    train_file.write_bytes(data[: len(data) // 2])
+    out = run_in(pipeline_repo, "diffusion", "train", check=False)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        "diffusion train: error: data/train.npz: truncated or corrupt dataset file"
+    )
+    assert (pipeline_repo / "data/heldout.npz").exists()
+    assert np.load(pipeline_repo / "data/reference.npz")["features"].shape == (48, 2048)

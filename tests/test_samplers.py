@@ -1,0 +1,241 @@
+"""Samplers on Gaussian data, where the exact model is known and every sampler step is affine
+in x plus Gaussian noise, so the law of the output of K steps is computed exactly here.
+
+Tolerances: with N = 16000 independent values (4000 samples x 4 dims), the sample mean and
+std have standard errors sd/√N and sd/√(2N); tests allow 5 of them around the exact law of
+the K-step sampler. The gap between that law and the data N(mu, s²) is the sampler's
+discretisation error; it is computed, not guessed (see ``test_discretisation_error``).
+"""
+
+import math
+
+import pytest
+import torch
+from test_gaussian import GaussianData, alpha_bar_np, single_thread  # noqa: F401 (autouse fixture)
+
+from diffusion.gaussian import GaussianDiffusion
+from diffusion.samplers import SAMPLERS, ddim_sample, ddpm_sample, sample
+from diffusion.schedules import cosine_betas, make_betas, space_timesteps
+
+MU, S = 0.3, 0.5
+SHAPE = (4000, 4)
+N = SHAPE[0] * SHAPE[1]
+BETAS = cosine_betas(1000)
+
+
+def exact_law(betas, steps, sampler, *, variance="fixed_small", eta=0.0, model=None):
+    """(A, B, noise_var) with output = A x_T + B + N(0, noise_var) for x_T ~ N(0, 1) and the
+    exact Gaussian-data model, on the kept ``steps`` of ``betas``, float64.
+
+    Per step: x̂_0 = k x + mu(1 - k√ᾱ) with k = √ᾱ s²/(ᾱ s² + 1-ᾱ), ε̂ = (x - √ᾱ x̂_0)/√(1-ᾱ);
+    DDPM eq. 7 (x' = c1 x̂_0 + c2 x + σ z) or DDIM eq. 12/16 (x' = √ᾱ' x̂_0 + √(1-ᾱ'-σ²) ε̂ + σ z).
+    """
+    alpha_bar = alpha_bar_np(betas)
+    A, B, noise_var = 1.0, 0.0, 0.0
+    for i in reversed(range(len(steps))):
+        ab = alpha_bar[steps[i]]
+        ab_prev = alpha_bar[steps[i - 1]] if i > 0 else 1.0
+        k = math.sqrt(ab) * S**2 / (ab * S**2 + 1 - ab)
+        a0, b0 = k, MU * (1 - k * math.sqrt(ab))
+        ae, be = (1 - math.sqrt(ab) * a0) / math.sqrt(1 - ab), -math.sqrt(ab) * b0 / math.sqrt(1 - ab)
+        beta = 1 - ab / ab_prev
+        posterior_var = beta * (1 - ab_prev) / (1 - ab)
+        if sampler == "ddim":
+            sigma2 = eta**2 * posterior_var  # eq. 16: (1-ᾱ')/(1-ᾱ) (1 - ᾱ/ᾱ')
+            c = math.sqrt(max(1 - ab_prev - sigma2, 0.0))
+            a, b = math.sqrt(ab_prev) * a0 + c * ae, math.sqrt(ab_prev) * b0 + c * be
+        else:
+            c1, c2 = beta * math.sqrt(ab_prev) / (1 - ab), (1 - ab_prev) * math.sqrt(1 - beta) / (1 - ab)
+            a, b = c1 * a0 + c2, c1 * b0
+            if variance == "learned_range" and i > 0:
+                v = model(torch.zeros(1, 1), torch.tensor([steps[i]]))[0, 1].item()
+                frac = (v + 1) / 2
+                sigma2 = math.exp(frac * math.log(beta) + (1 - frac) * math.log(posterior_var))
+            else:
+                sigma2 = {"fixed_small": posterior_var, "fixed_large": beta, "learned_range": 0.0}[variance]
+        A, B, noise_var = a * A, a * B + b, a * a * noise_var + (sigma2 if i > 0 else 0.0)
+    return A, B, noise_var
+
+
+def law_stats(law):
+    A, B, noise_var = law
+    return B, math.sqrt(A * A + noise_var)
+
+
+def assert_matches(x, mean, std):
+    se_mean, se_std = std / math.sqrt(N), std / math.sqrt(2 * N)
+    assert abs(x.mean().item() - mean) < 5 * se_mean, (x.mean().item(), mean)
+    assert abs(x.std().item() - std) < 5 * se_std, (x.std().item(), std)
+
+
+def assert_recovers_data(x):
+    """Against N(mu, s²) itself: 5 standard errors plus the ≤ 0.003 discretisation error at
+    1000 steps (``test_discretisation_error``)."""
+    assert abs(x.mean().item() - MU) < 5 * S / math.sqrt(N) + 0.003
+    assert abs(x.std().item() - S) < 5 * S / math.sqrt(2 * N) + 0.003
+
+
+def diffusion_for(variance):
+    return GaussianDiffusion(BETAS, variance=variance, loss="hybrid" if variance == "learned_range" else "mse")
+
+
+# --- against the exact law ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("schedule", "steps"), [("linear", 10), ("linear", 50), ("cosine", 10), ("cosine", 50), ("cosine", 1000)]
+)
+def test_ddim_eta0_is_the_exact_affine_map(schedule, steps):
+    betas = make_betas(schedule, 1000)
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    x = sample(GaussianDiffusion(betas), GaussianData(betas, MU, S), SHAPE, steps=steps, noise=x_T, clip_denoised=False)
+    A, B, noise_var = exact_law(betas, space_timesteps(1000, steps), "ddim")
+    assert noise_var == 0
+    torch.testing.assert_close(x, (A * x_T.double() + B).float(), rtol=0, atol=2e-4)
+    if steps == 1000:
+        assert_recovers_data(x)
+
+
+@pytest.mark.parametrize(
+    ("sampler", "variance", "eta", "steps"),
+    [
+        (sampler, variance, eta, steps)
+        for sampler, variance, eta in (
+            ("ddpm", "fixed_small", 0.0),
+            ("ddpm", "fixed_large", 0.0),
+            ("ddpm", "learned_range", 0.0),
+            ("ddim", "fixed_small", 1.0),
+            ("ddim", "fixed_small", 0.5),
+        )
+        for steps in (10, 50, 1000)
+        if not (eta == 0.5 and steps == 1000)
+    ],
+)
+def test_stochastic_samplers_match_the_exact_law(sampler, variance, eta, steps):
+    model = GaussianData(BETAS, MU, S, learned=variance == "learned_range")
+    x = sample(
+        diffusion_for(variance), model, SHAPE, sampler=sampler, steps=steps, eta=eta, clip_denoised=False, seed=steps
+    )
+    law = exact_law(BETAS, space_timesteps(1000, steps), sampler, variance=variance, eta=eta, model=model)
+    assert_matches(x, *law_stats(law))
+    if steps == 1000:
+        assert_recovers_data(x)
+
+
+def test_discretisation_error():
+    """The exact law's distance from N(mu, s²) = N(0.3, 0.5²), cosine T=1000, respaced. The mean
+    stays 0.3000 (to 4 digits); the std of the output is:
+
+    steps      ddim η=0   ddim η=1 = ddpm small   ddpm large   ddpm learned
+    10         0.4211     0.3806                  0.5532       0.4744
+    50         0.4845     0.4672                  0.5094       0.4994
+    1000       0.4992     0.4980                  0.5004       0.5000
+    The learned model carries the exact reverse variance, so at 1000 steps it is exact.
+    """
+    model = GaussianData(BETAS, MU, S, learned=True)
+    table = {}
+    for steps in (10, 50, 1000):
+        kept = space_timesteps(1000, steps)
+        for name, sampler, variance, eta in (
+            ("ddim0", "ddim", None, 0.0),
+            ("small", "ddpm", "fixed_small", 0.0),
+            ("ddim1", "ddim", None, 1.0),
+            ("large", "ddpm", "fixed_large", 0.0),
+            ("learned", "ddpm", "learned_range", 0.0),
+        ):
+            mean, std = law_stats(exact_law(BETAS, kept, sampler, variance=variance, eta=eta, model=model))
+            assert mean == pytest.approx(MU, abs=0.01)
+            table[name, steps] = std
+    assert table["small", 50] == pytest.approx(table["ddim1", 50], abs=1e-12)
+    for name in ("ddim0", "small", "large", "learned"):
+        errors = [abs(table[name, steps] - S) for steps in (10, 50, 1000)]
+        assert errors[0] > errors[1] > errors[2], name
+        assert errors[2] < 0.003, name
+    assert abs(table["learned", 1000] - S) < 1e-4
+
+
+def test_zero_terminal_snr_with_v_prediction():
+    betas = make_betas("cosine", 1000, zero_terminal_snr=True)
+    d = GaussianDiffusion(betas, prediction="v")
+    x = sample(d, GaussianData(betas, MU, S, prediction="v"), SHAPE, steps=50, seed=0, clip_denoised=False)
+    assert torch.isfinite(x).all()
+    assert_matches(x, *law_stats(exact_law(betas, space_timesteps(1000, 50), "ddim")))
+
+
+# --- consistency between samplers and parameterisations ---------------------------------
+
+
+def test_ddim_eta1_is_ddpm_with_fixed_small_variance():
+    d, model = diffusion_for("fixed_small"), GaussianData(BETAS, MU, S)
+    a = sample(d, model, (64, 4), sampler="ddpm", steps=50, seed=5, clip_denoised=False)
+    b = sample(d, model, (64, 4), sampler="ddim", steps=50, eta=1.0, seed=5, clip_denoised=False)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+def test_predictions_give_the_same_samples():
+    x_T = torch.randn(64, 4, generator=torch.Generator().manual_seed(3))
+    out = {}
+    for prediction in ("eps", "x0", "v"):
+        d = GaussianDiffusion(BETAS, prediction=prediction)
+        out[prediction] = sample(d, GaussianData(BETAS, MU, S, prediction=prediction), x_T.shape, steps=50, noise=x_T)
+    torch.testing.assert_close(out["x0"], out["eps"], rtol=0, atol=1e-4)
+    torch.testing.assert_close(out["v"], out["eps"], rtol=0, atol=1e-4)
+
+
+# --- the front door -----------------------------------------------------------------------
+
+
+def test_seed_reproduces_and_generator_is_the_same_path():
+    d, model = diffusion_for("fixed_large"), GaussianData(BETAS, MU, S)
+    for sampler, eta in (("ddpm", 0.0), ("ddim", 0.7)):
+        a = sample(d, model, (8, 3), sampler=sampler, eta=eta, steps=20, seed=7)
+        b = sample(d, model, (8, 3), sampler=sampler, eta=eta, steps=20, seed=7)
+        c = sample(d, model, (8, 3), sampler=sampler, eta=eta, steps=20, generator=torch.Generator().manual_seed(7))
+        other = sample(d, model, (8, 3), sampler=sampler, eta=eta, steps=20, seed=8)
+        assert torch.equal(a, b) and torch.equal(a, c) and not torch.allclose(a, other)
+
+
+def test_intermediates_and_original_timesteps():
+    d, model = diffusion_for("fixed_small"), GaussianData(BETAS, MU, S)
+    x, preds = sample(d, model, (16, 2), steps=10, seed=0, clip_denoised=False, return_intermediates=True)
+    assert len(preds) == 10 and all(p.shape == (16, 2) for p in preds)
+    torch.testing.assert_close(preds[-1], x)  # DDIM's last step returns x̂_0
+    assert [t.unique().item() for t in model.calls] == space_timesteps(1000, 10)[::-1]
+    _, preds = sample(d, model, (16, 2), sampler="ddpm", steps="ddim25", seed=0, return_intermediates=True)
+    assert len(preds) == 25
+
+
+def test_callback_sees_every_step():
+    d = diffusion_for("fixed_small").respace([0, 500, 999])
+    seen = []
+    for fn in SAMPLERS.values():
+        seen.clear()
+        fn(d, GaussianData(BETAS, MU, S), torch.randn(4, 2), callback=seen.append)
+        assert [(info["i"], info["t"]) for info in seen] == [(0, 999), (1, 500), (2, 0)]
+        assert set(seen[0]) == {"i", "t", "x", "pred_x0"}
+    assert SAMPLERS == {"ddpm": ddpm_sample, "ddim": ddim_sample}
+
+
+def test_clipping_and_thresholding_bound_the_samples():
+    d, model = diffusion_for("fixed_small"), GaussianData(BETAS, MU, S)
+    free = sample(d, model, (2000, 4), steps=20, seed=1, clip_denoised=False)
+    clipped = sample(d, model, (2000, 4), steps=20, seed=1)
+    thresholded = sample(d, model, (2000, 4), steps=20, seed=1, threshold=0.995)
+    assert free.abs().max() > 1.2  # N(0.3, 0.25) puts ~8% above 1
+    assert clipped.abs().max() <= 1 and thresholded.abs().max() <= 1
+    assert not torch.allclose(clipped, thresholded)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sampler": "euler"}, "sampler: got 'euler'; allowed: ddpm, ddim"),
+        ({"seed": 1, "generator": torch.Generator()}, "seed: give a seed or a generator, not both"),
+        ({"eta": 1.5}, "eta: got 1.5; allowed: 0 <= eta <= 1"),
+        ({"noise": torch.zeros(3, 2)}, r"noise: got shape \(3, 2\); need \(4, 2\)"),
+        ({"steps": 1001}, "spec: cannot take 1001 steps"),
+    ],
+)
+def test_front_door_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sample(diffusion_for("fixed_small"), GaussianData(BETAS, MU, S), (4, 2), **kwargs)
