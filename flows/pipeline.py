@@ -13,6 +13,7 @@ and the flow.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,13 @@ def stage_order(root: Path) -> list[str]:
     import networkx as nx
     from dvc.repo import Repo
 
+    def address(stage) -> str:  # as `dvc repro` in the repository root takes it
+        dvcfile = os.path.relpath(stage.dvcfile.path, root)
+        return stage.name if dvcfile == "dvc.yaml" else f"{dvcfile}:{stage.name}"
+
     with Repo(str(root)) as repo:
         graph = repo.index.graph  # an edge runs from a stage to a stage it depends on
-        return [stage.addressing for stage in reversed(list(nx.topological_sort(graph)))]
+        return [address(stage) for stage in reversed(list(nx.topological_sort(graph)))]
 
 
 @flow(name="train-pipeline", log_prints=True)

@@ -8,7 +8,9 @@ it starts runs in its own process group and is stopped in a ``finally``.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -35,7 +37,9 @@ DEPLOY_PARAMS = {
         "study_name": STUDY,
         "n_trials": 4,
         "concurrency": 1,
-        "space": {"sample.steps": {"type": "categorical", "choices": [3, 5]}},
+        # One point: trial 0 runs the pipeline, trial 1 is the same experiment again and
+        # comes whole from DVC's run cache (its FID from the experiment's metrics).
+        "space": {"sample.steps": {"type": "categorical", "choices": [3]}},
     },
 }
 
@@ -127,9 +131,12 @@ def test_sweep_deployment_runs_on_a_process_worker(tmp_path_factory):
             cwd=repo, env=env, capture_output=True, text=True, timeout=540,
         )
         print(f"train-sweep deployment: 2 trials in {time.monotonic() - start_run:.0f} s")
-        assert run.returncode == 0 and "COMPLETED" in run.stdout, (
+        flow_run = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout)
+        assert run.returncode == 0 and flow_run, (
             f"{run.stdout[-3000:]}\n{run.stderr[-2000:]}\nworker log:\n{worker_log.read_text()[-6000:]}"
         )
+        inspected = cli([prefect, "flow-run", "inspect", flow_run.group(1), "--output", "json"], env=env, cwd=repo)
+        assert json.loads(inspected.stdout)["state"]["type"] == "COMPLETED"
 
         from mlflow import MlflowClient
 
@@ -141,6 +148,9 @@ def test_sweep_deployment_runs_on_a_process_worker(tmp_path_factory):
         assert len(parents) == 1 and len(trials) == 2
         assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in trials)
         assert all(r.info.status == "FINISHED" and r.data.metrics["fid"] > 0 for r in trials)
+        first, second = sorted(trials, key=lambda r: int(r.data.tags["sweep.trial"]))
+        assert second.data.tags["train.model_run_id"] == first.info.run_id
+        assert second.data.metrics["fid"] == first.data.metrics["fid"]
     finally:
         for proc in reversed(procs):
             stop(proc)

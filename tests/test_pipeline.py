@@ -59,10 +59,11 @@ def test_dvc_repro_tracks_everything_and_reruns_only_what_changed(pipeline_repo:
         assert client.get_metric_history(model_run_id, key)
     assert any(k.startswith("system/") for k in model_run.data.metrics)
     assert model_run.data.tags["git_commit"] == run_in(pipeline_repo, "git", "rev-parse", "HEAD").stdout.strip()
-    assert model_run.data.tags["dvc.prepare.data/train.npz"] == lock["stages"]["prepare"]["outs"][0]["md5"]
+    train_md5 = next(o["md5"] for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/train.npz")
+    assert model_run.data.tags["dvc.prepare.data/train.npz"] == train_md5
     dataset_input = model_run.inputs.dataset_inputs[0]
     assert dataset_input.dataset.name == "mnist5k"
-    assert {t.key: t.value for t in dataset_input.tags}["dvc_md5"] == lock["stages"]["prepare"]["outs"][0]["md5"]
+    assert {t.key: t.value for t in dataset_input.tags}["dvc_md5"] == train_md5
     assert sample_run.data.metrics["fid"] == pytest.approx(evaluation["fid"])
     assert model_run.data.metrics["fid"] == pytest.approx(evaluation["fid"])  # mirrored
     assert "grid.png" in {a.path for a in client.list_artifacts(sample_run_id)}
