@@ -37,7 +37,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusion.models import create_model  # noqa: E402
+from diffusion.models import create_model
 
 PEERS = ("ours", "diffusers")
 
@@ -73,7 +73,7 @@ def build(peer: str, args: argparse.Namespace) -> tuple[nn.Module, Callable]:
         model, forward = ours, ours
     else:
         model = diffusers_twin(ours.config)
-        forward = lambda x, t: model(x, t, return_dict=False)[0]  # noqa: E731
+        forward = lambda x, t: model(x, t, return_dict=False)[0]
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(args.device, memory_format=fmt).train()
     if args.compile:
@@ -135,7 +135,8 @@ def memory_in_subprocess(peer: str, argv: list[str]) -> int:
 def machine() -> str:
     cpu = platform.processor() or "unknown CPU"
     with contextlib.suppress(OSError):
-        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
         cpu = names[0] if names else cpu
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return f"{cpu}, {torch.get_num_threads()} threads{gpu}, torch {torch.__version__}, Python {platform.python_version()}"

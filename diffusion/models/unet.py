@@ -239,13 +239,12 @@ class UNet(nn.Module):
         emb_channels = 4 * base_channels
 
         def heads(channels: int) -> int:
-            n = channels // head_channels if head_channels else num_heads
-            if n < 1 or channels % n:
-                raise ValueError(
-                    f"num_heads/head_channels: {channels} channels do not split into heads of "
-                    f"{head_channels or channels / num_heads} channels; use a divisor of {channels}"
-                )
-            return n
+            if head_channels and channels % head_channels == 0:
+                return channels // head_channels
+            if not head_channels and channels % num_heads == 0:
+                return num_heads
+            bad = f"head_channels={head_channels}" if head_channels else f"num_heads={num_heads}"
+            raise ValueError(f"{bad} does not divide the {channels} channels of an attention block; use a divisor of {channels}")
 
         def res(cin: int, cout: int, resample: str = "none") -> ResBlock:
             return ResBlock(
@@ -319,12 +318,11 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, C, H, W], t [B] timesteps, y [B] class labels (None: the null class) -> [B, out_channels, H, W]."""
         emb = self.time_embed(timestep_embedding(t, self.base_channels))
-        if self.label_embed is None and y is not None:
-            raise ValueError("y: class labels given to a model built without num_classes")
         if self.label_embed is not None:
-            if y is None:
-                y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+            y = torch.full((x.shape[0],), self.num_classes, device=x.device) if y is None else y
             emb = emb + self.label_embed(y)
+        elif y is not None:
+            raise ValueError("y: class labels given to a model built without num_classes")
         emb = F.silu(emb)
 
         h = self.conv_in(x)
