@@ -44,7 +44,7 @@ from prefect.futures import as_completed
 
 from diffusion.config import Params, SearchDim, SweepParams, parse_params
 from flows.commands import apply_overrides, check, command_env, run_command, set_args, tracking_uri
-from flows.pipeline import dvc
+from flows.pipeline import dvc, stage_order
 
 STUDY_DIR = Path(".optuna")
 JOURNAL = "journal.log"
@@ -52,7 +52,8 @@ EVALUATE_METRICS = "metrics/evaluate.json"
 MODEL_RUN_FILE = "models/run.json"
 LOSS_METRIC = "loss"
 POLL_S = 2.0
-# Stages every trial shares unless the space changes their params section: run once, before the trials.
+# Stages every trial shares unless the space changes their params section: run once,
+# before concurrent trials start.
 SHARED_STAGES = {"prepare": "data"}
 
 
@@ -239,12 +240,14 @@ def experiment_name(study_name: str, number: int) -> str:
 
 def read_experiment(root: Path, name: str) -> tuple[dict[str, float] | None, str | None]:
     """The experiment's ``metrics/evaluate.json`` and the model run in its ``models/run.json``."""
-    import dvc.api
+    from dvc.api import DVCFileSystem
     from dvc.exceptions import DvcException
+
+    fs = DVCFileSystem(str(root), rev=name)
 
     def read(path: str) -> dict | None:
         try:
-            return json.loads(dvc.api.read(path, repo=str(root), rev=name))
+            return json.loads(fs.read_text(path))
         except (FileNotFoundError, DvcException):
             return None
 
@@ -401,22 +404,25 @@ def log_study_plots(study: Any, client: Any, run_id: str, objectives: list[str])
                 logger.warning(f"optuna plot {name}: {err}")
                 continue
         figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
-        client.log_figure(run_id, figure, f"optuna/{name}.png")
+        client.log_figure(run_id, figure, f"optuna/{name}.png", save_kwargs={"bbox_inches": "tight", "dpi": 120})
         plt.close(figure)
         logged.append(name)
     client.log_text(run_id, study.trials_dataframe().to_csv(index=False), "optuna/trials.csv")
     return logged
 
 
-def summarize(study: Any, client: Any, run_id: str, objectives: list[str]) -> dict[str, Any]:
-    """The best trial(s) onto the parent run as metrics and tags; the summary the flow returns."""
+def summarize(study: Any, client: Any, run_id: str, objectives: list[str], ran: Mapping[int, str]) -> dict[str, Any]:
+    """The best trial(s) onto the parent run as metrics and tags; the summary the flow returns.
+
+    ``ran``: this flow run's trials, whose first objective goes on the ``trial_<objective>`` curve.
+    """
     from mlflow.entities import Metric
 
     counts = Counter(t.state.name for t in study.trials)
     now, step = int(time.time() * 1000), len(study.trials)
     metrics = [Metric(f"trials_{state.lower()}", n, now, step) for state, n in counts.items()]
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
-    metrics += [Metric(f"trial_{objectives[0]}", t.values[0], now, t.number) for t in complete]
+    metrics += [Metric(f"trial_{objectives[0]}", t.values[0], now, t.number) for t in complete if t.number in ran]
     best: list[dict[str, Any]] = []
     if complete:
         front = study.best_trials if len(objectives) > 1 else [study.best_trial]
@@ -469,9 +475,13 @@ def train_sweep(
     logger.info(f"study {study_name!r}: {n_trials} trials, {concurrency} at once; MLflow parent run {parent}")
     status = "FAILED"
     try:
-        for stage, section in SHARED_STAGES.items():
-            if not any(key.split(".")[0] == section for key in cfg.space):
-                dvc(f"dvc repro {stage}", ["repro", stage], str(root))
+        # Concurrent trials would each run the stages they share; one trial at a time runs
+        # them once, and DVC's run cache serves the rest.
+        if concurrency > 1:
+            stages = stage_order(root)
+            for stage, section in SHARED_STAGES.items():
+                if stage in stages and not any(key.split(".")[0] == section for key in cfg.space):
+                    dvc(f"dvc repro {stage}", ["repro", stage], str(root))
         sweep = Sweep(
             root=root,
             study_name=study_name,
@@ -483,7 +493,7 @@ def train_sweep(
             pruning=pruning(cfg),
         )
         states = run_trials(study, sweep, cfg.space, n_trials, concurrency)
-        summary = summarize(study, client, parent, sweep.objectives)
+        summary = summarize(study, client, parent, sweep.objectives, states)
         log_study_plots(study, client, parent, sweep.objectives)
         status = "FINISHED"
     finally:

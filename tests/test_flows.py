@@ -114,6 +114,77 @@ def test_a_pruned_trial_stops_its_command():
 # A real sweep under the harness
 # ---------------------------------------------------------------------------
 
+# A three-stage stand-in for the pipeline, seconds per trial: train records its MLflow
+# run and GPU and sleeps, so that concurrent trials overlap; evaluate's "fid" is sample.steps.
+TOY_DVC_YAML = """
+stages:
+  prepare: {cmd: python toy.py prepare, params: [data], outs: [data/x.txt]}
+  train: {cmd: python toy.py train, deps: [data/x.txt], params: [train], outs: [models/run.json]}
+  evaluate:
+    cmd: python toy.py evaluate
+    deps: [models/run.json]
+    params: [sample]
+    metrics: [{metrics/evaluate.json: {cache: false}}]
+"""
+TOY_PY = """
+import json, os, sys, time, yaml
+params = yaml.safe_load(open("params.yaml"))
+stage = sys.argv[1]
+for d in ("data", "models", "metrics"):
+    os.makedirs(d, exist_ok=True)
+if stage == "prepare":
+    open("data/x.txt", "w").write("x")
+elif stage == "train":
+    start = time.time()
+    time.sleep(4)
+    json.dump({"run_id": os.environ["MLFLOW_RUN_ID"], "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
+               "start": start, "end": time.time()}, open("models/run.json", "w"))
+else:
+    json.dump({"fid": 100.0 / params["sample"]["steps"]}, open("metrics/evaluate.json", "w"))
+"""
+
+
+def test_concurrent_two_objective_sweep(prefect_harness, tmp_path, monkeypatch):
+    """Two trials at once on two GPU slots; FID vs sampling cost, a Pareto front and its plot."""
+    from mlflow import MlflowClient
+
+    from flows.sweep import train_sweep
+
+    repo = tmp_path / "toy"
+    repo.mkdir()
+    (repo / "dvc.yaml").write_text(TOY_DVC_YAML)
+    (repo / "toy.py").write_text(TOY_PY)
+    (repo / ".gitignore").write_text("/mlflow/\n/.optuna/\n")
+    params = {"data": {"seed": 0}, "train": {"lr": 0.001}, "sample": {"steps": 5},
+              "sweep": {"study_name": "toy", "concurrency": 2, "objectives": ["fid", "sampling_cost"],
+                        "space": {"sample.steps": {"type": "categorical", "choices": [2, 5]},
+                                  "train.lr": {"type": "float", "low": 0.0001, "high": 0.01, "log": True}}}}
+    (repo / "params.yaml").write_text(json.dumps(params))
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@localhost"], ["git", "config", "user.name", "t"],
+                ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "toy"]):
+        run_in(repo, *cmd)
+    uri = f"sqlite:///{repo / 'mlflow' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+
+    enqueue = [{"sample.steps": 2, "train.lr": 0.001}, {"sample.steps": 5, "train.lr": 0.002}]
+    summary = train_sweep(n_trials=2, enqueue=enqueue, repo=str(repo))
+
+    assert summary["trials"] == {0: "COMPLETE", 1: "COMPLETE"}
+    front = sorted(tuple(best["values"].values()) for best in summary["best"])
+    assert front == [(20.0, 5.0), (50.0, 2.0)]  # neither dominates: both on the Pareto front
+    assert {"toy-0", "toy-1"} <= experiment_names(repo)
+
+    import dvc.api
+
+    trained = [json.loads(dvc.api.read("models/run.json", repo=str(repo), rev=f"toy-{n}")) for n in (0, 1)]
+    assert {t["gpu"] for t in trained} == {"0", "1"}  # one GPU slot each
+    assert trained[0]["start"] < trained[1]["end"] and trained[1]["start"] < trained[0]["end"]  # at once
+    client = MlflowClient(uri)
+    assert {client.get_run(t["run_id"]).data.metrics["sampling_cost"] for t in trained} == {2.0, 5.0}
+    plots = {a.path for a in client.list_artifacts(summary["parent_run_id"], "optuna")}
+    assert {"optuna/history.png", "optuna/pareto_front.png"} <= plots
+
 
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory):
