@@ -7,7 +7,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # pip notes every extra-index folder it skips; those lines are noise, not errors.
-PIP_QUIET := grep -v "is ignored: it is neither a file nor a directory" || true
+# Only grep's own status (1 when it prints nothing) is ignored; pip's failure fails the pipe.
+PIP_QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1

@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(machine())
     work = Path(tempfile.mkdtemp(prefix="bench-orchestration-"))
+    os.environ["PREFECT_HOME"] = str(work / "prefect-home")  # importing prefect (flows) creates it
     server = None
     times: dict[str, list[float]] = {way: [] for way in args.ways}
     trials: dict[str, list[float]] = {way: [] for way in ("flow", "deployment")}

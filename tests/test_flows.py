@@ -187,19 +187,28 @@ def test_concurrent_two_objective_sweep(prefect_harness, tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def prefect_harness(tmp_path_factory):
-    """A throwaway Prefect API (its own PREFECT_HOME and database) for the session."""
+def prefect_home(tmp_path_factory):
+    """PREFECT_HOME and the Prefect database in tmp: importing prefect creates the home."""
     home = tmp_path_factory.mktemp("prefect-home")
     patch = pytest.MonkeyPatch()
     patch.setenv("PREFECT_HOME", str(home))
     patch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{home / 'prefect.db'}")
+    yield home
+    patch.undo()
+
+
+@pytest.fixture(autouse=True)
+def _no_prefect_home_outside_tmp(prefect_home):
+    """Every test here (flows import prefect) runs with the session's tmp PREFECT_HOME."""
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(prefect_home):
+    """A throwaway Prefect API (a temporary server and database) for the session."""
     from prefect.testing.utilities import prefect_test_harness
 
-    try:
-        with prefect_test_harness(server_startup_timeout=90):
-            yield
-    finally:
-        patch.undo()
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
 
 
 @pytest.fixture(scope="module")
