@@ -64,5 +64,16 @@ def make_pipeline_repo(path: Path, params: dict | None = None) -> Path:
 
 
 @pytest.fixture
+def single_thread():
+    """One intra-op thread for tests of small tensors: faster, and steady on a shared CPU."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def pipeline_repo(tmp_path: Path) -> Path:
     return make_pipeline_repo(tmp_path / "repo")

@@ -31,14 +31,7 @@ from diffusion.timestep_sampling import (
 
 LN2 = math.log(2.0)
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread: these tensors are small, and extra threads only contend on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class GaussianData:

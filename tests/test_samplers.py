@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from test_gaussian import GaussianData, alpha_bar_np, single_thread  # noqa: F401 (autouse fixture)
+from test_gaussian import GaussianData, alpha_bar_np
 
 from diffusion.gaussian import GaussianDiffusion
 from diffusion.samplers import SAMPLERS, ddim_sample, ddpm_sample, sample
@@ -21,6 +21,8 @@ MU, S = 0.3, 0.5
 SHAPE = (4000, 4)
 N = SHAPE[0] * SHAPE[1]
 BETAS = cosine_betas(1000)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def exact_law(betas, steps, sampler, *, variance="fixed_small", eta=0.0, model=None):

@@ -24,6 +24,8 @@ T = 20
 SIZE = 8
 NUM_CLASSES = 3
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def _cfg(**changes) -> TrainParams:
     base = dict(
@@ -42,15 +44,6 @@ def _model(*, num_classes=None, learn_sigma=False, dropout=0.1):
 
 def _diffusion(variance="fixed_small", loss="mse"):
     return GaussianDiffusion(make_betas("cosine", T, False), prediction="eps", variance=variance, loss=loss)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions: one thread is fastest, and far faster on a shared, loaded CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

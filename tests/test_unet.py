@@ -9,14 +9,7 @@ import torch
 
 from diffusion.models import MODELS, OVERRIDABLE, UNet, create_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is faster, and immune to other jobs on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def n_params(model: torch.nn.Module) -> int:

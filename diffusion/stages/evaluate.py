@@ -8,7 +8,6 @@ are logged into the sample stage's MLflow run and mirrored onto its model run.
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 from diffusion import tracking
 from diffusion.config import Params
 from diffusion.data import DatasetError, quote_error
+from diffusion.files import write_csv
 from diffusion.metrics import fid_from_features, inception_features, kid_from_features, load_reference
 from diffusion.stages.prepare import REFERENCE
 from diffusion.stages.sample import SAMPLE_RUN_FILE, SAMPLES
@@ -57,11 +57,7 @@ def run(params: Params) -> None:
 
     METRICS.parent.mkdir(parents=True, exist_ok=True)
     METRICS.write_text(json.dumps(results, indent=2) + "\n")
-    FID_CURVE.parent.mkdir(parents=True, exist_ok=True)
-    with FID_CURVE.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["num_samples", "fid"])
-        writer.writerows(curve)
+    write_csv(FID_CURVE, ["num_samples", "fid"], curve)
 
     with tracking.stage_run("evaluate", params.tracking.experiment, resume_run_id=tracking.read_run_id(SAMPLE_RUN_FILE)):
         logged = {k: v for k, v in results.items() if k != "num_samples"}

@@ -11,7 +11,6 @@ resumed run logs into the same MLflow run.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 from diffusion import tracking
 from diffusion.config import Params
 from diffusion.data import load_dataset
+from diffusion.files import write_csv
 from diffusion.gaussian import GaussianDiffusion
 from diffusion.packaged import PackagedDiffusion
 from diffusion.stages.prepare import HELDOUT_SET, TRAIN_SET
@@ -106,8 +106,4 @@ def run(params: Params) -> None:
 def _write_outputs(summary: dict, loss_curve: list[tuple[int, float]]) -> None:
     METRICS.parent.mkdir(parents=True, exist_ok=True)
     METRICS.write_text(json.dumps(summary, indent=2) + "\n")
-    LOSS_CURVE.parent.mkdir(parents=True, exist_ok=True)
-    with LOSS_CURVE.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["step", "loss"])
-        writer.writerows(loss_curve)
+    write_csv(LOSS_CURVE, ["step", "loss"], loss_curve)
