@@ -10,10 +10,14 @@ from scratch (its own checkpoints, DVC cache and MLflow store):
     flow        ``train_sweep(n_trials=1)`` in this process against a real Prefect server
     deployment  ``prefect deployment run 'train-sweep/train-sweep' --watch``, picked up by a process worker
 
-The overhead of a way is its wall time minus ``direct``'s, as a share of
-``direct``'s. For ``flow`` and ``deployment`` the trial's own MLflow run says how
-long the trial took; the rest is per-sweep cost (flow start, study, parent run,
-plots; for ``deployment`` also the worker's pick-up and the flow process's start). The ways run one after another and the order rotates by round, so that
+Each way is timed in wall seconds and in CPU seconds (its processes' user + system
+time, the Prefect server's and worker's included): on a machine shared with other
+jobs, wall time swings with their load and CPU time hardly does. The overhead of a
+way is its time minus ``direct``'s, as a share of ``direct``'s. For ``flow`` and
+``deployment`` the trial's own MLflow run says how long the trial itself took; the
+rest is per-sweep cost (flow start, study, parent run, plots; for ``deployment``
+also the worker's pick-up and the flow process's start). A worker runs many flow
+runs, so its own start is not counted. The ways run one after another and the order rotates by round, so that
 load from other jobs on a shared machine spreads over all of them. The figure for
 each way is the median over rounds.
 
@@ -27,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -121,11 +126,12 @@ def run_cli(repo: Path, ctx: dict) -> None:
 
 
 def run_dvc(repo: Path, ctx: dict) -> None:
-    from flows.sweep import experiment_id, mlflow_client
+    from diffusion import tracking
+    from flows.sweep import mlflow_client
 
     env = env_for(repo)
     client = mlflow_client(env["MLFLOW_TRACKING_URI"])
-    run = client.create_run(experiment_id(client, "diffusion", env["MLFLOW_TRACKING_URI"]), run_name="bench-dvc")
+    run = client.create_run(tracking.experiment_id("diffusion", env["MLFLOW_TRACKING_URI"]), run_name="bench-dvc")
     env["MLFLOW_RUN_ID"] = run.info.run_id
     sh(["dvc", "exp", "run", "--temp", "--name", "bench-dvc"], repo, env)
     client.set_terminated(run.info.run_id)
@@ -137,20 +143,37 @@ def run_flow(repo: Path, ctx: dict) -> None:
 
 
 def run_deployment(repo: Path, ctx: dict) -> None:
+    import psutil
+
     env = env_for(repo, **ctx["prefect_env"])
     prefect = str(BIN / "prefect")
-    sh([prefect, "--no-prompt", "deploy", "--name", "train-sweep"], repo, env)  # untimed below
+    sh([prefect, "--no-prompt", "deploy", "--name", "train-sweep"], repo, env)  # once per deployment: untimed
     worker = subprocess.Popen([prefect, "worker", "start", "--pool", "gpu", "--type", "process", "--limit", "1"],
                               cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                               start_new_session=True)
+    services = [*ctx["services"], psutil.Process(worker.pid)]
     try:
-        time.sleep(5)  # the worker's first poll
-        ctx["clock"] = time.perf_counter()
+        time.sleep(5)  # a worker runs for many flow runs: its start is not the trial's
+        ctx["clock"], ctx["cpu0"] = time.perf_counter(), cpu_seconds(services)
         out = sh([prefect, "deployment", "run", "train-sweep/train-sweep", "--watch", "--watch-interval", "2"], repo, env)
+        ctx["end"] = (time.perf_counter(), cpu_seconds(services))
         if "finished successfully in 'Completed'" not in out.stdout:
             raise RuntimeError(out.stdout[-3000:])
     finally:
         stop(worker)
+
+
+def cpu_seconds(services: list) -> float:
+    """CPU time of every finished child of this process (with theirs), plus the services' so far.
+
+    CPU time, unlike wall time, hardly moves with other jobs' load on a shared machine.
+    """
+    own = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = own.ru_utime + own.ru_stime
+    for proc in services:
+        t = proc.cpu_times()
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
 
 
 def trial_seconds(repo: Path) -> float:
@@ -232,45 +255,54 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-orchestration-"))
     os.environ["PREFECT_HOME"] = str(work / "prefect-home")  # importing prefect (flows) creates it
     server = None
-    times: dict[str, list[float]] = {way: [] for way in args.ways}
-    trials: dict[str, list[float]] = {way: [] for way in ("flow", "deployment")}
+    walls: dict[str, list[float]] = {way: [] for way in args.ways}
+    cpus: dict[str, list[float]] = {way: [] for way in args.ways}
+    trials: dict[str, list[float]] = {way: [] for way in ("flow", "deployment") if way in args.ways}
     try:
         template = template_repo(work / "template", tiny_params(args.steps))
-        ctx: dict = {}
+        ctx: dict = {"services": []}
         if {"flow", "deployment"} & set(args.ways):
             server, ctx["prefect_env"] = prefect_server(work / "prefect-home")
+            import psutil
+
+            ctx["services"] = [psutil.Process(server.pid)]
         for round_ in range(args.rounds):
             order = args.ways[round_ % len(args.ways):] + args.ways[: round_ % len(args.ways)]
             for way in order:
                 repo = fresh(template, work, f"{way}-{round_}")
-                ctx["clock"] = time.perf_counter()
+                # The Prefect server's CPU counts for the ways that use it (it idles through the rest).
+                services = ctx["services"] if way in ("flow", "deployment") else []
+                ctx.update(clock=time.perf_counter(), cpu0=cpu_seconds(services))
                 RUNNERS[way](repo, ctx)
-                times[way].append(time.perf_counter() - ctx["clock"])
+                end, cpu = ctx.pop("end", None) or (time.perf_counter(), cpu_seconds(services))
+                walls[way].append(end - ctx["clock"])
+                cpus[way].append(cpu - ctx["cpu0"])
                 note = ""
-                if way in ("flow", "deployment"):
+                if way in trials:
                     trials[way].append(trial_seconds(repo))
-                    note = f"  (its trial {trials[way][-1]:.1f} s)"
-                print(f"round {round_}: {way:<10} {times[way][-1]:7.1f} s{note}", flush=True)
+                    note = f"  (its trial {trials[way][-1]:.1f} s wall)"
+                print(f"round {round_}: {way:<10} {walls[way][-1]:7.1f} s wall {cpus[way][-1]:7.1f} s CPU{note}"
+                      f"  load {os.getloadavg()[0]:.1f}", flush=True)
                 shutil.rmtree(repo, ignore_errors=True)
     finally:
         if server is not None:
             stop(server)
         shutil.rmtree(work, ignore_errors=True)
 
-    base = statistics.median(times["direct"]) if "direct" in times else None
-    result = {}
-    print(f"\n{'way':<11} {'median s':>9} {'overhead s':>11} {'overhead %':>11}")
-    for way, values in times.items():
-        median = statistics.median(values)
-        over = median - base if base else float("nan")
-        result[way] = {"median_s": round(median, 1), "overhead_s": round(over, 1),
-                       "overhead_pct": round(100 * over / base, 1) if base else None}
-        print(f"{way:<11} {median:9.1f} {over:11.1f} {100 * over / base if base else float('nan'):10.1f}%")
-    for way, values in trials.items():
-        if values:
-            trial = statistics.median(values)
-            result[way]["trial_s"] = round(trial, 1)
-            print(f"{way}: its trial {trial:.1f} s, the rest (per sweep) {result[way]['median_s'] - trial:.1f} s")
+    result: dict[str, dict] = {}
+    base = {kind: statistics.median(series["direct"]) for kind, series in (("wall", walls), ("cpu", cpus))} \
+        if "direct" in walls else None
+    print(f"\n{'way':<11} {'wall s':>8} {'overhead':>9} {'CPU s':>8} {'overhead':>9} {'CPU overhead %':>15}")
+    for way in args.ways:
+        wall, cpu = statistics.median(walls[way]), statistics.median(cpus[way])
+        result[way] = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
+        if base:
+            result[way] |= {"wall_overhead_s": round(wall - base["wall"], 1), "cpu_overhead_s": round(cpu - base["cpu"], 1),
+                            "cpu_overhead_pct": round(100 * (cpu - base["cpu"]) / base["cpu"], 1)}
+            print(f"{way:<11} {wall:8.1f} {wall - base['wall']:9.1f} {cpu:8.1f} {cpu - base['cpu']:9.1f} "
+                  f"{100 * (cpu - base['cpu']) / base['cpu']:14.1f}%")
+        if way in trials:
+            result[way]["trial_wall_s"] = round(statistics.median(trials[way]), 1)
     print(json.dumps({"rounds": args.rounds, "steps": args.steps, "ways": result}))
     return 0
 

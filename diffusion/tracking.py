@@ -28,6 +28,10 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# System metrics (CPU, memory, GPU) every 5 s, each sample logged at once, so short
+# stages show them too; either can be overridden by the environment.
+os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "5")
+os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
 
 RUN_ID_ENV = "MLFLOW_RUN_ID"
 STORE_DIR = "mlflow"
@@ -58,17 +62,19 @@ def _mlflow():
     return mlflow
 
 
-def experiment_id(name: str) -> str:
-    """The experiment, created with its artifacts beside a local SQLite store."""
+def experiment_id(name: str, tracking_uri: str | None = None) -> str:
+    """The experiment (of the store at ``tracking_uri``, default the active one), created
+    with its artifacts beside a local SQLite store."""
     mlflow = _mlflow()
-    exp = mlflow.get_experiment_by_name(name)
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    uri = mlflow.get_tracking_uri()
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location)
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

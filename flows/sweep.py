@@ -42,6 +42,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
+from diffusion import tracking
 from diffusion.config import Params, SearchDim, SweepParams, parse_params
 from flows.commands import apply_overrides, check, command_env, run_command, set_args, tracking_uri
 from flows.pipeline import dvc, stage_order
@@ -136,17 +137,6 @@ def mlflow_client(uri: str):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def experiment_id(client: Any, name: str, uri: str) -> str:
-    """The experiment, created as :func:`diffusion.tracking.experiment_id` does (artifacts beside SQLite)."""
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
 
 
 def open_parent_run(client: Any, exp_id: str, study: Any, cfg: SweepParams) -> str:
@@ -470,7 +460,7 @@ def train_sweep(
 
     uri = tracking_uri(root)
     client = mlflow_client(uri)
-    exp_id = experiment_id(client, params.tracking.experiment, uri)
+    exp_id = tracking.experiment_id(params.tracking.experiment, uri)
     parent = open_parent_run(client, exp_id, study, cfg)
     logger.info(f"study {study_name!r}: {n_trials} trials, {concurrency} at once; MLflow parent run {parent}")
     status = "FAILED"
