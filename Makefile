@@ -15,6 +15,8 @@ export DVC_NO_ANALYTICS := 1
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
+# A worker asks for scheduled flow runs every 2 s, not Prefect's 10 s (5 s of waiting per run on average).
+export PREFECT_WORKER_QUERY_SECONDS ?= 2
 
 .PHONY: help install test pipeline ui bench clean
 
@@ -51,6 +53,7 @@ ui: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e ".[bench]" 2>&1 | $(PIP_QUIET)
 	$(PY) benchmarks/bench_unet.py
+	$(PY) benchmarks/bench_orchestration.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

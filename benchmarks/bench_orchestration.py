@@ -49,7 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 WAYS = ("direct", "cli", "dvc", "flow", "deployment")
 QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1",
-         "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+         "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "2")}  # as the Makefile's
 
 
 def tiny_params(steps: int) -> dict:

@@ -9,6 +9,7 @@ params.yaml and talks to the MLflow model registry (:mod:`diffusion.registry`).
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import sys
 
@@ -55,6 +56,7 @@ def promote(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``diffusion`` console command; the process exits with what it returns."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["promote"]:
         return promote(argv[1:])
@@ -79,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"diffusion {args.stage}: interrupted; run it again to resume", file=sys.stderr)
         return 130
+    finally:
+        # The process ends here. Its final garbage collections walk every object that
+        # torch and MLflow created (1 to 1.4 s a stage, every trial pays three); frozen
+        # objects are skipped, while atexit handlers and file closing still run.
+        gc.freeze()
     return 0
 
 

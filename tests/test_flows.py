@@ -53,11 +53,6 @@ def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_sweep_repo(path: Path, cache: Path, params: dict | None = None) -> Path:
     """The shared pipeline repo plus flows/ and prefect.yaml, on a shared DVC cache."""
     repo = make_pipeline_repo(path, params or SWEEP_PARAMS)
-    # An experiment commit holds only git-tracked files: DVC's uncached metrics must not be
-    # git-ignored, or metrics/evaluate.json is missing from every trial (and `dvc exp show`).
-    ignore = repo / ".gitignore"
-    if ignore.exists():
-        ignore.write_text("".join(l for l in ignore.read_text().splitlines(True) if l.strip() != "/metrics/"))
     shutil.copytree(ROOT / "flows", repo / "flows", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "prefect.yaml", repo / "prefect.yaml")
     run_in(repo, "dvc", "config", "--local", "cache.dir", str(cache))
@@ -66,9 +61,14 @@ def make_sweep_repo(path: Path, cache: Path, params: dict | None = None) -> Path
     return repo
 
 
-def experiment_names(repo: Path) -> set[str]:
+def experiments(repo: Path) -> dict[str, dict]:
+    """``dvc exp show``: each experiment's name -> its metrics files."""
     shown = json.loads(run_in(repo, "dvc", "exp", "show", "--json").stdout)
-    return {rev["name"] for base in shown for exp in base.get("experiments") or [] for rev in exp["revs"]}
+    return {rev["name"]: rev["data"]["metrics"] for base in shown for exp in base.get("experiments") or [] for rev in exp["revs"]}
+
+
+def experiment_names(repo: Path) -> set[str]:
+    return set(experiments(repo))
 
 
 # ---------------------------------------------------------------------------
@@ -257,9 +257,15 @@ def test_trials_are_in_optuna_storage(swept):
 
 
 def test_trials_are_dvc_experiments(swept):
-    names = experiment_names(swept["repo"])
-    assert {f"{STUDY}-0", f"{STUDY}-2", f"{STUDY}-3"} <= names
-    assert f"{STUDY}-1" not in names  # a failed experiment is not saved
+    shown = experiments(swept["repo"])
+    assert {f"{STUDY}-0", f"{STUDY}-2", f"{STUDY}-3"} <= set(shown)
+    assert f"{STUDY}-1" not in shown  # a failed experiment is not saved
+    # Each experiment commit carries its metrics (metrics/ is not git-ignored): the FID
+    # that `dvc exp show` lists is the value Optuna was told.
+    study = _study(swept["repo"])
+    for number in (0, 2, 3):
+        fid = shown[f"{STUDY}-{number}"]["metrics/evaluate.json"]["data"]["fid"]
+        assert fid == pytest.approx(study.trials[number].values[0], rel=1e-12)
 
 
 def test_trials_are_nested_mlflow_runs(swept):

@@ -18,7 +18,8 @@ from PIL import Image
 
 from diffusion import metrics
 from diffusion.config import DataParams
-from diffusion.data import DatasetError, load_source
+from diffusion.data import DatasetError
+from diffusion.sources import load_source
 
 N = 12
 

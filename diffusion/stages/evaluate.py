@@ -18,11 +18,8 @@ from diffusion.config import Params
 from diffusion.data import DatasetError, quote_error
 from diffusion.files import write_csv
 from diffusion.metrics import fid_from_features, inception_features, kid_from_features, load_reference
-from diffusion.stages.prepare import REFERENCE
-from diffusion.stages.sample import SAMPLE_RUN_FILE, SAMPLES
+from diffusion.stages.paths import EVALUATE_METRICS, FID_CURVE, REFERENCE, SAMPLE_RUN, SAMPLES
 
-METRICS = Path("metrics/evaluate.json")
-FID_CURVE = Path("plots/fid_vs_samples.csv")
 CURVE_POINTS = 5
 MIN_CURVE_SAMPLES = 16
 
@@ -55,11 +52,11 @@ def run(params: Params) -> None:
         results["kid"] = kid_from_features(features, reference["features"])
     print("evaluate: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
 
-    METRICS.parent.mkdir(parents=True, exist_ok=True)
-    METRICS.write_text(json.dumps(results, indent=2) + "\n")
+    EVALUATE_METRICS.parent.mkdir(parents=True, exist_ok=True)
+    EVALUATE_METRICS.write_text(json.dumps(results, indent=2) + "\n")
     write_csv(FID_CURVE, ["num_samples", "fid"], curve)
 
-    with tracking.stage_run("evaluate", params.tracking.experiment, resume_run_id=tracking.read_run_id(SAMPLE_RUN_FILE)):
+    with tracking.stage_run("evaluate", params.tracking.experiment, resume_run_id=tracking.read_run_id(SAMPLE_RUN)):
         logged = {k: v for k, v in results.items() if k != "num_samples"}
         tracking.log_metrics(logged)
         for size, value in curve:

@@ -8,16 +8,11 @@ training images, computed once here so evaluate never recomputes them) and
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from diffusion.config import Params
-from diffusion.data import load_source, save_dataset, split, write_manifest
+from diffusion.data import save_dataset, split, write_manifest
 from diffusion.metrics import inception_features, save_reference
-
-TRAIN_SET = Path("data/train.npz")
-HELDOUT_SET = Path("data/heldout.npz")
-REFERENCE = Path("data/reference.npz")
-MANIFEST = Path("data/manifest.json")
+from diffusion.sources import load_source
+from diffusion.stages.paths import HELDOUT_SET, MANIFEST, REFERENCE, TRAIN_SET
 
 
 def run(params: Params) -> None:

@@ -7,22 +7,16 @@ model's run, that the evaluate stage logs FID into.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
-from torchvision.utils import save_image
+from PIL import Image
 
 from diffusion import tracking
 from diffusion.config import Params
 from diffusion.files import atomic_write
 from diffusion.packaged import PackagedDiffusion, to_uint8
-from diffusion.stages.train import MODEL, RUN_FILE
+from diffusion.stages.paths import GRID, MODEL, MODEL_RUN, SAMPLE_RUN, SAMPLES
 from diffusion.train import resolve_device
-
-SAMPLES = Path("samples/samples.npz")
-GRID = Path("samples/grid.png")
-SAMPLE_RUN_FILE = Path("samples/run.json")
 
 
 def generate(packaged: PackagedDiffusion, params: Params, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,10 +48,27 @@ def generate(packaged: PackagedDiffusion, params: Params, device: torch.device) 
     return torch.cat(batches), labels
 
 
+def image_grid(images: torch.Tensor, columns: int, padding: int = 2) -> np.ndarray:
+    """uint8 ``[N, C, H, W]`` -> one uint8 image, ``[rows, cols]`` for C = 1, else ``[rows, cols, 3]``.
+
+    ``columns`` images a row with ``padding`` white pixels around each: the layout of
+    ``torchvision.utils.make_grid(images, nrow=columns, padding=padding, pad_value=1)``,
+    without importing torchvision (1.5 s, paid by every trial's sample stage).
+    """
+    n, c, h, w = images.shape
+    columns = min(columns, n)
+    rows = -(-n // columns)
+    grid = np.full((padding + rows * (h + padding), padding + columns * (w + padding), c), 255, dtype=np.uint8)
+    for i, image in enumerate(images.numpy()):
+        top, left = padding + (i // columns) * (h + padding), padding + (i % columns) * (w + padding)
+        grid[top : top + h, left : left + w] = image.transpose(1, 2, 0)
+    return grid[..., 0] if c == 1 else grid
+
+
 def run(params: Params) -> None:
     device = resolve_device(params.sample.device)
     packaged = PackagedDiffusion.load(MODEL, map_location=device)
-    model_run = tracking.read_run_id(RUN_FILE)
+    model_run = tracking.read_run_id(MODEL_RUN)
     with tracking.stage_run(
         "sample", params.tracking.experiment, parent_run_id=model_run,
         run_name=f"sample-{params.sample.sampler}{params.sample.steps}",
@@ -67,7 +78,7 @@ def run(params: Params) -> None:
         with atomic_write(SAMPLES) as fh:
             np.savez(fh, images=images.numpy(), labels=labels.numpy())
         rows = params.sample.grid_rows
-        grid = images[: rows * rows].float() / 255.0
-        save_image(grid, GRID, nrow=rows, padding=2, pad_value=1.0)
+        with atomic_write(GRID) as fh:
+            Image.fromarray(image_grid(images[: rows * rows], columns=rows)).save(fh, format="png")
         tracking.log_artifact(GRID)
-        tracking.write_run_id(SAMPLE_RUN_FILE, active.info.run_id)
+        tracking.write_run_id(SAMPLE_RUN, active.info.run_id)

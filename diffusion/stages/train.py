@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 from diffusion import tracking
 from diffusion.config import Params
@@ -21,14 +20,9 @@ from diffusion.data import load_dataset
 from diffusion.files import write_csv
 from diffusion.gaussian import GaussianDiffusion
 from diffusion.packaged import PackagedDiffusion
-from diffusion.stages.prepare import HELDOUT_SET, TRAIN_SET
+from diffusion.stages.paths import CHECKPOINTS, HELDOUT_SET, LOSS_CURVE, MODEL, MODEL_RUN, TRAIN_METRICS, TRAIN_SET
 from diffusion.train import train
 
-MODEL = Path("models/model.pt")
-RUN_FILE = Path("models/run.json")
-METRICS = Path("metrics/train.json")
-LOSS_CURVE = Path("plots/train_loss.csv")
-CHECKPOINTS = Path("checkpoints")
 # Params that do not change the trajectory: a checkpoint stays valid when they change.
 RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "bpd_images", "device"}
 
@@ -100,10 +94,10 @@ def run(params: Params) -> None:
         _write_outputs(summary, result.loss_curve)
         if params.tracking.log_model:
             tracking.log_packaged_model(final)
-        tracking.write_run_id(RUN_FILE, run_id)
+        tracking.write_run_id(MODEL_RUN, run_id)
 
 
 def _write_outputs(summary: dict, loss_curve: list[tuple[int, float]]) -> None:
-    METRICS.parent.mkdir(parents=True, exist_ok=True)
-    METRICS.write_text(json.dumps(summary, indent=2) + "\n")
+    TRAIN_METRICS.parent.mkdir(parents=True, exist_ok=True)
+    TRAIN_METRICS.write_text(json.dumps(summary, indent=2) + "\n")
     write_csv(LOSS_CURVE, ["step", "loss"], loss_curve)
