@@ -354,7 +354,8 @@ def train(
                     metrics["lr"] = warmup_lr(step, cfg.lr, cfg.warmup_steps)
                     metrics["img_per_s"] = cfg.batch_size * window_steps / window_s
                     loss_curve.append((step, metrics["loss"]))
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                    # shown at the bar's next refresh: a forced one would ignore TQDM_MININTERVAL
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
                     if log is not None:
                         log(step, metrics)
                     window, window_s, window_steps = [], 0.0, 0

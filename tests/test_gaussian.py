@@ -1,9 +1,6 @@
 """The Gaussian process against independent float64 maths: Bayes' rule, the parameterisations,
-the variational bound of an exact model, the training losses and timestep sampling.
-
-``GaussianData`` (also used by test_samplers.py) is the exact denoiser for data
-x_0 ~ N(mu, s² I): x_t = √ᾱ x_0 + √(1-ᾱ) ε is jointly Gaussian with x_0, so
-E[x_0|x_t] = mu + √ᾱ s²/(ᾱ s² + 1-ᾱ) (x_t - √ᾱ mu) and Var[x_0|x_t] = s²(1-ᾱ)/(ᾱ s² + 1-ᾱ).
+the variational bound of an exact model (``exact_gaussian.GaussianData``), the training
+losses and timestep sampling.
 """
 
 import math
@@ -12,6 +9,7 @@ import mpmath
 import numpy as np
 import pytest
 import torch
+from exact_gaussian import GaussianData, alpha_bar_np
 from torch import nn
 
 from diffusion.config import DiffusionParams
@@ -32,48 +30,6 @@ from diffusion.timestep_sampling import (
 LN2 = math.log(2.0)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-class GaussianData:
-    """The exact model for x_0 ~ N(mu, s² I) under the schedule ``betas`` (the model's own,
-    full-length schedule: it is called with original timesteps).
-
-    Returns the exact ε, x_0 or v; with ``learned=True`` it appends the v of improved DDPM
-    eq. 15 that gives the exact reverse variance Var[x_{t-1}|x_t] = β̃_t + c1_t² Var[x_0|x_t]
-    (c1_t = β_t √ᾱ_{t-1}/(1-ᾱ_t)), which makes the 1-step reverse kernel exact.
-    """
-
-    def __init__(self, betas, mu, s, prediction="eps", learned=False):
-        self.betas = np.asarray(betas, dtype=np.float64)
-        self.alpha_bar = np.cumprod(1.0 - self.betas)
-        self.alpha_bar_prev = np.append(1.0, self.alpha_bar[:-1])
-        self.mu, self.s, self.prediction, self.learned = mu, s, prediction, learned
-        self.calls = []
-
-    def _at(self, values, t, x):
-        return torch.from_numpy(values)[t.cpu()].reshape(-1, *(1,) * (x.ndim - 1))
-
-    def __call__(self, x, t):
-        self.calls.append(t.clone())
-        xd, s2 = x.double(), self.s**2
-        ab = self._at(self.alpha_bar, t, x)
-        x0 = self.mu + ab.sqrt() * s2 / (ab * s2 + 1 - ab) * (xd - ab.sqrt() * self.mu)
-        eps = (xd - ab.sqrt() * x0) / (1 - ab).sqrt()
-        out = {"eps": eps, "x0": x0, "v": ab.sqrt() * eps - (1 - ab).sqrt() * x0}[self.prediction]
-        if self.learned:
-            beta, ab_prev = self._at(self.betas, t, x), self._at(self.alpha_bar_prev, t, x)
-            post = beta * (1 - ab_prev) / (1 - ab)
-            c1 = beta * ab_prev.sqrt() / (1 - ab)
-            var = post + c1**2 * s2 * (1 - ab) / (ab * s2 + 1 - ab)
-            first_post = self.betas[1] * (1 - self.alpha_bar[0]) / (1 - self.alpha_bar[1])
-            min_log = torch.where(ab_prev == 1, math.log(first_post), post.log())
-            frac = (var.log() - min_log) / (beta.log() - min_log)
-            out = torch.cat([out, (2 * frac - 1).expand_as(out)], dim=1)
-        return out.to(x.dtype)
-
-
-def alpha_bar_np(betas):
-    return np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
 
 
 def col(values, t, ndim):

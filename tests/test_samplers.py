@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from test_gaussian import GaussianData, alpha_bar_np
+from exact_gaussian import GaussianData, alpha_bar_np
 
 from diffusion.gaussian import GaussianDiffusion
 from diffusion.samplers import SAMPLERS, ddim_sample, ddpm_sample, sample
