@@ -45,11 +45,13 @@ from pathlib import Path
 
 import yaml
 
+from diffusion.tracking import default_tracking_uri
+from flows.commands import BIN
+from flows.commands import QUIET as COMMAND_QUIET
+
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 WAYS = ("direct", "cli", "dvc", "flow", "deployment")
-QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1",
-         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+QUIET = {**COMMAND_QUIET, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
          "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "2")}  # as the Makefile's
 
 
@@ -69,7 +71,7 @@ def tiny_params(steps: int) -> dict:
 
 def env_for(repo: Path, **extra: str) -> dict[str, str]:
     env = {**os.environ, **QUIET, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{repo / 'mlflow' / 'mlflow.db'}"
+    env["MLFLOW_TRACKING_URI"] = default_tracking_uri(repo)
     env.pop("MLFLOW_RUN_ID", None)
     env.update(extra)
     return env
@@ -181,7 +183,7 @@ def trial_seconds(repo: Path) -> float:
     """How long the sweep's trial ran (its MLflow run): the rest of a flow is per-sweep cost."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{repo / 'mlflow' / 'mlflow.db'}")
+    client = MlflowClient(default_tracking_uri(repo))
     exp = client.get_experiment_by_name("diffusion")
     (run,) = client.search_runs([exp.experiment_id], "tags.`sweep.trial` = '0'")
     return (run.info.end_time - run.info.start_time) / 1000

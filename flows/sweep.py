@@ -279,7 +279,7 @@ def run_trial(number: int, trial: Any, overrides: dict[str, Any], sweep: Sweep, 
         check(outcome, cmd)
         metrics, model_run = read_experiment(sweep.root, name)
         if metrics is None:
-            # metrics/ is git-ignored, so the experiment's commit lacks it: take what evaluate logged.
+            # A repository that git-ignores metrics/ commits experiments without it: take what evaluate logged.
             logger.warning(f"trial {number}: {EVALUATE_METRICS} is not in experiment {name}; using the run's metrics")
             metrics = client.get_run(run_id).data.metrics
         if model_run and model_run != run_id:
