@@ -18,12 +18,13 @@ from typing import Any
 
 import torch
 
+from diffusion.errors import UserError
 from diffusion.files import atomic_write
 
 _CKPT_NAME = re.compile(r"ckpt-(\d+)\.pt")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read; the message is one line naming the file."""
 
 

@@ -1,9 +1,11 @@
-"""The ``diffusion`` command: one sub-command per pipeline stage, and ``promote``.
+"""The ``diffusion`` command: one sub-command per pipeline stage, and the tools in :data:`TOOLS`.
 
 params.yaml is validated first (pydantic and PyYAML only, no torch import), so a
 bad key fails in well under two seconds with one line naming it; only then is the
-stage module imported and run. ``diffusion promote`` is not a stage: it reads no
-params.yaml and talks to the MLflow model registry (:mod:`diffusion.registry`).
+stage module imported and run. A tool (``diffusion promote``) is not a stage: its
+module parses its own arguments (``main(argv)``) and reads no params.yaml. Both tables
+name modules, imported only when their sub-command runs, so a stage's process loads
+what that stage needs and nothing else (dvc.yaml's deps are exactly that, a test checks).
 """
 
 from __future__ import annotations
@@ -19,53 +21,23 @@ STAGES = {
     "sample": "diffusion.stages.sample",
     "evaluate": "diffusion.stages.evaluate",
 }
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's input, not our bug: print one line, no traceback."""
-    from diffusion.checkpoint import CheckpointError
-    from diffusion.config import ConfigError
-    from diffusion.data import DatasetError
-    from diffusion.metrics import MetricsError
-    from diffusion.train import NonFiniteLossError
-
-    return (ConfigError, CheckpointError, DatasetError, MetricsError, NonFiniteLossError)
-
-
-def promote(argv: list[str]) -> int:
-    """``diffusion promote``: the best run's model (or ``--run-id``'s) becomes challenger, maybe champion."""
-    parser = argparse.ArgumentParser(
-        prog="diffusion promote",
-        description="Register a run's model as 'challenger'; move 'champion' to it only if its FID is lower.",
-    )
-    parser.add_argument("--name", default="diffusion", help="registered model name (default: diffusion)")
-    parser.add_argument("--run-id", help="the run whose FID and model to promote (default: the lowest FID)")
-    parser.add_argument("--study", help="pick the best trial of this sweep (an Optuna study name)")
-    parser.add_argument("--experiment", default="diffusion", help="MLflow experiment to search (default: diffusion)")
-    args = parser.parse_args(argv)
-
-    from diffusion import registry
-
-    try:
-        result = registry.promote(args.name, run_id=args.run_id, study=args.study, experiment=args.experiment)
-    except registry.RegistryError as err:
-        print(f"diffusion promote: error: {err}", file=sys.stderr)
-        return 1
-    print(result.message)
-    return 0
+TOOLS = {
+    "promote": "diffusion.promote",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     """The ``diffusion`` console command; the process exits with what it returns."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["promote"]:
-        return promote(argv[1:])
+    if argv[:1] and argv[0] in TOOLS:
+        return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
     parser = argparse.ArgumentParser(prog="diffusion", description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=list(STAGES), help="pipeline stage to run (or: promote, see `diffusion promote -h`)")
+    parser.add_argument("stage", choices=list(STAGES), help=f"pipeline stage to run (or a tool: {', '.join(TOOLS)}; see `diffusion <tool> -h`)")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
 
     from diffusion.config import ConfigError, load_params
+    from diffusion.errors import UserError
 
     try:
         params = load_params(args.params)
@@ -75,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     stage = importlib.import_module(STAGES[args.stage])
     try:
         stage.run(params)
-    except _user_errors() as err:
+    except UserError as err:
         print(f"diffusion {args.stage}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

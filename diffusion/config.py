@@ -16,12 +16,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from diffusion.errors import UserError
 from diffusion.model_configs import OVERRIDABLE, UNET_CONFIGS, downsampling_factor
 
 Device = Literal["auto", "cpu", "cuda"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A params file that cannot be run; the message is one line naming the key."""
 
 
@@ -71,6 +72,8 @@ class TrainParams(_Section):
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(50, ge=1)
     bpd_images: int = Field(64, ge=0)
+    val_every: int = Field(50, ge=1)
+    val_images: int = Field(128, ge=0)
 
 
 class SampleParams(_Section):

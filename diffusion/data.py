@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from diffusion.errors import UserError
 from diffusion.files import atomic_write
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ DATASET_ARRAYS = ("images", "labels", "class_names", "meta")
 MANIFEST_KEYS = ("source", "root", "image_size", "channels", "seed", "class_names", "counts", "sha256")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A data source or dataset file that cannot be used; one line naming the key or file."""
 
 

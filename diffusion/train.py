@@ -28,9 +28,10 @@ CPU, N steps + resume + M steps equals N + M straight steps bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,7 +49,10 @@ from diffusion.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from diffusion.devices import autocast, resolve_device, resolve_precision
 from diffusion.ema import EMA
+from diffusion.errors import UserError
+from diffusion.reference_loss import reference_loss
 from diffusion.timestep_sampling import make_timestep_sampler
 
 if TYPE_CHECKING:
@@ -67,7 +71,7 @@ LOGGED_TERMS = ("loss", "mse", "vb")
 LogFn = Callable[[int, dict[str, float]], None]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss or gradient went NaN/inf; the message names the step and last good checkpoint."""
 
 
@@ -81,46 +85,14 @@ class TrainResult:
     """(step, mean loss of the window ending there) at every log point."""
     bpd: float | None
     """Held-out bits/dim of the EMA model, or None when no held-out images were given."""
+    val_curve: list[tuple[int, float]]
+    """(step, :func:`~diffusion.reference_loss.reference_loss` of the EMA model) every ``val_every`` steps."""
     img_per_s: float | None
     """Training throughput of this call (None when no step was left to run)."""
     checkpoint: Path
     """The newest checkpoint file."""
     ema_model: nn.Module
     """The EMA network (eval mode, on the training device): the one to sample from."""
-
-
-# ---------------------------------------------------------------- device & precision
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> the current CUDA device if there is one, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("device: 'cuda' was asked for but CUDA is not available")
-        return torch.device("cuda", torch.cuda.current_device())
-    if name == "cpu":
-        return torch.device("cpu")
-    raise ValueError(f"device: got {name!r}; allowed 'auto', 'cpu', 'cuda'")
-
-
-_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype: ``"auto"`` is bf16 on a CUDA device that supports it, else fp32."""
-    if name == "auto":
-        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16_ok else torch.float32
-    if name not in _PRECISIONS:
-        raise ValueError(f"precision: got {name!r}; allowed 'auto', {', '.join(map(repr, _PRECISIONS))}")
-    return _PRECISIONS[name]
-
-
-def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
-    """Mixed precision for ``dtype`` on ``device``; a no-op for fp32."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 # ---------------------------------------------------------------- schedule & data
@@ -167,10 +139,21 @@ def draw_batch(
     return x, y
 
 
-def _seeds(seed: int) -> tuple[int, int]:
-    """Two independent seeds from ``seed``: the data generator's and torch's global RNG."""
-    data_seed, torch_seed = np.random.SeedSequence(seed).generate_state(2)
-    return int(data_seed), int(torch_seed)
+def _seeds(seed: int) -> tuple[int, int, int]:
+    """Three independent seeds from ``seed``: the data generator's, torch's global RNG
+    (dropout) and the network's initialisation."""
+    data_seed, torch_seed, init_seed = np.random.SeedSequence(seed).generate_state(3)
+    return int(data_seed), int(torch_seed), int(init_seed)
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """Build the network inside this block: its initial weights then come from ``seed``
+    (``train.seed``) alone, so seed replicates start from different weights and one
+    seed always from the same. The caller's RNG stream is left untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_seeds(seed)[2])
+        yield
 
 
 def _check_data(images: torch.Tensor, labels: torch.Tensor | None, class_conditional: bool) -> None:
@@ -225,7 +208,7 @@ class _Trainer:
         self.null_class = _null_class(model, labels) if class_conditional else None
         self.images = images.to(self.device)
         self.labels = labels.to(self.device) if class_conditional else None
-        data_seed, self.torch_seed = _seeds(cfg.seed)
+        data_seed, self.torch_seed, _ = _seeds(cfg.seed)
         self.generator = torch.Generator().manual_seed(data_seed)
 
     def step(self, step: int, last_good: Path | None) -> dict[str, float]:
@@ -321,7 +304,10 @@ def train(
     depend on where runs were stopped and resumed, so neither does the loss
     curve. The final loss is that of the last full window (of the steps so far
     when there are fewer than ``log_every``). If ``heldout_images`` (uint8) are
-    given, the EMA model's bits/dim on the first ``cfg.bpd_images`` of them is
+    given, the EMA model's :func:`~diffusion.reference_loss.reference_loss` on the
+    first ``cfg.val_images`` of them is logged as ``val_loss`` at every multiple of
+    ``cfg.val_every`` (it draws no random number of the run, so the trajectory is the
+    same with or without it), and its bits/dim on the first ``cfg.bpd_images`` is
     returned (:func:`heldout_bpd`).
     """
     _check_data(images, labels, class_conditional)
@@ -330,12 +316,14 @@ def train(
     rng_devices = [run.device.index] if run.device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(run.torch_seed)
-        step, loss_curve, window = 0, [], []
+        step, loss_curve, val_curve, window = 0, [], [], []
+        val_images = heldout_images[: cfg.val_images] if heldout_images is not None and cfg.val_images else None
         last_ckpt = latest_checkpoint(checkpoint_dir)
         if last_ckpt is not None:
             state = load_checkpoint(last_ckpt)
             run.load_state_dict(state, last_ckpt)
             step, loss_curve, window = state["step"], state["loss_curve"], state["log_window"]
+            val_curve = state["val_curve"]
             print(f"train: resuming from {last_ckpt} at step {step}", flush=True)
 
         timed_s, timed_steps, window_s, window_steps = 0.0, 0, 0.0, 0
@@ -360,8 +348,13 @@ def train(
                         log(step, metrics)
                     window, window_s, window_steps = [], 0.0, 0
 
+                if val_images is not None and step % cfg.val_every == 0:
+                    val_curve.append((step, reference_loss(run.ema.model, diffusion, val_images, seed=cfg.seed)))
+                    if log is not None:
+                        log(step, {"val_loss": val_curve[-1][1]})
+
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                    state = run.state_dict() | {"step": step, "loss_curve": loss_curve, "log_window": window}
+                    state = run.state_dict() | {"step": step, "loss_curve": loss_curve, "val_curve": val_curve, "log_window": window}
                     last_ckpt = save_checkpoint(checkpoint_path(checkpoint_dir, step), state)
                     prune_checkpoints(checkpoint_dir, KEEP_CHECKPOINTS)
 
@@ -376,6 +369,7 @@ def train(
         step=step,
         loss=loss_curve[-1][1] if loss_curve else sum(s["loss"] for s in window) / len(window),
         loss_curve=loss_curve,
+        val_curve=val_curve,
         bpd=bpd,
         img_per_s=cfg.batch_size * timed_steps / timed_s if timed_steps else None,
         checkpoint=last_ckpt,

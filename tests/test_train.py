@@ -10,15 +10,9 @@ from diffusion.config import TrainParams
 from diffusion.gaussian import GaussianDiffusion
 from diffusion.models import create_model
 from diffusion.schedules import make_betas
-from diffusion.train import (
-    NonFiniteLossError,
-    draw_batch,
-    heldout_bpd,
-    resolve_device,
-    resolve_precision,
-    train,
-    warmup_lr,
-)
+from diffusion.devices import resolve_device, resolve_precision
+from diffusion.reference_loss import reference_loss
+from diffusion.train import NonFiniteLossError, draw_batch, heldout_bpd, seeded_init, train, warmup_lr
 
 T = 20
 SIZE = 8
@@ -256,6 +250,7 @@ def test_loss_falls_on_a_learnable_dataset(tmp_path):
     first, last = result.loss_curve[0][1], result.loss_curve[-1][1]
     assert last < 0.3 * first, result.loss_curve  # about 0.18 of it with seeds 7-9
     assert result.loss == last
+    logs = [(step, m) for step, m in logs if "loss" in m]  # val_loss has its own log points
     assert [s for s, _ in logs] == list(range(10, 61, 10))
     assert set(logs[0][1]) == {"loss", "mse", "grad_norm", "lr", "img_per_s"}
     assert logs[0][1]["lr"] == pytest.approx(2e-3)  # warm-up over after 4 steps
@@ -275,3 +270,42 @@ def test_bf16_channels_last_smoke(tmp_path, data):
     assert model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert [m["lr"] for m in logs] == pytest.approx([warmup_lr(1, 1e-3, 4), warmup_lr(2, 1e-3, 4)])
     assert all(math.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in logs)
+
+
+def test_reference_loss_is_logged_falls_and_leaves_the_trajectory_alone(tmp_path):
+    """val_loss every val_every steps, on the EMA model; training with it equals training without it."""
+    pattern = torch.zeros(1, SIZE, SIZE, dtype=torch.uint8)
+    pattern[:, :, SIZE // 2 :] = 255
+    images = pattern.expand(16, -1, -1, -1).clone()
+    cfg = _cfg(steps=60, batch_size=8, lr=2e-3, log_every=10, checkpoint_every=60, bpd_images=0, val_every=20, val_images=8)
+    logs = []
+    result = train(
+        _model(dropout=0.0), _diffusion(), images, None, cfg, checkpoint_dir=tmp_path / "a",
+        heldout_images=images[:8], log=lambda step, m: logs.append((step, m)), progress=False,
+    )
+    val = [(step, m["val_loss"]) for step, m in logs if "val_loss" in m]
+    assert [step for step, _ in val] == [20, 40, 60] and result.val_curve == val
+    assert val[-1][1] < 0.5 * val[0][1], val
+    assert val[-1][1] == reference_loss(result.ema_model, _diffusion(), images[:8], seed=cfg.seed)
+    without = train(
+        _model(dropout=0.0), _diffusion(), images, None, cfg.model_copy(update={"val_images": 0}),
+        checkpoint_dir=tmp_path / "b", heldout_images=images[:8], progress=False,
+    )
+    assert without.val_curve == []
+    for a, b in zip(result.ema_model.state_dict().values(), without.ema_model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_seeded_init_gives_each_seed_its_own_weights():
+    def weights(seed):
+        with seeded_init(seed):
+            model = create_model("unet-tiny", in_channels=1, image_size=SIZE)
+        return torch.cat([p.flatten() for p in model.parameters()])
+
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    first = weights(0)
+    assert torch.equal(torch.rand(3), before)  # the caller's RNG stream is untouched
+    assert torch.equal(first, weights(0))
+    assert not torch.equal(first, weights(1))

@@ -16,7 +16,7 @@ from diffusion.config import Params
 from diffusion.files import atomic_write
 from diffusion.packaged import PackagedDiffusion, to_uint8
 from diffusion.stages.paths import GRID, MODEL, MODEL_RUN, SAMPLE_RUN, SAMPLES
-from diffusion.train import resolve_device
+from diffusion.devices import resolve_device
 
 
 def generate(packaged: PackagedDiffusion, params: Params, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
