@@ -5,6 +5,9 @@ SHELL := bash
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Every recipe, and every command DVC or Prefect starts from one, finds the venv's
+# commands (`diffusion`, `dvc`, `prefect`, `mlflow`) without an activated venv.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 STAMP := $(VENV)/.installed
 # pip notes every extra-index folder it skips; those lines are noise, not errors.
 # Only grep's own status (1 when it prints nothing) is ignored; pip's failure fails the pipe.
@@ -23,7 +26,7 @@ export PREFECT_WORKER_QUERY_SECONDS ?= 2
 help:
 	@echo "make pipeline  - set up .venv when missing, then run the DVC pipeline (dvc repro)"
 	@echo "make test      - set up .venv when missing, then run the test suite"
-	@echo "make ui        - MLflow UI on http://localhost:5000 over the local store in mlflow/"
+	@echo "make ui        - MLflow UI on http://localhost:5000 (UI_PORT=...) over the local store in mlflow/"
 	@echo "make bench     - benchmarks/ side by side with their peers (writes nothing; see BENCHMARKS.md)"
 	@echo "make services  - Prefect server (http://127.0.0.1:4200) and MLflow server (mlflow/server.env); Ctrl-C stops both"
 	@echo "make worker    - a Prefect process worker on pool gpu; GPU=<index> picks CUDA_VISIBLE_DEVICES"
@@ -47,8 +50,10 @@ test: $(STAMP)
 pipeline: $(STAMP)
 	$(VENV)/bin/dvc repro
 
+UI_PORT ?= 5000
+
 ui: $(STAMP)
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db --default-artifact-root ./mlflow/artifacts --host 127.0.0.1 --port 5000
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db --default-artifact-root ./mlflow/artifacts --host 127.0.0.1 --port $(UI_PORT)
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e ".[bench]" 2>&1 | $(PIP_QUIET)

@@ -1,4 +1,5 @@
-"""Atomic file writes: a killed writer leaves the old file or the new one, never a torn one."""
+"""Atomic file writes (a killed writer leaves the old file or the new one, never a torn
+one) and exclusive locks on files (released by the kernel when their holder dies)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import csv
 import io
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TextIO
 
 
 @contextlib.contextmanager
@@ -50,3 +51,33 @@ def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence])
     writer.writerows(rows)
     with atomic_write(path) as fh:
         fh.write(text.getvalue().encode())
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, *, on_wait: Callable[[str], None] | None = None) -> Iterator[TextIO]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the ``with`` block.
+
+    Another holder makes this wait; ``on_wait(holder)`` is called once first, with
+    what the holder wrote into the file (its pid). The kernel drops the lock when the
+    holder's process ends, however it ends, so a killed holder never blocks anyone.
+    """
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                fh.seek(0)
+                on_wait(fh.read().strip() or "unknown")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}\n")
+        fh.flush()
+        try:
+            yield fh
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -139,3 +139,30 @@ def test_missing_or_corrupt_dataset_gets_a_clear_error_and_keeps_outputs(pipelin
     )
     assert (pipeline_repo / "data/heldout.npz").exists()
     assert np.load(pipeline_repo / "data/reference.npz")["features"].shape == (48, 2048)
+
+
+def test_killed_temp_experiment_resumes_when_retried(tmp_path: Path):
+    """`dvc exp run --temp` (a sweep trial, train-pipeline with params) trains in a copy that DVC
+    removes; its checkpoints live in the repository's checkpoints/, so a retry resumes."""
+    params = json.loads(json.dumps(TINY_PARAMS))
+    params["train"].update(steps=200, checkpoint_every=10, bpd_images=0)
+    repo = make_pipeline_repo(tmp_path / "repo", params)
+    cmd = ["dvc", "exp", "run", "--temp", "--name", "retried", "-S", "train.warmup_steps=6"]
+    proc = subprocess.Popen(cmd, cwd=repo, env=pipeline_env(repo), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if any(int(p.stem.split("-")[1]) >= 20 for p in (repo / "checkpoints").glob("*/ckpt-*.pt")):
+                break
+            assert proc.poll() is None, f"{' '.join(cmd)} exited ({proc.returncode}) before its checkpoint at step 20"
+            time.sleep(0.5)
+        else:
+            pytest.fail("no checkpoint at step 20 in the repository's checkpoints/ within 300 s")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    stopped_at = max(int(p.stem.split("-")[1]) for p in (repo / "checkpoints").glob("*/ckpt-*.pt"))
+    out = run_in(repo, *cmd[:4], "--name", "retried-again", *cmd[-2:])
+    assert f"at step {stopped_at}" in out.stdout
+    assert json.loads(run_in(repo, "dvc", "exp", "show", "--json").stdout)  # the experiment is listed

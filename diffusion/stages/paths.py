@@ -5,6 +5,7 @@ than in the stage that writes them so that importing one stage does not import
 another's libraries (prepare's torchvision datasets and clean-fid, for one).
 """
 
+import os
 from pathlib import Path
 
 # prepare
@@ -17,7 +18,7 @@ MODEL = Path("models/model.pt")
 MODEL_RUN = Path("models/run.json")  # the MLflow run that trained the model
 TRAIN_METRICS = Path("metrics/train.json")
 LOSS_CURVE = Path("plots/train_loss.csv")
-CHECKPOINTS = Path("checkpoints")  # not a DVC out: resume state, one folder per config
+VAL_CURVE = Path("plots/val_loss.csv")
 # sample
 SAMPLES = Path("samples/samples.npz")
 GRID = Path("samples/grid.png")
@@ -25,3 +26,11 @@ SAMPLE_RUN = Path("samples/run.json")  # the nested sample run that evaluate log
 # evaluate
 EVALUATE_METRICS = Path("metrics/evaluate.json")
 FID_CURVE = Path("plots/fid_vs_samples.csv")
+
+
+def checkpoints_dir() -> Path:
+    """Resume state, not a DVC out: ``checkpoints/`` (one folder per config) of the
+    repository DVC runs in. DVC sets ``DVC_ROOT`` to it, also for a ``dvc exp run
+    --temp`` copy, so a killed and retried experiment finds its checkpoints after DVC
+    removed the copy; outside DVC, the working directory's."""
+    return Path(os.environ.get("DVC_ROOT") or ".") / "checkpoints"

@@ -2,11 +2,16 @@
 
 Outputs: ``models/model.pt`` (the EMA network and its configs, see
 :mod:`diffusion.packaged`), ``models/run.json`` (the MLflow run that trained it),
-``metrics/train.json`` and ``plots/train_loss.csv``. Checkpoints live in
-``checkpoints/<key>/``, where the key hashes the dataset and every param that
-changes the trajectory (not ``steps``: raising it continues a finished run), so a
-killed run resumes where it stopped, a changed config starts afresh, and the
-resumed run logs into the same MLflow run.
+``metrics/train.json``, ``plots/train_loss.csv`` and ``plots/val_loss.csv`` (the
+reference loss that compares across configs, :mod:`diffusion.reference_loss`).
+Checkpoints live in ``checkpoints/<key>/`` of the repository DVC runs in
+(:func:`~diffusion.stages.paths.checkpoints_dir`, outside a ``dvc exp run --temp``
+copy), where the key hashes the dataset and every param that changes the trajectory
+(not ``steps``: raising it continues a finished run). So a killed run, or a retried
+experiment, resumes where it stopped, a changed config starts afresh, and the resumed
+run logs into the same MLflow run. One training of a key runs at a time (a lock in its
+folder): a second one, say a concurrent sweep trial with the same training params,
+waits and then resumes from the finished checkpoint.
 """
 
 from __future__ import annotations
@@ -17,14 +22,16 @@ import json
 from diffusion import tracking
 from diffusion.config import Params
 from diffusion.data import load_dataset
-from diffusion.files import write_csv
+from diffusion.files import exclusive_lock, write_csv
 from diffusion.gaussian import GaussianDiffusion
 from diffusion.packaged import PackagedDiffusion
-from diffusion.stages.paths import CHECKPOINTS, HELDOUT_SET, LOSS_CURVE, MODEL, MODEL_RUN, TRAIN_METRICS, TRAIN_SET
-from diffusion.train import train
+from diffusion.stages.paths import (
+    HELDOUT_SET, LOSS_CURVE, MODEL, MODEL_RUN, TRAIN_METRICS, TRAIN_SET, VAL_CURVE, checkpoints_dir,
+)
+from diffusion.train import seeded_init, train
 
 # Params that do not change the trajectory: a checkpoint stays valid when they change.
-RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "bpd_images", "device"}
+RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "bpd_images", "val_every", "val_images", "device"}
 
 
 def checkpoint_key(params: Params, data_md5: str) -> str:
@@ -54,12 +61,20 @@ def run(params: Params) -> None:
     heldout = load_dataset(HELDOUT_SET)
     _, channels, height, _ = dataset.images.shape
     spec = model_spec(params, channels, height, len(dataset.class_names))
-    packaged = PackagedDiffusion(spec, params.diffusion.model_dump())
-    diffusion: GaussianDiffusion = packaged.diffusion
+    with seeded_init(params.train.seed):
+        packaged = PackagedDiffusion(spec, params.diffusion.model_dump())
+    ckpt_dir = checkpoints_dir() / checkpoint_key(params, tracking.file_md5(TRAIN_SET))
 
-    data_md5 = tracking.file_md5(TRAIN_SET)
-    ckpt_dir = CHECKPOINTS / checkpoint_key(params, data_md5)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    def waiting(holder: str) -> None:
+        print(f"train: {ckpt_dir} is in use by another training ({holder}); waiting for it", flush=True)
+
+    with exclusive_lock(ckpt_dir / ".lock", on_wait=waiting):
+        _train(params, packaged, dataset, heldout, ckpt_dir)
+
+
+def _train(params: Params, packaged: PackagedDiffusion, dataset, heldout, ckpt_dir) -> None:
+    spec = packaged.model_spec
+    diffusion: GaussianDiffusion = packaged.diffusion
     resume_run = tracking.read_run_id(ckpt_dir / "run.json")
 
     with tracking.stage_run(
@@ -88,16 +103,21 @@ def run(params: Params) -> None:
         ema_net = result.ema_model
         final = PackagedDiffusion(spec, params.diffusion.model_dump(), net=ema_net)
         final.save(MODEL)
-        summary = {"step": result.step, "loss": result.loss, "img_per_s": result.img_per_s, "bpd": result.bpd}
+        val_loss = result.val_curve[-1][1] if result.val_curve else None
+        summary = {
+            "step": result.step, "loss": result.loss, "val_loss": val_loss, "img_per_s": result.img_per_s,
+            "bpd": result.bpd,
+        }
         summary = {k: v for k, v in summary.items() if v is not None}
         tracking.log_metrics({f"final_{k}": v for k, v in summary.items() if k != "step"})
-        _write_outputs(summary, result.loss_curve)
+        _write_outputs(summary, result.loss_curve, result.val_curve)
         if params.tracking.log_model:
             tracking.log_packaged_model(final)
         tracking.write_run_id(MODEL_RUN, run_id)
 
 
-def _write_outputs(summary: dict, loss_curve: list[tuple[int, float]]) -> None:
+def _write_outputs(summary: dict, loss_curve: list[tuple[int, float]], val_curve: list[tuple[int, float]]) -> None:
     TRAIN_METRICS.parent.mkdir(parents=True, exist_ok=True)
     TRAIN_METRICS.write_text(json.dumps(summary, indent=2) + "\n")
     write_csv(LOSS_CURVE, ["step", "loss"], loss_curve)
+    write_csv(VAL_CURVE, ["step", "val_loss"], val_curve)

@@ -1,0 +1,63 @@
+"""A held-out loss that compares across noise schedules, parameterisations and losses.
+
+The training loss of a run is on its own scale: ε-MSE under a linear schedule, v-MSE,
+or the hybrid loss are not comparable numbers, so neither a pruner nor a person can
+rank runs of a sweep by them. :func:`reference_loss` scores any model the same way:
+L_simple (Ho et al. 2020, eq. 14), the ε-prediction error, at fixed noise levels of
+one reference process, the cosine schedule at T=1000 (Nichol & Dhariwal 2021, eq. 17),
+on fixed held-out images and fixed noise. Each model is asked at its own timestep
+whose log-SNR is nearest to the reference level, and its output, whatever it
+predicts, is turned into ε̂ by the model's own process.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from diffusion.gaussian import GaussianDiffusion
+from diffusion.schedules import cosine_betas
+
+REFERENCE_TIMESTEPS = 1000
+LEVELS = 16
+"""Noise levels: the midpoints of 16 equal slices of the reference's timesteps (log-SNR 5.6 to -6.1)."""
+
+
+def reference_log_snr(levels: int = LEVELS) -> np.ndarray:
+    """log(ᾱ/(1-ᾱ)) of the cosine schedule (T=1000) at the midpoints of ``levels`` equal slices."""
+    alpha_bar = np.cumprod(1.0 - cosine_betas(REFERENCE_TIMESTEPS))
+    index = ((np.arange(levels) + 0.5) * REFERENCE_TIMESTEPS / levels).astype(int)
+    return np.log(alpha_bar[index] / (1.0 - alpha_bar[index]))
+
+
+def nearest_timesteps(diffusion: GaussianDiffusion, log_snr: np.ndarray) -> np.ndarray:
+    """The index t of ``diffusion`` whose log-SNR is nearest to each of ``log_snr``."""
+    ab = diffusion.alphas_cumprod
+    own = np.log(ab / np.maximum(1.0 - ab, 1e-300))
+    return np.abs(own[None, :] - log_snr[:, None]).argmin(axis=1)
+
+
+@torch.no_grad()
+def reference_loss(model: nn.Module, diffusion: GaussianDiffusion, images: torch.Tensor, *, seed: int = 0) -> float:
+    """Mean ε-MSE of ``model`` on uint8 ``images`` [N, C, H, W], image i at reference level i mod :data:`LEVELS`.
+
+    The noise comes from ``seed`` alone, so two calls on the same model give the same
+    number, and two models see the same x_0, ε and levels. The model is called
+    without labels (a class-conditional model with its null class).
+    """
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    x0 = (images.float() / 127.5 - 1.0).to(device)
+    noise = torch.randn(x0.shape, generator=generator).to(device)
+    levels = nearest_timesteps(diffusion, reference_log_snr())
+    t = torch.as_tensor(levels[np.arange(len(images)) % LEVELS], device=device)
+    x_t = diffusion.q_sample(x0, t, noise)
+    was_training = model.training
+    model.eval()
+    try:
+        output = model(x_t, diffusion.timestep_map.to(device)[t])
+    finally:
+        model.train(was_training)
+    _, eps = diffusion.x0_eps_from_output(output[:, : x0.shape[1]], x_t, t)
+    return float(((eps.float() - noise) ** 2).mean())
