@@ -5,6 +5,9 @@ once) and every formula of DDPM (Ho et al. 2020) and improved DDPM (Nichol &
 Dhariwal 2021) that acts on it; :func:`gather` is the one place a per-timestep
 quantity becomes a tensor. Timestep index ``t`` runs over 0..T-1 (the papers' 1..T).
 
+The options (:class:`Prediction`, :class:`Variance`, :class:`Loss`) and the rules that
+combine them live in :mod:`diffusion.process_options`, shared with the config.
+
 The model is always called as ``model(x_t, timestep_map[t], **model_kwargs)``: a
 respaced process (:meth:`GaussianDiffusion.respace`) hands the model the timestep it
 was trained on.
@@ -12,7 +15,6 @@ was trained on.
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,44 +23,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from diffusion.process_options import Loss, Prediction, Variance, check_combination, parse
 from diffusion.schedules import make_betas, respace_betas
 
 Model = Callable[..., torch.Tensor]
 
 HYBRID_LAMBDA = 1e-3
 """λ of L_hybrid = L_simple + λ L_vlb (improved DDPM §3.1)."""
-
-
-class Prediction(str, enum.Enum):
-    """What the network outputs (its first C channels)."""
-
-    EPS = "eps"  # the noise ε (DDPM eq. 11)
-    X0 = "x0"  # the clean image x_0
-    V = "v"  # v = √ᾱ ε - √(1-ᾱ) x_0 (Salimans & Ho 2022, §4)
-
-
-class Variance(str, enum.Enum):
-    """The reverse-process variance Σ_θ(x_t, t)."""
-
-    FIXED_SMALL = "fixed_small"  # β̃_t, the posterior variance (DDPM §3.2)
-    FIXED_LARGE = "fixed_large"  # β_t (DDPM §3.2)
-    LEARNED_RANGE = "learned_range"  # exp(v log β_t + (1-v) log β̃_t) (improved DDPM eq. 15)
-
-
-class Loss(str, enum.Enum):
-    """The training objective."""
-
-    MSE = "mse"  # L_simple (DDPM eq. 14), on the chosen prediction
-    HYBRID = "hybrid"  # L_simple + λ L_vlb, the mean detached in L_vlb (improved DDPM §3.1)
-    KL = "kl"  # L_vlb alone (improved DDPM eq. 4-5)
-
-
-def _choice(kind: type[enum.Enum], value: Any, name: str) -> Any:
-    try:
-        return kind(value)
-    except ValueError:
-        allowed = ", ".join(repr(m.value) for m in kind)
-        raise ValueError(f"{name}: got {value!r}; allowed: {allowed}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -121,9 +92,9 @@ class GaussianDiffusion:
     """Forward process q(x_t | x_0) and reverse process p_θ(x_{t-1} | x_t) over a β schedule.
 
     ``prediction`` (:class:`Prediction`), ``variance`` (:class:`Variance`) and ``loss``
-    (:class:`Loss`) are checked here, once: a learned variance needs the ``hybrid`` or
-    ``kl`` loss and a fixed one the ``mse`` loss. ``timestep_map[t]`` is the model's
-    timestep for index ``t`` (the identity unless respaced).
+    (:class:`Loss`) are checked by :func:`~diffusion.process_options.check_combination`,
+    the rule params.yaml is validated with. ``timestep_map[t]`` is the model's timestep
+    for index ``t`` (the identity unless respaced).
     """
 
     # prediction -> (pred_x0, pred_eps) from the model's first C channels
@@ -155,17 +126,9 @@ class GaussianDiffusion:
         loss: str = "mse",
         timestep_map: Sequence[int] | torch.Tensor | None = None,
     ):
-        self.prediction = _choice(Prediction, prediction, "prediction")
-        self.variance = _choice(Variance, variance, "variance")
-        self.loss = _choice(Loss, loss, "loss")
-        learned = self.variance is Variance.LEARNED_RANGE
-        if learned and self.loss is Loss.MSE:
-            raise ValueError("loss: 'mse' does not train a learned variance; use 'hybrid' or 'kl' with 'learned_range'")
-        if not learned and self.loss is not Loss.MSE:
-            raise ValueError(
-                f"loss: {self.loss.value!r} trains a learned variance; use variance 'learned_range' or loss 'mse'"
-            )
-
+        self.prediction = parse(Prediction, prediction, "prediction")
+        self.variance = parse(Variance, variance, "variance")
+        self.loss = parse(Loss, loss, "loss")
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or len(betas) == 0 or np.any(betas <= 0) or np.any(betas > 1):
             raise ValueError("betas: need a non-empty 1-D array with 0 < β <= 1")
@@ -180,10 +143,7 @@ class GaussianDiffusion:
         alphas = 1.0 - betas
         self.alphas_cumprod = np.cumprod(alphas)
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
-        if self.prediction is Prediction.EPS and self.alphas_cumprod[-1] == 0:
-            raise ValueError(
-                "prediction: 'eps' cannot recover x0 when the last ᾱ is 0 (zero terminal SNR); use 'v' or 'x0'"
-            )
+        check_combination(self.prediction, self.variance, self.loss, zero_terminal_snr=self.alphas_cumprod[-1] == 0)
         self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(self.one_minus_alphas_cumprod)

@@ -8,8 +8,9 @@ Every sampler in :data:`SAMPLERS` is (k-diffusion style)::
 It walks ``diffusion``'s timesteps from the last to 0 (respace the diffusion for fewer
 steps), draws all noise from ``generator``, and calls ``callback`` (if given) once per
 step, before the update, with dict(i, t, x, pred_x0): the step number, the model's
-timestep, the current x_t and the model's x̂_0. Adding a sampler is one function and
-one table entry; a guided model is a model wrapper.
+timestep, the current x_t and the model's x̂_0. Adding a sampler is one function here
+and one row of :data:`diffusion.sampler_table.SAMPLERS` (its name, this function's
+name, its network evaluations); a guided model is a model wrapper.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from diffusion import sampler_table
 from diffusion.gaussian import GaussianDiffusion, gather
 from diffusion.schedules import space_timesteps
 
@@ -114,7 +116,10 @@ def ddim_sample(
     return x
 
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddpm": ddpm_sample, "ddim": ddim_sample}
+# name -> the function sampler_table names for it (the names and costs live there, torch-free)
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    name: globals()[spec.function] for name, spec in sampler_table.SAMPLERS.items()
+}
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@ the variational bound of an exact model (``exact_gaussian.GaussianData``), the t
 losses and timestep sampling.
 """
 
+import itertools
 import math
 
 import mpmath
@@ -12,13 +13,14 @@ import torch
 from exact_gaussian import GaussianData, alpha_bar_np
 from torch import nn
 
-from diffusion.config import DiffusionParams
+from diffusion.config import ConfigError, DiffusionParams, parse_params
 from diffusion.gaussian import (
     GaussianDiffusion,
     Prediction,
     discretized_gaussian_log_likelihood,
     normal_kl,
 )
+from diffusion.process_options import Loss, Variance, names
 from diffusion.schedules import cosine_betas, linear_betas, make_betas, space_timesteps
 from diffusion.timestep_sampling import (
     TIMESTEP_SAMPLERS,
@@ -204,6 +206,31 @@ def test_other_errors():
         d.p_mean_variance(constant_model(0.0), x, t)
     with pytest.raises(ValueError, match="threshold: got 0"):
         d.p_mean_variance(constant_model(0.0, var_value=0.0), x, t, threshold=0)
+
+
+def test_config_and_process_accept_the_same_combinations():
+    """One rule (diffusion.process_options.check_combination) behind both: every combination of
+    prediction, variance, loss and zero terminal SNR is valid in params.yaml exactly when
+    GaussianDiffusion accepts it, with the same message (params.yaml's keys under ``diffusion.``)."""
+    accepted = 0
+    for prediction, variance, loss, zero_snr in itertools.product(
+        names(Prediction), names(Variance), names(Loss), (False, True)
+    ):
+        options = {"prediction": prediction, "variance": variance, "loss": loss}
+        config_error = process_error = None
+        try:
+            parse_params({"diffusion": {**options, "zero_terminal_snr": zero_snr, "timesteps": 100}})
+        except ConfigError as err:
+            config_error = str(err).removeprefix("params: ").replace("diffusion.", "")
+        try:
+            GaussianDiffusion(make_betas("cosine", 100, zero_terminal_snr=zero_snr), **options)
+        except ValueError as err:
+            process_error = str(err)
+        assert config_error == process_error, (options, zero_snr)
+        accepted += process_error is None
+    # 4 (variance, loss) pairs (fixed with mse, learned_range with hybrid or kl) x 3 predictions,
+    # and x 2 with zero terminal SNR (no eps)
+    assert accepted == 4 * 3 + 4 * 2
 
 
 def test_respace_keeps_alpha_bar_and_calls_the_model_with_original_timesteps():

@@ -13,6 +13,7 @@ import pytest
 import torch
 from exact_gaussian import GaussianData, alpha_bar_np
 
+from diffusion import sampler_table
 from diffusion.gaussian import GaussianDiffusion
 from diffusion.samplers import SAMPLERS, ddim_sample, ddpm_sample, sample
 from diffusion.schedules import cosine_betas, make_betas, space_timesteps
@@ -216,6 +217,7 @@ def test_callback_sees_every_step():
         assert [(info["i"], info["t"]) for info in seen] == [(0, 999), (1, 500), (2, 0)]
         assert set(seen[0]) == {"i", "t", "x", "pred_x0"}
     assert SAMPLERS == {"ddpm": ddpm_sample, "ddim": ddim_sample}
+    assert list(SAMPLERS) == list(sampler_table.SAMPLERS)
 
 
 def test_clipping_and_thresholding_bound_the_samples():

@@ -1,4 +1,7 @@
-"""sample: N images from the trained (EMA) model with the chosen sampler.
+"""sample: N images from the trained model with the chosen sampler.
+
+Sampling is always from the EMA weights: ``models/model.pt`` stores only them (the
+train stage saves the EMA network), so there is no choice to make.
 
 Outputs: ``samples/samples.npz`` (uint8 images [N, C, H, W] and their labels),
 ``samples/grid.png`` and ``samples/run.json``: the MLflow run, nested under the
