@@ -101,13 +101,14 @@ def ddim_sample(
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta: got {eta!r}; allowed: 0 <= eta <= 1")
     x = x_T
+    tables = diffusion.tables(x.device)
     for i, index, t in _steps(diffusion, x, progress):
         out = diffusion.p_mean_variance(
             model, x, t, model_kwargs=model_kwargs, clip_denoised=clip_denoised, threshold=threshold
         )
         _report(callback, diffusion, i, index, x, out["pred_x0"])
-        alpha_bar = gather(diffusion.alphas_cumprod, t, x)
-        alpha_bar_prev = gather(diffusion.alphas_cumprod_prev, t, x)
+        alpha_bar = gather(tables.alphas_cumprod, t, x)
+        alpha_bar_prev = gather(tables.alphas_cumprod_prev, t, x)
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
         direction = torch.sqrt((1 - alpha_bar_prev - sigma**2).clamp(min=0)) * out["pred_eps"]
         x = torch.sqrt(alpha_bar_prev) * out["pred_x0"] + direction

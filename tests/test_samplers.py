@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from device_copies import CrossDeviceOps
 from exact_gaussian import GaussianData, alpha_bar_np
 
 from diffusion import sampler_table
@@ -218,6 +219,25 @@ def test_callback_sees_every_step():
         assert set(seen[0]) == {"i", "t", "x", "pred_x0"}
     assert SAMPLERS == {"ddpm": ddpm_sample, "ddim": ddim_sample}
     assert list(SAMPLERS) == list(sampler_table.SAMPLERS)
+
+
+def test_no_host_copy_per_step():
+    """The samplers read the schedule on the samples' device: after the first call ('meta' stands in
+    for CUDA) a whole sampling run moves nothing between host and device."""
+    meta = torch.device("meta")
+    d = diffusion_for("fixed_small")
+
+    def model(x, t):
+        return torch.zeros_like(x)
+
+    copies = []
+    for _ in range(3):
+        with CrossDeviceOps() as ops:
+            for name, eta in (("ddpm", 0.0), ("ddim", 0.5)):
+                sample(d, model, (4, 2), sampler=name, steps=5, eta=eta, noise=torch.zeros(4, 2, device=meta),
+                       device=meta)
+        copies.append(len(ops.ops))
+    assert copies == [14, 0, 0]  # the respaced process's 13 tables and timestep map, once
 
 
 def test_clipping_and_thresholding_bound_the_samples():
