@@ -95,7 +95,7 @@ class SampleParams(_Section):
     eta: float = Field(0.0, ge=0)
     clip_denoised: bool = True
     threshold: float | None = Field(None, gt=0.5, le=1.0)
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # image k is drawn from its own seed (seed, k): see diffusion.image_noise
     device: Device = "auto"
     grid_rows: int = Field(10, ge=1)
 
