@@ -279,6 +279,17 @@ def test_callback_sees_every_step():
     assert list(SAMPLERS) == list(sampler_table.SAMPLERS)
 
 
+@pytest.mark.parametrize("steps", [1, 7, 50])
+def test_network_evaluations_per_image_are_the_calls_made(steps):
+    """sampler_table.network_evaluations (the sweep's sampling_cost) is what each sampler really
+    costs: the images the network is called on, per image of the batch."""
+    for name in SAMPLERS:
+        model = GaussianData(BETAS, MU, S)
+        sample(diffusion_for("fixed_small"), model, (6, 2), sampler=name, steps=steps, eta=0.5 * (name == "ddim"),
+               seed=0)
+        assert sum(len(t) for t in model.calls) / 6 == sampler_table.network_evaluations(name, steps), name
+
+
 def test_no_host_copy_per_step():
     """The samplers read the schedule on the samples' device: after the first call ('meta' stands in
     for CUDA) a whole sampling run moves nothing between host and device."""
