@@ -6,6 +6,11 @@ one-line message naming the key and what is allowed (:class:`ConfigError`).
 Cross-field rules (image size vs. down-sampling, learned variance vs. loss,
 sampler steps vs. T) live in :meth:`Params.check_combinations`.
 
+Names and rules that code also uses come from that code's torch-free tables, never a
+copy: schedules from :data:`diffusion.schedules.BETA_SCHEDULES`, samplers from
+:data:`diffusion.sampler_table.SAMPLERS`, and the process options and how they combine
+from :mod:`diffusion.process_options`.
+
 Stages receive these objects; they never parse params.yaml themselves.
 """
 
@@ -18,8 +23,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from diffusion.errors import UserError
 from diffusion.model_configs import OVERRIDABLE, UNET_CONFIGS, downsampling_factor
+from diffusion.process_options import Loss, Prediction, Variance, check_combination, names
+from diffusion.sampler_table import SAMPLERS
+from diffusion.schedules import BETA_SCHEDULES
 
 Device = Literal["auto", "cpu", "cuda"]
+# Literal[("a", "b")] is Literal["a", "b"]: the allowed names, read from their one source.
+ScheduleName = Literal[tuple(BETA_SCHEDULES)]
+PredictionName = Literal[names(Prediction)]
+VarianceName = Literal[names(Variance)]
+LossName = Literal[names(Loss)]
+SamplerName = Literal[tuple(SAMPLERS)]
 
 
 class ConfigError(UserError, ValueError):
@@ -46,12 +60,12 @@ class ModelParams(_Section):
 
 
 class DiffusionParams(_Section):
-    schedule: Literal["linear", "cosine", "sigmoid"] = "cosine"
+    schedule: ScheduleName = "cosine"
     timesteps: int = Field(1000, ge=2, le=100_000)
     zero_terminal_snr: bool = False
-    prediction: Literal["eps", "x0", "v"] = "eps"
-    variance: Literal["fixed_small", "fixed_large", "learned_range"] = "fixed_small"
-    loss: Literal["mse", "hybrid", "kl"] = "mse"
+    prediction: PredictionName = "eps"
+    variance: VarianceName = "fixed_small"
+    loss: LossName = "mse"
 
 
 class TrainParams(_Section):
@@ -79,13 +93,12 @@ class TrainParams(_Section):
 class SampleParams(_Section):
     num_samples: int = Field(500, ge=1)
     batch_size: int = Field(250, ge=1)
-    sampler: Literal["ddpm", "ddim"] = "ddim"
+    sampler: SamplerName = "ddim"
     steps: int = Field(50, ge=1)
     eta: float = Field(0.0, ge=0)
     clip_denoised: bool = True
     threshold: float | None = Field(None, gt=0.5, le=1.0)
-    use_ema: bool = True
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # image k is drawn from its own seed (seed, k): see diffusion.image_noise
     device: Device = "auto"
     grid_rows: int = Field(10, ge=1)
 
@@ -147,21 +160,9 @@ class Params(_Section):
             _check_param_path(path)
         _check_model(self.model, self.data.image_size)
         d = self.diffusion
-        if d.variance == "learned_range" and d.loss == "mse":
-            raise ValueError(
-                "diffusion.variance: 'learned_range' needs diffusion.loss 'hybrid' or 'kl' "
-                "(mse does not train the variance)"
-            )
-        if d.variance != "learned_range" and d.loss != "mse":
-            raise ValueError(
-                f"diffusion.loss: '{d.loss}' trains a learned variance; use diffusion.variance "
-                "'learned_range' or loss 'mse'"
-            )
-        if d.zero_terminal_snr and d.prediction == "eps":
-            raise ValueError(
-                "diffusion.prediction: 'eps' cannot recover x0 when zero_terminal_snr makes the last "
-                "alpha-bar 0; allowed 'v' or 'x0' (or zero_terminal_snr: false)"
-            )
+        check_combination(
+            d.prediction, d.variance, d.loss, zero_terminal_snr=d.zero_terminal_snr, prefix="diffusion."
+        )
         if d.schedule == "linear" and d.timesteps < 20:
             raise ValueError(
                 f"diffusion.timesteps: the linear schedule scales its last beta by 1000/T, reaching 1 below "

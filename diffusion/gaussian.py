@@ -2,8 +2,13 @@
 
 One class, :class:`GaussianDiffusion`, holds the schedule in float64 numpy (computed
 once) and every formula of DDPM (Ho et al. 2020) and improved DDPM (Nichol &
-Dhariwal 2021) that acts on it; :func:`gather` is the one place a per-timestep
-quantity becomes a tensor. Timestep index ``t`` runs over 0..T-1 (the papers' 1..T).
+Dhariwal 2021) that acts on it. The schedule becomes float64 tensors once per device
+(:meth:`GaussianDiffusion.tables`), and :func:`gather` is the one place a per-timestep
+quantity is read from them: an index and a cast on the device, never a host copy.
+Timestep index ``t`` runs over 0..T-1 (the papers' 1..T).
+
+The options (:class:`Prediction`, :class:`Variance`, :class:`Loss`) and the rules that
+combine them live in :mod:`diffusion.process_options`, shared with the config.
 
 The model is always called as ``model(x_t, timestep_map[t], **model_kwargs)``: a
 respaced process (:meth:`GaussianDiffusion.respace`) hands the model the timestep it
@@ -12,15 +17,16 @@ was trained on.
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from diffusion.process_options import Loss, Prediction, Variance, check_combination, parse
 from diffusion.schedules import make_betas, respace_betas
 
 Model = Callable[..., torch.Tensor]
@@ -29,47 +35,16 @@ HYBRID_LAMBDA = 1e-3
 """λ of L_hybrid = L_simple + λ L_vlb (improved DDPM §3.1)."""
 
 
-class Prediction(str, enum.Enum):
-    """What the network outputs (its first C channels)."""
-
-    EPS = "eps"  # the noise ε (DDPM eq. 11)
-    X0 = "x0"  # the clean image x_0
-    V = "v"  # v = √ᾱ ε - √(1-ᾱ) x_0 (Salimans & Ho 2022, §4)
-
-
-class Variance(str, enum.Enum):
-    """The reverse-process variance Σ_θ(x_t, t)."""
-
-    FIXED_SMALL = "fixed_small"  # β̃_t, the posterior variance (DDPM §3.2)
-    FIXED_LARGE = "fixed_large"  # β_t (DDPM §3.2)
-    LEARNED_RANGE = "learned_range"  # exp(v log β_t + (1-v) log β̃_t) (improved DDPM eq. 15)
-
-
-class Loss(str, enum.Enum):
-    """The training objective."""
-
-    MSE = "mse"  # L_simple (DDPM eq. 14), on the chosen prediction
-    HYBRID = "hybrid"  # L_simple + λ L_vlb, the mean detached in L_vlb (improved DDPM §3.1)
-    KL = "kl"  # L_vlb alone (improved DDPM eq. 4-5)
-
-
-def _choice(kind: type[enum.Enum], value: Any, name: str) -> Any:
-    try:
-        return kind(value)
-    except ValueError:
-        allowed = ", ".join(repr(m.value) for m in kind)
-        raise ValueError(f"{name}: got {value!r}; allowed: {allowed}") from None
-
-
 # ---------------------------------------------------------------------------
 # Small functions
 # ---------------------------------------------------------------------------
 
 
-def gather(values: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``values[t]`` of a float64 schedule array (indexed in float64 on the CPU) as a tensor of
-    ``like``'s dtype and device, broadcast from [B, 1, ..., 1] to ``like``'s shape."""
-    out = torch.from_numpy(values)[t.cpu()].to(device=like.device, dtype=like.dtype)
+def gather(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``values[t]`` of a float64 schedule tensor on ``t``'s device (one of
+    :meth:`GaussianDiffusion.tables`), indexed in float64 and cast to ``like``'s dtype at
+    the end, broadcast from [B, 1, ..., 1] to ``like``'s shape: a pure device op."""
+    out = values[t].to(like.dtype)
     return out.reshape(-1, *(1,) * (like.ndim - 1)).expand(like.shape)
 
 
@@ -121,10 +96,32 @@ class GaussianDiffusion:
     """Forward process q(x_t | x_0) and reverse process p_θ(x_{t-1} | x_t) over a β schedule.
 
     ``prediction`` (:class:`Prediction`), ``variance`` (:class:`Variance`) and ``loss``
-    (:class:`Loss`) are checked here, once: a learned variance needs the ``hybrid`` or
-    ``kl`` loss and a fixed one the ``mse`` loss. ``timestep_map[t]`` is the model's
-    timestep for index ``t`` (the identity unless respaced).
+    (:class:`Loss`) are checked by :func:`~diffusion.process_options.check_combination`,
+    the rule params.yaml is validated with. ``timestep_map[t]`` is the model's timestep
+    for index ``t`` (the identity unless respaced).
     """
+
+    # The float64 arrays per timestep that tables(device) holds as tensors for gather().
+    _TABLES = (
+        "log_betas",
+        "alphas_cumprod",
+        "alphas_cumprod_prev",
+        "one_minus_alphas_cumprod",
+        "sqrt_alphas_cumprod",
+        "sqrt_one_minus_alphas_cumprod",
+        "log_one_minus_alphas_cumprod",
+        "posterior_variance",
+        "posterior_log_variance_clipped",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
+        "fixed_large_variance",
+        "fixed_large_log_variance",
+    )
+    # fixed variance -> (variance, log variance) of p_θ(x_{t-1} | x_t), from a device's tables
+    _FIXED_VARIANCE = {
+        Variance.FIXED_SMALL: lambda s: (s.posterior_variance, s.posterior_log_variance_clipped),
+        Variance.FIXED_LARGE: lambda s: (s.fixed_large_variance, s.fixed_large_log_variance),
+    }
 
     # prediction -> (pred_x0, pred_eps) from the model's first C channels
     _TO_X0_EPS = {
@@ -155,17 +152,9 @@ class GaussianDiffusion:
         loss: str = "mse",
         timestep_map: Sequence[int] | torch.Tensor | None = None,
     ):
-        self.prediction = _choice(Prediction, prediction, "prediction")
-        self.variance = _choice(Variance, variance, "variance")
-        self.loss = _choice(Loss, loss, "loss")
-        learned = self.variance is Variance.LEARNED_RANGE
-        if learned and self.loss is Loss.MSE:
-            raise ValueError("loss: 'mse' does not train a learned variance; use 'hybrid' or 'kl' with 'learned_range'")
-        if not learned and self.loss is not Loss.MSE:
-            raise ValueError(
-                f"loss: {self.loss.value!r} trains a learned variance; use variance 'learned_range' or loss 'mse'"
-            )
-
+        self.prediction = parse(Prediction, prediction, "prediction")
+        self.variance = parse(Variance, variance, "variance")
+        self.loss = parse(Loss, loss, "loss")
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or len(betas) == 0 or np.any(betas <= 0) or np.any(betas > 1):
             raise ValueError("betas: need a non-empty 1-D array with 0 < β <= 1")
@@ -180,10 +169,7 @@ class GaussianDiffusion:
         alphas = 1.0 - betas
         self.alphas_cumprod = np.cumprod(alphas)
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
-        if self.prediction is Prediction.EPS and self.alphas_cumprod[-1] == 0:
-            raise ValueError(
-                "prediction: 'eps' cannot recover x0 when the last ᾱ is 0 (zero terminal SNR); use 'v' or 'x0'"
-            )
+        check_combination(self.prediction, self.variance, self.loss, zero_terminal_snr=self.alphas_cumprod[-1] == 0)
         self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(self.one_minus_alphas_cumprod)
@@ -197,11 +183,39 @@ class GaussianDiffusion:
         # β̃_0 = 0: like improved-diffusion, use β̃_1 in its place where a log is taken (β_0 if T = 1)
         floor = self.posterior_variance[1] if T > 1 else betas[0]
         self.posterior_log_variance_clipped = np.log(np.append(floor, self.posterior_variance[1:]))
-        large = np.append(floor, betas[1:])
-        self._fixed_variance = {
-            Variance.FIXED_SMALL: (self.posterior_variance, self.posterior_log_variance_clipped),
-            Variance.FIXED_LARGE: (large, np.log(large)),
-        }
+        self.fixed_large_variance = np.append(floor, betas[1:])
+        self.fixed_large_log_variance = np.log(self.fixed_large_variance)
+        self._tables: dict[torch.device, SimpleNamespace] = {}
+        self._respaced: dict[tuple[int, ...], GaussianDiffusion] = {}
+
+    def tables(self, device: torch.device) -> SimpleNamespace:
+        """The schedule on ``device`` (a tensor's device): each array of ``_TABLES`` as a
+        float64 tensor, and ``timestep_map``. Made on the first call for a device and the
+        same objects after, so no step of sampling or training copies from the host."""
+        if device not in self._tables:
+            self._tables[device] = SimpleNamespace(
+                timestep_map=self.timestep_map.to(device),
+                **{name: torch.from_numpy(getattr(self, name)).to(device) for name in self._TABLES},
+            )
+        return self._tables[device]
+
+    _STATE = ("betas", "prediction", "variance", "loss", "timestep_map")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (inside the MLflow model, a deepcopy) as its constructor's arguments: no
+        device tables or respaced copies, which are made again on the loader's devices."""
+        return {name: getattr(self, name) for name in self._STATE}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Rebuilt from the constructor's arguments; a whole ``__dict__`` pickled by an older
+        version holds them too, so models logged before still load."""
+        self.__init__(
+            state["betas"],
+            prediction=state["prediction"],
+            variance=state["variance"],
+            loss=state["loss"],
+            timestep_map=state["timestep_map"],
+        )
 
     @classmethod
     def from_config(cls, cfg: Any) -> GaussianDiffusion:
@@ -212,65 +226,77 @@ class GaussianDiffusion:
 
     def respace(self, timesteps: Sequence[int]) -> GaussianDiffusion:
         """The process on the kept indices ``timesteps`` (:func:`diffusion.schedules.space_timesteps`),
-        with the same ᾱ there and the model still called with its original timesteps."""
-        steps = list(timesteps)
-        return GaussianDiffusion(
-            respace_betas(self.betas, steps),
-            prediction=self.prediction.value,
-            variance=self.variance.value,
-            loss=self.loss.value,
-            timestep_map=self.timestep_map[steps],
-        )
+        with the same ᾱ there and the model still called with its original timesteps.
+        Made once per ``timesteps`` (so its device tables are too) and reused after."""
+        steps = tuple(timesteps)
+        if steps not in self._respaced:
+            self._respaced[steps] = GaussianDiffusion(
+                respace_betas(self.betas, steps),
+                prediction=self.prediction.value,
+                variance=self.variance.value,
+                loss=self.loss.value,
+                timestep_map=self.timestep_map[list(steps)],
+            )
+        return self._respaced[steps]
 
     # -- forward process ----------------------------------------------------
 
     def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor):
         """q(x_t | x_0) = N(√ᾱ_t x_0, (1 - ᾱ_t) I) (DDPM eq. 4): (mean, variance, log_variance)."""
-        mean = gather(self.sqrt_alphas_cumprod, t, x0) * x0
-        return mean, gather(self.one_minus_alphas_cumprod, t, x0), gather(self.log_one_minus_alphas_cumprod, t, x0)
+        s = self.tables(t.device)
+        mean = gather(s.sqrt_alphas_cumprod, t, x0) * x0
+        return mean, gather(s.one_minus_alphas_cumprod, t, x0), gather(s.log_one_minus_alphas_cumprod, t, x0)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = √ᾱ_t x_0 + √(1 - ᾱ_t) ε (DDPM eq. 4)."""
-        return gather(self.sqrt_alphas_cumprod, t, x0) * x0 + gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        s = self.tables(t.device)
+        return gather(s.sqrt_alphas_cumprod, t, x0) * x0 + gather(s.sqrt_one_minus_alphas_cumprod, t, x0) * noise
 
     def q_posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """μ̃_t(x_t, x_0) = β_t √ᾱ_{t-1}/(1-ᾱ_t) x_0 + (1-ᾱ_{t-1}) √α_t/(1-ᾱ_t) x_t (DDPM eq. 7)."""
-        return gather(self.posterior_mean_coef1, t, x_t) * x0 + gather(self.posterior_mean_coef2, t, x_t) * x_t
+        s = self.tables(t.device)
+        return gather(s.posterior_mean_coef1, t, x_t) * x0 + gather(s.posterior_mean_coef2, t, x_t) * x_t
 
     def q_posterior_mean_variance(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """q(x_{t-1} | x_t, x_0) = N(μ̃_t, β̃_t I), β̃_t = (1-ᾱ_{t-1})/(1-ᾱ_t) β_t (DDPM eq. 6-7):
         (mean, variance, log_variance_clipped), the log using β̃_1 at t = 0."""
+        s = self.tables(t.device)
         return (
             self.q_posterior_mean(x0, x_t, t),
-            gather(self.posterior_variance, t, x_t),
-            gather(self.posterior_log_variance_clipped, t, x_t),
+            gather(s.posterior_variance, t, x_t),
+            gather(s.posterior_log_variance_clipped, t, x_t),
         )
 
     # -- parameterisations (Salimans & Ho 2022, §4 and appendix D) -----------
 
     def predict_x0_from_eps(self, x_t, t, eps):
         """x_0 = (x_t - √(1-ᾱ_t) ε) / √ᾱ_t."""
-        sqrt_ab = gather(self.sqrt_alphas_cumprod, t, x_t)
-        sqrt_one_minus_ab = gather(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+        s = self.tables(t.device)
+        sqrt_ab = gather(s.sqrt_alphas_cumprod, t, x_t)
+        sqrt_one_minus_ab = gather(s.sqrt_one_minus_alphas_cumprod, t, x_t)
         return (x_t - sqrt_one_minus_ab * eps) / sqrt_ab
 
     def predict_eps_from_x0(self, x_t, t, x0):
         """ε = (x_t - √ᾱ_t x_0) / √(1-ᾱ_t)."""
-        sqrt_ab = gather(self.sqrt_alphas_cumprod, t, x_t)
-        sqrt_one_minus_ab = gather(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+        s = self.tables(t.device)
+        sqrt_ab = gather(s.sqrt_alphas_cumprod, t, x_t)
+        sqrt_one_minus_ab = gather(s.sqrt_one_minus_alphas_cumprod, t, x_t)
         return (x_t - sqrt_ab * x0) / sqrt_one_minus_ab
 
     def predict_x0_from_v(self, x_t, t, v):
         """x_0 = √ᾱ_t x_t - √(1-ᾱ_t) v."""
-        return gather(self.sqrt_alphas_cumprod, t, x_t) * x_t - gather(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v
+        s = self.tables(t.device)
+        return gather(s.sqrt_alphas_cumprod, t, x_t) * x_t - gather(s.sqrt_one_minus_alphas_cumprod, t, x_t) * v
 
     def predict_eps_from_v(self, x_t, t, v):
         """ε = √(1-ᾱ_t) x_t + √ᾱ_t v."""
-        return gather(self.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t + gather(self.sqrt_alphas_cumprod, t, x_t) * v
+        s = self.tables(t.device)
+        return gather(s.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t + gather(s.sqrt_alphas_cumprod, t, x_t) * v
 
     def v_target(self, x0, t, noise):
         """v = √ᾱ_t ε - √(1-ᾱ_t) x_0 (Salimans & Ho 2022, §4)."""
-        return gather(self.sqrt_alphas_cumprod, t, x0) * noise - gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+        s = self.tables(t.device)
+        return gather(s.sqrt_alphas_cumprod, t, x0) * noise - gather(s.sqrt_one_minus_alphas_cumprod, t, x0) * x0
 
     def x0_eps_from_output(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """(pred_x0, pred_eps) from the model's first C channels, per ``prediction``."""
@@ -292,11 +318,12 @@ class GaussianDiffusion:
     def _model_variance(self, var_values: torch.Tensor | None, x_t: torch.Tensor, t: torch.Tensor):
         """(variance, log_variance) of p_θ(x_{t-1} | x_t): fixed (β̃_t or β_t, β̃_1 at t = 0) or, for
         ``learned_range``, log Σ = ½(v+1) log β_t + ½(1-v) log β̃_t (improved DDPM eq. 15)."""
+        s = self.tables(t.device)
         if var_values is None:
-            variance, log_variance = self._fixed_variance[self.variance]
+            variance, log_variance = self._FIXED_VARIANCE[self.variance](s)
             return gather(variance, t, x_t), gather(log_variance, t, x_t)
         frac = (var_values + 1) / 2
-        max_log, min_log = gather(self.log_betas, t, x_t), gather(self.posterior_log_variance_clipped, t, x_t)
+        max_log, min_log = gather(s.log_betas, t, x_t), gather(s.posterior_log_variance_clipped, t, x_t)
         log_variance = frac * max_log + (1 - frac) * min_log
         return torch.exp(log_variance), log_variance
 
@@ -333,7 +360,7 @@ class GaussianDiffusion:
         """
         if threshold is not None and not 0 < threshold <= 1:
             raise ValueError(f"threshold: got {threshold!r}; allowed: a percentile in (0, 1] or None")
-        output = model(x_t, self.timestep_map.to(t.device)[t], **(model_kwargs or {}))
+        output = model(x_t, self.tables(t.device).timestep_map[t], **(model_kwargs or {}))
         return self._p_from_output(output, x_t, t, clip_denoised=clip_denoised, threshold=threshold)
 
     # -- losses and the variational bound ------------------------------------
@@ -365,7 +392,7 @@ class GaussianDiffusion:
         """
         noise = torch.randn_like(x0) if noise is None else noise
         x_t = self.q_sample(x0, t, noise)
-        output = model(x_t, self.timestep_map.to(t.device)[t], **(model_kwargs or {}))
+        output = model(x_t, self.tables(t.device).timestep_map[t], **(model_kwargs or {}))
         prediction, var_values = self._split_output(output, x_t)
         target = self._TARGETS[self.prediction](self, x0, t, noise)
         terms = {"mse": mean_flat((target - prediction) ** 2)}

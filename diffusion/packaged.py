@@ -66,11 +66,15 @@ class PackagedDiffusion(nn.Module):
         threshold: float | None = None,
         labels: torch.Tensor | None = None,
         seed: int | None = None,
+        first_index: int = 0,
         noise: torch.Tensor | None = None,
         device: str | torch.device = "cpu",
         progress: bool = False,
     ) -> torch.Tensor:
-        """Samples in [-1, 1], shape [num_samples, C, H, W]."""
+        """Samples in [-1, 1], shape [num_samples, C, H, W]: with ``seed``, images
+        ``first_index, ..., first_index + num_samples - 1`` of that seed, each from its own
+        generator, so a run split into batches gives the same images (see
+        :func:`diffusion.samplers.sample`)."""
         was_training = self.net.training
         self.net.eval()
         try:
@@ -85,6 +89,7 @@ class PackagedDiffusion(nn.Module):
                 clip_denoised=clip_denoised,
                 threshold=threshold,
                 seed=seed,
+                first_index=first_index,
                 device=device,
                 noise=noise,
                 progress=progress,

@@ -56,7 +56,7 @@ def reference_loss(model: nn.Module, diffusion: GaussianDiffusion, images: torch
     was_training = model.training
     model.eval()
     try:
-        output = model(x_t, diffusion.timestep_map.to(device)[t])
+        output = model(x_t, diffusion.tables(device).timestep_map[t])
     finally:
         model.train(was_training)
     _, eps = diffusion.x0_eps_from_output(output[:, : x0.shape[1]], x_t, t)

@@ -6,10 +6,13 @@ Every sampler in :data:`SAMPLERS` is (k-diffusion style)::
        threshold=None, generator=None, progress=False, callback=None) -> x_0
 
 It walks ``diffusion``'s timesteps from the last to 0 (respace the diffusion for fewer
-steps), draws all noise from ``generator``, and calls ``callback`` (if given) once per
-step, before the update, with dict(i, t, x, pred_x0): the step number, the model's
-timestep, the current x_t and the model's x̂_0. Adding a sampler is one function and
-one table entry; a guided model is a model wrapper.
+steps), draws all noise from ``generator`` through :func:`diffusion.image_noise.randn`
+(a :class:`~diffusion.image_noise.StackedRandomGenerator` gives each image its own
+stream), and calls ``callback`` (if given) once per step, before the update, with
+dict(i, t, x, pred_x0): the step number, the model's timestep, the current x_t and the
+model's x̂_0. Adding a sampler is one function here and one row of
+:data:`diffusion.sampler_table.SAMPLERS` (its name, this function's name, its network
+evaluations); a guided model is a model wrapper.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from diffusion import sampler_table
 from diffusion.gaussian import GaussianDiffusion, gather
+from diffusion.image_noise import NoiseSource, StackedRandomGenerator, randn
 from diffusion.schedules import space_timesteps
 
 Callback = Callable[[dict[str, Any]], None]
@@ -31,10 +36,6 @@ def _steps(diffusion: GaussianDiffusion, x: torch.Tensor, progress: bool):
     indices = range(diffusion.num_timesteps - 1, -1, -1)
     for i, index in enumerate(tqdm(indices, disable=not progress, desc="sampling")):
         yield i, index, torch.full((x.shape[0],), index, dtype=torch.long, device=x.device)
-
-
-def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
 def _report(callback: Callback | None, diffusion: GaussianDiffusion, i: int, index: int, x, pred_x0) -> None:
@@ -51,7 +52,7 @@ def ddpm_sample(
     eta: float = 0.0,
     clip_denoised: bool = True,
     threshold: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: NoiseSource = None,
     progress: bool = False,
     callback: Callback | None = None,
 ) -> torch.Tensor:
@@ -70,7 +71,8 @@ def ddpm_sample(
         _report(callback, diffusion, i, index, x, out["pred_x0"])
         x = out["mean"]
         if index > 0:
-            x = x + torch.exp(0.5 * out["log_variance"]) * _noise_like(x, generator)
+            z = randn(x.shape, generator, device=x.device, dtype=x.dtype)
+            x = x + torch.exp(0.5 * out["log_variance"]) * z
     return x
 
 
@@ -83,7 +85,7 @@ def ddim_sample(
     eta: float = 0.0,
     clip_denoised: bool = True,
     threshold: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: NoiseSource = None,
     progress: bool = False,
     callback: Callback | None = None,
 ) -> torch.Tensor:
@@ -99,22 +101,26 @@ def ddim_sample(
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta: got {eta!r}; allowed: 0 <= eta <= 1")
     x = x_T
+    tables = diffusion.tables(x.device)
     for i, index, t in _steps(diffusion, x, progress):
         out = diffusion.p_mean_variance(
             model, x, t, model_kwargs=model_kwargs, clip_denoised=clip_denoised, threshold=threshold
         )
         _report(callback, diffusion, i, index, x, out["pred_x0"])
-        alpha_bar = gather(diffusion.alphas_cumprod, t, x)
-        alpha_bar_prev = gather(diffusion.alphas_cumprod_prev, t, x)
+        alpha_bar = gather(tables.alphas_cumprod, t, x)
+        alpha_bar_prev = gather(tables.alphas_cumprod_prev, t, x)
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
         direction = torch.sqrt((1 - alpha_bar_prev - sigma**2).clamp(min=0)) * out["pred_eps"]
         x = torch.sqrt(alpha_bar_prev) * out["pred_x0"] + direction
         if eta > 0 and index > 0:
-            x = x + sigma * _noise_like(x, generator)
+            x = x + sigma * randn(x.shape, generator, device=x.device, dtype=x.dtype)
     return x
 
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddpm": ddpm_sample, "ddim": ddim_sample}
+# name -> the function sampler_table names for it (the names and costs live there, torch-free)
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    name: globals()[spec.function] for name, spec in sampler_table.SAMPLERS.items()
+}
 
 
 @torch.no_grad()
@@ -130,7 +136,8 @@ def sample(
     clip_denoised: bool = True,
     threshold: float | None = None,
     seed: int | None = None,
-    generator: torch.Generator | None = None,
+    first_index: int = 0,
+    generator: NoiseSource = None,
     device: str | torch.device = "cpu",
     noise: torch.Tensor | None = None,
     progress: bool = False,
@@ -139,21 +146,26 @@ def sample(
     """Draw samples of ``shape`` with the sampler ``sampler`` of :data:`SAMPLERS`.
 
     ``diffusion`` is respaced to ``steps`` (any :func:`~diffusion.schedules.space_timesteps`
-    spec; None keeps all T). x_T is ``noise`` if given, else drawn from the generator;
-    ``seed`` makes a fresh ``torch.Generator`` on ``device`` (give seed or generator, not
-    both), so one seed gives the same samples twice. Returns the samples, or
-    ``(samples, [pred_x0 of each step])`` with ``return_intermediates``.
+    spec; None keeps all T). With ``seed``, row k of the batch is image ``first_index + k``
+    of the run with that seed: its x_T and all its later noise come from its own generator
+    on ``device`` (:class:`~diffusion.image_noise.StackedRandomGenerator`), so a run's images
+    do not depend on how it is split into batches. Instead of a seed, ``generator`` may be
+    such a stacked generator or one ``torch.Generator`` for the whole batch. x_T is
+    ``noise`` if given. Returns the samples, or ``(samples, [pred_x0 of each step])`` with
+    ``return_intermediates``.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: got {sampler!r}; allowed: {', '.join(SAMPLERS)}")
     if seed is not None and generator is not None:
         raise ValueError("seed: give a seed or a generator, not both")
+    if first_index < 0:
+        raise ValueError(f"first_index: got {first_index!r}; allowed: an int >= 0")
     if seed is not None:
-        generator = torch.Generator(device).manual_seed(seed)
+        generator = StackedRandomGenerator(seed, range(first_index, first_index + shape[0]), device)
     if steps is not None:
         diffusion = diffusion.respace(space_timesteps(diffusion.num_timesteps, steps))
     if noise is None:
-        x_T = torch.randn(tuple(shape), generator=generator, device=device)
+        x_T = randn(shape, generator, device=torch.device(device))
     elif tuple(noise.shape) != tuple(shape):
         raise ValueError(f"noise: got shape {tuple(noise.shape)}; need {tuple(shape)}")
     else:

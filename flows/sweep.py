@@ -9,7 +9,8 @@
   DVC's run cache instead of training again.
 - **Objectives**: ``fid`` (``metrics/evaluate.json``), minimised; with
   ``sweep.objectives: [fid, sampling_cost]`` also the sampler's network evaluations
-  per image (``sample.steps``), and the study keeps a Pareto front.
+  per image (:func:`diffusion.sampler_table.network_evaluations` of ``sample.sampler``
+  and ``sample.steps``), and the study keeps a Pareto front.
 - **MLflow**: the sweep owns a parent run; each trial owns a run nested under it
   (tag ``mlflow.parentRunId``), tagged with its number and params, that its stages
   log into (``MLFLOW_RUN_ID``). The study's plots go to the parent run.
@@ -44,6 +45,7 @@ from prefect.futures import as_completed
 
 from diffusion import tracking
 from diffusion.config import Params, SearchDim, SweepParams, parse_params
+from diffusion.sampler_table import network_evaluations
 from flows.commands import apply_overrides, check, command_env, run_command, set_args, tracking_uri
 from flows.pipeline import dvc, stage_order
 
@@ -124,7 +126,7 @@ def suggest(trial: Any, space: Mapping[str, SearchDim]) -> dict[str, Any]:
 # Each objective from the trial's metrics/evaluate.json and its validated params; all minimised.
 OBJECTIVES: dict[str, Callable[[Mapping[str, float], Params], float]] = {
     "fid": lambda metrics, params: float(metrics["fid"]),
-    "sampling_cost": lambda metrics, params: float(params.sample.steps),  # network evaluations per image
+    "sampling_cost": lambda metrics, params: float(network_evaluations(params.sample.sampler, params.sample.steps)),
 }
 
 

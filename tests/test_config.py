@@ -4,11 +4,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import yaml
 
-from diffusion.config import ConfigError, Params, load_params, parse_params
+from diffusion import sampler_table
+from diffusion.config import ConfigError, DiffusionParams, Params, SampleParams, load_params, parse_params
+from diffusion.process_options import Loss, Prediction, Variance
+from diffusion.schedules import BETA_SCHEDULES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +34,8 @@ def test_committed_params_are_valid_and_match_the_defaults_where_documented():
         ({"diffusion": {"loss": "hybrid"}}, "diffusion.loss: 'hybrid' trains a learned variance"),
         ({"sample": {"steps": 2000}}, "sample.steps: 2000 is more than diffusion.timesteps (1000)"),
         ({"sample": {"eta": 1.5}}, "sample.eta: 1.5 is outside DDIM's range"),
+        ({"sample": {"use_ema": False}}, "sample.use_ema: unknown key; allowed: num_samples"),
+        ({"sample": {"sampler": "euler"}}, "sample.sampler: got 'euler'; input should be 'ddpm' or 'ddim'"),
         ({"diffusion": {"zero_terminal_snr": True}}, "diffusion.prediction: 'eps' cannot recover x0"),
         ({"diffusion": {"schedule": "linear", "timesteps": 10}, "sample": {"steps": 5}}, "diffusion.timesteps: the linear schedule"),
         ({"data": {"image_size": 30}}, "data.image_size: 30 is not divisible by 4"),
@@ -46,6 +52,29 @@ def test_bad_params_give_one_line_naming_the_key(raw, expected):
     assert "\n" not in message
     assert message.startswith("params.yaml: ")
     assert expected in message
+
+
+def test_allowed_names_are_read_from_the_code_that_implements_them():
+    allowed = {
+        key: get_args(section.model_fields[key].annotation)
+        for section, key in ((DiffusionParams, "schedule"), (DiffusionParams, "prediction"),
+                             (DiffusionParams, "variance"), (DiffusionParams, "loss"), (SampleParams, "sampler"))
+    }
+    assert allowed == {
+        "schedule": tuple(BETA_SCHEDULES),
+        "prediction": tuple(m.value for m in Prediction),
+        "variance": tuple(m.value for m in Variance),
+        "loss": tuple(m.value for m in Loss),
+        "sampler": tuple(sampler_table.SAMPLERS),
+    }
+    assert allowed["schedule"] == ("linear", "cosine", "sigmoid") and allowed["sampler"] == ("ddpm", "ddim")
+
+
+def test_config_loads_without_torch():
+    """params are validated before torch (2 s) loads: the config and its tables are torch-free."""
+    code = "import sys, diffusion.config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_model_overrides_that_fit_are_accepted():

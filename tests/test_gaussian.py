@@ -3,22 +3,27 @@ the variational bound of an exact model (``exact_gaussian.GaussianData``), the t
 losses and timestep sampling.
 """
 
+import itertools
 import math
+import pickle
 
 import mpmath
 import numpy as np
 import pytest
 import torch
+from device_copies import CrossDeviceOps
 from exact_gaussian import GaussianData, alpha_bar_np
 from torch import nn
 
-from diffusion.config import DiffusionParams
+from diffusion.config import ConfigError, DiffusionParams, parse_params
 from diffusion.gaussian import (
     GaussianDiffusion,
     Prediction,
     discretized_gaussian_log_likelihood,
+    gather,
     normal_kl,
 )
+from diffusion.process_options import Loss, Variance, names
 from diffusion.schedules import cosine_betas, linear_betas, make_betas, space_timesteps
 from diffusion.timestep_sampling import (
     TIMESTEP_SAMPLERS,
@@ -206,6 +211,31 @@ def test_other_errors():
         d.p_mean_variance(constant_model(0.0, var_value=0.0), x, t, threshold=0)
 
 
+def test_config_and_process_accept_the_same_combinations():
+    """One rule (diffusion.process_options.check_combination) behind both: every combination of
+    prediction, variance, loss and zero terminal SNR is valid in params.yaml exactly when
+    GaussianDiffusion accepts it, with the same message (params.yaml's keys under ``diffusion.``)."""
+    accepted = 0
+    for prediction, variance, loss, zero_snr in itertools.product(
+        names(Prediction), names(Variance), names(Loss), (False, True)
+    ):
+        options = {"prediction": prediction, "variance": variance, "loss": loss}
+        config_error = process_error = None
+        try:
+            parse_params({"diffusion": {**options, "zero_terminal_snr": zero_snr, "timesteps": 100}})
+        except ConfigError as err:
+            config_error = str(err).removeprefix("params: ").replace("diffusion.", "")
+        try:
+            GaussianDiffusion(make_betas("cosine", 100, zero_terminal_snr=zero_snr), **options)
+        except ValueError as err:
+            process_error = str(err)
+        assert config_error == process_error, (options, zero_snr)
+        accepted += process_error is None
+    # 4 (variance, loss) pairs (fixed with mse, learned_range with hybrid or kl) x 3 predictions,
+    # and x 2 with zero terminal SNR (no eps)
+    assert accepted == 4 * 3 + 4 * 2
+
+
 def test_respace_keeps_alpha_bar_and_calls_the_model_with_original_timesteps():
     betas = cosine_betas(1000)
     d = GaussianDiffusion(betas, prediction="v", variance="learned_range", loss="kl")
@@ -229,6 +259,49 @@ def test_from_config():
     np.testing.assert_array_equal(d.betas, linear_betas(200))
     d = GaussianDiffusion.from_config(DiffusionParams(timesteps=50, zero_terminal_snr=True, prediction="x0"))
     assert d.alphas_cumprod[-1] == 0
+
+
+# --- the schedule on the device ---------------------------------------------------
+
+
+def test_gather_reads_float64_tables_and_casts_at_the_end():
+    d = GaussianDiffusion(cosine_betas(1000))
+    cpu = d.tables(torch.device("cpu"))
+    assert d.tables(torch.device("cpu")) is cpu  # made once
+    assert cpu.sqrt_alphas_cumprod.dtype == torch.float64 and cpu.timestep_map.dtype == torch.long
+    np.testing.assert_array_equal(cpu.posterior_mean_coef2.numpy(), d.posterior_mean_coef2)
+    t = torch.tensor([0, 17, 999])
+    got = gather(cpu.sqrt_one_minus_alphas_cumprod, t, torch.zeros(3, 2, 5))
+    assert got.dtype == torch.float32 and got.shape == (3, 2, 5)
+    want = torch.from_numpy(d.sqrt_one_minus_alphas_cumprod[[0, 17, 999]]).float()  # float64 math, one cast
+    assert torch.equal(got[:, 0, 0], want) and torch.equal(got, want.reshape(3, 1, 1).expand(3, 2, 5))
+
+
+def test_no_host_copy_per_call_after_the_tables_are_made():
+    """On a device other than the host ('meta' stands in for CUDA, no GPU needed) the first call
+    copies each schedule table once; every later training loss and p_mean_variance copies nothing."""
+    d = GaussianDiffusion(cosine_betas(100), variance="learned_range", loss="hybrid")
+    meta = torch.device("meta")
+    x0, t = torch.zeros(4, 3, 8, 8, device=meta), torch.zeros(4, dtype=torch.long, device=meta)
+
+    def model(x, t):
+        return torch.cat([x, x], dim=1)
+
+    copies = []
+    for _ in range(3):
+        with CrossDeviceOps() as ops:
+            d.training_losses(model, x0, t, noise=torch.zeros_like(x0))
+            d.p_mean_variance(model, x0, t, clip_denoised=True)
+        copies.append(len(ops.ops))
+    assert copies == [14, 0, 0]  # 13 float64 schedule arrays and the timestep map, once
+    assert d.tables(meta) is d.tables(meta) and d.tables(meta).log_betas.device == meta
+    # the MLflow model pickles the process: as its constructor's arguments, no device tables
+    clone = pickle.loads(pickle.dumps(d.respace([0, 50, 99])))
+    assert clone._tables == {} and clone.timestep_map.tolist() == [0, 50, 99]
+    np.testing.assert_array_equal(clone.posterior_mean_coef1, d.respace([0, 50, 99]).posterior_mean_coef1)
+    old = GaussianDiffusion.__new__(GaussianDiffusion)  # a whole __dict__, as older versions pickled it
+    old.__setstate__({**vars(d), "_fixed_variance": None})
+    assert (old.variance, old.loss) == (Variance.LEARNED_RANGE, Loss.HYBRID) and old.tables(meta) is not d.tables(meta)
 
 
 # --- likelihood pieces -----------------------------------------------------------

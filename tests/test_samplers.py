@@ -5,15 +5,23 @@ Tolerances: with N = 16000 independent values (4000 samples x 4 dims), the sampl
 std have standard errors sd/√N and sd/√(2N); tests allow 5 of them around the exact law of
 the K-step sampler. The gap between that law and the data N(mu, s²) is the sampler's
 discretisation error; it is computed, not guessed (see ``test_discretisation_error``).
+
+The laws are checked with one generator for the batch; ``test_seeded_images_follow_the_exact_law``
+checks the seeded path (one generator per image) against the same law, at 50 steps: 4000
+generators drawing 1000 times cost a minute on a CPU.
 """
 
 import math
 
 import pytest
 import torch
+from device_copies import CrossDeviceOps
 from exact_gaussian import GaussianData, alpha_bar_np
+from tiny_unet import tiny_unet
 
+from diffusion import sampler_table
 from diffusion.gaussian import GaussianDiffusion
+from diffusion.image_noise import StackedRandomGenerator, image_seed
 from diffusion.samplers import SAMPLERS, ddim_sample, ddpm_sample, sample
 from diffusion.schedules import cosine_betas, make_betas, space_timesteps
 
@@ -115,13 +123,24 @@ def test_ddim_eta0_is_the_exact_affine_map(schedule, steps):
 )
 def test_stochastic_samplers_match_the_exact_law(sampler, variance, eta, steps):
     model = GaussianData(BETAS, MU, S, learned=variance == "learned_range")
+    generator = torch.Generator().manual_seed(steps)
     x = sample(
-        diffusion_for(variance), model, SHAPE, sampler=sampler, steps=steps, eta=eta, clip_denoised=False, seed=steps
+        diffusion_for(variance), model, SHAPE, sampler=sampler, steps=steps, eta=eta, clip_denoised=False,
+        generator=generator,
     )
     law = exact_law(BETAS, space_timesteps(1000, steps), sampler, variance=variance, eta=eta, model=model)
     assert_matches(x, *law_stats(law))
     if steps == 1000:
         assert_recovers_data(x)
+
+
+@pytest.mark.parametrize(("sampler", "eta"), [("ddpm", 0.0), ("ddim", 0.5)])
+def test_seeded_images_follow_the_exact_law(sampler, eta):
+    """With a seed every image draws from its own generator: the 4000 images are still
+    independent draws of the exact law (a shared or shifted stream would shrink or skew it)."""
+    x = sample(diffusion_for("fixed_small"), GaussianData(BETAS, MU, S), SHAPE, sampler=sampler, steps=50, eta=eta,
+               clip_denoised=False, seed=11)
+    assert_matches(x, *law_stats(exact_law(BETAS, space_timesteps(1000, 50), sampler, eta=eta)))
 
 
 def test_discretisation_error():
@@ -192,9 +211,50 @@ def test_seed_reproduces_and_generator_is_the_same_path():
     for sampler, eta in (("ddpm", 0.0), ("ddim", 0.7)):
         a = sample(d, model, (8, 3), sampler=sampler, eta=eta, steps=20, seed=7)
         b = sample(d, model, (8, 3), sampler=sampler, eta=eta, steps=20, seed=7)
-        c = sample(d, model, (8, 3), sampler=sampler, eta=eta, steps=20, generator=torch.Generator().manual_seed(7))
+        c = sample(d, model, (8, 3), sampler=sampler, eta=eta, steps=20, generator=StackedRandomGenerator(7, range(8)))
         other = sample(d, model, (8, 3), sampler=sampler, eta=eta, steps=20, seed=8)
         assert torch.equal(a, b) and torch.equal(a, c) and not torch.allclose(a, other)
+        # one generator for the whole batch stays an option, and reproduces too
+        one = [sample(d, model, (8, 3), sampler=sampler, eta=eta, steps=20, generator=torch.Generator().manual_seed(7))
+               for _ in range(2)]
+        assert torch.equal(*one) and not torch.allclose(one[0], a)
+
+
+def test_image_seeds():
+    """Image k of seed s has its own 64-bit seed, SeedSequence(s, spawn_key=(k,)): pinned here, since
+    a run's images are only reproducible while these stay, and no two (s, k) share one."""
+    assert image_seed(0, 0) == 8668861027912758289
+    assert image_seed(1, 5) == 5892472470897923492
+    assert len({image_seed(s, k) for s in range(20) for k in range(200)}) == 20 * 200
+    stacked = StackedRandomGenerator(3, range(5, 9)).randn((4, 2, 3), device=torch.device("cpu"), dtype=torch.float32)
+    for row, k in zip(stacked, range(5, 9), strict=True):
+        assert torch.equal(row, torch.randn(2, 3, generator=torch.Generator().manual_seed(image_seed(3, k))))
+    with pytest.raises(ValueError, match="noise: got a batch of 3; the generator holds 4 images"):
+        StackedRandomGenerator(3, range(4)).randn((3, 2), device=torch.device("cpu"), dtype=torch.float32)
+
+
+@pytest.mark.parametrize(("sampler", "eta"), [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 0.5)])
+def test_images_do_not_depend_on_the_batch_size(sampler, eta):
+    """Image k of a seed is the same image in batches of 1, 3 or 8 (a tiny untrained U-Net, moved
+    off its zero output): x_T and every later noise of it come from its own generator."""
+    net = tiny_unet()
+    d = GaussianDiffusion(cosine_betas(100))
+
+    def run(seed, batch_size, count=8):
+        batches = [
+            sample(d, net, (min(batch_size, count - start), 1, 8, 8), sampler=sampler, steps=4, eta=eta, seed=seed,
+                   first_index=start)
+            for start in range(0, count, batch_size)
+        ]
+        return torch.cat(batches)
+
+    whole = run(0, 8)
+    assert whole.std() > 0.5
+    for batch_size in (1, 3):  # equal up to float rounding: CPU kernels round per batch size (~1e-6)
+        torch.testing.assert_close(run(0, batch_size), whole, rtol=0, atol=1e-4)
+    other = run(1, 8, count=9)
+    # seeds 0 and 1 share no image, not even shifted by one (as seed + index would)
+    assert torch.cdist(other.flatten(1), whole.flatten(1)).min() > 0.5
 
 
 def test_intermediates_and_original_timesteps():
@@ -216,6 +276,37 @@ def test_callback_sees_every_step():
         assert [(info["i"], info["t"]) for info in seen] == [(0, 999), (1, 500), (2, 0)]
         assert set(seen[0]) == {"i", "t", "x", "pred_x0"}
     assert SAMPLERS == {"ddpm": ddpm_sample, "ddim": ddim_sample}
+    assert list(SAMPLERS) == list(sampler_table.SAMPLERS)
+
+
+@pytest.mark.parametrize("steps", [1, 7, 50])
+def test_network_evaluations_per_image_are_the_calls_made(steps):
+    """sampler_table.network_evaluations (the sweep's sampling_cost) is what each sampler really
+    costs: the images the network is called on, per image of the batch."""
+    for name in SAMPLERS:
+        model = GaussianData(BETAS, MU, S)
+        sample(diffusion_for("fixed_small"), model, (6, 2), sampler=name, steps=steps, eta=0.5 * (name == "ddim"),
+               seed=0)
+        assert sum(len(t) for t in model.calls) / 6 == sampler_table.network_evaluations(name, steps), name
+
+
+def test_no_host_copy_per_step():
+    """The samplers read the schedule on the samples' device: after the first call ('meta' stands in
+    for CUDA) a whole sampling run moves nothing between host and device."""
+    meta = torch.device("meta")
+    d = diffusion_for("fixed_small")
+
+    def model(x, t):
+        return torch.zeros_like(x)
+
+    copies = []
+    for _ in range(3):
+        with CrossDeviceOps() as ops:
+            for name, eta in (("ddpm", 0.0), ("ddim", 0.5)):
+                sample(d, model, (4, 2), sampler=name, steps=5, eta=eta, noise=torch.zeros(4, 2, device=meta),
+                       device=meta)
+        copies.append(len(ops.ops))
+    assert copies == [14, 0, 0]  # the respaced process's 13 tables and timestep map, once
 
 
 def test_clipping_and_thresholding_bound_the_samples():
@@ -235,6 +326,7 @@ def test_clipping_and_thresholding_bound_the_samples():
         ({"seed": 1, "generator": torch.Generator()}, "seed: give a seed or a generator, not both"),
         ({"eta": 1.5}, "eta: got 1.5; allowed: 0 <= eta <= 1"),
         ({"noise": torch.zeros(3, 2)}, r"noise: got shape \(3, 2\); need \(4, 2\)"),
+        ({"seed": 1, "first_index": -1}, "first_index: got -1; allowed: an int >= 0"),
         ({"steps": 1001}, "spec: cannot take 1001 steps"),
     ],
 )

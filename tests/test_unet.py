@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from tiny_unet import perturb
 
 from diffusion.models import MODELS, OVERRIDABLE, UNet, create_model
 
@@ -14,15 +15,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-@torch.no_grad()
-def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Move every weight off its initial value (the zero-initialised layers included)."""
-    gen = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return model
 
 
 def inputs(batch: int, channels: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

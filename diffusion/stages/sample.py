@@ -1,4 +1,7 @@
-"""sample: N images from the trained (EMA) model with the chosen sampler.
+"""sample: N images from the trained model with the chosen sampler.
+
+Sampling is always from the EMA weights: ``models/model.pt`` stores only them (the
+train stage saves the EMA network), so there is no choice to make.
 
 Outputs: ``samples/samples.npz`` (uint8 images [N, C, H, W] and their labels),
 ``samples/grid.png`` and ``samples/run.json``: the MLflow run, nested under the
@@ -20,7 +23,9 @@ from diffusion.devices import resolve_device
 
 
 def generate(packaged: PackagedDiffusion, params: Params, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``num_samples`` uint8 images in batches; batch i uses seed ``seed + i``.
+    """``num_samples`` uint8 images in batches of ``sample.batch_size``. Image k is image k
+    of ``sample.seed`` (its own generator, :mod:`diffusion.image_noise`), so the images do
+    not depend on the batch size.
 
     Class-conditional models get labels cycling through the classes, so each grid
     row shows every class.
@@ -29,7 +34,7 @@ def generate(packaged: PackagedDiffusion, params: Params, device: torch.device) 
     num_classes = packaged.model_spec.get("num_classes")
     labels = torch.arange(cfg.num_samples) % num_classes if num_classes else torch.zeros(cfg.num_samples, dtype=torch.long)
     batches = []
-    for i, start in enumerate(range(0, cfg.num_samples, cfg.batch_size)):
+    for start in range(0, cfg.num_samples, cfg.batch_size):
         count = min(cfg.batch_size, cfg.num_samples - start)
         batch_labels = labels[start : start + count].to(device) if num_classes else None
         x = packaged.sample(
@@ -40,7 +45,8 @@ def generate(packaged: PackagedDiffusion, params: Params, device: torch.device) 
             clip_denoised=cfg.clip_denoised,
             threshold=cfg.threshold,
             labels=batch_labels,
-            seed=cfg.seed + i,
+            seed=cfg.seed,
+            first_index=start,
             device=device,
             progress=True,
         )
