@@ -16,6 +16,7 @@ import importlib
 import sys
 
 STAGES = {
+    "validate": "diffusion.stages.validate",
     "prepare": "diffusion.stages.prepare",
     "train": "diffusion.stages.train",
     "sample": "diffusion.stages.sample",

@@ -11,13 +11,14 @@ class DeviceError(UserError, RuntimeError):
     """A device this machine does not have; the message is one line naming the key."""
 
 
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> the current CUDA device if there is one, else the CPU."""
+def resolve_device(name: str, *, key: str = "device") -> torch.device:
+    """``"auto"`` -> the current CUDA device if there is one, else the CPU; ``key`` names
+    the param in the error."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError("device: 'cuda' was asked for but CUDA is not available on this machine; allowed here: 'auto', 'cpu'")
+            raise DeviceError(f"{key}: 'cuda' was asked for but CUDA is not available on this machine; allowed here: 'auto', 'cpu'")
         return torch.device("cuda", torch.cuda.current_device())
     if name == "cpu":
         return torch.device("cpu")

@@ -17,7 +17,7 @@ from conftest import TINY_PARAMS, make_pipeline_repo, pipeline_env, run_in
 
 pytestmark = pytest.mark.integration
 
-STAGES = ("prepare", "train", "sample", "evaluate")
+STAGES = ("validate", "prepare", "train", "sample", "evaluate")
 
 
 def ran_stages(output: str) -> list[str]:
@@ -80,11 +80,24 @@ def test_dvc_repro_tracks_everything_and_reruns_only_what_changed(pipeline_repo:
     params["sample"]["steps"] = 4
     (pipeline_repo / "params.yaml").write_text(yaml.safe_dump(params))
     out = run_in(pipeline_repo, "dvc", "repro")
-    assert ran_stages(out.stdout) == ["sample", "evaluate"]
+    assert ran_stages(out.stdout) == ["validate", "sample", "evaluate"]  # validate checks every param change
     assert json.loads((pipeline_repo / "models/run.json").read_text())["run_id"] == model_run_id
     new_sample_run = json.loads((pipeline_repo / "samples/run.json").read_text())["run_id"]
     assert new_sample_run != sample_run_id
     assert client.get_run(new_sample_run).data.tags["mlflow.parentRunId"] == model_run_id
+    assert run_in(pipeline_repo, "dvc", "status").stdout.strip() == "Data and pipelines are up to date."
+
+    # A bad param stops `dvc repro` before DVC removes any output; fixing it costs nothing.
+    outputs = ("models/model.pt", "metrics/train.json", "plots/train_loss.csv", "samples/samples.npz")
+    before = {path: (pipeline_repo / path).read_bytes() for path in outputs}
+    params["train"]["lr"] = -1
+    (pipeline_repo / "params.yaml").write_text(yaml.safe_dump(params))
+    out = run_in(pipeline_repo, "dvc", "repro", check=False)
+    assert out.returncode != 0 and ran_stages(out.stdout) == ["validate"]
+    assert "diffusion validate: error: params.yaml: train.lr: Input should be greater than 0 (got -1)" in out.stderr
+    assert {path: (pipeline_repo / path).read_bytes() for path in outputs} == before
+    del params["train"]["lr"]
+    (pipeline_repo / "params.yaml").write_text(yaml.safe_dump(params))
     assert run_in(pipeline_repo, "dvc", "status").stdout.strip() == "Data and pipelines are up to date."
 
 

@@ -8,6 +8,8 @@ another's libraries (prepare's torchvision datasets and clean-fid, for one).
 import os
 from pathlib import Path
 
+# validate
+PARAMS_OK = Path("data/params.ok")  # constant content: every stage depends on it
 # prepare
 TRAIN_SET = Path("data/train.npz")
 HELDOUT_SET = Path("data/heldout.npz")

@@ -1,0 +1,31 @@
+"""validate: the whole of params.yaml is checked before DVC touches any stage's outputs.
+
+DVC removes a stage's outputs before it runs the stage's command, so a bad param
+found by ``diffusion train`` itself would cost the previous ``models/model.pt``.
+Every stage depends on this stage's one output, ``data/params.ok``, so ``dvc repro``
+runs it first and stops on its error with every previous output in place. The
+``diffusion`` command has already validated params.yaml (keys, types, ranges and
+combinations) when this runs; here come the checks that depend on the machine: a
+``cuda`` device asked for where there is none. The output's content never changes,
+so a valid change re-runs no stage that its params do not concern.
+"""
+
+from __future__ import annotations
+
+from diffusion.config import Params
+from diffusion.files import atomic_write
+from diffusion.stages.paths import PARAMS_OK
+
+OK = b"params.yaml is valid on this machine\n"
+
+
+def run(params: Params) -> None:
+    sections = {"train": params.train.device, "sample": params.sample.device, "evaluate": params.evaluate.device}
+    if "cuda" in sections.values():
+        from diffusion.devices import resolve_device
+
+        for section, device in sections.items():
+            if device == "cuda":
+                resolve_device(device, key=f"{section}.device")
+    with atomic_write(PARAMS_OK) as fh:
+        fh.write(OK)
