@@ -91,7 +91,7 @@ def test_a_pruned_trial_stops_its_command():
     import optuna
 
     from flows.commands import command_env, run_command
-    from flows.sweep import LossReporter
+    from flows.pruning import LossReporter
 
     class History:  # what MlflowClient.get_metric_history returns: objects with step and value
         def get_metric_history(self, run_id, key):
