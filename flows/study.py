@@ -35,7 +35,7 @@ def open_storage(storage: str | None, root: Path) -> Any:
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
-def open_study(cfg: SweepParams, params: Params, root: Path, study_name: str, storage: str | None, concurrency: int):
+def open_study(cfg: SweepParams, root: Path, study_name: str, storage: str | None, concurrency: int):
     """Create the study, or load it when one of that name exists (its trials go on counting)."""
     import optuna
 
@@ -44,7 +44,7 @@ def open_study(cfg: SweepParams, params: Params, root: Path, study_name: str, st
         storage=open_storage(storage, root),
         directions=["minimize"] * len(cfg.objectives),
         sampler=optuna.samplers.TPESampler(constant_liar=concurrency > 1),
-        pruner=make_pruner(cfg, params.train.steps),
+        pruner=make_pruner(cfg),
         load_if_exists=True,
     )
 

@@ -13,9 +13,8 @@
 - **MLflow** (:mod:`flows.reporting`): the sweep owns a parent run; each trial owns a run nested under it
   (tag ``mlflow.parentRunId``), tagged with its number and params, that its stages
   log into (``MLFLOW_RUN_ID``). The study's plots go to the parent run.
-- **Pruning** (:mod:`flows.pruning`): ``train`` logs ``loss`` every ``log_every`` steps into the trial's run;
-  the flow polls that history, reports it to Optuna's MedianPruner and stops the
-  experiment when told to prune.
+- **Pruning** (:mod:`flows.pruning`): the flow polls the trial's ``val_loss``, reports
+  it to Optuna's MedianPruner and stops the experiment when told to prune.
 - **Concurrency**: ``sweep.concurrency`` trials at once, each a Prefect task; slot i
   gets the i-th GPU of the worker's ``CUDA_VISIBLE_DEVICES``. Workers that each own a
   GPU share one study through its storage: run the deployment once per worker.
@@ -43,7 +42,7 @@ from diffusion import tracking
 from diffusion.config import SearchDim, parse_params
 from flows.commands import apply_overrides, check, command_env, run_command, set_args, tracking_uri
 from flows.pipeline import dvc, stage_order
-from flows.pruning import LossReporter, pruning
+from flows.pruning import ValLossReporter, pruning
 from flows.reporting import log_missing_params, log_study_plots, mlflow_client, open_parent_run, summarize
 from flows.study import OBJECTIVES, open_study, suggest
 
@@ -131,8 +130,9 @@ def run_trial(number: int, trial: Any, overrides: dict[str, Any], sweep: Sweep, 
     logger.info(f"trial {number}: {json.dumps(overrides)} -> MLflow run {run_id}, experiment {name}")
     status, state = "FAILED", "FAIL"
     try:
+        params = parse_params(apply_overrides(sweep.raw_params, overrides), f"trial {number}")
         cmd = ["dvc", "exp", "run", "--temp", "--name", name, *set_args(overrides, sweep.raw_params)]
-        reporter = LossReporter(trial, client, run_id) if sweep.pruning else None
+        reporter = ValLossReporter.for_trial(trial, client, run_id, params.train.steps) if sweep.pruning else None
         env = command_env(sweep.root, run_id=run_id, gpu=gpu)
         outcome = run_command(cmd, cwd=sweep.root, env=env, log=logger.info, watch=reporter, every=POLL_S)
         if outcome.stopped:
@@ -140,6 +140,8 @@ def run_trial(number: int, trial: Any, overrides: dict[str, Any], sweep: Sweep, 
             logger.info(f"trial {number}: pruned at step {reporter.last_step}")
             return TrialResult(number, "pruned", run_id)
         check(outcome, cmd)
+        if reporter is not None:
+            reporter.report()  # the points logged after the last poll
         metrics, model_run = read_experiment(sweep.root, name)
         if metrics is None:
             # A repository that git-ignores metrics/ commits experiments without it: take what evaluate logged.
@@ -147,7 +149,6 @@ def run_trial(number: int, trial: Any, overrides: dict[str, Any], sweep: Sweep, 
             metrics = client.get_run(run_id).data.metrics
         if model_run and model_run != run_id:
             client.set_tag(run_id, "train.model_run_id", model_run)  # train came from DVC's run cache
-        params = parse_params(apply_overrides(sweep.raw_params, overrides), f"trial {number}")
         try:
             values = [OBJECTIVES[objective](metrics, params) for objective in sweep.objectives]
         except KeyError as err:
@@ -249,7 +250,7 @@ def train_sweep(
     n_trials = n_trials or cfg.n_trials
     concurrency = max(1, min(concurrency or cfg.concurrency, n_trials))
     study_name = study_name or cfg.study_name
-    study = open_study(cfg, params, root, study_name, storage or cfg.storage, concurrency)
+    study = open_study(cfg, root, study_name, storage or cfg.storage, concurrency)
     for fixed in enqueue or []:
         study.enqueue_trial(fixed)
 
