@@ -46,11 +46,14 @@ def tracking_uri(root: Path) -> str:
     return uri
 
 
-def command_env(root: Path, *, run_id: str | None = None, gpu: str | None = None) -> dict[str, str]:
+def command_env(
+    root: Path, *, run_id: str | None = None, gpu: str | None = None, threads: int | None = None
+) -> dict[str, str]:
     """The environment of a pipeline command: our bin first on PATH, the absolute tracking URI.
 
     ``run_id`` is the MLflow run the command's stages log into (``MLFLOW_RUN_ID``, see
-    :mod:`diffusion.tracking`); ``gpu`` sets ``CUDA_VISIBLE_DEVICES``.
+    :mod:`diffusion.tracking`); ``gpu`` sets ``CUDA_VISIBLE_DEVICES``; ``threads`` the
+    CPU threads of OpenMP, MKL and so torch (which starts with ``OMP_NUM_THREADS``).
     """
     env = {**os.environ, **QUIET}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
@@ -60,6 +63,8 @@ def command_env(root: Path, *, run_id: str | None = None, gpu: str | None = None
         env["MLFLOW_RUN_ID"] = run_id
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     env.setdefault("TQDM_MININTERVAL", PROGRESS_EVERY_S)
     env["PYTHONUNBUFFERED"] = "1"
     return env

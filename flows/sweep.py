@@ -15,9 +15,10 @@
   log into (``MLFLOW_RUN_ID``). The study's plots go to the parent run.
 - **Pruning** (:mod:`flows.pruning`): the flow polls the trial's ``val_loss``, reports
   it to Optuna's MedianPruner and stops the experiment when told to prune.
-- **Concurrency**: ``sweep.concurrency`` trials at once, each a Prefect task; slot i
-  gets the i-th GPU of the worker's ``CUDA_VISIBLE_DEVICES``. Workers that each own a
-  GPU share one study through its storage: run the deployment once per worker.
+- **Concurrency** (:mod:`flows.devices`): ``sweep.concurrency`` trials at once, each a
+  Prefect task. Each trial leases one of the worker's GPUs (``CUDA_VISIBLE_DEVICES``)
+  host-wide, waiting while all are held; on a CPU each gets its share of the cores.
+  Workers share one study through its storage.
 - **Failures**: a trial that crashes or ends in NaN is FAIL in Optuna and FAILED in
   MLflow, and the sweep goes on.
 """
@@ -26,9 +27,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from prefect.futures import as_completed
 from diffusion import tracking
 from diffusion.config import SearchDim, parse_params
 from flows.commands import apply_overrides, check, command_env, run_command, set_args, tracking_uri
+from flows.devices import available_cores, cpu_threads, lease_gpu, worker_gpus
 from flows.pipeline import dvc, stage_order
 from flows.pruning import ValLossReporter, pruning
 from flows.reporting import log_missing_params, log_study_plots, mlflow_client, open_parent_run, summarize
@@ -75,6 +76,8 @@ class Sweep:
     experiment_id: str
     parent_run_id: str
     pruning: bool
+    concurrency: int  # trials at once in this flow run
+    gpus: tuple[str, ...]  # the worker's, leased one per trial; none: the CPU
 
 
 @dataclass(frozen=True)
@@ -107,8 +110,18 @@ def read_experiment(root: Path, name: str) -> tuple[dict[str, float] | None, str
     return read(EVALUATE_METRICS), (model or {}).get("run_id")
 
 
+def trial_env(sweep: Sweep, number: int, run_id: str, gpu: str | None, log: Callable[[str], Any]) -> dict[str, str]:
+    """The trial's command environment: its MLflow run, its GPU or, beside other CPU trials, its threads."""
+    threads = None if gpu is not None else cpu_threads(sweep.concurrency)
+    if gpu is not None:
+        log(f"trial {number}: GPU {gpu}")
+    elif threads is not None:
+        log(f"trial {number}: {threads} of {available_cores()} CPU threads ({sweep.concurrency} trials at once)")
+    return command_env(sweep.root, run_id=run_id, gpu=gpu, threads=threads)
+
+
 @task(cache_policy=NO_CACHE, task_run_name="trial-{number}")
-def run_trial(number: int, trial: Any, overrides: dict[str, Any], sweep: Sweep, gpu: str | None) -> TrialResult:
+def run_trial(number: int, trial: Any, overrides: dict[str, Any], sweep: Sweep) -> TrialResult:
     """Run the trial's experiment under its own MLflow run; raise :class:`TrialFailed` on failure."""
     logger = get_run_logger()
     client = mlflow_client(sweep.tracking_uri)
@@ -133,8 +146,9 @@ def run_trial(number: int, trial: Any, overrides: dict[str, Any], sweep: Sweep, 
         params = parse_params(apply_overrides(sweep.raw_params, overrides), f"trial {number}")
         cmd = ["dvc", "exp", "run", "--temp", "--name", name, *set_args(overrides, sweep.raw_params)]
         reporter = ValLossReporter.for_trial(trial, client, run_id, params.train.steps) if sweep.pruning else None
-        env = command_env(sweep.root, run_id=run_id, gpu=gpu)
-        outcome = run_command(cmd, cwd=sweep.root, env=env, log=logger.info, watch=reporter, every=POLL_S)
+        with lease_gpu(sweep.gpus, holder=f"trial {number} of study {sweep.study_name}", log=logger.info) as gpu:
+            env = trial_env(sweep, number, run_id, gpu, logger.info)
+            outcome = run_command(cmd, cwd=sweep.root, env=env, log=logger.info, watch=reporter, every=POLL_S)
         if outcome.stopped:
             status, state = "KILLED", "PRUNED"
             logger.info(f"trial {number}: pruned at step {reporter.last_step}")
@@ -175,24 +189,16 @@ def run_trial(number: int, trial: Any, overrides: dict[str, Any], sweep: Sweep, 
 # ---------------------------------------------------------------------------
 
 
-def gpu_slots() -> list[str]:
-    """The worker's GPUs (``CUDA_VISIBLE_DEVICES``); none: trials keep the worker's device."""
-    return [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
-
-
-def run_trials(study: Any, sweep: Sweep, space: Mapping[str, SearchDim], n_trials: int, concurrency: int) -> dict[int, str]:
-    """Ask, run and tell ``n_trials`` trials, at most ``concurrency`` at once; their end states."""
+def run_trials(study: Any, sweep: Sweep, space: Mapping[str, SearchDim], n_trials: int) -> dict[int, str]:
+    """Ask, run and tell ``n_trials`` trials, at most ``sweep.concurrency`` at once; their end states."""
     from optuna.trial import TrialState
 
     logger = get_run_logger()
-    gpus = gpu_slots()
-    free = list(range(concurrency))
-    running: dict[Any, tuple[Any, int]] = {}
+    running: dict[Any, Any] = {}
     states: dict[int, str] = {}
     started = 0
     while started < n_trials or running:
-        while free and started < n_trials:
-            slot = free.pop(0)
+        while len(running) < sweep.concurrency and started < n_trials:
             trial = study.ask()
             started += 1
             try:
@@ -201,16 +207,13 @@ def run_trials(study: Any, sweep: Sweep, space: Mapping[str, SearchDim], n_trial
                 logger.error(f"trial {trial.number}: {err}")
                 study.tell(trial, state=TrialState.FAIL)
                 states[trial.number] = "FAIL"
-                free.append(slot)
                 continue
-            gpu = gpus[slot % len(gpus)] if gpus else None
-            running[run_trial.submit(trial.number, trial, overrides, sweep, gpu)] = (trial, slot)
+            running[run_trial.submit(trial.number, trial, overrides, sweep)] = trial
         if not running:
             continue
         future = next(as_completed(list(running)))
         future.wait()  # sets the final state; before it, .state may still be the API's "Running"
-        trial, slot = running.pop(future)
-        free.append(slot)
+        trial = running.pop(future)
         if future.state.is_completed():
             result: TrialResult = future.result()
             if result.state == "pruned":
@@ -277,8 +280,10 @@ def train_sweep(
             experiment_id=exp_id,
             parent_run_id=parent,
             pruning=pruning(cfg),
+            concurrency=concurrency,
+            gpus=tuple(worker_gpus()),
         )
-        states = run_trials(study, sweep, cfg.space, n_trials, concurrency)
+        states = run_trials(study, sweep, cfg.space, n_trials)
         summary = summarize(study, client, parent, sweep.objectives, states)
         log_study_plots(study, client, parent, sweep.objectives)
         status = "FINISHED"

@@ -160,7 +160,8 @@ def test_a_pruned_trial_stops_its_command(tmp_path):
 # ---------------------------------------------------------------------------
 
 # A three-stage stand-in for the pipeline, seconds per trial: train records its MLflow
-# run and GPU and sleeps, so that concurrent trials overlap; evaluate's "fid" is sample.steps.
+# run, GPU and CPU threads and sleeps, so that concurrent trials overlap; evaluate's
+# "fid" is 100 / sample.steps.
 TOY_DVC_YAML = """
 stages:
   prepare: {cmd: python toy.py prepare, params: [data], outs: [data/x.txt]}
@@ -183,17 +184,25 @@ elif stage == "train":
     start = time.time()
     time.sleep(4)
     json.dump({"run_id": os.environ["MLFLOW_RUN_ID"], "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
+               "threads": [os.environ.get("OMP_NUM_THREADS"), os.environ.get("MKL_NUM_THREADS")],
                "start": start, "end": time.time()}, open("models/run.json", "w"))
 else:
     json.dump({"fid": 100.0 / params["sample"]["steps"]}, open("metrics/evaluate.json", "w"))
 """
 
 
-def test_concurrent_two_objective_sweep(prefect_harness, tmp_path, monkeypatch):
-    """Two trials at once on two GPU slots; FID vs sampling cost, a Pareto front and its plot."""
+@pytest.mark.parametrize("device", ["gpu", "cpu"])
+def test_concurrent_two_objective_sweep(device, prefect_harness, tmp_path, monkeypatch):
+    """Two trials at once; FID vs sampling cost, a Pareto front and its plot.
+
+    gpu: the worker owns GPUs 0,1,2 and another process holds 0, so the trials lease 1
+    and 2. cpu: no GPUs, so each trial gets half the cores' threads.
+    """
     from mlflow import MlflowClient
 
+    from flows.devices import available_cores
     from flows.sweep import train_sweep
+    from test_concurrency import Holder
 
     repo = tmp_path / "toy"
     repo.mkdir()
@@ -210,10 +219,24 @@ def test_concurrent_two_objective_sweep(prefect_harness, tmp_path, monkeypatch):
         run_in(repo, *cmd)
     uri = f"sqlite:///{repo / 'mlflow' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    leases = tmp_path / "leases"
+    monkeypatch.setenv("DIFFUSION_GPU_LEASE_DIR", str(leases))
+    for threads in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(threads, raising=False)
+    other = None
+    if device == "gpu":
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+        other = Holder("0", "another flow run", leases)
+        assert other.gpu() == "0"
+    else:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
 
     enqueue = [{"sample.steps": 2, "train.lr": 0.001}, {"sample.steps": 5, "train.lr": 0.002}]
-    summary = train_sweep(n_trials=2, enqueue=enqueue, repo=str(repo))
+    try:
+        summary = train_sweep(n_trials=2, enqueue=enqueue, repo=str(repo))
+    finally:
+        if other is not None:
+            other.release()
 
     assert summary["trials"] == {0: "COMPLETE", 1: "COMPLETE"}
     front = sorted(tuple(best["values"].values()) for best in summary["best"])
@@ -223,7 +246,12 @@ def test_concurrent_two_objective_sweep(prefect_harness, tmp_path, monkeypatch):
     import dvc.api
 
     trained = [json.loads(dvc.api.read("models/run.json", repo=str(repo), rev=f"toy-{n}")) for n in (0, 1)]
-    assert {t["gpu"] for t in trained} == {"0", "1"}  # one GPU slot each
+    if device == "gpu":
+        assert {t["gpu"] for t in trained} == {"1", "2"}  # one free GPU each
+        assert all(t["threads"] == [None, None] for t in trained)
+    else:
+        share = str(max(1, available_cores() // 2))
+        assert [(t["gpu"], t["threads"]) for t in trained] == [(None, [share, share])] * 2
     assert trained[0]["start"] < trained[1]["end"] and trained[1]["start"] < trained[0]["end"]  # at once
     client = MlflowClient(uri)
     assert {client.get_run(t["run_id"]).data.metrics["sampling_cost"] for t in trained} == {2.0, 5.0}
