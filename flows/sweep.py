@@ -6,7 +6,8 @@
 - **Trial**: Optuna suggests a value for every key of ``sweep.space``; the trial is
   ``dvc exp run --temp --name <study>-<n> -S key=value ...``, a real experiment in
   ``dvc exp show``. Trials that differ only in sample params restore ``train`` from
-  DVC's run cache instead of training again.
+  DVC's run cache instead of training again. A run that fails on a DVC lock (another
+  trial's DVC holds it) runs again after a backoff.
 - **Objectives**: ``fid`` (``metrics/evaluate.json``), minimised; with
   ``sweep.objectives: [fid, sampling_cost]`` also the sampler's network evaluations
   per image (``sample.steps``), and the study keeps a Pareto front.
@@ -40,7 +41,7 @@ from prefect.futures import as_completed
 
 from diffusion import tracking
 from diffusion.config import SearchDim, parse_params
-from flows.commands import apply_overrides, check, command_env, run_command, set_args, tracking_uri
+from flows.commands import apply_overrides, check, command_env, run_with_lock_retries, set_args, tracking_uri
 from flows.devices import available_cores, cpu_threads, lease_gpu, worker_gpus
 from flows.pipeline import dvc, stage_order
 from flows.pruning import ValLossReporter, pruning
@@ -148,7 +149,7 @@ def run_trial(number: int, trial: Any, overrides: dict[str, Any], sweep: Sweep) 
         reporter = ValLossReporter.for_trial(trial, client, run_id, params.train.steps) if sweep.pruning else None
         with lease_gpu(sweep.gpus, holder=f"trial {number} of study {sweep.study_name}", log=logger.info) as gpu:
             env = trial_env(sweep, number, run_id, gpu, logger.info)
-            outcome = run_command(cmd, cwd=sweep.root, env=env, log=logger.info, watch=reporter, every=POLL_S)
+            outcome = run_with_lock_retries(cmd, cwd=sweep.root, env=env, log=logger.info, watch=reporter, every=POLL_S)
         if outcome.stopped:
             status, state = "KILLED", "PRUNED"
             logger.info(f"trial {number}: pruned at step {reporter.last_step}")

@@ -1,7 +1,8 @@
-"""Trials side by side, with real processes: GPU leases, CPU threads.
+"""Trials side by side, with real processes: GPU leases, CPU threads, DVC's locks.
 
 Every party here is a separate process, as trials of concurrent flow runs are: lease
-holders that print the GPU they got.
+holders that print the GPU they got, real ``dvc`` commands holding and waiting for
+DVC's locks.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import ROOT
+import pytest
+
+from conftest import ROOT, pipeline_env, run_in
 
 # ---------------------------------------------------------------------------
 # GPU leases
@@ -133,3 +136,84 @@ def test_cpu_trials_share_the_cores():
         env=env, capture_output=True, text=True, check=True,
     )
     assert out.stdout.split() == ["1", "1"]
+
+
+# ---------------------------------------------------------------------------
+# DVC's locks
+# ---------------------------------------------------------------------------
+
+# A stage that says when it has started, then holds its output's write lock for a while.
+SLOW_DVC_YAML = """
+stages:
+  slow: {cmd: "touch started && sleep 8 && echo done > out.txt", outs: [out.txt]}
+"""
+# Holds the repository's lock (dvc/lock.py) as a running `dvc` command does.
+HOLD_REPO_LOCK = """
+import sys, time
+from dvc.repo import Repo
+with Repo(".").lock:
+    print("locked", flush=True)
+    time.sleep(float(sys.argv[1]))
+"""
+
+
+@pytest.fixture
+def dvc_repo(tmp_path) -> Path:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "dvc.yaml").write_text(SLOW_DVC_YAML)
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@localhost"], ["git", "config", "user.name", "t"],
+                ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "slow"]):
+        run_in(repo, *cmd)
+    return repo
+
+
+def start_slow_stage(repo: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(["dvc", "repro", "slow"], cwd=repo, env=pipeline_env(repo),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not (repo / "started").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the slow stage did not start"
+        time.sleep(0.1)
+    return proc
+
+
+def test_a_dvc_lock_error_is_retried_until_the_lock_is_free(dvc_repo):
+    """`dvc repro` beside a running `dvc repro` fails on the output's lock; retried, it succeeds."""
+    from flows.commands import dvc_lock_error, run_command, run_with_lock_retries
+
+    env = pipeline_env(dvc_repo)
+    holder = start_slow_stage(dvc_repo)
+    try:
+        blocked = run_command(["dvc", "repro", "slow"], cwd=dvc_repo, env=env, log=lambda line: None)
+        assert blocked.returncode != 0 and "is busy, it is being blocked by" in blocked.tail
+        assert dvc_lock_error(blocked)
+        lines: list[str] = []
+        outcome = run_with_lock_retries(["dvc", "repro", "slow"], cwd=dvc_repo, env=env, log=lines.append,
+                                        retries=6, backoff=1.0)
+    finally:
+        holder.wait(timeout=120)
+    assert outcome.returncode == 0, outcome.tail
+    assert any("another DVC process holds a lock" in line for line in lines), lines
+    assert (dvc_repo / "out.txt").read_text() == "done\n"
+
+
+def test_other_failures_are_not_lock_errors(dvc_repo):
+    """The repository lock held by another process is a lock error; a missing stage or a stopped run is not."""
+    from flows.commands import Outcome, dvc_lock_error, run_command
+
+    env = pipeline_env(dvc_repo)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_REPO_LOCK, "30"], cwd=dvc_repo, env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        locked = run_command(["dvc", "status"], cwd=dvc_repo, env=env, log=lambda line: None)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert locked.returncode != 0 and "ERROR: Unable to acquire lock" in locked.tail
+    assert dvc_lock_error(locked)
+    missing = run_command(["dvc", "repro", "nosuchstage"], cwd=dvc_repo, env=env, log=lambda line: None)
+    assert missing.returncode != 0 and missing.tail.startswith("ERROR")
+    assert not dvc_lock_error(missing)
+    assert not dvc_lock_error(Outcome(-2, stopped=True, tail=locked.tail))

@@ -151,6 +151,7 @@ def test_a_pruned_trial_stops_its_command(tmp_path):
         cwd=ROOT, env=command_env(ROOT), log=lambda line: None, watch=reporter, every=0.2, grace=5,
     )
     assert outcome.stopped and outcome.returncode != 0
+    assert outcome.tail.splitlines()[0] == "training" and outcome.tail.endswith("KeyboardInterrupt")  # SIGINT
     assert time.monotonic() - start < 15
     assert trial.storage.get_trial(trial._trial_id).intermediate_values == {2: 5.0, 4: 5.0}
 
