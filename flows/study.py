@@ -5,7 +5,7 @@
   Opening a study of an existing name continues it.
 - **Search space**: one ``suggest_*`` per dimension of ``sweep.space``.
 - **Objectives**: ``fid`` (``metrics/evaluate.json``); ``sampling_cost``, the sampler's
-  network evaluations per image (``sample.steps``).
+  network evaluations per image (:func:`diffusion.sampler_table.network_evaluations`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusion.config import Params, SearchDim, SweepParams
+from diffusion.sampler_table import network_evaluations
 from flows.pruning import make_pruner
 
 STUDY_DIR = Path(".optuna")
@@ -71,5 +72,5 @@ def suggest(trial: Any, space: Mapping[str, SearchDim]) -> dict[str, Any]:
 # Each objective from the trial's metrics/evaluate.json and its validated params; all minimised.
 OBJECTIVES: dict[str, Callable[[Mapping[str, float], Params], float]] = {
     "fid": lambda metrics, params: float(metrics["fid"]),
-    "sampling_cost": lambda metrics, params: float(params.sample.steps),  # network evaluations per image
+    "sampling_cost": lambda metrics, params: float(network_evaluations(params.sample.sampler, params.sample.steps)),
 }

@@ -1,19 +1,16 @@
 """train-sweep: an Optuna study over params.yaml's ``sweep.space``, each trial a DVC experiment.
 
-- **Study** (:mod:`flows.study`): ``sweep.study_name`` in ``sweep.storage``: a journal
-  file in ``.optuna/`` by default, an RDB URL (``sqlite:///...``, ``postgresql://...``)
-  or ``journal:<path>`` for many workers. Running again with the same name continues it.
+- **Study** (:mod:`flows.study`): ``sweep.study_name`` in ``sweep.storage``; running
+  again with the same name continues it. Objectives ``fid``, or ``[fid, sampling_cost]``
+  for a Pareto front against network evaluations per image.
 - **Trial**: Optuna suggests a value for every key of ``sweep.space``; the trial is
   ``dvc exp run --temp --name <study>-<n> -S key=value ...``, a real experiment in
   ``dvc exp show``. Trials that differ only in sample params restore ``train`` from
   DVC's run cache instead of training again. A run that fails on a DVC lock (another
   trial's DVC holds it) runs again after a backoff.
-- **Objectives**: ``fid`` (``metrics/evaluate.json``), minimised; with
-  ``sweep.objectives: [fid, sampling_cost]`` also the sampler's network evaluations
-  per image (``sample.steps``), and the study keeps a Pareto front.
-- **MLflow** (:mod:`flows.reporting`): the sweep owns a parent run; each trial owns a run nested under it
-  (tag ``mlflow.parentRunId``), tagged with its number and params, that its stages
-  log into (``MLFLOW_RUN_ID``). The study's plots go to the parent run.
+- **MLflow** (:mod:`flows.reporting`): the sweep owns a parent run; each trial owns a
+  run nested under it (tag ``mlflow.parentRunId``), tagged with its number and params,
+  that its stages log into (``MLFLOW_RUN_ID``). The study's plots go to the parent run.
 - **Pruning** (:mod:`flows.pruning`): the flow polls the trial's ``val_loss``, reports
   it to Optuna's MedianPruner and stops the experiment when told to prune.
 - **Concurrency** (:mod:`flows.devices`): ``sweep.concurrency`` trials at once, each a

@@ -86,6 +86,17 @@ def test_overrides_use_hydra_syntax_and_add_missing_keys():
     assert merged["model"]["overrides"] == {"num_res_blocks": 2} and raw["model"]["overrides"] == {}
 
 
+def test_sampling_cost_is_network_evaluations_per_image():
+    """The objective is what the sampler table says each sampler costs, not its step count."""
+    from diffusion.config import parse_params
+    from diffusion.sampler_table import SAMPLERS
+    from flows.study import OBJECTIVES
+
+    for name, spec in SAMPLERS.items():
+        params = parse_params({"sample": {"sampler": name, "steps": 7}})
+        assert OBJECTIVES["sampling_cost"]({}, params) == spec.nfe(7) > 0
+
+
 def log_points(client, run_id: str, key: str, points: dict[int, float]) -> None:
     for step, value in points.items():
         client.log_metric(run_id, key, value, step=step)
