@@ -1,8 +1,8 @@
-"""Trials side by side, with real processes: GPU leases, CPU threads, DVC's locks.
+"""Trials side by side, with real processes: GPU leases, CPU threads, DVC's locks, one SQLite store.
 
 Every party here is a separate process, as trials of concurrent flow runs are: lease
 holders that print the GPU they got, real ``dvc`` commands holding and waiting for
-DVC's locks.
+DVC's locks, and MLflow clients writing one SQLite file.
 """
 
 from __future__ import annotations
@@ -217,3 +217,53 @@ def test_other_failures_are_not_lock_errors(dvc_repo):
     assert missing.returncode != 0 and missing.tail.startswith("ERROR")
     assert not dvc_lock_error(missing)
     assert not dvc_lock_error(Outcome(-2, stopped=True, tail=locked.tail))
+
+
+# ---------------------------------------------------------------------------
+# One SQLite MLflow store, several writers
+# ---------------------------------------------------------------------------
+
+# A trial's stages: one metric point per transaction, as training logs them, plus a batch.
+WRITER = """
+import sys
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+client = MlflowClient(sys.argv[1])
+run_id = sys.argv[2]
+for step in range(int(sys.argv[3])):
+    client.log_metric(run_id, "loss", 1.0 / (step + 1), step=step)
+client.log_batch(run_id, metrics=[Metric("val_loss", float(s), 0, s) for s in range(20)])
+"""
+# The pruning poller: reads the histories while the writers write.
+POLLER = """
+import sys, time
+from mlflow import MlflowClient
+client = MlflowClient(sys.argv[1])
+deadline = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < deadline:
+    for run_id in sys.argv[2].split(","):
+        client.get_metric_history(run_id, "loss")
+    time.sleep(0.05)
+"""
+
+
+def test_concurrent_trials_log_into_one_sqlite_store(tmp_path):
+    """Four writer processes and a poller on one SQLite file at once: no error, every point stored."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    client = MlflowClient(uri)  # the flow creates the store before any trial starts
+    exp = client.create_experiment("concurrent")
+    runs = [client.create_run(exp).info.run_id for _ in range(4)]
+    steps = 150
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, uri, run_id, str(steps)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for run_id in runs]
+    procs.append(subprocess.Popen([sys.executable, "-c", POLLER, uri, ",".join(runs), "20"], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * len(procs), "\n".join(o[-2000:] for o in outputs)
+    for run_id in runs:
+        history = client.get_metric_history(run_id, "loss")
+        assert sorted(m.step for m in history) == list(range(steps))
+        assert len(client.get_metric_history(run_id, "val_loss")) == 20
