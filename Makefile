@@ -59,6 +59,7 @@ bench: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e ".[bench]" 2>&1 | $(PIP_QUIET)
 	$(PY) benchmarks/bench_unet.py
 	$(PY) benchmarks/bench_orchestration.py
+	$(PY) benchmarks/bench_run_cache.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

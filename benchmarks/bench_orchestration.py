@@ -130,7 +130,7 @@ def run_cli(repo: Path, ctx: dict) -> None:
 
 def run_dvc(repo: Path, ctx: dict) -> None:
     from diffusion import tracking
-    from flows.sweep import mlflow_client
+    from flows.reporting import mlflow_client
 
     env = env_for(repo)
     client = mlflow_client(env["MLFLOW_TRACKING_URI"])

@@ -8,12 +8,14 @@ run's log, and can stop the whole process tree (a pruned trial).
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,11 +48,14 @@ def tracking_uri(root: Path) -> str:
     return uri
 
 
-def command_env(root: Path, *, run_id: str | None = None, gpu: str | None = None) -> dict[str, str]:
+def command_env(
+    root: Path, *, run_id: str | None = None, gpu: str | None = None, threads: int | None = None
+) -> dict[str, str]:
     """The environment of a pipeline command: our bin first on PATH, the absolute tracking URI.
 
     ``run_id`` is the MLflow run the command's stages log into (``MLFLOW_RUN_ID``, see
-    :mod:`diffusion.tracking`); ``gpu`` sets ``CUDA_VISIBLE_DEVICES``.
+    :mod:`diffusion.tracking`); ``gpu`` sets ``CUDA_VISIBLE_DEVICES``; ``threads`` the
+    CPU threads of OpenMP, MKL and so torch (which starts with ``OMP_NUM_THREADS``).
     """
     env = {**os.environ, **QUIET}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
@@ -60,6 +65,8 @@ def command_env(root: Path, *, run_id: str | None = None, gpu: str | None = None
         env["MLFLOW_RUN_ID"] = run_id
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     env.setdefault("TQDM_MININTERVAL", PROGRESS_EVERY_S)
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -131,10 +138,15 @@ def apply_overrides(raw_params: Mapping[str, Any], overrides: Mapping[str, Any])
 # ---------------------------------------------------------------------------
 
 
+# Lines of a command's output that its outcome keeps, to tell why it failed.
+TAIL_LINES = 50
+
+
 @dataclass(frozen=True)
 class Outcome:
     returncode: int
     stopped: bool  # stopped by ``watch`` (a pruned trial), not by its own failure
+    tail: str = ""  # the last TAIL_LINES lines of its output
 
 
 def stop_tree(proc: subprocess.Popen, grace: float = 30.0) -> None:
@@ -190,11 +202,13 @@ def run_command(
         list(cmd), cwd=cwd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, errors="replace", bufsize=1,
     )
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
 
     def pump() -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             if line := line.rstrip():
+                tail.append(line)
                 log(line)
 
     reader = threading.Thread(target=pump, name=f"log-{proc.pid}", daemon=True)
@@ -215,9 +229,48 @@ def run_command(
         raise
     finally:
         reader.join(timeout=10)
-    return Outcome(proc.returncode, stopped)
+    return Outcome(proc.returncode, stopped, "\n".join(tail))
 
 
 def check(outcome: Outcome, cmd: Sequence[str]) -> None:
     if outcome.returncode != 0:
         raise CommandError(f"`{' '.join(cmd)}` exited with {outcome.returncode}")
+
+
+# ---------------------------------------------------------------------------
+# DVC's locks: another DVC process holds the repository (dvc/lock.py, after DVC's own
+# 3 s of retries) or an output the command reads or writes (dvc/rwlock.py)
+# ---------------------------------------------------------------------------
+
+DVC_LOCK_ERROR = re.compile(r"^ERROR: .*(Unable to acquire lock|is busy, it is being blocked by)", re.MULTILINE)
+LOCK_RETRIES = 4
+LOCK_BACKOFF_S = 5.0
+
+
+def dvc_lock_error(outcome: Outcome) -> bool:
+    """The command failed only because another DVC process held a lock: running it again may succeed."""
+    return outcome.returncode != 0 and not outcome.stopped and DVC_LOCK_ERROR.search(outcome.tail) is not None
+
+
+def run_with_lock_retries(
+    cmd: Sequence[str],
+    *,
+    log: Callable[[str], Any],
+    retries: int = LOCK_RETRIES,
+    backoff: float = LOCK_BACKOFF_S,
+    **kwargs: Any,
+) -> Outcome:
+    """:func:`run_command`, run again up to ``retries`` times while it fails on a DVC lock.
+
+    The n-th wait is ``backoff * 2**n`` seconds, stretched by up to half at random so
+    that trials which collided once do not collide again.
+    """
+    outcome = run_command(cmd, log=log, **kwargs)
+    for attempt in range(retries):
+        if not dvc_lock_error(outcome):
+            break
+        delay = backoff * 2**attempt * random.uniform(1.0, 1.5)
+        log(f"another DVC process holds a lock: `{' '.join(cmd[:3])}` again in {delay:.0f} s ({attempt + 1} of {retries})")
+        time.sleep(delay)
+        outcome = run_command(cmd, log=log, **kwargs)
+    return outcome

@@ -4,8 +4,8 @@ One sweep (module fixture) runs four trials of a tiny config in a temporary git 
 repository and every test reads what it left: the Optuna journal, ``dvc exp show``,
 the nested MLflow runs, then promotes by FID. Trials 0 and 2 differ only in
 ``sample.steps``, so trial 2 restores ``train`` from DVC's run cache; trial 1 asks for
-more sampler steps than timesteps and fails; a second run of the flow (trial 3)
-continues the study.
+more sampler steps than timesteps and fails validation before it runs; a second run of
+the flow (trial 3) continues the study.
 """
 
 from __future__ import annotations
@@ -86,27 +86,84 @@ def test_overrides_use_hydra_syntax_and_add_missing_keys():
     assert merged["model"]["overrides"] == {"num_res_blocks": 2} and raw["model"]["overrides"] == {}
 
 
-def test_a_pruned_trial_stops_its_command():
-    """Losses that the pruner rejects stop the running command within a poll or two."""
+def test_sampling_cost_is_network_evaluations_per_image():
+    """The objective is what the sampler table says each sampler costs, not its step count."""
+    from diffusion.config import parse_params
+    from diffusion.sampler_table import SAMPLERS
+    from flows.study import OBJECTIVES
+
+    for name, spec in SAMPLERS.items():
+        params = parse_params({"sample": {"sampler": name, "steps": 7}})
+        assert OBJECTIVES["sampling_cost"]({}, params) == spec.nfe(7) > 0
+
+
+def log_points(client, run_id: str, key: str, points: dict[int, float]) -> None:
+    for step, value in points.items():
+        client.log_metric(run_id, key, value, step=step)
+
+
+def test_pruning_compares_val_loss_from_a_quarter_of_the_trials_own_steps(tmp_path):
+    """The sweep's study and pruner, a real MLflow store: val_loss (not loss) decides, and
+    the warm-up is a quarter of the trial's own train.steps (8 here), not the base config's (400)."""
+    from diffusion.config import parse_params
+    from flows.commands import apply_overrides
+    from flows.pruning import VAL_LOSS_METRIC, ValLossReporter
+    from flows.reporting import mlflow_client
+    from flows.study import open_study
+
+    raw = {"train": {"steps": 400}, "sweep": {"space": {"train.steps": {"type": "int", "low": 8, "high": 400}}}}
+    study = open_study(parse_params(raw).sweep, tmp_path, "prune", None, concurrency=1)
+    client = mlflow_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("prune")
+
+    def reporter_of(trial, steps: int) -> tuple[ValLossReporter, str]:
+        run_id = client.create_run(exp).info.run_id
+        train_steps = parse_params(apply_overrides(raw, {"train.steps": steps})).train.steps
+        return ValLossReporter.for_trial(trial, client, run_id, train_steps), run_id
+
+    for _ in range(2):  # the pruner's startup trials, val_loss 1.0 at every step
+        trial = study.ask()
+        reporter, run_id = reporter_of(trial, 8)
+        log_points(client, run_id, VAL_LOSS_METRIC, {step: 1.0 for step in range(1, 9)})
+        log_points(client, run_id, "loss", {step: 100.0 for step in range(1, 9)})
+        assert reporter() is False
+        study.tell(trial, 1.0)
+
+    trial = study.ask()
+    reporter, run_id = reporter_of(trial, 8)
+    assert reporter.warmup_steps == 2
+    log_points(client, run_id, "loss", {step: 0.001 for step in range(1, 9)})  # the raw loss would look best
+    log_points(client, run_id, VAL_LOSS_METRIC, {1: 5.0})
+    assert reporter() is False  # step 1 is before the trial's warm-up...
+    assert trial.should_prune()  # ...though the pruner, asked, would prune it
+    assert reporter() is False  # no new point, no question
+    log_points(client, run_id, VAL_LOSS_METRIC, {2: 5.0})
+    assert reporter() is True
+    assert trial.storage.get_trial(trial._trial_id).intermediate_values == {1: 5.0, 2: 5.0}
+
+
+def test_a_pruned_trial_stops_its_command(tmp_path):
+    """val_loss that the pruner rejects stops the running command within a poll or two."""
     import optuna
 
     from flows.commands import command_env, run_command
-    from flows.sweep import LossReporter
+    from flows.pruning import VAL_LOSS_METRIC, ValLossReporter
+    from flows.reporting import mlflow_client
 
-    class History:  # what MlflowClient.get_metric_history returns: objects with step and value
-        def get_metric_history(self, run_id, key):
-            return [type("M", (), {"step": s, "value": 5.0})() for s in (2, 4)]
-
+    client = mlflow_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("stop")).info.run_id
+    log_points(client, run_id, VAL_LOSS_METRIC, {2: 5.0, 4: 5.0})
     study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=1.0))
     trial = study.ask()
-    reporter = LossReporter(trial, History(), "run")
+    reporter = ValLossReporter.for_trial(trial, client, run_id, train_steps=8)
     start = time.monotonic()
     outcome = run_command(
         [sys.executable, "-c", "import time; print('training', flush=True); time.sleep(60)"],
         cwd=ROOT, env=command_env(ROOT), log=lambda line: None, watch=reporter, every=0.2, grace=5,
     )
     assert outcome.stopped and outcome.returncode != 0
-    assert time.monotonic() - start < 10
+    assert outcome.tail.splitlines()[0] == "training" and outcome.tail.endswith("KeyboardInterrupt")  # SIGINT
+    assert time.monotonic() - start < 15
     assert trial.storage.get_trial(trial._trial_id).intermediate_values == {2: 5.0, 4: 5.0}
 
 
@@ -115,7 +172,8 @@ def test_a_pruned_trial_stops_its_command():
 # ---------------------------------------------------------------------------
 
 # A three-stage stand-in for the pipeline, seconds per trial: train records its MLflow
-# run and GPU and sleeps, so that concurrent trials overlap; evaluate's "fid" is sample.steps.
+# run, GPU and CPU threads and sleeps, so that concurrent trials overlap; evaluate's
+# "fid" is 100 / sample.steps.
 TOY_DVC_YAML = """
 stages:
   prepare: {cmd: python toy.py prepare, params: [data], outs: [data/x.txt]}
@@ -138,17 +196,25 @@ elif stage == "train":
     start = time.time()
     time.sleep(4)
     json.dump({"run_id": os.environ["MLFLOW_RUN_ID"], "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
+               "threads": [os.environ.get("OMP_NUM_THREADS"), os.environ.get("MKL_NUM_THREADS")],
                "start": start, "end": time.time()}, open("models/run.json", "w"))
 else:
     json.dump({"fid": 100.0 / params["sample"]["steps"]}, open("metrics/evaluate.json", "w"))
 """
 
 
-def test_concurrent_two_objective_sweep(prefect_harness, tmp_path, monkeypatch):
-    """Two trials at once on two GPU slots; FID vs sampling cost, a Pareto front and its plot."""
+@pytest.mark.parametrize("device", ["gpu", "cpu"])
+def test_concurrent_two_objective_sweep(device, prefect_harness, tmp_path, monkeypatch):
+    """Two trials at once; FID vs sampling cost, a Pareto front and its plot.
+
+    gpu: the worker owns GPUs 0,1,2 and another process holds 0, so the trials lease 1
+    and 2. cpu: no GPUs, so each trial gets half the cores' threads.
+    """
     from mlflow import MlflowClient
 
+    from flows.devices import available_cores
     from flows.sweep import train_sweep
+    from test_concurrency import Holder
 
     repo = tmp_path / "toy"
     repo.mkdir()
@@ -165,10 +231,24 @@ def test_concurrent_two_objective_sweep(prefect_harness, tmp_path, monkeypatch):
         run_in(repo, *cmd)
     uri = f"sqlite:///{repo / 'mlflow' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    leases = tmp_path / "leases"
+    monkeypatch.setenv("DIFFUSION_GPU_LEASE_DIR", str(leases))
+    for threads in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(threads, raising=False)
+    other = None
+    if device == "gpu":
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+        other = Holder("0", "another flow run", leases)
+        assert other.gpu() == "0"
+    else:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
 
     enqueue = [{"sample.steps": 2, "train.lr": 0.001}, {"sample.steps": 5, "train.lr": 0.002}]
-    summary = train_sweep(n_trials=2, enqueue=enqueue, repo=str(repo))
+    try:
+        summary = train_sweep(n_trials=2, enqueue=enqueue, repo=str(repo))
+    finally:
+        if other is not None:
+            other.release()
 
     assert summary["trials"] == {0: "COMPLETE", 1: "COMPLETE"}
     front = sorted(tuple(best["values"].values()) for best in summary["best"])
@@ -178,7 +258,12 @@ def test_concurrent_two_objective_sweep(prefect_harness, tmp_path, monkeypatch):
     import dvc.api
 
     trained = [json.loads(dvc.api.read("models/run.json", repo=str(repo), rev=f"toy-{n}")) for n in (0, 1)]
-    assert {t["gpu"] for t in trained} == {"0", "1"}  # one GPU slot each
+    if device == "gpu":
+        assert {t["gpu"] for t in trained} == {"1", "2"}  # one free GPU each
+        assert all(t["threads"] == [None, None] for t in trained)
+    else:
+        share = str(max(1, available_cores() // 2))
+        assert [(t["gpu"], t["threads"]) for t in trained] == [(None, [share, share])] * 2
     assert trained[0]["start"] < trained[1]["end"] and trained[1]["start"] < trained[0]["end"]  # at once
     client = MlflowClient(uri)
     assert {client.get_run(t["run_id"]).data.metrics["sampling_cost"] for t in trained} == {2.0, 5.0}
@@ -252,8 +337,14 @@ def test_trials_are_in_optuna_storage(swept):
     states = [t.state.name for t in study.trials]
     assert states == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]  # the second run continued the study
     assert [t.params["sample.steps"] for t in study.trials] == [2, 1000, 4, 2]
-    assert study.trials[0].intermediate_values, "trial 0 trained: its loss was reported for pruning"
     assert all(t.user_attrs["mlflow_run_id"] for t in study.trials)
+    # Trial 0 trained: Optuna holds every val_loss point of its run (the last ones reported after the run).
+    from mlflow import MlflowClient
+
+    from flows.pruning import VAL_LOSS_METRIC
+
+    history = MlflowClient(swept["uri"]).get_metric_history(study.trials[0].user_attrs["mlflow_run_id"], VAL_LOSS_METRIC)
+    assert study.trials[0].intermediate_values == {m.step: m.value for m in history}
 
 
 def test_trials_are_dvc_experiments(swept):
