@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from diffusion.errors import UserError
-from diffusion.model_configs import OVERRIDABLE, UNET_CONFIGS, downsampling_factor
+from diffusion.model_configs import UNET_CONFIGS, check_unet, resolved_unet
 from diffusion.process_options import Loss, Prediction, Variance, check_combination, names
 from diffusion.sampler_table import SAMPLERS
 from diffusion.schedules import BETA_SCHEDULES
@@ -179,19 +179,11 @@ class Params(_Section):
 
 
 def _check_model(model: ModelParams, image_size: int) -> None:
-    """The named network exists, its overrides are constructor arguments, and it can
-    down-sample ``data.image_size`` to its lowest resolution."""
+    """The named network exists, its overrides are constructor arguments of the right
+    type and range, and its shape fits ``data.image_size``."""
     if model.name not in UNET_CONFIGS:
         raise ValueError(f"model.name: got '{model.name}'; allowed {', '.join(UNET_CONFIGS)}")
-    for key in model.overrides:
-        if key not in OVERRIDABLE:
-            raise ValueError(f"model.overrides: unknown key '{key}'; allowed {', '.join(OVERRIDABLE)}")
-    factor = downsampling_factor(model.name, model.overrides)
-    if image_size % factor:
-        raise ValueError(
-            f"data.image_size: {image_size} is not divisible by {factor}, the down-sampling of "
-            f"model '{model.name}'; allowed multiples of {factor} (or fewer channel_mult levels)"
-        )
+    check_unet(image_size, **resolved_unet(model.name, model.overrides))
 
 
 def _check_param_path(path: str) -> None:

@@ -155,7 +155,7 @@ def test_bad_image_size_is_a_one_line_error():
         create_model("unet-small", in_channels=1, image_size=30)
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith("image_size must be divisible by 4") and message.endswith("got 30")
+    assert message.startswith("data.image_size: 30 is not divisible by 4, the down-sampling of channel_mult [1, 2, 2]")
 
 
 def test_attention_at_a_missing_resolution_is_an_error():
@@ -191,3 +191,13 @@ def test_import_loads_only_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "['diffusion']"
+
+
+def test_shape_rules_share_the_unet_defaults():
+    """check_unet (torch-free, what params are validated with) assumes UNet's own defaults."""
+    from diffusion.model_configs import check_unet
+
+    signature = inspect.signature(UNet).parameters
+    for name, parameter in inspect.signature(check_unet).parameters.items():
+        if parameter.default is not inspect.Parameter.empty:
+            assert parameter.default == signature[name].default, name

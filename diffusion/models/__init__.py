@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from diffusion.model_configs import OVERRIDABLE, UNET_CONFIGS
+from diffusion.model_configs import OVERRIDABLE, UNET_CONFIGS, check_override
 from diffusion.models.unet import UNet
 
 __all__ = ["MODELS", "OVERRIDABLE", "UNet", "create_model"]
@@ -49,9 +49,7 @@ def create_model(
     """
     if name not in MODELS:
         raise ValueError(f"model name: unknown '{name}'; allowed: {', '.join(MODELS)}")
-    unknown = [key for key in overrides if key not in OVERRIDABLE]
-    if unknown:
-        raise ValueError(f"model overrides: unknown key '{unknown[0]}'; allowed: {', '.join(OVERRIDABLE)}")
+    overrides = {key: check_override(key, value) for key, value in overrides.items()}
     out_channels = 2 * in_channels if learn_sigma else in_channels
     return MODELS[name](
         in_channels=in_channels, out_channels=out_channels, image_size=image_size, num_classes=num_classes, **overrides

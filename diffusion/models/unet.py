@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusion.model_configs import check_unet
+
 # ---------------------------------------------------------------- embeddings
 
 
@@ -215,18 +217,11 @@ class UNet(nn.Module):
     ) -> None:
         super().__init__()
         channel_mult = tuple(channel_mult)
-        divisor = 2 ** (len(channel_mult) - 1)
-        if image_size % divisor:
-            raise ValueError(
-                f"image_size must be divisible by {divisor} (2**(len(channel_mult)-1) for channel_mult={channel_mult}); got {image_size}"
-            )
         resolutions = [image_size // 2**level for level in range(len(channel_mult))]
-        attention_resolutions = (resolutions[-1],) if attention_resolutions is None else tuple(attention_resolutions)
-        unknown = sorted(set(attention_resolutions) - set(resolutions))
-        if unknown:
-            raise ValueError(
-                f"attention_resolutions: {unknown} are not feature-map sizes of this network; allowed: {resolutions}"
-            )
+        attention_resolutions = check_unet(
+            image_size, base_channels=base_channels, channel_mult=channel_mult,
+            attention_resolutions=attention_resolutions, num_heads=num_heads, head_channels=head_channels,
+        )
         # The resolved constructor arguments: what rebuilds this network (or a peer's twin).
         self.config = dict(
             in_channels=in_channels, out_channels=out_channels, image_size=image_size, base_channels=base_channels,
@@ -239,12 +234,7 @@ class UNet(nn.Module):
         emb_channels = 4 * base_channels
 
         def heads(channels: int) -> int:
-            if head_channels and channels % head_channels == 0:
-                return channels // head_channels
-            if not head_channels and channels % num_heads == 0:
-                return num_heads
-            bad = f"head_channels={head_channels}" if head_channels else f"num_heads={num_heads}"
-            raise ValueError(f"{bad} does not divide the {channels} channels of an attention block; use a divisor of {channels}")
+            return channels // head_channels if head_channels else num_heads
 
         def res(cin: int, cout: int, resample: str = "none") -> ResBlock:
             return ResBlock(
