@@ -1,6 +1,11 @@
-"""Devices and precision: where a stage runs and in which dtype, from its params."""
+"""Devices and precision: where a stage runs and in which dtype, from its params; and a
+batch that does not fit in the device's memory, as one line naming the param that sized it."""
 
 from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
 
 import torch
 
@@ -9,6 +14,10 @@ from diffusion.errors import UserError
 
 class DeviceError(UserError, RuntimeError):
     """A device this machine does not have; the message is one line naming the key."""
+
+
+class BatchMemoryError(UserError, MemoryError):
+    """A batch too large for the device's memory; the message is one line naming the param that sized it."""
 
 
 def resolve_device(name: str, *, key: str = "device") -> torch.device:
@@ -41,3 +50,25 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
 def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
     """Mixed precision for ``dtype`` on ``device``; a no-op for fp32."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+_CPU_OUT_OF_MEMORY = ("can't allocate memory", "DefaultCPUAllocator")
+"""What the CPU allocator's RuntimeError says (CUDA raises ``torch.OutOfMemoryError``)."""
+
+
+@contextlib.contextmanager
+def batch_memory(key: str, value: int, device: torch.device) -> Iterator[None]:
+    """Running out of ``device`` memory inside the block is a :class:`BatchMemoryError`
+    naming the param ``key`` (say ``train.batch_size``), its ``value`` and the allocation
+    that failed; any other error passes through."""
+    try:
+        yield
+    except RuntimeError as err:  # torch.OutOfMemoryError is one
+        message = str(err)
+        if not isinstance(err, torch.OutOfMemoryError) and not any(s in message for s in _CPU_OUT_OF_MEMORY):
+            raise
+        tried = re.search(r"tried to allocate ([\d.]+ ?[A-Za-z]+)", message, re.IGNORECASE)
+        what = f"tried to allocate {tried.group(1)}" if tried else message.strip().splitlines()[0]
+        raise BatchMemoryError(
+            f"{key}: {value} does not fit in {device.type} memory ({what}); allowed: a smaller {key}"
+        ) from None

@@ -1,5 +1,6 @@
 """Atomic file writes (a killed writer leaves the old file or the new one, never a torn
-one) and exclusive locks on files (released by the kernel when their holder dies)."""
+one), the removal of the temp files that killed writers leave, and exclusive locks on
+files (released by the kernel when their holder dies)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,22 @@ import contextlib
 import csv
 import io
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
+_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+"""The name of :func:`atomic_write`'s temp file: ``mkstemp``'s 8 random characters between
+the prefix ``.<name>.`` and the suffix ``.tmp``."""
+
 
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
-    """Write ``path`` through a temp file in its folder: fsync, ``os.replace``, fsync the folder."""
+    """Write ``path`` through a temp file in its folder: fsync, ``os.replace``, fsync the folder.
+
+    A writer killed with SIGKILL leaves its temp file behind (:func:`remove_stale_temps`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -30,6 +38,19 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
             os.unlink(tmp)
         raise
     _fsync_directory(path.parent)
+
+
+def remove_stale_temps(directory: str | Path) -> list[Path]:
+    """Delete the temp files of :func:`atomic_write` in ``directory`` that killed writers
+    left (``.<name>.<8 random characters>.tmp``); returns them. Call it only while no
+    writer can be at work in ``directory``: under the lock of a folder whose writers hold it."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = sorted(p for p in directory.iterdir() if _TEMP_NAME.fullmatch(p.name) and p.is_file())
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def _fsync_directory(directory: Path) -> None:

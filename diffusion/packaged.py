@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffusion.checkpoint import load_checkpoint, save_checkpoint
+from diffusion.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from diffusion.gaussian import GaussianDiffusion
 from diffusion.models import create_model
 from diffusion.samplers import sample as run_sampler
@@ -105,8 +105,14 @@ class PackagedDiffusion(nn.Module):
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> PackagedDiffusion:
         state = load_checkpoint(path)
-        packaged = cls(state["model_spec"], state["process"])
-        packaged.net.load_state_dict(state["state_dict"])
+        try:
+            packaged = cls(state["model_spec"], state["process"])
+            packaged.net.load_state_dict(state["state_dict"])
+        except KeyError as err:
+            raise CheckpointError(
+                f"{path}: not a model file (no key {err}): give the models/model.pt that train writes, "
+                "not a training checkpoint"
+            ) from None
         return packaged.to(map_location).eval()
 
 

@@ -15,8 +15,9 @@ sampled timesteps and the hybrid loss):
 
 Checkpoints are ``<checkpoint_dir>/ckpt-<step>.pt`` (zero-padded step), written
 atomically every ``checkpoint_every`` steps and at the end; the newest
-:data:`KEEP_CHECKPOINTS` are kept; there is no separate ``last.pt``:
-:func:`diffusion.checkpoint.latest_checkpoint` names the newest file.
+:data:`KEEP_CHECKPOINTS` are kept; there is no separate ``last.pt``. Resume reads
+the newest one that is not damaged (:func:`diffusion.checkpoint.load_newest`: CRC and
+finite weights checked), with a one-line warning for each newer one it skips.
 
 Resume continues the same trajectory. Every random draw comes from state that is
 saved: batch indices, flips, label drops, timesteps and noise all come from one
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,15 +43,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffusion.checkpoint import (
-    CheckpointError,
-    checkpoint_path,
-    latest_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-)
-from diffusion.devices import autocast, resolve_device, resolve_precision
+from diffusion.checkpoint import CheckpointError, checkpoint_path, load_newest, prune_checkpoints, save_checkpoint
+from diffusion.devices import autocast, batch_memory, resolve_device, resolve_precision
 from diffusion.ema import EMA
 from diffusion.errors import UserError
 from diffusion.reference_loss import reference_loss
@@ -64,6 +59,12 @@ LABEL_DROP_PROB = 0.1
 
 KEEP_CHECKPOINTS = 3
 """How many ``ckpt-<step>.pt`` files are kept; older ones are deleted."""
+
+RESUME_KEYS = (
+    "model", "ema", "optimizer", "timestep_sampler", "data_generator", "rng_cpu",
+    "step", "loss_curve", "val_curve", "log_window",
+)
+"""The keys of a training checkpoint that resume reads (and ``rng_cuda`` when it was saved on CUDA)."""
 
 LOGGED_TERMS = ("loss", "mse", "vb")
 """Per-example terms of ``training_losses`` that are logged when present."""
@@ -266,7 +267,12 @@ class _Trainer:
         return state
 
     def load_state_dict(self, state: dict[str, Any], path: Path) -> None:
-        """Load :meth:`state_dict` back; :class:`CheckpointError` (one line) if it does not fit."""
+        """Load :meth:`state_dict` back; :class:`CheckpointError` (one line) if a key of
+        :data:`RESUME_KEYS` is missing or it does not fit."""
+        missing = [key for key in RESUME_KEYS if key not in state]
+        if missing:
+            keys = ", ".join(map(repr, missing))
+            raise CheckpointError(f"{path}: not a training checkpoint of this version (no key {keys})")
         try:
             self.model.load_state_dict(state["model"])
             self.ema.load_state_dict(state["ema"])
@@ -318,9 +324,12 @@ def train(
         torch.manual_seed(run.torch_seed)
         step, loss_curve, val_curve, window = 0, [], [], []
         val_images = heldout_images[: cfg.val_images] if heldout_images is not None and cfg.val_images else None
-        last_ckpt = latest_checkpoint(checkpoint_dir)
-        if last_ckpt is not None:
-            state = load_checkpoint(last_ckpt)
+        last_ckpt = None
+        newest = load_newest(checkpoint_dir)
+        if newest is not None:
+            last_ckpt, state, damaged = newest
+            for err in damaged:
+                print(f"train: warning: {err}; resuming from the older {last_ckpt}", file=sys.stderr, flush=True)
             run.load_state_dict(state, last_ckpt)
             step, loss_curve, window = state["step"], state["loss_curve"], state["log_window"]
             val_curve = state["val_curve"]
@@ -331,7 +340,8 @@ def train(
             while step < cfg.steps:
                 step += 1
                 start = time.perf_counter()
-                window.append(run.step(step, last_ckpt))
+                with batch_memory("train.batch_size", cfg.batch_size, run.device):
+                    window.append(run.step(step, last_ckpt))
                 elapsed = time.perf_counter() - start
                 timed_s, timed_steps = timed_s + elapsed, timed_steps + 1
                 window_s, window_steps = window_s + elapsed, window_steps + 1
@@ -356,7 +366,7 @@ def train(
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                     state = run.state_dict() | {"step": step, "loss_curve": loss_curve, "val_curve": val_curve, "log_window": window}
                     last_ckpt = save_checkpoint(checkpoint_path(checkpoint_dir, step), state)
-                    prune_checkpoints(checkpoint_dir, KEEP_CHECKPOINTS)
+                    prune_checkpoints(checkpoint_dir, KEEP_CHECKPOINTS, last_ckpt)
 
         bpd = None
         if heldout_images is not None and cfg.bpd_images > 0:

@@ -14,6 +14,9 @@ import pytest
 import torch
 import yaml
 from conftest import TINY_PARAMS, make_pipeline_repo, pipeline_env, run_in
+from faults import kill_mid_write, overwrite_tensor_bytes
+
+from diffusion.packaged import PackagedDiffusion
 
 pytestmark = pytest.mark.integration
 
@@ -179,3 +182,34 @@ def test_killed_temp_experiment_resumes_when_retried(tmp_path: Path):
     out = run_in(repo, *cmd[:4], "--name", "retried-again", *cmd[-2:])
     assert f"at step {stopped_at}" in out.stdout
     assert json.loads(run_in(repo, "dvc", "exp", "show", "--json").stdout)  # the experiment is listed
+
+
+def test_damaged_checkpoint_and_killed_write_are_recovered_by_the_next_run(tmp_path: Path):
+    """As seen on main: 64 bytes overwritten inside the newest checkpoint trained on silently
+    into NaN weights, black samples and FID 482.5, and a writer killed mid-write left its
+    temp file for good. Now the next `dvc repro` warns in one line, resumes from the previous
+    good checkpoint, deletes the temp file, and samples real images."""
+    params = json.loads(json.dumps(TINY_PARAMS))
+    params["train"].update(steps=20, checkpoint_every=10, bpd_images=0)
+    repo = make_pipeline_repo(tmp_path / "repo", params)
+    run_in(repo, "dvc", "repro", "train")
+    (ckpt_dir,) = (repo / "checkpoints").iterdir()
+    overwrite_tensor_bytes(ckpt_dir / "ckpt-00000020.pt", b"\xff" * 64)
+    stale = kill_mid_write(ckpt_dir / "ckpt-00000030.pt")
+
+    params["train"]["steps"] = 30
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    out = run_in(repo, "dvc", "repro")
+    (warning,) = [line for line in out.stderr.splitlines() if line.startswith("train: warning:")]
+    assert "ckpt-00000020.pt: truncated or corrupt checkpoint (ValueError: entry " in warning
+    assert warning.endswith("fails its CRC-32 check); resuming from the older " + str(ckpt_dir / "ckpt-00000010.pt"))
+    assert f"train: removed the temp files of killed writes: {stale.name}" in out.stdout
+    assert "at step 10" in out.stdout and not stale.exists()
+    assert ran_stages(out.stdout) == ["train", "sample", "evaluate"]
+
+    assert json.loads((repo / "metrics/train.json").read_text())["step"] == 30
+    model = PackagedDiffusion.load(repo / "models/model.pt")  # checks every weight is finite
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    images = np.load(repo / "samples/samples.npz")["images"]
+    assert (images.reshape(len(images), -1).max(axis=1) > 0).all()  # no black image
+    assert math.isfinite(json.loads((repo / "metrics/evaluate.json").read_text())["fid"])

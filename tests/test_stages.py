@@ -1,28 +1,39 @@
-"""The stage modules on their own: the sample stage's images and grid, and what importing a stage costs."""
+"""The stage modules on their own: the sample stage's images and grid, its refusal of
+non-finite images and of a batch too large for memory, and what importing a stage costs."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from tiny_unet import tiny_unet
 from torchvision.utils import make_grid
 
+from diffusion.cli import main
 from diffusion.config import parse_params
+from diffusion.devices import BatchMemoryError
 from diffusion.packaged import PackagedDiffusion
+from diffusion.stages.paths import MODEL
 from diffusion.stages.sample import generate, image_grid
+
+PROCESS = {"schedule": "cosine", "timesteps": 50, "prediction": "eps", "variance": "fixed_small", "loss": "mse"}
+
+
+def _spec(num_classes: int | None) -> dict:
+    return {"name": "unet-tiny", "in_channels": 1, "image_size": 8, "learn_sigma": False, "num_classes": num_classes}
 
 
 def test_sample_stage_images_do_not_depend_on_the_batch_size() -> None:
     """``sample.batch_size`` only sets how many images a pass holds: image k is image k of
     ``sample.seed`` in batches of 7, 3 or 1 (the uint8 images agree to one level, the float
     samples to CPU rounding: tests/test_samplers.py)."""
-    spec = {"name": "unet-tiny", "in_channels": 1, "image_size": 8, "learn_sigma": False, "num_classes": 3}
-    process = {"schedule": "cosine", "timesteps": 50, "prediction": "eps", "variance": "fixed_small", "loss": "mse"}
-    packaged = PackagedDiffusion(spec, process, net=tiny_unet(num_classes=3))
+    packaged = PackagedDiffusion(_spec(3), PROCESS, net=tiny_unet(num_classes=3))
 
     def images(batch_size: int, seed: int = 0) -> torch.Tensor:
         sample = {"num_samples": 7, "batch_size": batch_size, "sampler": "ddpm", "steps": 3, "seed": seed}
@@ -59,3 +70,57 @@ def test_train_and_sample_start_without_torchvision_or_clean_fid() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_non_finite_samples_are_refused_and_nothing_is_written(tmp_path, monkeypatch, capsys) -> None:
+    """Finite weights whose activations overflow: class 1's label embedding at 1e38 makes
+    its images NaN (2 of 7: labels cycle 0, 1, 2). The stage, run by the command, names
+    how many in one line and writes no samples."""
+    net = tiny_unet(num_classes=3)
+    with torch.no_grad():
+        net.label_embed.weight[1] = 1e38
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    PackagedDiffusion(_spec(3), PROCESS, net=net).save(MODEL)
+    sample = {"num_samples": 7, "batch_size": 3, "sampler": "ddpm", "steps": 3, "device": "cpu"}
+    params = {"model": {"name": "unet-tiny", "class_conditional": True}, "data": {"image_size": 8}, "sample": sample}
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+
+    assert main(["sample"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "diffusion sample: error: 2 of 7 images hold NaN or inf with sample.sampler 'ddpm' and sample.steps 3 "
+        "(the model or these settings diverge); nothing written"
+    )
+    assert not Path("samples").exists()
+
+
+class WideLayer(torch.nn.Module):
+    """The tiny U-Net behind a layer whose activations take ``bytes_per_image`` bytes an
+    image (allocated, never filled): a network too wide for a large batch."""
+
+    def __init__(self, net: torch.nn.Module, bytes_per_image: int):
+        super().__init__()
+        self.net, self.floats_per_image = net, bytes_per_image // 4
+
+    def forward(self, x, t, y=None):
+        x.new_empty((x.shape[0], self.floats_per_image))
+        return self.net(x, t, y)
+
+
+@pytest.mark.skipif(
+    Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1",
+    reason="with unconditional overcommit the allocation succeeds",
+)
+def test_sample_batch_too_large_for_memory_is_one_line() -> None:
+    """16 images of a quarter of the machine's memory each: the allocator refuses the batch
+    at the first network call."""
+    quarter = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 16 * 4  # bytes, whole floats
+    packaged = PackagedDiffusion(_spec(None), PROCESS, net=WideLayer(tiny_unet(), quarter))
+    sample = {"num_samples": 16, "batch_size": 16, "sampler": "ddim", "steps": 2}
+    params = parse_params({"model": {"name": "unet-tiny"}, "data": {"image_size": 8}, "sample": sample})
+    with pytest.raises(BatchMemoryError) as err:
+        generate(packaged, params, torch.device("cpu"))
+    assert str(err.value) == (
+        f"sample.batch_size: 16 does not fit in cpu memory (tried to allocate {16 * quarter} bytes); "
+        "allowed: a smaller sample.batch_size"
+    )

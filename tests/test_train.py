@@ -1,12 +1,18 @@
-"""The training loop on a tiny U-Net on the CPU: resume bit for bit, NaN stop, learning."""
+"""The training loop on a tiny U-Net on the CPU: resume bit for bit (past damaged
+checkpoints too), NaN stop, a batch too large for memory, learning."""
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
+from faults import overwrite_tensor_bytes
 
 from diffusion.checkpoint import CheckpointError, checkpoint_path, list_checkpoints, load_checkpoint, save_checkpoint
 from diffusion.config import TrainParams
+from diffusion.devices import BatchMemoryError
+from diffusion.packaged import PackagedDiffusion
 from diffusion.gaussian import GaussianDiffusion
 from diffusion.models import create_model
 from diffusion.schedules import make_betas
@@ -168,7 +174,125 @@ def test_checkpoints_kept_and_finished_run_not_rerun(tmp_path, data):
     _assert_same_weights(again.ema_model.state_dict(), first.ema_model.state_dict())
 
 
+# ---------------------------------------------------------------- damaged checkpoints
+
+
+def _non_finite(obj) -> int:
+    """NaN and inf values in every floating tensor of nested dicts and lists."""
+    if isinstance(obj, torch.Tensor):
+        return int((~torch.isfinite(obj)).sum()) if obj.is_floating_point() else 0
+    if isinstance(obj, dict | list | tuple):
+        return sum(_non_finite(v) for v in (obj.values() if isinstance(obj, dict) else obj))
+    return 0
+
+
+def _overwrite_64_bytes(path: Path) -> None:
+    """What was seen on main: 64 bytes of 0xff inside a tensor; torch.load reads 16 NaN without complaint."""
+    overwrite_tensor_bytes(path, b"\xff" * 64)
+    assert _non_finite(torch.load(path, weights_only=True)) == 16
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", [_overwrite_64_bytes, _truncate], ids=["overwritten", "truncated"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, data, capsys, damage):
+    """Resume skips the damaged ckpt-10 with one warning naming it and ckpt-5, and continues
+    the same trajectory from ckpt-5: the result equals 15 straight steps bit for bit."""
+    straight, straight_result = _run(tmp_path / "straight", data, _cfg(steps=15))
+    _run(tmp_path / "split", data, _cfg(steps=10))
+    damage(checkpoint_path(tmp_path / "split", 10))
+    capsys.readouterr()
+    resumed, resumed_result = _run(tmp_path / "split", data, _cfg(steps=15))
+
+    out = capsys.readouterr()
+    (warning,) = out.err.splitlines()
+    bad, good = checkpoint_path(tmp_path / "split", 10), checkpoint_path(tmp_path / "split", 5)
+    assert warning.startswith(f"train: warning: {bad}: truncated or corrupt checkpoint (")
+    assert warning.endswith(f"; resuming from the older {good}")
+    assert f"resuming from {good} at step 5" in out.out
+    _assert_same_weights(_state(straight), _state(resumed))
+    _assert_same_weights(straight_result.ema_model.state_dict(), resumed_result.ema_model.state_dict())
+    assert resumed_result.loss_curve == straight_result.loss_curve
+    assert [load_checkpoint(p)["step"] for p in list_checkpoints(tmp_path / "split")] == [5, 10, 15]
+
+
+def test_pruning_keeps_good_checkpoints_when_newer_ones_are_damaged(tmp_path, data, capsys):
+    """ckpt-10 and ckpt-15 damaged: the resume from ckpt-5 (checkpoints now every 3 steps)
+    must end with the newest three good checkpoints, not with the damaged ones kept."""
+    straight, _ = _run(tmp_path / "straight", data, _cfg(steps=15))
+    _run(tmp_path / "split", data, _cfg(steps=15))
+    for step in (10, 15):
+        _overwrite_64_bytes(checkpoint_path(tmp_path / "split", step))
+    capsys.readouterr()
+    resumed, _ = _run(tmp_path / "split", data, _cfg(steps=15, checkpoint_every=3))
+
+    warnings = capsys.readouterr().err.splitlines()
+    assert [w.split(": ")[2] for w in warnings] == [str(checkpoint_path(tmp_path / "split", s)) for s in (15, 10)]
+    assert all(w.endswith(f"resuming from the older {checkpoint_path(tmp_path / 'split', 5)}") for w in warnings)
+    _assert_same_weights(_state(straight), _state(resumed))
+    assert [load_checkpoint(p)["step"] for p in list_checkpoints(tmp_path / "split")] == [9, 12, 15]
+
+
+def test_no_readable_checkpoint_is_one_line_and_trains_nothing(tmp_path, data):
+    _run(tmp_path, data, _cfg(steps=10))
+    for step in (5, 10):
+        _overwrite_64_bytes(checkpoint_path(tmp_path, step))
+    before = {p: p.read_bytes() for p in list_checkpoints(tmp_path)}
+    with pytest.raises(CheckpointError) as err:
+        _run(tmp_path, data, _cfg(steps=15))
+    msg = str(err.value)
+    assert msg.startswith(f"{tmp_path}: none of its 2 checkpoints is readable (newest: {checkpoint_path(tmp_path, 10)}: ")
+    assert "\n" not in msg
+    assert {p: p.read_bytes() for p in list_checkpoints(tmp_path)} == before
+
+
+@pytest.mark.parametrize("key", ["loss_curve", "val_curve"])
+def test_checkpoint_missing_a_key_is_one_line(tmp_path, data, key):
+    """A checkpoint of an older version, without ``loss_curve`` (or the newer ``val_curve``)."""
+    _run(tmp_path, data, _cfg(steps=5))
+    path = checkpoint_path(tmp_path, 5)
+    state = load_checkpoint(path)
+    del state[key]
+    save_checkpoint(path, state)
+    with pytest.raises(CheckpointError) as err:
+        _run(tmp_path, data, _cfg(steps=10))
+    assert str(err.value) == f"{path}: not a training checkpoint of this version (no key {key!r})"
+
+
+def test_training_checkpoint_is_not_a_model_file(tmp_path, data):
+    _run(tmp_path, data, _cfg(steps=5))
+    path = checkpoint_path(tmp_path, 5)
+    with pytest.raises(CheckpointError) as err:
+        PackagedDiffusion.load(path)
+    assert str(err.value) == (
+        f"{path}: not a model file (no key 'model_spec'): give the models/model.pt that train writes, "
+        "not a training checkpoint"
+    )
+
+
 # ---------------------------------------------------------------- failures
+
+
+@pytest.mark.skipif(
+    Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1",
+    reason="with unconditional overcommit the allocation succeeds and the kernel kills the process later",
+)
+def test_batch_too_large_for_memory_is_one_line(tmp_path, data):
+    """A batch whose first allocation (8 bytes an index) is twice the machine's memory:
+    the allocator refuses it at once, in the first step, and nothing is written."""
+    images, labels = data
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    batch_size = memory // 4
+    with pytest.raises(BatchMemoryError) as err:
+        train(_model(), _diffusion(), images, labels, _cfg(batch_size=batch_size), checkpoint_dir=tmp_path,
+              progress=False)
+    assert str(err.value) == (
+        f"train.batch_size: {batch_size} does not fit in cpu memory (tried to allocate {batch_size * 8} bytes); "
+        "allowed: a smaller train.batch_size"
+    )
+    assert list_checkpoints(tmp_path) == []
 
 
 class NaNAtCall(torch.nn.Module):

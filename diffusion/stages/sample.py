@@ -6,6 +6,8 @@ train stage saves the EMA network), so there is no choice to make.
 Outputs: ``samples/samples.npz`` (uint8 images [N, C, H, W] and their labels),
 ``samples/grid.png`` and ``samples/run.json``: the MLflow run, nested under the
 model's run, that the evaluate stage logs FID into.
+
+Images with NaN or inf (black once made uint8) are refused, and nothing is written.
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ from diffusion.config import Params
 from diffusion.files import atomic_write
 from diffusion.packaged import PackagedDiffusion, to_uint8
 from diffusion.stages.paths import GRID, MODEL, MODEL_RUN, SAMPLE_RUN, SAMPLES
-from diffusion.devices import resolve_device
+from diffusion.devices import batch_memory, resolve_device
+from diffusion.errors import UserError
+
+
+class NonFiniteSamplesError(UserError, RuntimeError):
+    """Samples with NaN or inf; the message is one line saying how many, under which sample params."""
 
 
 def generate(packaged: PackagedDiffusion, params: Params, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,29 +35,37 @@ def generate(packaged: PackagedDiffusion, params: Params, device: torch.device) 
     not depend on the batch size.
 
     Class-conditional models get labels cycling through the classes, so each grid
-    row shows every class.
+    row shows every class. :class:`NonFiniteSamplesError` if any image holds NaN or inf;
+    a batch too large for the device's memory is a one-line error naming ``sample.batch_size``.
     """
     cfg = params.sample
     num_classes = packaged.model_spec.get("num_classes")
     labels = torch.arange(cfg.num_samples) % num_classes if num_classes else torch.zeros(cfg.num_samples, dtype=torch.long)
-    batches = []
+    batches, non_finite = [], 0
     for start in range(0, cfg.num_samples, cfg.batch_size):
         count = min(cfg.batch_size, cfg.num_samples - start)
         batch_labels = labels[start : start + count].to(device) if num_classes else None
-        x = packaged.sample(
-            count,
-            sampler=cfg.sampler,
-            steps=cfg.steps,
-            eta=cfg.eta,
-            clip_denoised=cfg.clip_denoised,
-            threshold=cfg.threshold,
-            labels=batch_labels,
-            seed=cfg.seed,
-            first_index=start,
-            device=device,
-            progress=True,
-        )
+        with batch_memory("sample.batch_size", cfg.batch_size, device):
+            x = packaged.sample(
+                count,
+                sampler=cfg.sampler,
+                steps=cfg.steps,
+                eta=cfg.eta,
+                clip_denoised=cfg.clip_denoised,
+                threshold=cfg.threshold,
+                labels=batch_labels,
+                seed=cfg.seed,
+                first_index=start,
+                device=device,
+                progress=True,
+            )
+        non_finite += int((~torch.isfinite(x)).flatten(1).any(1).sum())
         batches.append(to_uint8(x).cpu())
+    if non_finite:
+        raise NonFiniteSamplesError(
+            f"{non_finite} of {cfg.num_samples} images hold NaN or inf with sample.sampler {cfg.sampler!r} and "
+            f"sample.steps {cfg.steps} (the model or these settings diverge); nothing written"
+        )
     return torch.cat(batches), labels
 
 

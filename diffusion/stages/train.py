@@ -11,7 +11,8 @@ copy), where the key hashes the dataset and every param that changes the traject
 experiment, resumes where it stopped, a changed config starts afresh, and the resumed
 run logs into the same MLflow run. One training of a key runs at a time (a lock in its
 folder): a second one, say a concurrent sweep trial with the same training params,
-waits and then resumes from the finished checkpoint.
+waits and then resumes from the finished checkpoint. Holding the lock, a training first
+deletes the temp files that writers killed mid-write left in the folder.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import json
 from diffusion import tracking
 from diffusion.config import Params
 from diffusion.data import load_dataset
-from diffusion.files import exclusive_lock, write_csv
+from diffusion.files import exclusive_lock, remove_stale_temps, write_csv
 from diffusion.gaussian import GaussianDiffusion
 from diffusion.packaged import PackagedDiffusion
 from diffusion.stages.paths import (
@@ -69,6 +70,9 @@ def run(params: Params) -> None:
         print(f"train: {ckpt_dir} is in use by another training ({holder}); waiting for it", flush=True)
 
     with exclusive_lock(ckpt_dir / ".lock", on_wait=waiting):
+        stale = remove_stale_temps(ckpt_dir)  # every writer of the folder holds this lock
+        if stale:
+            print(f"train: removed the temp files of killed writes: {', '.join(p.name for p in stale)}", flush=True)
         _train(params, packaged, dataset, heldout, ckpt_dir)
 
 
