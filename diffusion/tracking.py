@@ -207,6 +207,17 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None, run_id: s
         client.log_metric(run_id, key, float(value), step=step or 0)
 
 
+def set_tags(tags: Mapping[str, str], run_id: str | None = None) -> None:
+    """Set tags on the active run, or on ``run_id``."""
+    mlflow = _mlflow()
+    if run_id is None:
+        mlflow.set_tags(dict(tags))
+        return
+    from mlflow.entities import RunTag
+
+    mlflow.MlflowClient().log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
 def log_dataset(path: str | Path, *, name: str, source: str, images, labels, context: str = "training") -> None:
     """The dataset as an MLflow dataset: its DVC hash (md5 of the file) as digest, its source."""
     mlflow = _mlflow()
@@ -265,8 +276,9 @@ def log_packaged_model(packaged, name: str = "model") -> None:
     )
 
 
-def mirror_to_parent(metrics: Mapping[str, float]) -> None:
-    """Copy metrics of a nested (sample) run onto its parent (model) run.
+def mirror_to_parent(metrics: Mapping[str, float], tags: Mapping[str, str] | None = None) -> None:
+    """Copy metrics (and the tags that go with them, an FID's protocol) of a nested
+    (sample) run onto its parent (model) run.
 
     Not under an orchestrator: there the parent is a sweep, not the model run.
     """
@@ -276,3 +288,5 @@ def mirror_to_parent(metrics: Mapping[str, float]) -> None:
     parent = mlflow.active_run().data.tags.get("mlflow.parentRunId")
     if parent:
         log_metrics(metrics, run_id=parent)
+        if tags:
+            set_tags(tags, run_id=parent)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -34,3 +35,17 @@ def test_train_and_sample_start_without_torchvision_or_clean_fid() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_samples_carry_the_sampling_settings_that_evaluate_records(tmp_path) -> None:
+    from diffusion.data import DatasetError
+    from diffusion.stages.evaluate import load_samples
+
+    images = np.zeros((2, 1, 4, 4), dtype=np.uint8)
+    sampling = {"sampler": "ddim", "steps": 5, "eta": 0.0, "clip_denoised": True, "threshold": None}
+    np.savez(tmp_path / "new.npz", images=images, labels=np.zeros(2), sampling=np.array(json.dumps(sampling)))
+    loaded, settings = load_samples(tmp_path / "new.npz")
+    assert settings == sampling and np.array_equal(loaded, images)
+    np.savez(tmp_path / "old.npz", images=images, labels=np.zeros(2))
+    with pytest.raises(DatasetError, match=r"old.npz: records no sampling settings \(an older sample stage wrote it\): run sample again$"):
+        load_samples(tmp_path / "old.npz")
