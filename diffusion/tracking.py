@@ -35,6 +35,7 @@ os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
 
 RUN_ID_ENV = "MLFLOW_RUN_ID"
 STORE_DIR = "mlflow"
+CHECKPOINT_FILE = "model.pt"  # a logged model's weights-only file, under extra_files/
 
 
 def repo_root() -> Path:
@@ -250,15 +251,32 @@ def active_run_id() -> str:
     return _mlflow().active_run().info.run_id
 
 
-def log_packaged_model(packaged, name: str = "model") -> None:
-    """Log a :class:`~diffusion.packaged.PackagedDiffusion` as an MLflow pytorch model.
-
-    Its input is x_T (float32 [N, C, H, W]), its output the samples in [-1, 1]; the
-    ``diffusion`` package travels with it (``code_paths``) and its requirements are
-    pinned to the versions in use, so ``mlflow.pytorch.load_model`` samples back.
-    """
+@contextlib.contextmanager
+def _store(tracking_uri: str | None) -> Iterator[Any]:
+    """``mlflow`` pointed at ``tracking_uri`` for the block (default: the active store), then back."""
     mlflow = _mlflow()
+    previous = mlflow.get_tracking_uri()
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield mlflow
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def log_packaged_model(packaged, name: str = "model", *, run_id: str | None = None, tracking_uri: str | None = None) -> str:
+    """Log a :class:`~diffusion.packaged.PackagedDiffusion` as an MLflow pytorch model, an
+    output of ``run_id`` (default: the active run) in its experiment; returns the model id.
+
+    Its input is x_T (float32 [N, C, H, W]), its output the samples in [-1, 1] drawn
+    with ``packaged.sampling``; the ``diffusion`` package travels with it
+    (``code_paths``) and its requirements are pinned to the versions in use, so
+    ``mlflow.pytorch.load_model`` samples back. It also carries the weights-only file
+    of :meth:`~diffusion.packaged.PackagedDiffusion.save` as ``extra_files/model.pt``,
+    which :func:`load_packaged_model` reads without unpickling code.
+    """
     import importlib.metadata as md
+    import tempfile
 
     import numpy as np
 
@@ -266,14 +284,37 @@ def log_packaged_model(packaged, name: str = "model") -> None:
 
     example = np.random.default_rng(0).standard_normal((1, *packaged.image_shape)).astype(np.float32)
     requirements = [f"{pkg}=={md.version(pkg)}" for pkg in ("torch", "torchvision", "numpy", "tqdm")]
-    mlflow.pytorch.log_model(
-        packaged.cpu().eval(),
-        name=name,
-        input_example=example,
-        pip_requirements=requirements,
-        serialization_format="pickle",  # pt2 (torch.export) cannot trace the sampling loop
-        code_paths=[str(Path(diffusion.__file__).parent)],
-    )
+    with _store(tracking_uri) as mlflow, tempfile.TemporaryDirectory() as tmp:
+        run = mlflow.MlflowClient().get_run(run_id or mlflow.active_run().info.run_id)
+        model = mlflow.initialize_logged_model(
+            name=name, source_run_id=run.info.run_id, experiment_id=run.info.experiment_id, params=run.data.params
+        )
+        mlflow.pytorch.log_model(
+            packaged.cpu().eval(),
+            model_id=model.model_id,
+            run_id=run.info.run_id,
+            input_example=example,
+            pip_requirements=requirements,
+            serialization_format="pickle",  # pt2 (torch.export) cannot trace the sampling loop
+            code_paths=[str(Path(diffusion.__file__).parent)],
+            extra_files=[str(packaged.save(Path(tmp) / CHECKPOINT_FILE))],
+        )
+    return model.model_id
+
+
+def load_packaged_model(model_id: str, *, tracking_uri: str | None = None):
+    """The :class:`~diffusion.packaged.PackagedDiffusion` of a model that
+    :func:`log_packaged_model` logged, read from its weights-only file (no pickled code);
+    None when the model carries no such file (logged before it did)."""
+    import tempfile
+
+    from diffusion.packaged import PackagedDiffusion
+
+    with _store(tracking_uri) as mlflow, tempfile.TemporaryDirectory() as tmp:
+        folder = f"{mlflow.get_logged_model(model_id).artifact_location}/extra_files"
+        if CHECKPOINT_FILE not in {Path(a.path).name for a in mlflow.artifacts.list_artifacts(artifact_uri=folder)}:
+            return None
+        return PackagedDiffusion.load(mlflow.artifacts.download_artifacts(artifact_uri=f"{folder}/{CHECKPOINT_FILE}", dst_path=tmp))
 
 
 def mirror_to_parent(metrics: Mapping[str, float], tags: Mapping[str, str] | None = None) -> None:
