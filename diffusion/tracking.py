@@ -14,6 +14,13 @@ Runs follow DVC's data lineage (README, "Tracking"):
 
 The default store is SQLite in ``mlflow/`` at the repository root (database and
 artifacts, git-ignored); ``MLFLOW_TRACKING_URI`` points elsewhere (a server).
+
+The experiment carries a saved runs-table view, ``FID`` (:func:`runs_view`): the
+runs sorted by FID, with FID, KID and the final loss as columns. MLflow's UI (3.17)
+lists it under Runs -> Views and opens it from a link with
+``?viewStateShareKey=fid``. No experiment tag or setting makes the UI open an
+experiment on its runs: 3.17 shows GenAI (traces) or model training (runs) by its
+sidebar toggle, kept per browser (README, "The MLflow UI").
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +43,11 @@ os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
 
 RUN_ID_ENV = "MLFLOW_RUN_ID"
 STORE_DIR = "mlflow"
+# The saved view of the runs table: the UI keeps each as an experiment tag
+# mlflow.sharedViewState.<id> (its js bundle: saved views, share keys).
+RUNS_VIEW_ID = "fid"
+RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW_ID}"
+RUNS_VIEW_METRICS = ("fid", "kid", "final_loss")
 CHECKPOINT_FILE = "model.pt"  # a logged model's weights-only file, under extra_files/
 
 
@@ -63,19 +76,33 @@ def _mlflow():
     return mlflow
 
 
+def runs_view() -> str:
+    """The ``FID`` view of the runs table as the MLflow UI saves a view: a JSON envelope
+    (name, createdAt in ms, state) whose state is the JSON of the table's sort and columns."""
+    state = {
+        "orderByKey": "metrics.`fid`",
+        "orderByAsc": True,
+        "selectedColumns": [f"metrics.`{metric}`" for metric in RUNS_VIEW_METRICS],
+    }
+    return json.dumps({"name": "FID", "createdAt": int(time.time() * 1000), "state": json.dumps(state)})
+
+
 def experiment_id(name: str, tracking_uri: str | None = None) -> str:
     """The experiment (of the store at ``tracking_uri``, default the active one), created
-    with its artifacts beside a local SQLite store."""
+    with its artifacts beside a local SQLite store; it has the ``FID`` runs view (one
+    created before that gets it)."""
     mlflow = _mlflow()
     uri = tracking_uri or mlflow.get_tracking_uri()
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if RUNS_VIEW_TAG not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, RUNS_VIEW_TAG, runs_view())
         return exp.experiment_id
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags={RUNS_VIEW_TAG: runs_view()})
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
