@@ -75,6 +75,8 @@ def test_the_experiment_opens_on_runs_with_the_fid_view(tmp_path, monkeypatch):
 
         toggled = render(browser, f"{base}?workflowType=machine_learning", tmp_path / "profile")
         assert "Run Name" in toggled and "3 matching runs" in toggled and "Views" in toggled
+        default_table = toggled[toggled.index("Run Name"):toggled.index("matching runs")]
+        assert "Sort: Created" in toggled and "fid" not in default_table and "loss" not in default_table
 
         screenshot = tmp_path / "fid-view.png"
         view = render(browser, f"{base}/runs?workflowType=machine_learning&viewStateShareKey={tracking.RUNS_VIEW_ID}",
