@@ -161,6 +161,12 @@ def test_a_dead_promotions_lock_expires_and_a_live_one_is_waited_for(store):
                 pass
     assert not client.search_registered_models(f"name = 'busy{registry.LOCK_SUFFIX}'")
 
+    # A holder that works longer than the lock's time to live keeps it alive.
+    with registry.promotion_lock(client, "slow", ttl=0.4):
+        time.sleep(1.2)
+        expires = float(client.get_registered_model(f"slow{registry.LOCK_SUFFIX}").tags["expires"])
+        assert expires > time.time()
+
 
 @pytest.mark.integration
 def test_the_champion_of_a_real_pipeline_samples_with_its_fids_settings(tmp_path):
