@@ -42,8 +42,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
-from diffusion import tracking
+from diffusion import protocol, tracking
 from diffusion.config import Params, SearchDim, SweepParams, parse_params
+from diffusion.stages.paths import FID_PROTOCOL
 from flows.commands import apply_overrides, check, command_env, run_command, set_args, tracking_uri
 from flows.pipeline import dvc, stage_order
 
@@ -228,8 +229,9 @@ def experiment_name(study_name: str, number: int) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_-]+', '-', study_name).strip('-') or 'sweep'}-{number}"
 
 
-def read_experiment(root: Path, name: str) -> tuple[dict[str, float] | None, str | None]:
-    """The experiment's ``metrics/evaluate.json`` and the model run in its ``models/run.json``."""
+def read_experiment(root: Path, name: str) -> tuple[dict[str, float] | None, dict | None, str | None]:
+    """The experiment's ``metrics/evaluate.json``, its ``metrics/protocol.json`` and the
+    model run in its ``models/run.json``."""
     from dvc.api import DVCFileSystem
     from dvc.exceptions import DvcException
 
@@ -242,7 +244,7 @@ def read_experiment(root: Path, name: str) -> tuple[dict[str, float] | None, str
             return None
 
     model = read(MODEL_RUN_FILE)
-    return read(EVALUATE_METRICS), (model or {}).get("run_id")
+    return read(EVALUATE_METRICS), read(str(FID_PROTOCOL)), (model or {}).get("run_id")
 
 
 @task(cache_policy=NO_CACHE, task_run_name="trial-{number}")
@@ -277,7 +279,7 @@ def run_trial(number: int, trial: Any, overrides: dict[str, Any], sweep: Sweep, 
             logger.info(f"trial {number}: pruned at step {reporter.last_step}")
             return TrialResult(number, "pruned", run_id)
         check(outcome, cmd)
-        metrics, model_run = read_experiment(sweep.root, name)
+        metrics, recorded, model_run = read_experiment(sweep.root, name)
         if metrics is None:
             # A repository that git-ignores metrics/ commits experiments without it: take what evaluate logged.
             logger.warning(f"trial {number}: {EVALUATE_METRICS} is not in experiment {name}; using the run's metrics")
@@ -295,6 +297,10 @@ def run_trial(number: int, trial: Any, overrides: dict[str, Any], sweep: Sweep, 
         for objective, value in zip(sweep.objectives, values):
             if objective not in logged.metrics:
                 client.log_metric(run_id, objective, value)
+        if recorded and protocol.DIGEST_TAG not in logged.tags:
+            # evaluate came from DVC's run cache: its FID protocol from the experiment's file
+            for key, value in protocol.to_tags(recorded).items():
+                client.set_tag(run_id, key, value)
         log_missing_params(client, run_id, params, logged.params)
         status, state = "FINISHED", "COMPLETE"
         return TrialResult(number, "complete", run_id, values)
