@@ -289,7 +289,10 @@ def promote(
             differ = protocol.differences(measured, _recorded_protocol(current.tags, f"{name} v{current.version}"))
             wins = not differ and fid < previous_fid
             if differ:
-                message = f"{this} is challenger; champion stays {theirs}, whose FID was measured under another protocol: {', '.join(differ)}"
+                message = (
+                    f"{this} is challenger; champion stays {theirs}, "
+                    f"whose FID was measured under another protocol: {', '.join(differ)}"
+                )
             elif wins:
                 message = f"{this} is challenger and now champion: it beats {theirs}"
             else:

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import mlflow
 import pytest
@@ -42,12 +41,14 @@ def store(tmp_path_factory):
         yield {"uri": uri, "model_run": run.info.run_id, "root": root}
 
 
-def fid_run(store, fid: float, **changes) -> str:
-    """A finished sample run nested under the model run: its FID and the protocol it was measured under."""
+def fid_run(store, fid: float, recorded: dict | None = MEASURED, **changes) -> str:
+    """A finished sample run nested under the model run: its FID and the protocol it was
+    measured under (``recorded`` with ``changes``; None: no protocol tags)."""
     client = MlflowClient(store["uri"])
-    run = client.create_run(tracking.experiment_id("diffusion", store["uri"]), tags={"mlflow.parentRunId": store["model_run"]})
+    experiment = tracking.experiment_id("diffusion", store["uri"])
+    run = client.create_run(experiment, tags={"mlflow.parentRunId": store["model_run"]})
     client.log_metric(run.info.run_id, "fid", fid)
-    for key, value in protocol.to_tags({**MEASURED, **changes}).items():
+    for key, value in protocol.to_tags({**recorded, **changes}).items() if recorded else ():
         client.set_tag(run.info.run_id, key, value)
     client.set_terminated(run.info.run_id)
     return run.info.run_id
@@ -89,11 +90,10 @@ def test_champion_moves_only_over_a_version_of_the_same_protocol(store):
 
 
 def test_a_run_without_a_protocol_is_not_promoted(store):
-    client = MlflowClient(store["uri"])
-    run = client.create_run(tracking.experiment_id("diffusion", store["uri"]), tags={"mlflow.parentRunId": store["model_run"]})
-    client.log_metric(run.info.run_id, "fid", 5.0)
-    with pytest.raises(registry.RegistryError, match=rf"^run {run.info.run_id} records no FID protocol \(tag fid.protocol.digest\): run evaluate again$"):
-        registry.promote("no-protocol", run_id=run.info.run_id, tracking_uri=store["uri"])
+    run_id = fid_run(store, 5.0, recorded=None)
+    expected = rf"^run {run_id} records no FID protocol \(tag fid.protocol.digest\): run evaluate again$"
+    with pytest.raises(registry.RegistryError, match=expected):
+        registry.promote("no-protocol", run_id=run_id, tracking_uri=store["uri"])
 
 
 # A promotion in its own process. It reads the champion, then sleeps (FID 20 longer than
@@ -156,7 +156,8 @@ def test_a_dead_promotions_lock_expires_and_a_live_one_is_waited_for(store):
     assert not client.search_registered_models(f"name = '{lock}'")
 
     with registry.promotion_lock(client, "busy"):
-        with pytest.raises(registry.RegistryError, match=r"^registered model 'busy': .* pid \d+ \w+ has held busy.promotion-lock for over 0.5 s; try again later$"):
+        expected = r"^registered model 'busy': .* pid \d+ \w+ has held busy.promotion-lock for over 0.5 s; try again later$"
+        with pytest.raises(registry.RegistryError, match=expected):
             with registry.promotion_lock(client, "busy", wait=0.5):
                 pass
     assert not client.search_registered_models(f"name = 'busy{registry.LOCK_SUFFIX}'")
@@ -172,7 +173,8 @@ def test_a_dead_promotions_lock_expires_and_a_live_one_is_waited_for(store):
 def test_the_champion_of_a_real_pipeline_samples_with_its_fids_settings(tmp_path):
     """dvc repro of the tiny pipeline, then promote: the FID's protocol is recorded and the
     registered model samples with the sample params behind that FID."""
-    repo = make_pipeline_repo(tmp_path / "repo", {**TINY_PARAMS, "sample": {**TINY_PARAMS["sample"], "eta": 0.0, "clip_denoised": False}})
+    sample = {**TINY_PARAMS["sample"], "eta": 0.0, "clip_denoised": False}
+    repo = make_pipeline_repo(tmp_path / "repo", {**TINY_PARAMS, "sample": sample})
     run_in(repo, "dvc", "repro")
     uri = pipeline_env(repo)["MLFLOW_TRACKING_URI"]
     client = MlflowClient(uri)
@@ -182,7 +184,6 @@ def test_the_champion_of_a_real_pipeline_samples_with_its_fids_settings(tmp_path
     # The protocol: in metrics/protocol.json, on the sample run, mirrored onto the model run.
     manifest = json.loads((repo / "data/manifest.json").read_text())
     recorded = json.loads((repo / "metrics/protocol.json").read_text())
-    sample = TINY_PARAMS["sample"]
     assert recorded == {
         "num_samples": sample["num_samples"], "reference_images": TINY_PARAMS["data"]["reference_images"],
         "reference_sha256": manifest["sha256"]["reference"], "inception": "clean-fid clean, inception-2015-12-05",
@@ -197,10 +198,13 @@ def test_the_champion_of_a_real_pipeline_samples_with_its_fids_settings(tmp_path
     mlflow.set_tracking_uri(uri)
     model = mlflow.pytorch.load_model("models:/diffusion@champion")
     params = sample_run.data.params
-    expected = {"sampler": params["sample.sampler"], "steps": int(params["sample.steps"]), "eta": float(params["sample.eta"]),
-                "clip_denoised": params["sample.clip_denoised"] == "True", "threshold": None}
+    expected = {
+        "sampler": params["sample.sampler"], "steps": int(params["sample.steps"]), "eta": float(params["sample.eta"]),
+        "clip_denoised": params["sample.clip_denoised"] == "True", "threshold": None,
+    }
     assert params["sample.threshold"] == "None"
-    assert model.sampling == expected == {"sampler": "ddim", "steps": sample["steps"], "eta": 0.0, "clip_denoised": False, "threshold": None}
+    assert model.sampling == expected
+    assert expected == {"sampler": "ddim", "steps": sample["steps"], "eta": 0.0, "clip_denoised": False, "threshold": None}
     noise = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     assert torch.equal(model(noise), model.sample(2, noise=noise, **expected))
     assert not torch.equal(model(noise), model.sample(2, noise=noise))  # sample()'s defaults draw other images

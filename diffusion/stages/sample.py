@@ -1,9 +1,9 @@
 """sample: N images from the trained (EMA) model with the chosen sampler.
 
 Outputs: ``samples/samples.npz`` (uint8 images [N, C, H, W], their labels and, as
-JSON, the sampling settings that drew them: the evaluate stage records them in the
-FID protocol), ``samples/grid.png`` and ``samples/run.json``: the MLflow run, nested under the
-model's run, that the evaluate stage logs FID into.
+JSON, the sampling settings that drew them, which evaluate records in the FID
+protocol), ``samples/grid.png`` and ``samples/run.json``: the MLflow run, nested
+under the model's run, that the evaluate stage logs FID into.
 """
 
 from __future__ import annotations
