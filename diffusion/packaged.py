@@ -1,9 +1,13 @@
 """The trained model as one object: the network, the configs that rebuild it, sampling.
 
 ``models/model.pt`` (the train stage's output) and the MLflow model are both this
-module. ``forward(noise)`` maps x_T to images with the default sampler, so the
-MLflow pytorch flavour's ``predict`` on an array of noise returns samples;
-:meth:`PackagedDiffusion.sample` takes any sampler, step count and seed.
+module. ``forward(noise)`` maps x_T to images with the model's ``sampling``
+settings, so the MLflow pytorch flavour's ``predict`` on an array of noise returns
+samples; :meth:`PackagedDiffusion.sample` takes any sampler, step count and seed.
+
+``sampling`` is :data:`DEFAULT_SAMPLER` in ``models/model.pt``: train does not know
+the sample params. The registered model carries the sample params behind its FID
+(:func:`diffusion.registry.promote` sets them).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from diffusion.models import create_model
 from diffusion.samplers import sample as run_sampler
 from diffusion.schedules import make_betas
 
-DEFAULT_SAMPLER = {"sampler": "ddim", "steps": 50, "eta": 0.0}
+# The sample() arguments that ``sampling`` holds, and their defaults.
+DEFAULT_SAMPLER = {"sampler": "ddim", "steps": 50, "eta": 0.0, "clip_denoised": True, "threshold": None}
 
 
 class PackagedDiffusion(nn.Module):
@@ -29,12 +34,24 @@ class PackagedDiffusion(nn.Module):
     ``model_spec``: ``create_model`` arguments (name, in_channels, image_size,
     learn_sigma, num_classes, overrides). ``process``: the diffusion section of
     params.yaml (schedule, timesteps, zero_terminal_snr, prediction, variance, loss).
+    ``sampling``: what ``forward`` samples with, the keys of :data:`DEFAULT_SAMPLER`
+    (sampler, steps, eta, clip_denoised, threshold); those not given keep their default.
     """
 
-    def __init__(self, model_spec: dict[str, Any], process: dict[str, Any], net: nn.Module | None = None):
+    def __init__(
+        self,
+        model_spec: dict[str, Any],
+        process: dict[str, Any],
+        net: nn.Module | None = None,
+        sampling: dict[str, Any] | None = None,
+    ):
         super().__init__()
+        unknown = sorted(set(sampling or {}) - set(DEFAULT_SAMPLER))
+        if unknown:
+            raise ValueError(f"sampling: unknown {', '.join(unknown)}; allowed {', '.join(DEFAULT_SAMPLER)}")
         self.model_spec = dict(model_spec)
         self.process = dict(process)
+        self.sampling = {**DEFAULT_SAMPLER, **(sampling or {})}
         spec = dict(model_spec)
         self.net = net if net is not None else create_model(
             spec.pop("name"), **spec.pop("overrides", {}), **spec
@@ -51,8 +68,8 @@ class PackagedDiffusion(nn.Module):
         return (self.model_spec["in_channels"], self.model_spec["image_size"], self.model_spec["image_size"])
 
     def forward(self, noise: torch.Tensor) -> torch.Tensor:
-        """x_T -> x_0 in [-1, 1] with the default sampler (DDIM, 50 steps, eta 0)."""
-        return self.sample(noise.shape[0], noise=noise, device=noise.device)
+        """x_T -> x_0 in [-1, 1] with :attr:`sampling`."""
+        return self.sample(noise.shape[0], noise=noise, device=noise.device, **self.sampling)
 
     @torch.no_grad()
     def sample(
@@ -98,15 +115,22 @@ class PackagedDiffusion(nn.Module):
             self.net.train(was_training)
 
     def save(self, path: str | Path) -> Path:
-        """Write the weights and both configs atomically (no pickled code)."""
-        state = {"model_spec": self.model_spec, "process": self.process, "state_dict": self.net.state_dict()}
+        """Write the weights, both configs and the sampling settings atomically (no pickled code)."""
+        state = {
+            "model_spec": self.model_spec,
+            "process": self.process,
+            "sampling": self.sampling,
+            "state_dict": self.net.state_dict(),
+        }
         return save_checkpoint(path, state)
 
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> PackagedDiffusion:
+        """Read a file of :meth:`save` (weights only, no code); a file written before
+        ``sampling`` existed gets :data:`DEFAULT_SAMPLER`."""
         state = load_checkpoint(path)
         try:
-            packaged = cls(state["model_spec"], state["process"])
+            packaged = cls(state["model_spec"], state["process"], sampling=state.get("sampling"))
             packaged.net.load_state_dict(state["state_dict"])
         except KeyError as err:
             raise CheckpointError(

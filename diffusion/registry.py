@@ -1,13 +1,20 @@
 """The one module that talks to the MLflow model registry: promotion by alias.
 
-:func:`promote` registers a run's model as a new version of a registered model,
-tagged with its FID and the runs it came from, and points the ``challenger`` alias
-at it. ``champion`` moves to it only if its FID is lower than the current
-champion's; the message says which happened. Registry stages are deprecated in
+:func:`promote` registers a run's model as a new version of a registered model and
+points the ``challenger`` alias at it. ``champion`` moves to it only if its FID was
+measured under the same protocol as the champion's (:mod:`diffusion.protocol`, the
+``fid.protocol.digest`` tag) and is lower; the message says which happened, and
+names the fields in which the protocols differ. Registry stages are deprecated in
 MLflow 3: aliases are all this module uses, and ``models:/<name>@champion`` loads
 with ``mlflow.pytorch.load_model`` and samples.
 
-Which run holds the model (the train stage logs it at artifact path ``model``,
+The registered model samples as the FID's images were drawn: promotion reads the
+trained weights from the model run's logged model (its weights-only file, not the
+pickle), sets ``sampling`` to the FID's sampler settings, and logs that as a new
+model (``promoted``), an output of the FID's run, which the version points at. The
+version is tagged with ``fid``, ``source_run``, ``model_run`` and the protocol.
+
+Which run holds the trained model (the train stage logs it as ``model``,
 :func:`diffusion.tracking.log_packaged_model`):
 
 - the run that trained it: a model run, or a sweep trial whose train stage ran;
@@ -15,24 +22,39 @@ Which run holds the model (the train stage logs it at artifact path ``model``,
   ``train.model_run_id`` (or ``sample.model_run_id``, set by the sample stage);
 - a sample run is nested under it.
 
+Two promotions of one registered model never interleave: each holds
+:func:`promotion_lock` from choosing the version to setting the aliases.
+
 MLflow is imported inside the functions: ``import diffusion.registry`` stays light.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from diffusion import protocol, tracking
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
 METRIC = "fid"
 MODEL_NAME = "model"  # the train stage's log_model name
+PROMOTED_NAME = "promoted"  # the model promotion logs: the trained weights with the FID's sampling
 # Tags that point from a run to the run holding its model, in the order they are trusted.
 MODEL_RUN_TAGS = ("train.model_run_id", "sample.model_run_id", "mlflow.parentRunId")
-# The source run's params that produced its FID, copied onto the version.
-SAMPLE_PARAMS = ("sample.sampler", "sample.steps", "sample.eta", "sample.num_samples")
+ALREADY_EXISTS = ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS")
+LOCK_SUFFIX = ".promotion-lock"  # the registered model that is the lock of a promotion of <name>
+LOCK_TTL_S = 60.0  # a lock not refreshed for this long belongs to a promotion that died
+LOCK_WAIT_S = 600.0  # how long a promotion waits for a live one to finish
+LOCK_POLL_S = 0.2
 
 
 class RegistryError(RuntimeError):
@@ -56,9 +78,7 @@ def _client(tracking_uri: str | None):
     from mlflow import MlflowClient
 
     if not tracking_uri:
-        from diffusion.tracking import default_tracking_uri
-
-        tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+        tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_tracking_uri()
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
@@ -102,30 +122,129 @@ def find_model(client: Any, run: Any) -> tuple[str, str]:
     )
 
 
-def _version_for(client: Any, name: str, run_id: str, model_id: str, tags: dict[str, str]) -> Any:
-    """The version registered from ``run_id`` before, else a new one."""
+@contextlib.contextmanager
+def promotion_lock(client: Any, name: str, *, ttl: float = LOCK_TTL_S, wait: float = LOCK_WAIT_S) -> Iterator[None]:
+    """Hold the promotion lock of registered model ``name`` while the block runs: one
+    promotion of ``name`` at a time, across processes and hosts that share the store.
+
+    The lock is the registered model ``<name>.promotion-lock``: creating a registered
+    model is atomic in every MLflow store (the name is unique, so a second create fails
+    with RESOURCE_ALREADY_EXISTS). Its holder pushes the lock's tag ``expires`` (epoch
+    seconds) ``ttl`` ahead every ``ttl / 4`` s and deletes the lock at the end. A lock
+    past its expiry belongs to a promotion that died: the next promotion deletes it, if
+    its ``holder`` tag is unchanged, and takes it. Hosts' clocks must agree to well
+    within ``ttl``. :class:`RegistryError` after ``wait`` s behind a live holder.
+    """
     from mlflow.exceptions import MlflowException
+
+    lock = f"{name}{LOCK_SUFFIX}"
+    holder = f"{socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex[:8]}"
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            client.create_registered_model(
+                lock,
+                tags={"holder": holder, "expires": f"{time.time() + ttl:.3f}"},
+                description=f"Held while a promotion of '{name}' runs; deleted when it ends.",
+            )
+            break
+        except MlflowException as err:
+            if err.error_code not in ALREADY_EXISTS:
+                raise
+        held_by = _expire(client, lock, ttl)
+        if held_by and time.monotonic() > deadline:
+            raise RegistryError(f"registered model '{name}': {held_by} has held {lock} for over {wait:g} s; try again later")
+        time.sleep(LOCK_POLL_S)
+
+    stop = threading.Event()
+
+    def refresh() -> None:
+        while not stop.wait(ttl / 4):
+            try:
+                client.set_registered_model_tag(lock, "expires", f"{time.time() + ttl:.3f}")
+            except MlflowException:
+                return
+
+    thread = threading.Thread(target=refresh, name=f"{lock}-refresh", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        _release(client, lock, holder)
+
+
+def _expire(client: Any, lock: str, ttl: float) -> str | None:
+    """Delete ``lock`` if it has expired; the holder of a live lock, None when there is none now."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(lock)
+    except MlflowException:
+        return None  # released meanwhile
+    expires = float(model.tags.get("expires", model.creation_timestamp / 1000 + ttl))
+    if time.time() <= expires:
+        return model.tags.get("holder", "another promotion")
+    _release(client, lock, model.tags.get("holder"))
+    return None
+
+
+def _release(client: Any, lock: str, holder: str | None) -> None:
+    """Delete ``lock`` if ``holder`` still holds it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if client.get_registered_model(lock).tags.get("holder") == holder:
+            client.delete_registered_model(lock)
+    except MlflowException:
+        pass  # gone already
+
+
+def _version_for(client: Any, name: str, run: Any, model_id: str, measured: dict[str, Any], tags: dict[str, str]) -> Any:
+    """The version registered from ``run`` before, else a new one: ``model_id``'s weights
+    sampling with the settings of ``measured``, logged as a model of ``run``."""
+    from mlflow.exceptions import MlflowException
+
+    from diffusion.packaged import PackagedDiffusion
 
     try:
         client.create_registered_model(name, description="Image diffusion models; aliases: champion, challenger.")
     except MlflowException as err:
-        if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+        if err.error_code not in ALREADY_EXISTS:
             raise
     for version in client.search_model_versions(f"name = '{name}'"):
-        if version.tags.get("source_run") == run_id:
+        if version.tags.get("source_run") == run.info.run_id:
             return version
-    return client.create_model_version(name, f"models:/{model_id}", run_id=tags["model_run"], tags=tags, model_id=model_id)
+    trained = tracking.load_packaged_model(model_id, tracking_uri=client.tracking_uri)
+    if trained is None:
+        raise RegistryError(
+            f"model {model_id} of run {tags['model_run']} has no weights-only file "
+            f"(extra_files/{tracking.CHECKPOINT_FILE}; it was logged before models carried one): train again to promote it"
+        )
+    sampling = {key: measured[key] for key in protocol.SAMPLING}
+    packaged = PackagedDiffusion(trained.model_spec, trained.process, net=trained.net, sampling=sampling)
+    promoted_id = tracking.log_packaged_model(packaged, PROMOTED_NAME, run_id=run.info.run_id, tracking_uri=client.tracking_uri)
+    return client.create_model_version(
+        name, f"models:/{promoted_id}", run_id=run.info.run_id, tags=tags, model_id=promoted_id
+    )
 
 
-def champion(client: Any, name: str) -> tuple[str, float] | None:
-    """(version, FID) of the current champion, or None."""
+def champion(client: Any, name: str) -> Any | None:
+    """The model version ``champion`` points at, or None."""
     from mlflow.exceptions import MlflowException
 
     try:
-        version = client.get_model_version_by_alias(name, CHAMPION)
+        return client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None
-    return version.version, float(version.tags.get(METRIC, "inf"))
+
+
+def _recorded_protocol(tags: dict[str, str], where: str) -> dict[str, Any] | None:
+    try:
+        return protocol.from_tags(tags)
+    except protocol.ProtocolError as err:
+        raise RegistryError(f"{where}: {err}") from None
 
 
 def promote(
@@ -147,27 +266,39 @@ def promote(
     fid = run.data.metrics.get(METRIC)
     if fid is None or not math.isfinite(fid):
         raise RegistryError(f"run {run.info.run_id} has no finite '{METRIC}' metric: run evaluate first")
+    measured = _recorded_protocol(run.data.tags, f"run {run.info.run_id}")
+    if measured is None:
+        raise RegistryError(f"run {run.info.run_id} records no FID protocol (tag {protocol.DIGEST_TAG}): run evaluate again")
     model_run_id, model_id = find_model(client, run)
-    tags = {METRIC: repr(fid), "source_run": run.info.run_id, "model_run": model_run_id}
-    tags |= {key: run.data.params[key] for key in SAMPLE_PARAMS if key in run.data.params}
+    tags = {METRIC: repr(fid), "source_run": run.info.run_id, "model_run": model_run_id, **protocol.to_tags(measured)}
     if "sweep.study" in run.data.tags:
         tags |= {"sweep.study": run.data.tags["sweep.study"], "sweep.trial": run.data.tags.get("sweep.trial", "")}
-    version = _version_for(client, name, run.info.run_id, model_id, tags)
-    client.set_registered_model_alias(name, CHALLENGER, version.version)
 
-    current = champion(client, name)
-    this = f"{name} v{version.version} (FID {fid:.3f}, run {run.info.run_id})"
-    if current is None:
-        wins, message = True, f"{this} is challenger and champion: there was no champion"
-    elif current[0] == version.version:
-        wins, message = True, f"{this} is challenger and already champion"
-    elif fid < current[1]:
-        wins, message = True, f"{this} is challenger and now champion: it beats v{current[0]} (FID {current[1]:.3f})"
-    else:
-        wins = False
-        message = f"{this} is challenger; champion stays v{current[0]} (FID {current[1]:.3f}), which it does not beat"
-    if wins:
-        client.set_registered_model_alias(name, CHAMPION, version.version)
+    with promotion_lock(client, name):
+        version = _version_for(client, name, run, model_id, measured, tags)
+        client.set_registered_model_alias(name, CHALLENGER, version.version)
+        current = champion(client, name)
+        this = f"{name} v{version.version} (FID {fid:.3f}, run {run.info.run_id})"
+        previous_fid = float(current.tags.get(METRIC, "inf")) if current else None
+        if current is None:
+            wins, message = True, f"{this} is challenger and champion: there was no champion"
+        elif current.version == version.version:
+            wins, message = True, f"{this} is challenger and already champion"
+        else:
+            theirs = f"v{current.version} (FID {previous_fid:.3f})"
+            differ = protocol.differences(measured, _recorded_protocol(current.tags, f"{name} v{current.version}"))
+            wins = not differ and fid < previous_fid
+            if differ:
+                message = (
+                    f"{this} is challenger; champion stays {theirs}, "
+                    f"whose FID was measured under another protocol: {', '.join(differ)}"
+                )
+            elif wins:
+                message = f"{this} is challenger and now champion: it beats {theirs}"
+            else:
+                message = f"{this} is challenger; champion stays {theirs}, which it does not beat"
+        if wins:
+            client.set_registered_model_alias(name, CHAMPION, version.version)
     return Promotion(
         name=name,
         version=version.version,
@@ -175,7 +306,7 @@ def promote(
         run_id=run.info.run_id,
         model_run_id=model_run_id,
         champion=wins,
-        previous_champion=current[0] if current else None,
-        previous_fid=current[1] if current else None,
+        previous_champion=current.version if current else None,
+        previous_fid=previous_fid,
         message=message,
     )

@@ -14,6 +14,13 @@ Runs follow DVC's data lineage (README, "Tracking"):
 
 The default store is SQLite in ``mlflow/`` at the repository root (database and
 artifacts, git-ignored); ``MLFLOW_TRACKING_URI`` points elsewhere (a server).
+
+The experiment carries a saved runs-table view, ``FID`` (:func:`runs_view`): the
+runs sorted by FID, with FID, KID and the final loss as columns. MLflow's UI (3.17)
+lists it under Runs -> Views and opens it from a link with
+``?viewStateShareKey=fid``. No experiment tag or setting makes the UI open an
+experiment on its runs: 3.17 shows GenAI (traces) or model training (runs) by its
+sidebar toggle, kept per browser (README, "The MLflow UI").
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +43,12 @@ os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
 
 RUN_ID_ENV = "MLFLOW_RUN_ID"
 STORE_DIR = "mlflow"
+# The saved view of the runs table: the UI keeps each as an experiment tag
+# mlflow.sharedViewState.<id> (its js bundle: saved views, share keys).
+RUNS_VIEW_ID = "fid"
+RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW_ID}"
+RUNS_VIEW_METRICS = ("fid", "kid", "final_loss")
+CHECKPOINT_FILE = "model.pt"  # a logged model's weights-only file, under extra_files/
 
 
 def repo_root() -> Path:
@@ -55,26 +69,41 @@ def default_tracking_uri(root: Path | None = None) -> str:
 
 
 def _mlflow():
+    """mlflow, pointed at ``MLFLOW_TRACKING_URI`` or the repository's store (the environment
+    wins over an earlier ``mlflow.set_tracking_uri`` in the same process)."""
     import mlflow
 
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        mlflow.set_tracking_uri(default_tracking_uri())
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri())
     return mlflow
+
+
+def runs_view() -> str:
+    """The ``FID`` view of the runs table as the MLflow UI saves a view: a JSON envelope
+    (name, createdAt in ms, state) whose state is the JSON of the table's sort and columns."""
+    state = {
+        "orderByKey": "metrics.`fid`",
+        "orderByAsc": True,
+        "selectedColumns": [f"metrics.`{metric}`" for metric in RUNS_VIEW_METRICS],
+    }
+    return json.dumps({"name": "FID", "createdAt": int(time.time() * 1000), "state": json.dumps(state)})
 
 
 def experiment_id(name: str, tracking_uri: str | None = None) -> str:
     """The experiment (of the store at ``tracking_uri``, default the active one), created
-    with its artifacts beside a local SQLite store."""
+    with its artifacts beside a local SQLite store; it has the ``FID`` runs view (one
+    created before that gets it)."""
     mlflow = _mlflow()
     uri = tracking_uri or mlflow.get_tracking_uri()
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if RUNS_VIEW_TAG not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, RUNS_VIEW_TAG, runs_view())
         return exp.experiment_id
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags={RUNS_VIEW_TAG: runs_view()})
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -207,6 +236,17 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None, run_id: s
         client.log_metric(run_id, key, float(value), step=step or 0)
 
 
+def set_tags(tags: Mapping[str, str], run_id: str | None = None) -> None:
+    """Set tags on the active run, or on ``run_id``."""
+    mlflow = _mlflow()
+    if run_id is None:
+        mlflow.set_tags(dict(tags))
+        return
+    from mlflow.entities import RunTag
+
+    mlflow.MlflowClient().log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
 def log_dataset(path: str | Path, *, name: str, source: str, images, labels, context: str = "training") -> None:
     """The dataset as an MLflow dataset: its DVC hash (md5 of the file) as digest, its source."""
     mlflow = _mlflow()
@@ -239,15 +279,32 @@ def active_run_id() -> str:
     return _mlflow().active_run().info.run_id
 
 
-def log_packaged_model(packaged, name: str = "model") -> None:
-    """Log a :class:`~diffusion.packaged.PackagedDiffusion` as an MLflow pytorch model.
-
-    Its input is x_T (float32 [N, C, H, W]), its output the samples in [-1, 1]; the
-    ``diffusion`` package travels with it (``code_paths``) and its requirements are
-    pinned to the versions in use, so ``mlflow.pytorch.load_model`` samples back.
-    """
+@contextlib.contextmanager
+def _store(tracking_uri: str | None) -> Iterator[Any]:
+    """``mlflow`` pointed at ``tracking_uri`` for the block (default: the active store), then back."""
     mlflow = _mlflow()
+    previous = mlflow.get_tracking_uri()
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield mlflow
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def log_packaged_model(packaged, name: str = "model", *, run_id: str | None = None, tracking_uri: str | None = None) -> str:
+    """Log a :class:`~diffusion.packaged.PackagedDiffusion` as an MLflow pytorch model, an
+    output of ``run_id`` (default: the active run) in its experiment; returns the model id.
+
+    Its input is x_T (float32 [N, C, H, W]), its output the samples in [-1, 1] drawn
+    with ``packaged.sampling``; the ``diffusion`` package travels with it
+    (``code_paths``) and its requirements are pinned to the versions in use, so
+    ``mlflow.pytorch.load_model`` samples back. It also carries the weights-only file
+    of :meth:`~diffusion.packaged.PackagedDiffusion.save` as ``extra_files/model.pt``,
+    which :func:`load_packaged_model` reads without unpickling code.
+    """
     import importlib.metadata as md
+    import tempfile
 
     import numpy as np
 
@@ -255,18 +312,42 @@ def log_packaged_model(packaged, name: str = "model") -> None:
 
     example = np.random.default_rng(0).standard_normal((1, *packaged.image_shape)).astype(np.float32)
     requirements = [f"{pkg}=={md.version(pkg)}" for pkg in ("torch", "torchvision", "numpy", "tqdm")]
-    mlflow.pytorch.log_model(
-        packaged.cpu().eval(),
-        name=name,
-        input_example=example,
-        pip_requirements=requirements,
-        serialization_format="pickle",  # pt2 (torch.export) cannot trace the sampling loop
-        code_paths=[str(Path(diffusion.__file__).parent)],
-    )
+    with _store(tracking_uri) as mlflow, tempfile.TemporaryDirectory() as tmp:
+        run = mlflow.MlflowClient().get_run(run_id or mlflow.active_run().info.run_id)
+        model = mlflow.initialize_logged_model(
+            name=name, source_run_id=run.info.run_id, experiment_id=run.info.experiment_id, params=run.data.params
+        )
+        mlflow.pytorch.log_model(
+            packaged.cpu().eval(),
+            model_id=model.model_id,
+            run_id=run.info.run_id,
+            input_example=example,
+            pip_requirements=requirements,
+            serialization_format="pickle",  # pt2 (torch.export) cannot trace the sampling loop
+            code_paths=[str(Path(diffusion.__file__).parent)],
+            extra_files=[str(packaged.save(Path(tmp) / CHECKPOINT_FILE))],
+        )
+    return model.model_id
 
 
-def mirror_to_parent(metrics: Mapping[str, float]) -> None:
-    """Copy metrics of a nested (sample) run onto its parent (model) run.
+def load_packaged_model(model_id: str, *, tracking_uri: str | None = None):
+    """The :class:`~diffusion.packaged.PackagedDiffusion` of a model that
+    :func:`log_packaged_model` logged, read from its weights-only file (no pickled code);
+    None when the model carries no such file (logged before it did)."""
+    import tempfile
+
+    from diffusion.packaged import PackagedDiffusion
+
+    with _store(tracking_uri) as mlflow, tempfile.TemporaryDirectory() as tmp:
+        folder = f"{mlflow.get_logged_model(model_id).artifact_location}/extra_files"
+        if CHECKPOINT_FILE not in {Path(a.path).name for a in mlflow.artifacts.list_artifacts(artifact_uri=folder)}:
+            return None
+        return PackagedDiffusion.load(mlflow.artifacts.download_artifacts(artifact_uri=f"{folder}/{CHECKPOINT_FILE}", dst_path=tmp))
+
+
+def mirror_to_parent(metrics: Mapping[str, float], tags: Mapping[str, str] | None = None) -> None:
+    """Copy metrics (and the tags that go with them, an FID's protocol) of a nested
+    (sample) run onto its parent (model) run.
 
     Not under an orchestrator: there the parent is a sweep, not the model run.
     """
@@ -276,3 +357,5 @@ def mirror_to_parent(metrics: Mapping[str, float]) -> None:
     parent = mlflow.active_run().data.tags.get("mlflow.parentRunId")
     if parent:
         log_metrics(metrics, run_id=parent)
+        if tags:
+            set_tags(tags, run_id=parent)

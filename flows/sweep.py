@@ -38,8 +38,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
-from diffusion import tracking
+from diffusion import protocol, tracking
 from diffusion.config import SearchDim, parse_params
+from diffusion.stages.paths import FID_PROTOCOL
 from flows.commands import apply_overrides, check, command_env, run_with_lock_retries, set_args, tracking_uri
 from flows.devices import available_cores, cpu_threads, lease_gpu, worker_gpus
 from flows.pipeline import dvc, stage_order
@@ -93,8 +94,9 @@ def experiment_name(study_name: str, number: int) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_-]+', '-', study_name).strip('-') or 'sweep'}-{number}"
 
 
-def read_experiment(root: Path, name: str) -> tuple[dict[str, float] | None, str | None]:
-    """The experiment's ``metrics/evaluate.json`` and the model run in its ``models/run.json``."""
+def read_experiment(root: Path, name: str) -> tuple[dict[str, float] | None, dict | None, str | None]:
+    """The experiment's ``metrics/evaluate.json``, its ``metrics/protocol.json`` and the
+    model run in its ``models/run.json``."""
     from dvc.api import DVCFileSystem
     from dvc.exceptions import DvcException
 
@@ -107,7 +109,7 @@ def read_experiment(root: Path, name: str) -> tuple[dict[str, float] | None, str
             return None
 
     model = read(MODEL_RUN_FILE)
-    return read(EVALUATE_METRICS), (model or {}).get("run_id")
+    return read(EVALUATE_METRICS), read(str(FID_PROTOCOL)), (model or {}).get("run_id")
 
 
 def trial_env(sweep: Sweep, number: int, run_id: str, gpu: str | None, log: Callable[[str], Any]) -> dict[str, str]:
@@ -156,7 +158,7 @@ def run_trial(number: int, trial: Any, overrides: dict[str, Any], sweep: Sweep) 
         check(outcome, cmd)
         if reporter is not None:
             reporter.report()  # the points logged after the last poll
-        metrics, model_run = read_experiment(sweep.root, name)
+        metrics, recorded, model_run = read_experiment(sweep.root, name)
         if metrics is None:
             # A repository that git-ignores metrics/ commits experiments without it: take what evaluate logged.
             logger.warning(f"trial {number}: {EVALUATE_METRICS} is not in experiment {name}; using the run's metrics")
@@ -173,6 +175,10 @@ def run_trial(number: int, trial: Any, overrides: dict[str, Any], sweep: Sweep) 
         for objective, value in zip(sweep.objectives, values):
             if objective not in logged.metrics:
                 client.log_metric(run_id, objective, value)
+        if recorded and protocol.DIGEST_TAG not in logged.tags:
+            # evaluate came from DVC's run cache: its FID protocol from the experiment's file
+            for key, value in protocol.to_tags(recorded).items():
+                client.set_tag(run_id, key, value)
         log_missing_params(client, run_id, params, logged.params)
         status, state = "FINISHED", "COMPLETE"
         return TrialResult(number, "complete", run_id, values)

@@ -382,8 +382,9 @@ def test_trials_are_nested_mlflow_runs(swept):
     assert {"optuna/history.png", "optuna/parallel_coordinates.png", "optuna/trials.csv"} <= plots
 
 
-def test_promotion_follows_fid(swept):
-    """CLI, flow and library promote alike; champion moves only to a lower FID."""
+def test_promotion_follows_fid_under_one_protocol(swept):
+    """CLI, flow and library promote alike; champion moves only to a lower FID measured
+    under the same protocol: trials 0 and 3 (2 sampler steps) tie, trial 2 took 4 steps."""
     import mlflow
     import torch
     from mlflow import MlflowClient
@@ -393,28 +394,33 @@ def test_promotion_follows_fid(swept):
 
     repo, uri = swept["repo"], swept["uri"]
     study = _study(repo)
-    done = sorted((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: t.values[0])
-    best, worst = done[0], done[-1]
-    worst_run = worst.user_attrs["mlflow_run_id"]
+    runs = {t.number: t.user_attrs["mlflow_run_id"] for t in study.trials}
 
-    cli = run_in(repo, "diffusion", "promote", "--name", STUDY, "--run-id", worst_run)
-    assert "challenger and champion" in cli.stdout
-    flowed = promote(name=STUDY, study=STUDY, repo=str(repo))
-    assert flowed["fid"] == pytest.approx(best.values[0])  # trials 0 and 3 tie: the same samples
-    assert flowed["champion"] is (best.values[0] < worst.values[0])
-    again = registry.promote(STUDY, run_id=worst_run, tracking_uri=uri)
-    assert not again.champion and "champion stays" in again.message
+    cli = run_in(repo, "diffusion", "promote", "--name", STUDY, "--run-id", runs[0])
+    assert "challenger and champion: there was no champion" in cli.stdout
+    tie = registry.promote(STUDY, run_id=runs[3], tracking_uri=uri)
+    assert tie.fid == pytest.approx(study.trials[0].values[0])  # the same samples
+    assert not tie.champion and tie.message.endswith("which it does not beat")
+    other = registry.promote(STUDY, run_id=runs[2], tracking_uri=uri)
+    assert not other.champion
+    assert other.message.endswith("whose FID was measured under another protocol: steps 4 (vs 2)")
+
+    flowed = promote(name=STUDY, study=STUDY, repo=str(repo))  # the best trial: already registered
+    best = min((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: t.values[0])
+    assert flowed["fid"] == pytest.approx(best.values[0])
+    assert flowed["champion"] is (flowed["run_id"] == runs[0])
 
     client = MlflowClient(uri)
+    versions = {v.tags["source_run"]: v.version for v in client.search_model_versions(f"name = '{STUDY}'")}
+    assert set(versions) == {runs[0], runs[2], runs[3]}  # one version per promoted run
+    assert client.get_model_version_by_alias(STUDY, "challenger").version == flowed["version"] == versions[flowed["run_id"]]
     champion = client.get_model_version_by_alias(STUDY, "champion")
-    challenger = client.get_model_version_by_alias(STUDY, "challenger")
-    assert challenger.version == again.version
-    assert champion.version == (flowed["version"] if flowed["champion"] else again.version)
-    assert float(champion.tags["fid"]) == pytest.approx(min(best.values[0], worst.values[0]))
-    assert champion.tags["source_run"] in {t.user_attrs["mlflow_run_id"] for t in done}
+    assert champion.version == versions[runs[0]] and champion.tags["fid.protocol.steps"] == "2"
+    assert float(champion.tags["fid"]) == pytest.approx(study.trials[0].values[0])
 
     mlflow.set_tracking_uri(uri)
     model = mlflow.pytorch.load_model(f"models:/{STUDY}@champion")
+    assert model.sampling["steps"] == 2
     samples = model(torch.randn(1, 1, 28, 28))
     assert samples.shape == (1, 1, 28, 28) and torch.isfinite(samples).all()
 

@@ -4,6 +4,7 @@ non-finite images and of a batch too large for memory, and what importing a stag
 from __future__ import annotations
 
 import os
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +125,15 @@ def test_sample_batch_too_large_for_memory_is_one_line() -> None:
         f"sample.batch_size: 16 does not fit in cpu memory (tried to allocate {16 * quarter} bytes); "
         "allowed: a smaller sample.batch_size"
     )
+def test_samples_carry_the_sampling_settings_that_evaluate_records(tmp_path) -> None:
+    from diffusion.data import DatasetError
+    from diffusion.stages.evaluate import load_samples
+
+    images = np.zeros((2, 1, 4, 4), dtype=np.uint8)
+    sampling = {"sampler": "ddim", "steps": 5, "eta": 0.0, "clip_denoised": True, "threshold": None}
+    np.savez(tmp_path / "new.npz", images=images, labels=np.zeros(2), sampling=np.array(json.dumps(sampling)))
+    loaded, settings = load_samples(tmp_path / "new.npz")
+    assert settings == sampling and np.array_equal(loaded, images)
+    np.savez(tmp_path / "old.npz", images=images, labels=np.zeros(2))
+    with pytest.raises(DatasetError, match=r"old.npz: records no sampling settings \(an older sample stage wrote it\): run sample again$"):
+        load_samples(tmp_path / "old.npz")

@@ -1,9 +1,12 @@
 """evaluate: FID and KID of the samples against the cached reference statistics.
 
-Outputs: ``metrics/evaluate.json`` (fid, kid, num_samples) for ``dvc metrics`` and
-``plots/fid_vs_samples.csv``, FID on growing prefixes of the samples (FID is biased
-upwards at small N; the curve shows how far from converged the number is). Both
-are logged into the sample stage's MLflow run and mirrored onto its model run.
+Outputs: ``metrics/evaluate.json`` (fid, kid, num_samples) for ``dvc metrics``,
+``metrics/protocol.json``, the protocol the FID was measured under (its fields and
+their digest, :mod:`diffusion.protocol`), and ``plots/fid_vs_samples.csv``, FID on
+growing prefixes of the samples (FID is biased upwards at small N; the curve shows
+how far from converged the number is). FID and KID are logged into the sample
+stage's MLflow run with the protocol as ``fid.protocol.*`` tags, and both are
+mirrored onto its model run.
 """
 
 from __future__ import annotations
@@ -13,25 +16,30 @@ from pathlib import Path
 
 import numpy as np
 
-from diffusion import tracking
+from diffusion import protocol, tracking
 from diffusion.config import Params
-from diffusion.data import DatasetError, quote_error
+from diffusion.data import DatasetError, file_sha256, quote_error
 from diffusion.files import write_csv
-from diffusion.metrics import fid_from_features, inception_features, kid_from_features, load_reference
-from diffusion.stages.paths import EVALUATE_METRICS, FID_CURVE, REFERENCE, SAMPLE_RUN, SAMPLES
+from diffusion.metrics import INCEPTION, fid_from_features, inception_features, kid_from_features, load_reference
+from diffusion.stages.paths import EVALUATE_METRICS, FID_CURVE, FID_PROTOCOL, REFERENCE, SAMPLE_RUN, SAMPLES
 
 CURVE_POINTS = 5
 MIN_CURVE_SAMPLES = 16
 
 
-def load_samples(path: Path) -> np.ndarray:
+def load_samples(path: Path) -> tuple[np.ndarray, dict]:
+    """The uint8 images of the sample stage and the sampling settings that drew them."""
     if not path.is_file():
         raise DatasetError(f"{path}: no such samples file (the sample stage writes it)")
     try:
         with np.load(path, allow_pickle=False) as npz:
-            return npz["images"]
+            images = npz["images"]
+            sampling = json.loads(str(npz["sampling"])) if "sampling" in npz.files else None
     except Exception as err:  # zipfile/numpy raise many types for damaged files
         raise DatasetError(f"{path}: truncated or corrupt samples file ({quote_error(err)})") from None
+    if sampling is None:
+        raise DatasetError(f"{path}: records no sampling settings (an older sample stage wrote it): run sample again")
+    return images, sampling
 
 
 def fid_curve(features: np.ndarray, reference_features: np.ndarray) -> list[tuple[int, float]]:
@@ -43,8 +51,12 @@ def fid_curve(features: np.ndarray, reference_features: np.ndarray) -> list[tupl
 
 def run(params: Params) -> None:
     cfg = params.evaluate
-    images = load_samples(SAMPLES)
+    images, sampling = load_samples(SAMPLES)
     reference = load_reference(REFERENCE)
+    measured = protocol.describe(
+        num_samples=len(images), reference_images=len(reference["features"]),
+        reference_sha256=file_sha256(REFERENCE), inception=INCEPTION, **sampling,
+    )
     features = inception_features(images, device=cfg.device, batch_size=cfg.batch_size)
     curve = fid_curve(features, reference["features"])
     results = {"fid": curve[-1][1], "num_samples": len(images)}
@@ -54,12 +66,15 @@ def run(params: Params) -> None:
 
     EVALUATE_METRICS.parent.mkdir(parents=True, exist_ok=True)
     EVALUATE_METRICS.write_text(json.dumps(results, indent=2) + "\n")
+    FID_PROTOCOL.write_text(json.dumps({**measured, "digest": protocol.digest(measured)}, indent=2) + "\n")
     write_csv(FID_CURVE, ["num_samples", "fid"], curve)
 
     with tracking.stage_run("evaluate", params.tracking.experiment, resume_run_id=tracking.read_run_id(SAMPLE_RUN)):
         logged = {k: v for k, v in results.items() if k != "num_samples"}
+        tags = protocol.to_tags(measured)
         tracking.log_metrics(logged)
+        tracking.set_tags(tags)
         for size, value in curve:
             tracking.log_metrics({"fid_vs_samples": value}, step=size)
         tracking.log_artifact(FID_CURVE)
-        tracking.mirror_to_parent(logged)
+        tracking.mirror_to_parent(logged, tags)

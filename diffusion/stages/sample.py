@@ -3,14 +3,17 @@
 Sampling is always from the EMA weights: ``models/model.pt`` stores only them (the
 train stage saves the EMA network), so there is no choice to make.
 
-Outputs: ``samples/samples.npz`` (uint8 images [N, C, H, W] and their labels),
-``samples/grid.png`` and ``samples/run.json``: the MLflow run, nested under the
-model's run, that the evaluate stage logs FID into.
+Outputs: ``samples/samples.npz`` (uint8 images [N, C, H, W], their labels and, as
+JSON, the sampling settings that drew them, which evaluate records in the FID
+protocol), ``samples/grid.png`` and ``samples/run.json``: the MLflow run, nested
+under the model's run, that the evaluate stage logs FID into.
 
 Images with NaN or inf (black once made uint8) are refused, and nothing is written.
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import torch
@@ -19,7 +22,7 @@ from PIL import Image
 from diffusion import tracking
 from diffusion.config import Params
 from diffusion.files import atomic_write
-from diffusion.packaged import PackagedDiffusion, to_uint8
+from diffusion.packaged import DEFAULT_SAMPLER, PackagedDiffusion, to_uint8
 from diffusion.stages.paths import GRID, MODEL, MODEL_RUN, SAMPLE_RUN, SAMPLES
 from diffusion.devices import batch_memory, resolve_device
 from diffusion.errors import UserError
@@ -96,8 +99,9 @@ def run(params: Params) -> None:
     ) as active:
         tracking.log_params(params.model_dump(include={"sample", "evaluate"}))
         images, labels = generate(packaged, params, device)
+        sampling = {key: getattr(params.sample, key) for key in DEFAULT_SAMPLER}
         with atomic_write(SAMPLES) as fh:
-            np.savez(fh, images=images.numpy(), labels=labels.numpy())
+            np.savez(fh, images=images.numpy(), labels=labels.numpy(), sampling=np.array(json.dumps(sampling)))
         rows = params.sample.grid_rows
         with atomic_write(GRID) as fh:
             Image.fromarray(image_grid(images[: rows * rows], columns=rows)).save(fh, format="png")

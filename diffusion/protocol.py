@@ -1,0 +1,110 @@
+"""The evaluation protocol behind an FID: what must match for two FIDs to be compared.
+
+An FID measures the images as much as the model. It depends on
+
+- the measurement: the number of samples (FID is biased upwards at small N), the
+  reference images (the sha256 of ``data/reference.npz`` and how many images it
+  holds) and the features (clean-fid's mode and the Inception weights,
+  :data:`diffusion.metrics.INCEPTION`);
+- the sampler that drew the images: sampler, steps, eta, clip_denoised, threshold
+  (the keys of :data:`diffusion.packaged.DEFAULT_SAMPLER`), so two FIDs compare
+  models at the same sampling cost.
+
+The evaluate stage writes the protocol to ``metrics/protocol.json`` and tags the run
+it logs FID into with ``fid.protocol.<field>`` and ``fid.protocol.digest`` (a hash of
+all fields). Promotion copies those tags onto the model version and moves
+``champion`` only between versions with the same digest.
+
+A protocol is a plain dict of :data:`FIELDS`. Tag values are the JSON of each value,
+except strings, which stay as they are, so the UI shows ``ddim`` rather than
+``"ddim"``. Neither torch nor MLflow is imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+MEASUREMENT = ("num_samples", "reference_images", "reference_sha256", "inception")
+SAMPLING = ("sampler", "steps", "eta", "clip_denoised", "threshold")
+FIELDS = MEASUREMENT + SAMPLING
+TEXT_FIELDS = ("reference_sha256", "inception", "sampler")  # tagged as they are, not as JSON
+TAG_PREFIX = "fid.protocol."
+DIGEST_TAG = f"{TAG_PREFIX}digest"
+
+
+class ProtocolError(ValueError):
+    """Protocol fields that are missing or unknown; the message is one line."""
+
+
+def describe(
+    *,
+    num_samples: int,
+    reference_images: int,
+    reference_sha256: str,
+    inception: str,
+    sampler: str,
+    steps: int | None,
+    eta: float,
+    clip_denoised: bool,
+    threshold: float | None,
+) -> dict[str, Any]:
+    """The protocol as a dict of :data:`FIELDS`, each value in one canonical type
+    (``eta`` 0 and 0.0 give the same digest)."""
+    return {
+        "num_samples": int(num_samples),
+        "reference_images": int(reference_images),
+        "reference_sha256": str(reference_sha256),
+        "inception": str(inception),
+        "sampler": str(sampler),
+        "steps": None if steps is None else int(steps),
+        "eta": float(eta),
+        "clip_denoised": bool(clip_denoised),
+        "threshold": None if threshold is None else float(threshold),
+    }
+
+
+def digest(protocol: Mapping[str, Any]) -> str:
+    """16 hex digits of the sha256 of the protocol's canonical JSON."""
+    canonical = json.dumps({field: protocol[field] for field in FIELDS}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _tag_value(field: str, value: Any) -> str:
+    return str(value) if field in TEXT_FIELDS else json.dumps(value)
+
+
+def to_tags(protocol: Mapping[str, Any]) -> dict[str, str]:
+    """``fid.protocol.<field>`` for each field, plus ``fid.protocol.digest``."""
+    tags = {f"{TAG_PREFIX}{field}": _tag_value(field, protocol[field]) for field in FIELDS}
+    tags[DIGEST_TAG] = digest(protocol)
+    return tags
+
+
+def from_tags(tags: Mapping[str, str]) -> dict[str, Any] | None:
+    """The protocol recorded in ``tags`` (a run's or a model version's); None when they
+    record none (no digest tag). :class:`ProtocolError` when a field is missing."""
+    if DIGEST_TAG not in tags:
+        return None
+    missing = [field for field in FIELDS if f"{TAG_PREFIX}{field}" not in tags]
+    if missing:
+        raise ProtocolError(f"tags record an FID protocol without {', '.join(missing)}: run evaluate again")
+    values = {
+        field: tags[f"{TAG_PREFIX}{field}"] if field in TEXT_FIELDS else json.loads(tags[f"{TAG_PREFIX}{field}"])
+        for field in FIELDS
+    }
+    return describe(**values)
+
+
+def differences(ours: Mapping[str, Any], theirs: Mapping[str, Any] | None) -> list[str]:
+    """``"<field> <ours> (vs <theirs>)"`` for each field in which two protocols differ;
+    ``["no protocol recorded"]`` when ``theirs`` is None."""
+    if theirs is None:
+        return ["no protocol recorded"]
+    return [
+        f"{field} {_tag_value(field, ours[field])} (vs {_tag_value(field, theirs[field])})"
+        for field in FIELDS
+        if ours[field] != theirs[field]
+    ]

@@ -1,0 +1,45 @@
+"""The packaged model's sampling settings: what forward samples with, in model.pt and back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffusion.checkpoint import save_checkpoint
+from diffusion.packaged import DEFAULT_SAMPLER, PackagedDiffusion
+
+SPEC = {"name": "unet-tiny", "in_channels": 1, "image_size": 8, "learn_sigma": False, "num_classes": None, "overrides": {}}
+PROCESS = {"schedule": "cosine", "timesteps": 50, "prediction": "eps", "variance": "fixed_small", "loss": "mse"}
+SAMPLING = {"sampler": "ddim", "steps": 3, "eta": 0.0, "clip_denoised": False, "threshold": None}
+
+
+@pytest.fixture
+def packaged(single_thread) -> PackagedDiffusion:
+    torch.manual_seed(0)
+    return PackagedDiffusion(SPEC, PROCESS, sampling=SAMPLING).eval()
+
+
+def test_forward_samples_with_its_sampling_settings(packaged):
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    images = packaged(noise)
+    assert torch.equal(images, packaged.sample(2, noise=noise, **SAMPLING))
+    assert not torch.equal(images, packaged.sample(2, noise=noise))  # the settings matter: sample() defaults differ
+
+
+def test_sampling_survives_save_and_load(packaged, tmp_path):
+    loaded = PackagedDiffusion.load(packaged.save(tmp_path / "model.pt"))
+    assert loaded.sampling == SAMPLING
+    noise = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(loaded(noise), packaged(noise))
+
+
+def test_a_file_without_sampling_loads_with_the_defaults(packaged, tmp_path):
+    state = {"model_spec": SPEC, "process": PROCESS, "state_dict": packaged.net.state_dict()}
+    loaded = PackagedDiffusion.load(save_checkpoint(tmp_path / "old.pt", state))
+    assert loaded.sampling == DEFAULT_SAMPLER
+    assert PackagedDiffusion(SPEC, PROCESS, sampling={"steps": 7}).sampling == {**DEFAULT_SAMPLER, "steps": 7}
+
+
+def test_an_unknown_sampling_key_fails_with_one_line():
+    with pytest.raises(ValueError, match=r"^sampling: unknown seed; allowed sampler, steps, eta, clip_denoised, threshold$"):
+        PackagedDiffusion(SPEC, PROCESS, sampling={"seed": 1})

@@ -1,0 +1,61 @@
+"""The FID protocol: its fields, digest and tags, and how two protocols differ."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from diffusion import protocol
+from diffusion.packaged import DEFAULT_SAMPLER
+
+MEASURED = protocol.describe(
+    num_samples=500, reference_images=500, reference_sha256="ab" * 32, inception="clean-fid clean, inception-2015-12-05",
+    sampler="ddim", steps=25, eta=0, clip_denoised=True, threshold=None,
+)
+
+
+def test_the_sampling_fields_are_what_the_packaged_model_samples_with():
+    assert protocol.SAMPLING == tuple(DEFAULT_SAMPLER)
+
+
+def test_tags_hold_each_field_and_read_back():
+    tags = protocol.to_tags(MEASURED)
+    assert tags["fid.protocol.sampler"] == "ddim"
+    assert tags["fid.protocol.steps"] == "25"
+    assert tags["fid.protocol.eta"] == "0.0"
+    assert tags["fid.protocol.clip_denoised"] == "true"
+    assert tags["fid.protocol.threshold"] == "null"
+    assert tags["fid.protocol.reference_sha256"] == "ab" * 32
+    assert len(tags) == len(protocol.FIELDS) + 1
+    back = protocol.from_tags({**tags, "fid": "3.0"})
+    assert back == MEASURED and type(back["eta"]) is float
+    assert protocol.digest(back) == tags[protocol.DIGEST_TAG]
+
+
+def test_the_digest_follows_every_field_and_only_the_fields():
+    assert protocol.digest(MEASURED) == protocol.digest({**MEASURED, "eta": 0.0, "unrelated": 1})
+    for field, other in [("num_samples", 50), ("reference_sha256", "cd" * 32), ("sampler", "ddpm"), ("steps", 50),
+                         ("eta", 1.0), ("clip_denoised", False), ("threshold", 0.995), ("inception", "legacy")]:
+        assert protocol.digest({**MEASURED, field: other}) != protocol.digest(MEASURED), field
+
+
+def test_differences_name_the_fields():
+    other = {**MEASURED, "steps": 50, "num_samples": 5000}
+    assert protocol.differences(other, MEASURED) == ["num_samples 5000 (vs 500)", "steps 50 (vs 25)"]
+    assert protocol.differences(MEASURED, dict(MEASURED)) == []
+    assert protocol.differences(MEASURED, None) == ["no protocol recorded"]
+
+
+def test_no_digest_is_no_protocol_and_a_partial_one_is_an_error():
+    assert protocol.from_tags({"fid": "3.0"}) is None
+    partial = {k: v for k, v in protocol.to_tags(MEASURED).items() if k != "fid.protocol.steps"}
+    with pytest.raises(protocol.ProtocolError, match=r"^tags record an FID protocol without steps: run evaluate again$"):
+        protocol.from_tags(partial)
+
+
+def test_importing_it_loads_neither_torch_nor_mlflow():
+    code = "import sys, diffusion.protocol; print(sorted(m for m in ('torch', 'mlflow') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,210 @@
+"""Promotion on a real SQLite MLflow store: like-with-like FIDs, the promotion lock, the
+registered model's sampling settings; and, at the end, after a real tiny pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import TINY_PARAMS, make_pipeline_repo, pipeline_env, run_in
+from diffusion import protocol, registry, tracking
+from diffusion.packaged import PackagedDiffusion
+
+SPEC = {"name": "unet-tiny", "in_channels": 1, "image_size": 8, "learn_sigma": False, "num_classes": None, "overrides": {}}
+PROCESS = {"schedule": "cosine", "timesteps": 50, "prediction": "eps", "variance": "fixed_small", "loss": "mse"}
+MEASURED = protocol.describe(
+    num_samples=48, reference_images=48, reference_sha256="ab" * 32, inception="clean-fid clean, inception-2015-12-05",
+    sampler="ddim", steps=5, eta=0.0, clip_denoised=True, threshold=None,
+)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A SQLite store with one model run (a tiny trained model, logged as the train stage logs it)."""
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.delenv("MLFLOW_RUN_ID", raising=False)
+        torch.manual_seed(0)
+        with tracking.stage_run("train", "diffusion", run_name="train-tiny") as run:
+            tracking.log_packaged_model(PackagedDiffusion(SPEC, PROCESS))
+        yield {"uri": uri, "model_run": run.info.run_id, "root": root}
+
+
+def fid_run(store, fid: float, recorded: dict | None = MEASURED, **changes) -> str:
+    """A finished sample run nested under the model run: its FID and the protocol it was
+    measured under (``recorded`` with ``changes``; None: no protocol tags)."""
+    client = MlflowClient(store["uri"])
+    experiment = tracking.experiment_id("diffusion", store["uri"])
+    run = client.create_run(experiment, tags={"mlflow.parentRunId": store["model_run"]})
+    client.log_metric(run.info.run_id, "fid", fid)
+    for key, value in protocol.to_tags({**recorded, **changes}).items() if recorded else ():
+        client.set_tag(run.info.run_id, key, value)
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def test_champion_moves_only_over_a_version_of_the_same_protocol(store):
+    name = "like-with-like"
+    first = registry.promote(name, run_id=fid_run(store, 20.0), tracking_uri=store["uri"])
+    assert first.champion and first.message.endswith("there was no champion")
+
+    other = registry.promote(name, run_id=fid_run(store, 10.0, steps=4, num_samples=16), tracking_uri=store["uri"])
+    assert not other.champion
+    assert other.message.endswith(
+        f"champion stays v{first.version} (FID 20.000), whose FID was measured under another protocol: "
+        "num_samples 16 (vs 48), steps 4 (vs 5)"
+    )
+    same = registry.promote(name, run_id=fid_run(store, 15.0), tracking_uri=store["uri"])
+    assert same.champion and f"it beats v{first.version} (FID 20.000)" in same.message
+
+    client = MlflowClient(store["uri"])
+    champion = client.get_model_version_by_alias(name, "champion")
+    challenger = client.get_model_version_by_alias(name, "challenger")
+    assert champion.version == challenger.version == same.version
+    assert protocol.from_tags(champion.tags) == MEASURED
+    assert champion.tags["fid.protocol.digest"] == protocol.digest(MEASURED)
+    assert protocol.from_tags(client.get_model_version(name, other.version).tags)["steps"] == 4
+    assert champion.tags["model_run"] == store["model_run"] and champion.tags["source_run"] == same.run_id
+
+    # The version samples as its FID's images were drawn, while its weights are the trained model's.
+    mlflow.set_tracking_uri(store["uri"])
+    model = mlflow.pytorch.load_model(f"models:/{name}@champion")
+    assert model.sampling == {key: MEASURED[key] for key in protocol.SAMPLING}
+    assert mlflow.pytorch.load_model(f"models:/{name}/{other.version}").sampling["steps"] == 4
+    trained = mlflow.pytorch.load_model(f"runs:/{store['model_run']}/model")
+    for key, weight in trained.net.state_dict().items():
+        assert torch.equal(model.net.state_dict()[key], weight), key
+    # Promoting the same run again reuses its version.
+    assert registry.promote(name, run_id=same.run_id, tracking_uri=store["uri"]).version == same.version
+
+
+def test_a_run_without_a_protocol_is_not_promoted(store):
+    run_id = fid_run(store, 5.0, recorded=None)
+    expected = rf"^run {run_id} records no FID protocol \(tag fid.protocol.digest\): run evaluate again$"
+    with pytest.raises(registry.RegistryError, match=expected):
+        registry.promote("no-protocol", run_id=run_id, tracking_uri=store["uri"])
+
+
+# A promotion in its own process. It reads the champion, then sleeps (FID 20 longer than
+# FID 10) before deciding: without the lock both would read "no champion", and FID 20,
+# setting the alias last, would win.
+PROMOTE = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from diffusion import registry
+
+    name, run_id, fid, sync = sys.argv[1], sys.argv[2], float(sys.argv[3]), Path(sys.argv[4])
+    read_champion = registry.champion
+    def slow_champion(client, name):
+        current = read_champion(client, name)
+        time.sleep(2.0 if fid > 10 else 0.5)
+        return current
+    registry.champion = slow_champion
+    (sync / f"ready-{fid:g}").touch()
+    while not (sync / "go").exists():
+        time.sleep(0.01)
+    print(registry.promote(name, run_id=run_id).message)
+    """
+)
+
+
+def test_concurrent_promotions_end_with_the_lower_fid_as_champion(store, tmp_path):
+    name = "concurrent"
+    runs = {10.0: fid_run(store, 10.0), 20.0: fid_run(store, 20.0)}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"]}
+    children = [
+        subprocess.Popen([sys.executable, "-c", PROMOTE, name, run_id, str(fid), str(tmp_path)], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for fid, run_id in runs.items()
+    ]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready-{fid:g}").exists() for fid in runs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (tmp_path / "go").touch()
+    outputs = [child.communicate(timeout=300) for child in children]
+    assert [child.returncode for child in children] == [0, 0], outputs
+
+    client = MlflowClient(store["uri"])
+    versions = {v.tags["source_run"]: v.version for v in client.search_model_versions(f"name = '{name}'")}
+    assert set(versions) == set(runs.values())  # one version each
+    assert client.get_model_version_by_alias(name, "champion").version == versions[runs[10.0]]
+    challenger = client.get_model_version_by_alias(name, "challenger").version
+    last = max(versions.values(), key=int)  # the later promotion created the later version and set challenger last
+    assert challenger == last
+    messages = " | ".join(out for out, _ in outputs)
+    assert "there was no champion" in messages and ("does not beat" in messages or "now champion" in messages)
+    assert not client.search_registered_models(f"name = '{name}{registry.LOCK_SUFFIX}'")  # released
+
+
+def test_a_dead_promotions_lock_expires_and_a_live_one_is_waited_for(store):
+    client = MlflowClient(store["uri"])
+    lock = f"stale{registry.LOCK_SUFFIX}"
+    client.create_registered_model(lock, tags={"holder": "gone pid 1", "expires": f"{time.time() - 1:.3f}"})
+    assert registry.promote("stale", run_id=fid_run(store, 30.0), tracking_uri=store["uri"]).champion
+    assert not client.search_registered_models(f"name = '{lock}'")
+
+    with registry.promotion_lock(client, "busy"):
+        expected = r"^registered model 'busy': .* pid \d+ \w+ has held busy.promotion-lock for over 0.5 s; try again later$"
+        with pytest.raises(registry.RegistryError, match=expected):
+            with registry.promotion_lock(client, "busy", wait=0.5):
+                pass
+    assert not client.search_registered_models(f"name = 'busy{registry.LOCK_SUFFIX}'")
+
+    # A holder that works longer than the lock's time to live keeps it alive.
+    with registry.promotion_lock(client, "slow", ttl=0.4):
+        time.sleep(1.2)
+        expires = float(client.get_registered_model(f"slow{registry.LOCK_SUFFIX}").tags["expires"])
+        assert expires > time.time()
+
+
+@pytest.mark.integration
+def test_the_champion_of_a_real_pipeline_samples_with_its_fids_settings(tmp_path):
+    """dvc repro of the tiny pipeline, then promote: the FID's protocol is recorded and the
+    registered model samples with the sample params behind that FID."""
+    sample = {**TINY_PARAMS["sample"], "eta": 0.0, "clip_denoised": False}
+    repo = make_pipeline_repo(tmp_path / "repo", {**TINY_PARAMS, "sample": sample})
+    run_in(repo, "dvc", "repro")
+    uri = pipeline_env(repo)["MLFLOW_TRACKING_URI"]
+    client = MlflowClient(uri)
+    sample_run = client.get_run(json.loads((repo / "samples/run.json").read_text())["run_id"])
+    model_run = client.get_run(json.loads((repo / "models/run.json").read_text())["run_id"])
+
+    # The protocol: in metrics/protocol.json, on the sample run, mirrored onto the model run.
+    manifest = json.loads((repo / "data/manifest.json").read_text())
+    recorded = json.loads((repo / "metrics/protocol.json").read_text())
+    assert recorded == {
+        "num_samples": sample["num_samples"], "reference_images": TINY_PARAMS["data"]["reference_images"],
+        "reference_sha256": manifest["sha256"]["reference"], "inception": "clean-fid clean, inception-2015-12-05",
+        "sampler": "ddim", "steps": sample["steps"], "eta": 0.0, "clip_denoised": False, "threshold": None,
+        "digest": recorded["digest"],
+    }
+    assert protocol.from_tags(sample_run.data.tags) == {k: v for k, v in recorded.items() if k != "digest"}
+    assert sample_run.data.tags["fid.protocol.digest"] == recorded["digest"] == model_run.data.tags["fid.protocol.digest"]
+
+    result = run_in(repo, "diffusion", "promote", "--run-id", sample_run.info.run_id)
+    assert "challenger and champion" in result.stdout
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pytorch.load_model("models:/diffusion@champion")
+    params = sample_run.data.params
+    expected = {
+        "sampler": params["sample.sampler"], "steps": int(params["sample.steps"]), "eta": float(params["sample.eta"]),
+        "clip_denoised": params["sample.clip_denoised"] == "True", "threshold": None,
+    }
+    assert params["sample.threshold"] == "None"
+    assert model.sampling == expected
+    assert expected == {"sampler": "ddim", "steps": sample["steps"], "eta": 0.0, "clip_denoised": False, "threshold": None}
+    noise = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model(noise), model.sample(2, noise=noise, **expected))
+    assert not torch.equal(model(noise), model.sample(2, noise=noise))  # sample()'s defaults draw other images
