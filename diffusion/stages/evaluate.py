@@ -50,6 +50,7 @@ def fid_curve(features: np.ndarray, reference_features: np.ndarray) -> list[tupl
 
 
 def run(params: Params) -> None:
+    tracking.check_store()  # in seconds, before any work: a store that does not answer is one line
     cfg = params.evaluate
     images, sampling = load_samples(SAMPLES)
     reference = load_reference(REFERENCE)

@@ -90,6 +90,7 @@ def image_grid(images: torch.Tensor, columns: int, padding: int = 2) -> np.ndarr
 
 
 def run(params: Params) -> None:
+    tracking.check_store()  # in seconds, before any work: a store that does not answer is one line
     device = resolve_device(params.sample.device)
     packaged = PackagedDiffusion.load(MODEL, map_location=device)
     model_run = tracking.read_run_id(MODEL_RUN)

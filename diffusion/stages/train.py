@@ -13,14 +13,26 @@ run logs into the same MLflow run. One training of a key runs at a time (a lock 
 folder): a second one, say a concurrent sweep trial with the same training params,
 waits and then resumes from the finished checkpoint. Holding the lock, a training first
 deletes the temp files that writers killed mid-write left in the folder.
+
+MLflow (:mod:`diffusion.tracking`): the store is checked before anything is loaded, and
+a store that does not answer is a one-line error. Once training runs, an outage does
+not stop it: the per-step metrics go through a :class:`~diffusion.tracking.MetricLog`
+(``unsent-metrics-<run>.jsonl`` in the checkpoint folder), the outputs are written
+regardless, and a store still down at the end is one warning line; the next training
+of the config sends the metrics and logs the model. A run id in the folder's
+``run.json`` that the store lacks (or a ``run.json`` that is not one) gives a new run,
+tagged with the checkpoint it continues. Each step's metrics reach a run once, and the
+model is logged into a run once for each version of its weights (tag ``model.md5``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 
 from diffusion import tracking
+from diffusion.checkpoint import list_checkpoints
 from diffusion.config import Params
 from diffusion.data import load_dataset
 from diffusion.files import exclusive_lock, remove_stale_temps, write_csv
@@ -30,6 +42,8 @@ from diffusion.stages.paths import (
     HELDOUT_SET, LOSS_CURVE, MODEL, MODEL_RUN, TRAIN_METRICS, TRAIN_SET, VAL_CURVE, checkpoints_dir,
 )
 from diffusion.train import seeded_init, train
+
+MODEL_MD5_TAG = "model.md5"  # the md5 of models/model.pt (DVC's hash) the run's model was logged from
 
 # Params that do not change the trajectory: a checkpoint stays valid when they change.
 RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "bpd_images", "val_every", "val_images", "device"}
@@ -58,6 +72,7 @@ def model_spec(params: Params, channels: int, image_size: int, num_classes: int)
 
 
 def run(params: Params) -> None:
+    tracking.check_store()  # in seconds, before any work: a store that does not answer is one line
     dataset = load_dataset(TRAIN_SET)
     heldout = load_dataset(HELDOUT_SET)
     _, channels, height, _ = dataset.images.shape
@@ -79,45 +94,89 @@ def run(params: Params) -> None:
 def _train(params: Params, packaged: PackagedDiffusion, dataset, heldout, ckpt_dir) -> None:
     spec = packaged.model_spec
     diffusion: GaussianDiffusion = packaged.diffusion
-    resume_run = tracking.read_run_id(ckpt_dir / "run.json")
+    resume_run = _checkpoint_run(ckpt_dir)
+    newest = list_checkpoints(ckpt_dir)
+    continues = {"resumed_from_checkpoint": str(newest[-1])} if newest else {}
 
     with tracking.stage_run(
-        "train", params.tracking.experiment, resume_run_id=resume_run, run_name=f"train-{params.model.name}",
-        system_metrics=True,
+        "train", params.tracking.experiment, resume_run_id=resume_run, resume_tags=continues,
+        run_name=f"train-{params.model.name}", system_metrics=True,
     ) as active:
         run_id = active.info.run_id
         tracking.write_run_id(ckpt_dir / "run.json", run_id)
-        if resume_run is None:
+        if run_id != resume_run:
             tracking.log_params(params.model_dump(include={"data", "model", "diffusion", "train"}))
             tracking.log_dataset(
                 TRAIN_SET, name=params.data.source, source=dataset.source_uri,
                 images=dataset.images, labels=dataset.labels,
             )
-        result = train(
-            packaged.net,
-            diffusion,
-            dataset.images,
-            dataset.labels,
-            params.train,
-            checkpoint_dir=ckpt_dir,
-            log=lambda step, metrics: tracking.log_metrics(metrics, step=step),
-            heldout_images=heldout.images,
-            class_conditional=params.model.class_conditional,
-        )
-        ema_net = result.ema_model
-        final = PackagedDiffusion(spec, params.diffusion.model_dump(), net=ema_net)
-        final.save(MODEL)
-        val_loss = result.val_curve[-1][1] if result.val_curve else None
-        summary = {
-            "step": result.step, "loss": result.loss, "val_loss": val_loss, "img_per_s": result.img_per_s,
-            "bpd": result.bpd,
-        }
-        summary = {k: v for k, v in summary.items() if v is not None}
-        tracking.log_metrics({f"final_{k}": v for k, v in summary.items() if k != "step"})
-        _write_outputs(summary, result.loss_curve, result.val_curve)
-        if params.tracking.log_model:
-            tracking.log_packaged_model(final)
-        tracking.write_run_id(MODEL_RUN, run_id)
+        with tracking.MetricLog(run_id, ckpt_dir) as log:
+            result = train(
+                packaged.net,
+                diffusion,
+                dataset.images,
+                dataset.labels,
+                params.train,
+                checkpoint_dir=ckpt_dir,
+                log=log,
+                heldout_images=heldout.images,
+                class_conditional=params.model.class_conditional,
+            )
+            # The outputs first: they do not depend on the store.
+            final = PackagedDiffusion(spec, params.diffusion.model_dump(), net=result.ema_model)
+            final.save(MODEL)
+            val_loss = result.val_curve[-1][1] if result.val_curve else None
+            summary = {
+                "step": result.step, "loss": result.loss, "val_loss": val_loss, "img_per_s": result.img_per_s,
+                "bpd": result.bpd,
+            }
+            summary = {k: v for k, v in summary.items() if v is not None}
+            _write_outputs(summary, result.loss_curve, result.val_curve)
+            tracking.write_run_id(MODEL_RUN, run_id)
+            log(result.step, {f"final_{k}": v for k, v in summary.items() if k != "step"})
+        model_missing = params.tracking.log_model and (log.unsent > 0 or not _log_model_once(final, active))
+        if log.unsent or model_missing:
+            tracking.end_run_offline()
+            _say_offline(run_id, log, model_missing)
+
+
+def _checkpoint_run(ckpt_dir) -> str | None:
+    """The run that the checkpoint folder's ``run.json`` names; None (one warning line) when it is not a run file."""
+    try:
+        return tracking.read_run_id(ckpt_dir / "run.json")
+    except tracking.RunFileError as err:
+        print(f"train: warning: {err}; logging into a new run", file=sys.stderr, flush=True)
+        return None
+
+
+def _log_model_once(final: PackagedDiffusion, active) -> bool:
+    """Log the model into the run unless it holds these weights already (``MODEL_MD5_TAG``);
+    False when the store stopped answering (anything else fails the stage)."""
+    digest = tracking.file_md5(MODEL)
+    if active.data.tags.get(MODEL_MD5_TAG) == digest:
+        return True
+    try:
+        tracking.log_packaged_model(final)
+        tracking.set_tags({MODEL_MD5_TAG: digest})
+    except Exception:
+        if tracking.store_answers():
+            raise
+        return False
+    return True
+
+
+def _say_offline(run_id: str, log: tracking.MetricLog, model_missing: bool) -> None:
+    """The one line a training that finished without the store prints."""
+    missed = [f"{log.unsent} metric points (kept in {log.path})"] if log.unsent else []
+    if model_missing:
+        missed.append(f"the model ({MODEL})")
+    reason = f" ({log.error})" if log.error else ""
+    print(
+        f"train: warning: the MLflow store {tracking.tracking_uri()} does not answer{reason}; training finished "
+        f"offline, and run {run_id} lacks {' and '.join(missed)}: the next training of this config sends them "
+        "(`diffusion train` again, or `dvc repro -f train`)",
+        file=sys.stderr, flush=True,
+    )
 
 
 def _write_outputs(summary: dict, loss_curve: list[tuple[int, float]], val_curve: list[tuple[int, float]]) -> None:

@@ -1,0 +1,331 @@
+"""MLflow faults tried for real (RELIABILITY.md): a store where nothing listens, a server
+killed with SIGKILL mid-training and started again later, a deleted ``mlflow.db``, a
+torn ``run.json``, a stage killed with SIGKILL, a training resumed over steps it had
+logged. Each test runs the ``diffusion`` command on a tiny config in a real git + DVC
+repository and reads the real store back."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from conftest import BIN, TINY_PARAMS, make_pipeline_repo, pipeline_env, run_in
+from faults import MlflowServer, closed_port
+from tiny_unet import tiny_unet
+
+from diffusion.cli import main
+from diffusion.packaged import PackagedDiffusion
+from diffusion.tracking import PID_START_TAG, PID_TAG, _process_alive, _process_tags, file_md5
+
+pytestmark = pytest.mark.integration
+
+EXPERIMENT = "diffusion"
+
+
+def tiny(**train) -> dict:
+    params = json.loads(json.dumps(TINY_PARAMS))
+    params["train"].update(bpd_images=0, **train)
+    return params
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """data/ of TINY_PARAMS, prepared once for the module's repositories."""
+    repo = make_pipeline_repo(tmp_path_factory.mktemp("prepared") / "repo")
+    run_in(repo, "diffusion", "prepare")
+    return repo / "data"
+
+
+def repo_with_data(path: Path, prepared: Path, params: dict) -> Path:
+    repo = make_pipeline_repo(path, params)
+    shutil.copytree(prepared, repo / "data", dirs_exist_ok=True)
+    return repo
+
+
+def set_params(repo: Path, params: dict) -> None:
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def diffusion(repo: Path, stage: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(["diffusion", stage], cwd=repo, env=env or pipeline_env(repo), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def warning_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "warning:" in line]
+
+
+def train_runs(client) -> list:
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    return client.search_runs([exp.experiment_id], "tags.`stage.train` = 'ran'") if exp else []
+
+
+def steps(client, run_id: str, key: str = "loss") -> list[int]:
+    return [m.step for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def logged_models(run_id: str, tracking_uri: str) -> list:
+    mlflow.set_tracking_uri(tracking_uri)
+    exp = mlflow.MlflowClient().get_experiment_by_name(EXPERIMENT)
+    return mlflow.search_logged_models([exp.experiment_id], f"source_run_id = '{run_id}'", output_format="list")
+
+
+def test_store_that_does_not_answer_stops_each_stage_in_seconds_with_one_line(tmp_path):
+    """As seen on main: MLFLOW_TRACKING_URI at a port where nothing listens kept `diffusion train`
+    silent for 250 s, then a traceback, nothing trained. Now the check comes first (no data is
+    even prepared here) and each tracking stage fails in seconds with one line."""
+    repo = make_pipeline_repo(tmp_path / "repo")
+    uri = f"http://127.0.0.1:{closed_port()}"
+    env = pipeline_env(repo) | {"MLFLOW_TRACKING_URI": uri}
+    for stage in ("train", "sample", "evaluate"):
+        start = time.monotonic()
+        out = diffusion(repo, stage, env, timeout=120)
+        took = time.monotonic() - start
+        assert out.returncode == 1, out.stderr
+        assert out.stderr.splitlines() == [
+            f"diffusion {stage}: error: the MLflow tracking store {uri} does not answer ([Errno 111] Connection "
+            "refused): start it, or point MLFLOW_TRACKING_URI at one that runs (unset, runs go to mlflow/ in the "
+            "repository)"
+        ]
+        assert took < 30, f"{stage}: {took:.0f} s"
+    assert not (repo / "checkpoints").exists() and not (repo / "models").exists()
+
+
+def test_server_killed_mid_training_then_the_next_training_sends_what_it_missed(tmp_path, prepared):
+    """As seen on main: the server killed mid-run and left down stalled training for about 8
+    minutes, then a crash, no model.pt. Now training goes on at its pace, writes every output,
+    prints one warning line naming what the run lacks, and keeps the metrics in a file; with
+    the server back, the next training sends them (each step once) and logs the model."""
+    params = tiny(steps=120, checkpoint_every=40, log_every=5)
+    repo = repo_with_data(tmp_path / "repo", prepared, params)
+    with MlflowServer(tmp_path / "server") as server:
+        env = pipeline_env(repo) | {"MLFLOW_TRACKING_URI": server.uri}
+        client = mlflow.MlflowClient(server.uri)
+        proc = subprocess.Popen(["diffusion", "train"], cwd=repo, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while not (runs := train_runs(client)) or max(steps(client, runs[0].info.run_id), default=0) < 10:
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "no loss at step 10 in the store within 300 s"
+                time.sleep(0.3)
+            run_id = runs[0].info.run_id
+            server.kill()
+            killed_at = time.monotonic()
+            stdout, stderr = proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        offline_s = time.monotonic() - killed_at
+        print(f"training went on {offline_s:.0f} s after the server was killed")
+        assert proc.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
+        assert json.loads((repo / "metrics/train.json").read_text())["step"] == 120
+        assert PackagedDiffusion.load(repo / "models/model.pt") is not None
+        assert json.loads((repo / "models/run.json").read_text())["run_id"] == run_id
+        (ckpt_dir,) = (repo / "checkpoints").iterdir()
+        unsent = ckpt_dir.relative_to(repo) / f"unsent-metrics-{run_id}.jsonl"
+        points = [json.loads(line) for line in (repo / unsent).read_text().splitlines()]
+        assert warning_lines(stderr) == [
+            f"train: warning: the MLflow store {server.uri} does not answer ([Errno 111] Connection refused); "
+            f"training finished offline, and run {run_id} lacks {len(points)} metric points (kept in {unsent}) and "
+            "the model (models/model.pt): the next training of this config sends them (`diffusion train` again, "
+            "or `dvc repro -f train`)"
+        ]
+        assert offline_s < 240  # the rest of training, and no retry stall (main: 8 minutes, then a crash)
+        assert {p["step"] for p in points if p["key"] == "loss"} >= {115, 120}
+        assert {p["key"] for p in points} >= {"final_loss", "loss", "grad_norm"}
+
+        server.start()  # the same port and store
+        assert client.get_run(run_id).info.status == "RUNNING"
+        assert steps(client, run_id)[-1] < 120
+        again = diffusion(repo, "train", env)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "at step 120" in again.stdout and warning_lines(again.stderr) == []
+        assert not (repo / unsent).exists()
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert steps(client, run_id) == list(range(5, 121, 5))  # each step once
+        assert steps(client, run_id, "final_loss") == [120]
+        assert run.data.tags["model.md5"] == file_md5(repo / "models/model.pt")
+
+
+def test_stale_or_torn_run_json_gives_a_new_run_tagged_with_its_checkpoint(tmp_path, prepared):
+    """As seen on main: after `rm mlflow/mlflow.db`, resuming failed with `MlflowException: Run
+    with id=... not found`; a torn checkpoints/<key>/run.json with a JSONDecodeError traceback.
+    Now each is one warning line and a new run, tagged with the checkpoint it continues."""
+    params = tiny(steps=20, checkpoint_every=10, log_every=5)
+    params["tracking"] = {"log_model": False}
+    repo = repo_with_data(tmp_path / "repo", prepared, params)
+    run_in(repo, "diffusion", "train")
+    first = json.loads((repo / "models/run.json").read_text())["run_id"]
+    (ckpt_dir,) = (repo / "checkpoints").iterdir()
+    ckpt_dir = ckpt_dir.relative_to(repo)
+    uri = pipeline_env(repo)["MLFLOW_TRACKING_URI"]
+
+    (repo / "mlflow/mlflow.db").unlink()
+    params["train"]["steps"] = 30
+    set_params(repo, params)
+    out = run_in(repo, "diffusion", "train")
+    assert warning_lines(out.stderr) == [
+        f"train: warning: run {first} is not in the MLflow store {uri}; logging into a new run, tagged "
+        f"resumed_from_checkpoint={ckpt_dir / 'ckpt-00000020.pt'}"
+    ]
+    assert "at step 20" in out.stdout and "Traceback" not in out.stderr
+    second = json.loads((repo / "models/run.json").read_text())["run_id"]
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(second)
+    assert second != first and run.info.status == "FINISHED"
+    assert run.data.tags["resumed_from_run"] == first
+    assert run.data.tags["resumed_from_checkpoint"] == str(ckpt_dir / "ckpt-00000020.pt")
+    assert run.data.params["train.steps"] == "30"  # a new run gets the params
+    assert steps(client, second) == [25, 30]
+
+    (repo / ckpt_dir / "run.json").write_text('{"run_id": "')  # torn mid-write
+    params["train"]["steps"] = 40
+    set_params(repo, params)
+    out = run_in(repo, "diffusion", "train")
+    assert warning_lines(out.stderr) == [
+        f"train: warning: {ckpt_dir / 'run.json'}: not a run file (JSONDecodeError: Unterminated string starting "
+        "at: line 1 column 12 (char 11)); logging into a new run"
+    ]
+    assert "at step 30" in out.stdout and "Traceback" not in out.stderr
+    third = json.loads((repo / "models/run.json").read_text())["run_id"]
+    run = client.get_run(third)
+    assert third not in (first, second) and run.info.status == "FINISHED"
+    assert run.data.tags["resumed_from_checkpoint"] == str(ckpt_dir / "ckpt-00000030.pt")
+    assert "resumed_from_run" not in run.data.tags
+    assert steps(client, third) == [35, 40]
+
+
+def tiny_sample_dir(folder: Path, monkeypatch, **sample) -> tuple[str, dict]:
+    """``folder`` as the working directory of a sample stage: a tiny untrained models/model.pt,
+    a params.yaml with ``sample`` settings, the store in ``folder/mlflow.db``; its URI and the params."""
+    monkeypatch.chdir(folder)
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    process = {"schedule": "cosine", "timesteps": 1000, "prediction": "eps", "variance": "fixed_small", "loss": "mse"}
+    spec = {"name": "unet-tiny", "in_channels": 1, "image_size": 8, "learn_sigma": False, "num_classes": None}
+    PackagedDiffusion(spec, process, net=tiny_unet()).save("models/model.pt")
+    params = {"model": {"name": "unet-tiny"}, "data": {"image_size": 8}, "diffusion": {"timesteps": 1000},
+              "sample": {"sampler": "ddpm", "device": "cpu", **sample}}
+    set_params(folder, params)
+    return uri, params
+
+
+def test_killed_sample_run_is_marked_killed_by_the_next_sample(tmp_path, monkeypatch, capsys):
+    """As seen on main: a sample stage killed with SIGKILL left its run RUNNING for good. Runs
+    carry their host and pid now; the next sample stage marks that one KILLED, in one line."""
+    uri, params = tiny_sample_dir(tmp_path, monkeypatch, num_samples=64, batch_size=1, steps=1000)
+    client = mlflow.MlflowClient(uri)
+    proc = subprocess.Popen([str(BIN / "diffusion"), "sample"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (exp := client.get_experiment_by_name(EXPERIMENT)) or not client.search_runs([exp.experiment_id]):
+            assert proc.poll() is None and time.monotonic() < deadline, "no sample run within 120 s"
+            time.sleep(0.3)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    (killed,) = client.search_runs([exp.experiment_id])
+    assert killed.info.status == "RUNNING"
+    assert killed.data.tags["stage.pid"] == str(proc.pid)
+    assert killed.data.tags["stage.host"] == socket.gethostname()
+
+    params["sample"].update(num_samples=2, steps=2)
+    set_params(tmp_path, params)
+    assert main(["sample"]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sample:")]
+    assert said == [
+        f"sample: run {killed.info.run_id} was left RUNNING by pid {proc.pid} on {socket.gethostname()}, which is "
+        "gone: marked KILLED"
+    ]
+    assert client.get_run(killed.info.run_id).info.status == "KILLED"
+    runs = {r.info.run_id: r for r in client.search_runs([exp.experiment_id])}
+    (new,) = set(runs) - {killed.info.run_id}
+    assert runs[new].info.status == "FINISHED" and runs[new].data.tags["stage.pid"] == str(os.getpid())
+
+
+def test_a_pid_reused_by_a_later_process_is_not_the_run_s_process():
+    """The pid of a killed stage can be taken by a new process: the start time tells them apart."""
+    mine = _process_tags()
+    assert _process_alive(mine)
+    assert not _process_alive({**mine, PID_START_TAG: str(int(mine[PID_START_TAG]) + 1)})
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # exited and reaped
+    assert not _process_alive({**mine, PID_TAG: str(gone.pid)})
+
+
+def test_torn_or_stale_models_run_json_in_the_sample_stage(tmp_path, monkeypatch, capsys):
+    """models/run.json torn: one line naming it, no traceback. Naming a run that the store lacks
+    (another store's): one warning line, and the sample run is not nested under it."""
+    tiny_sample_dir(tmp_path, monkeypatch, num_samples=2, batch_size=2, steps=2)
+    Path("models/run.json").write_text("{")
+    assert main(["sample"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "diffusion sample: error: models/run.json: not a run file (JSONDecodeError: Expecting property name "
+        "enclosed in double quotes: line 1 column 2 (char 1))"
+    )
+    missing = "0123456789abcdef0123456789abcdef"
+    Path("models/run.json").write_text(json.dumps({"run_id": missing}))
+    assert main(["sample"]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sample:")]
+    assert said == [
+        f"sample: warning: model run {missing} is not in the MLflow store sqlite:///{tmp_path / 'mlflow.db'}; "
+        "this run is not nested under it"
+    ]
+    sample_run = json.loads(Path("samples/run.json").read_text())["run_id"]
+    run = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(sample_run)
+    assert run.info.status == "FINISHED" and "mlflow.parentRunId" not in run.data.tags
+
+
+def test_resumed_training_logs_each_step_once_and_the_model_once_per_weights(tmp_path, prepared):
+    """As seen on main: a training killed after logging steps past its last checkpoint logged
+    them again on resume (42 rows for 40 steps), and each run of a finished training logged
+    the model again into the same run. Now each (key, step) reaches the run once, and the
+    model once for each version of the weights."""
+    params = tiny(steps=60, checkpoint_every=30, log_every=1)
+    repo = repo_with_data(tmp_path / "repo", prepared, params)
+    uri = pipeline_env(repo)["MLFLOW_TRACKING_URI"]
+    client = mlflow.MlflowClient(uri)
+    proc = subprocess.Popen(["diffusion", "train"], cwd=repo, env=pipeline_env(repo), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (runs := train_runs(client)) or max(steps(client, runs[0].info.run_id), default=0) < 33:
+            assert proc.poll() is None and time.monotonic() < deadline, "no loss at step 33 within 300 s"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    (ckpt_dir,) = (repo / "checkpoints").iterdir()
+    run_id = runs[0].info.run_id
+    assert sorted(p.name for p in ckpt_dir.glob("ckpt-*.pt")) == ["ckpt-00000030.pt"]
+    assert steps(client, run_id)[-1] >= 33  # steps past the checkpoint, which the resumed run repeats
+
+    out = run_in(repo, "diffusion", "train")
+    assert "at step 30" in out.stdout
+    assert steps(client, run_id) == list(range(1, 61))
+    assert steps(client, run_id, "final_loss") == [60]
+    assert len(logged_models(run_id, uri)) == 1
+
+    out = run_in(repo, "diffusion", "train")  # finished: nothing to train, the same weights
+    assert "at step 60" in out.stdout
+    assert len(logged_models(run_id, uri)) == 1
+    assert steps(client, run_id) == list(range(1, 61)) and steps(client, run_id, "final_loss") == [60]
+
+    params["train"]["steps"] = 62  # new weights: logged again
+    set_params(repo, params)
+    run_in(repo, "diffusion", "train")
+    assert len(logged_models(run_id, uri)) == 2
+    assert client.get_run(run_id).data.tags["model.md5"] == file_md5(repo / "models/model.pt")
+    assert [r.info.run_id for r in train_runs(client)] == [run_id]
