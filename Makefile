@@ -47,7 +47,9 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q --timeout=900
 
+# `diffusion unlock` first: a `dvc repro` killed with kill -9 may leave its output locks behind.
 pipeline: $(STAMP)
+	$(VENV)/bin/diffusion unlock
 	$(VENV)/bin/dvc repro
 
 UI_PORT ?= 5000

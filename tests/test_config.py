@@ -118,3 +118,23 @@ def test_unreadable_params_files(tmp_path):
     broken.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(broken)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_validate_stage_refuses_cuda_without_cuda(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"sample": {"device": "cuda"}}))
+    out = subprocess.run(
+        [sys.executable, "-m", "diffusion.cli", "validate", "--params", str(params)],
+        cwd=tmp_path, capture_output=True, text=True,
+    )
+    assert out.returncode == 1
+    assert out.stderr.strip() == (
+        "diffusion validate: error: sample.device: 'cuda' was asked for but CUDA is not available on this machine; "
+        "allowed here: 'auto', 'cpu'"
+    )
+    assert list(tmp_path.iterdir()) == [params]  # data/params.ok not written
+
+    params.write_text(yaml.safe_dump({"sample": {"device": "auto"}}))
+    subprocess.run([sys.executable, "-m", "diffusion.cli", "validate", "--params", str(params)], cwd=tmp_path, check=True)
+    assert (tmp_path / "data" / "params.ok").read_text() == "params.yaml is valid on this machine\n"

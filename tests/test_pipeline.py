@@ -1,8 +1,10 @@
 """The real DVC pipeline in a temporary git repo, tracked into a real SQLite MLflow store."""
 
+import contextlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import time
@@ -213,3 +215,37 @@ def test_damaged_checkpoint_and_killed_write_are_recovered_by_the_next_run(tmp_p
     images = np.load(repo / "samples/samples.npz")["images"]
     assert (images.reshape(len(images), -1).max(axis=1) > 0).all()  # no black image
     assert math.isfinite(json.loads((repo / "metrics/evaluate.json").read_text())["fid"])
+
+
+def test_locks_of_a_killed_unreaped_dvc_repro_are_released(tmp_path: Path):
+    """kill -9 of the whole `dvc repro` while its parent has not reaped it (a zombie keeps its
+    PID): DVC refuses the next run; `diffusion unlock` (run by `make pipeline`) frees exactly
+    the dead holder's locks, and the next `dvc repro` resumes."""
+    params = json.loads(json.dumps(TINY_PARAMS))
+    params["train"].update(steps=200, checkpoint_every=10, bpd_images=0)
+    repo = make_pipeline_repo(tmp_path / "repo", params)
+    run_in(repo, "dvc", "repro", "prepare")
+    proc = subprocess.Popen(["dvc", "repro", "train"], cwd=repo, env=pipeline_env(repo), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((repo / "checkpoints").glob("*/ckpt-*.pt")):
+            assert proc.poll() is None and time.monotonic() < deadline, "train wrote no checkpoint"
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGKILL)
+        time.sleep(1)  # not reaped: the zombie keeps its PID
+        refused = run_in(repo, "dvc", "repro", check=False)
+        assert refused.returncode != 0 and "is busy, it is being blocked by" in refused.stderr + refused.stdout
+
+        unlocked = run_in(repo, "diffusion", "unlock").stdout.strip().splitlines()
+        assert len(unlocked) == 1 and re.fullmatch(
+            rf"diffusion unlock: released the DVC locks of PID {proc.pid} \(.*dvc repro train\), which no longer runs",
+            unlocked[0],
+        ), unlocked
+        assert run_in(repo, "diffusion", "unlock").stdout == ""  # nothing left to release
+        out = run_in(repo, "dvc", "repro")
+        assert "resuming from" in out.stdout and "Running stage 'train'" in out.stdout
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
