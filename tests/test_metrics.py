@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from diffusion import metrics
-from diffusion.config import DataParams
+from conftest import section
 from diffusion.data import DatasetError
 from diffusion.sources import load_source
 
@@ -38,7 +38,7 @@ def offline():
 
 @pytest.fixture(scope="module")
 def images() -> dict[str, torch.Tensor]:
-    digits = load_source(DataParams()).images
+    digits = load_source(section("data")).images
     perm = torch.randperm(len(digits), generator=torch.Generator().manual_seed(0))
     noise = torch.randint(0, 256, (N, 1, 28, 28), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     return {"a": digits[perm[:N]], "b": digits[perm[N : 2 * N]], "noise": noise}
