@@ -94,7 +94,8 @@ worker: $(STAMP)
 	$(PREFECT) worker start --pool $(POOL) --type process --limit $(GPU_COUNT) \
 		--name "$(POOL)-$(or $(subst $(comma),_,$(GPU)),cpu)@$$(hostname)"
 
+# Idempotent and safe beside a starting worker (which creates the pool itself):
+# --overwrite, not inspect-then-create, which loses that race.
 deploy: $(STAMP)
-	$(PREFECT_ENV) $(PREFECT) work-pool inspect $(POOL) >/dev/null 2>&1 \
-		|| $(PREFECT_ENV) $(PREFECT) work-pool create $(POOL) --type process
+	$(PREFECT_ENV) $(PREFECT) work-pool create $(POOL) --type process --overwrite
 	$(PREFECT_ENV) $(PREFECT) --no-prompt deploy --all

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TINY_PARAMS, make_pipeline_repo, pipeline_env, run_in
+from conftest import TINY_PARAMS, full_params, make_pipeline_repo, pipeline_env, run_in
 from faults import kill_mid_write, overwrite_tensor_bytes
 
 from diffusion.packaged import PackagedDiffusion
@@ -95,14 +95,16 @@ def test_dvc_repro_tracks_everything_and_reruns_only_what_changed(pipeline_repo:
     # A bad param stops `dvc repro` before DVC removes any output; fixing it costs nothing.
     outputs = ("models/model.pt", "metrics/train.json", "plots/train_loss.csv", "samples/samples.npz")
     before = {path: (pipeline_repo / path).read_bytes() for path in outputs}
-    params["train"]["lr"] = -1
+    lr, params["train"]["lr"] = params["train"]["lr"], -1
     (pipeline_repo / "params.yaml").write_text(yaml.safe_dump(params))
     out = run_in(pipeline_repo, "dvc", "repro", check=False)
     assert out.returncode != 0 and ran_stages(out.stdout) == ["validate"]
     assert "diffusion validate: error: params.yaml: train.lr: Input should be greater than 0 (got -1)" in out.stderr
     assert {path: (pipeline_repo / path).read_bytes() for path in outputs} == before
-    del params["train"]["lr"]
+    params["train"]["lr"] = lr
     (pipeline_repo / "params.yaml").write_text(yaml.safe_dump(params))
+    out = run_in(pipeline_repo, "dvc", "repro")  # DVC removed data/params.ok; its run cache has it
+    assert ran_stages(out.stdout) in ([], ["validate"])
     assert run_in(pipeline_repo, "dvc", "status").stdout.strip() == "Data and pipelines are up to date."
 
 
@@ -200,14 +202,14 @@ def test_damaged_checkpoint_and_killed_write_are_recovered_by_the_next_run(tmp_p
     stale = kill_mid_write(ckpt_dir / "ckpt-00000030.pt")
 
     params["train"]["steps"] = 30
-    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    (repo / "params.yaml").write_text(yaml.safe_dump(full_params(params)))
     out = run_in(repo, "dvc", "repro")
     (warning,) = [line for line in out.stderr.splitlines() if line.startswith("train: warning:")]
     assert "ckpt-00000020.pt: truncated or corrupt checkpoint (ValueError: entry " in warning
     assert warning.endswith("fails its CRC-32 check); resuming from the older " + str(ckpt_dir / "ckpt-00000010.pt"))
     assert f"train: removed the temp files of killed writes: {stale.name}" in out.stdout
     assert "at step 10" in out.stdout and not stale.exists()
-    assert ran_stages(out.stdout) == ["train", "sample", "evaluate"]
+    assert ran_stages(out.stdout) == ["validate", "train", "sample", "evaluate"]
 
     assert json.loads((repo / "metrics/train.json").read_text())["step"] == 30
     model = PackagedDiffusion.load(repo / "models/model.pt")  # checks every weight is finite
