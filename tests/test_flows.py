@@ -385,7 +385,6 @@ def test_trials_are_nested_mlflow_runs(swept):
 def test_promotion_follows_fid_under_one_protocol(swept):
     """CLI, flow and library promote alike; champion moves only to a lower FID measured
     under the same protocol: trials 0 and 3 (2 sampler steps) tie, trial 2 took 4 steps."""
-    import mlflow
     import torch
     from mlflow import MlflowClient
 
@@ -418,8 +417,7 @@ def test_promotion_follows_fid_under_one_protocol(swept):
     assert champion.version == versions[runs[0]] and champion.tags["fid.protocol.steps"] == "2"
     assert float(champion.tags["fid"]) == pytest.approx(study.trials[0].values[0])
 
-    mlflow.set_tracking_uri(uri)
-    model = mlflow.pytorch.load_model(f"models:/{STUDY}@champion")
+    model = registry.load_model(f"models:/{STUDY}@champion", tracking_uri=uri)
     assert model.sampling["steps"] == 2
     samples = model(torch.randn(1, 1, 28, 28))
     assert samples.shape == (1, 1, 28, 28) and torch.isfinite(samples).all()

@@ -18,6 +18,7 @@ import yaml
 from conftest import TINY_PARAMS, full_params, make_pipeline_repo, pipeline_env, run_in
 from faults import kill_mid_write, overwrite_tensor_bytes
 
+from diffusion import registry
 from diffusion.packaged import PackagedDiffusion
 
 pytestmark = pytest.mark.integration
@@ -73,8 +74,10 @@ def test_dvc_repro_tracks_everything_and_reruns_only_what_changed(pipeline_repo:
     assert model_run.data.metrics["fid"] == pytest.approx(evaluation["fid"])  # mirrored
     assert "grid.png" in {a.path for a in client.list_artifacts(sample_run_id)}
 
-    # The logged model loads and samples back.
-    model = mlflow.pytorch.load_model(f"runs:/{model_run_id}/model")
+    # The logged model is data only (weights-only model.pt, MLmodel), and loads and samples back.
+    model_id = registry._logged_model_id(client, model_run_id)
+    assert {a.path for a in client.list_logged_model_artifacts(model_id)} == {"MLmodel", "model.pt"}
+    model = registry.load_model(f"runs:/{model_run_id}/model", tracking_uri=pipeline_env(pipeline_repo)["MLFLOW_TRACKING_URI"])
     images = model.sample(3, steps=4, seed=1)
     assert images.shape == (3, 1, 28, 28)
     assert images.min() >= -1 and images.max() <= 1
