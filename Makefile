@@ -47,7 +47,9 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q --timeout=900
 
+# `diffusion unlock` first: a `dvc repro` killed with kill -9 may leave its output locks behind.
 pipeline: $(STAMP)
+	$(VENV)/bin/diffusion unlock
 	$(VENV)/bin/dvc repro
 
 UI_PORT ?= 5000
@@ -92,7 +94,8 @@ worker: $(STAMP)
 	$(PREFECT) worker start --pool $(POOL) --type process --limit $(GPU_COUNT) \
 		--name "$(POOL)-$(or $(subst $(comma),_,$(GPU)),cpu)@$$(hostname)"
 
+# Idempotent and safe beside a starting worker (which creates the pool itself):
+# --overwrite, not inspect-then-create, which loses that race.
 deploy: $(STAMP)
-	$(PREFECT_ENV) $(PREFECT) work-pool inspect $(POOL) >/dev/null 2>&1 \
-		|| $(PREFECT_ENV) $(PREFECT) work-pool create $(POOL) --type process
+	$(PREFECT_ENV) $(PREFECT) work-pool create $(POOL) --type process --overwrite
 	$(PREFECT_ENV) $(PREFECT) --no-prompt deploy --all

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import yaml
 
+from diffusion.config import merge_params
 from diffusion.tracking import default_tracking_uri
 from flows.commands import BIN
 from flows.commands import QUIET as COMMAND_QUIET
@@ -91,7 +92,8 @@ def template_repo(path: Path, params: dict) -> Path:
         shutil.copy(ROOT / name, path / name)
     for tree in ("diffusion", "flows"):
         shutil.copytree(ROOT / tree, path / tree, ignore=shutil.ignore_patterns("__pycache__"))
-    (path / "params.yaml").write_text(yaml.safe_dump(params))
+    committed = yaml.safe_load((ROOT / "params.yaml").read_text())
+    (path / "params.yaml").write_text(yaml.safe_dump(merge_params(committed, params)))
     for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "bench@localhost"],
                 ["git", "config", "user.name", "bench"], ["dvc", "init", "-q"], ["git", "add", "-A"],
                 ["git", "commit", "-qm", "bench"], ["dvc", "repro", "prepare"], ["git", "add", "-A"],

@@ -1,7 +1,9 @@
 """Training checkpoints on disk: atomic writes, verified reads, the newest good file.
 
 A checkpoint is one ``torch.save`` file of plain containers and tensors (what
-``torch.load(..., weights_only=True)`` accepts). Writes go to a temporary file in
+``torch.load(..., weights_only=True)`` accepts). Every read is weights-only: a file
+whose pickle names any other object (``os.system``, a class to rebuild) is refused
+with one line naming the object, and nothing of it runs. Writes go to a temporary file in
 the same directory, are flushed and fsync'ed, then renamed over the target with
 ``os.replace`` (atomic on POSIX and Windows), so a process killed mid-write
 leaves either the old file or the new one at ``path``, never a truncated one.
@@ -18,6 +20,7 @@ the newest few; :func:`load_newest` reads the newest one that is not damaged.
 
 from __future__ import annotations
 
+import pickle
 import re
 import zipfile
 from collections.abc import Iterator
@@ -30,6 +33,7 @@ from diffusion.errors import UserError
 from diffusion.files import atomic_write
 
 _CKPT_NAME = re.compile(r"ckpt-(\d+)\.pt")
+_PICKLED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")  # how torch's weights-only unpickler names what it refused
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -82,14 +86,20 @@ def _verified_load(path: Path) -> Any:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint onto the CPU; :class:`CheckpointError` if missing, truncated,
-    corrupt (a CRC mismatch) or holding NaN or inf."""
+    """Read a checkpoint onto the CPU, weights only; :class:`CheckpointError` if missing,
+    truncated, corrupt (a CRC mismatch), holding NaN or inf, or pickling code (refused unrun)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         state = _verified_load(path)
     except Exception as err:  # zipfile and torch raise many types for damaged files
+        found = _PICKLED_GLOBAL.search(str(err)) if isinstance(err, pickle.UnpicklingError) else None
+        if found:
+            raise CheckpointError(
+                f"{path}: refused: not a weights-only file (its pickle calls {found.group(1)}, "
+                "which would run code; nothing of it ran)"
+            ) from None
         reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise CheckpointError(
             f"{path}: truncated or corrupt checkpoint ({type(err).__name__}: {reason})"

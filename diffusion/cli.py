@@ -24,6 +24,7 @@ STAGES = {
 }
 TOOLS = {
     "promote": "diffusion.promote",
+    "unlock": "diffusion.dvc_locks",
 }
 
 

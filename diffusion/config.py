@@ -11,6 +11,10 @@ copy: schedules from :data:`diffusion.schedules.BETA_SCHEDULES`, samplers from
 :data:`diffusion.sampler_table.SAMPLERS`, and the process options and how they combine
 from :mod:`diffusion.process_options`.
 
+Every key is required and none has a default here: the committed params.yaml is the
+one place the embedded default's numbers live, so an empty or partial params.yaml is
+a one-line error naming the first missing key, never a run on a second set of numbers.
+
 Stages receive these objects; they never parse params.yaml themselves.
 """
 
@@ -45,73 +49,73 @@ class _Section(BaseModel):
 
 
 class DataParams(_Section):
-    source: Literal["mnist5k", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder"] = "mnist5k"
-    root: str | None = None
-    image_size: int = Field(28, ge=8, le=1024)
-    holdout: int = Field(500, ge=0)
-    reference_images: int = Field(1000, ge=2)
-    seed: int = 0
+    source: Literal["mnist5k", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder"]
+    root: str | None
+    image_size: int = Field(ge=8, le=1024)
+    holdout: int = Field(ge=0)
+    reference_images: int = Field(ge=2)
+    seed: int
 
 
 class ModelParams(_Section):
-    name: str = "unet-small"
-    overrides: dict[str, Any] = Field(default_factory=dict)
-    class_conditional: bool = False
+    name: str
+    overrides: dict[str, Any]
+    class_conditional: bool
 
 
 class DiffusionParams(_Section):
-    schedule: ScheduleName = "cosine"
-    timesteps: int = Field(1000, ge=2, le=100_000)
-    zero_terminal_snr: bool = False
-    prediction: PredictionName = "eps"
-    variance: VarianceName = "fixed_small"
-    loss: LossName = "mse"
+    schedule: ScheduleName
+    timesteps: int = Field(ge=2, le=100_000)
+    zero_terminal_snr: bool
+    prediction: PredictionName
+    variance: VarianceName
+    loss: LossName
 
 
 class TrainParams(_Section):
-    steps: int = Field(3000, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(100, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0)
-    ema_decay: float = Field(0.999, ge=0, lt=1)
-    ema_warmup: bool = True
-    timestep_sampler: Literal["uniform", "loss-aware"] = "uniform"
-    hflip: bool = False
-    seed: int = 0
-    device: Device = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    channels_last: bool = False
-    checkpoint_every: int = Field(500, ge=1)
-    log_every: int = Field(50, ge=1)
-    bpd_images: int = Field(64, ge=0)
-    val_every: int = Field(50, ge=1)
-    val_images: int = Field(128, ge=0)
+    steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    warmup_steps: int = Field(ge=0)
+    grad_clip: float | None = Field(gt=0)
+    ema_decay: float = Field(ge=0, lt=1)
+    ema_warmup: bool
+    timestep_sampler: Literal["uniform", "loss-aware"]
+    hflip: bool
+    seed: int
+    device: Device
+    precision: Literal["auto", "fp32", "bf16"]
+    channels_last: bool
+    checkpoint_every: int = Field(ge=1)
+    log_every: int = Field(ge=1)
+    bpd_images: int = Field(ge=0)
+    val_every: int = Field(ge=1)
+    val_images: int = Field(ge=0)
 
 
 class SampleParams(_Section):
-    num_samples: int = Field(500, ge=1)
-    batch_size: int = Field(250, ge=1)
-    sampler: SamplerName = "ddim"
-    steps: int = Field(50, ge=1)
-    eta: float = Field(0.0, ge=0)
-    clip_denoised: bool = True
-    threshold: float | None = Field(None, gt=0.5, le=1.0)
-    seed: int = Field(0, ge=0)  # image k is drawn from its own seed (seed, k): see diffusion.image_noise
-    device: Device = "auto"
-    grid_rows: int = Field(10, ge=1)
+    num_samples: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    sampler: SamplerName
+    steps: int = Field(ge=1)
+    eta: float = Field(ge=0)
+    clip_denoised: bool
+    threshold: float | None = Field(gt=0.5, le=1.0)
+    seed: int = Field(ge=0)  # image k is drawn from its own seed (seed, k): see diffusion.image_noise
+    device: Device
+    grid_rows: int = Field(ge=1)
 
 
 class EvaluateParams(_Section):
-    kid: bool = True
-    batch_size: int = Field(50, ge=1)
-    device: Device = "auto"
+    kid: bool
+    batch_size: int = Field(ge=1)
+    device: Device
 
 
 class TrackingParams(_Section):
-    experiment: str = "diffusion"
-    log_model: bool = True
+    experiment: str
+    log_model: bool
 
 
 class SearchDim(_Section):
@@ -135,24 +139,24 @@ class SearchDim(_Section):
 class SweepParams(_Section):
     """The Optuna sweep (flows/sweep.py): study, storage, objectives, search space."""
 
-    study_name: str = "diffusion-sweep"
-    storage: str | None = None  # None: a journal file in .optuna/; or an RDB URL / "journal:<path>"
-    n_trials: int = Field(8, ge=1)
-    concurrency: int = Field(1, ge=1)
-    objectives: list[Literal["fid", "sampling_cost"]] = ["fid"]
-    pruning: bool = True
-    space: dict[str, SearchDim] = Field(default_factory=dict)
+    study_name: str
+    storage: str | None  # None: a journal file in .optuna/; or an RDB URL / "journal:<path>"
+    n_trials: int = Field(ge=1)
+    concurrency: int = Field(ge=1)
+    objectives: list[Literal["fid", "sampling_cost"]]
+    pruning: bool
+    space: dict[str, SearchDim]
 
 
 class Params(_Section):
-    data: DataParams = DataParams()
-    model: ModelParams = ModelParams()
-    diffusion: DiffusionParams = DiffusionParams()
-    train: TrainParams = TrainParams()
-    sample: SampleParams = SampleParams()
-    evaluate: EvaluateParams = EvaluateParams()
-    tracking: TrackingParams = TrackingParams()
-    sweep: SweepParams = SweepParams()
+    data: DataParams
+    model: ModelParams
+    diffusion: DiffusionParams
+    train: TrainParams
+    sample: SampleParams
+    evaluate: EvaluateParams
+    tracking: TrackingParams
+    sweep: SweepParams
 
     @model_validator(mode="after")
     def check_combinations(self) -> Params:
@@ -211,7 +215,9 @@ def _one_line(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "(top level)"
     msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
+    if first["type"] == "missing":
+        msg = "missing; every key must be set (the committed params.yaml sets them all)"
+    elif first["type"] == "extra_forbidden":
         msg = f"unknown key; allowed: {', '.join(_allowed_keys(first['loc'][:-1]))}"
     elif first["type"] == "literal_error":
         msg = f"got {first['input']!r}; {msg[0].lower()}{msg[1:]}"
@@ -220,6 +226,24 @@ def _one_line(err: ValidationError, source: str) -> str:
     if first["type"] == "value_error" and msg.split(":", 1)[0].count(".") == 1:
         return f"{source}: {msg}"
     return f"{source}: {key}: {msg}"
+
+
+WHOLE_VALUES = ("overrides", "space")
+"""Keys whose mapping is one value: merged over, it replaces the old mapping whole."""
+
+
+def merge_params(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` (a params mapping) with ``changes`` merged in, section by section and key by
+    key; ``model.overrides`` and ``sweep.space`` are replaced whole. ``base`` is not changed."""
+    import copy
+
+    merged = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in WHOLE_VALUES:
+            merged[key] = merge_params(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def parse_params(raw: dict[str, Any], source: str = "params") -> Params:

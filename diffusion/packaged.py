@@ -1,9 +1,10 @@
 """The trained model as one object: the network, the configs that rebuild it, sampling.
 
-``models/model.pt`` (the train stage's output) and the MLflow model are both this
-module. ``forward(noise)`` maps x_T to images with the model's ``sampling``
-settings, so the MLflow pytorch flavour's ``predict`` on an array of noise returns
-samples; :meth:`PackagedDiffusion.sample` takes any sampler, step count and seed.
+``models/model.pt`` (the train stage's output) and the MLflow model's ``model.pt``
+are both :meth:`PackagedDiffusion.save`'s file: tensors and plain data that
+``torch.load(weights_only=True)`` reads, never code. ``forward(noise)`` maps x_T to
+images with the model's ``sampling`` settings; :meth:`PackagedDiffusion.sample`
+takes any sampler, step count and seed.
 
 ``sampling`` is :data:`DEFAULT_SAMPLER` in ``models/model.pt``: train does not know
 the sample params. The registered model carries the sample params behind its FID

@@ -5,14 +5,20 @@ points the ``challenger`` alias at it. ``champion`` moves to it only if its FID 
 measured under the same protocol as the champion's (:mod:`diffusion.protocol`, the
 ``fid.protocol.digest`` tag) and is lower; the message says which happened, and
 names the fields in which the protocols differ. Registry stages are deprecated in
-MLflow 3: aliases are all this module uses, and ``models:/<name>@champion`` loads
-with ``mlflow.pytorch.load_model`` and samples.
+MLflow 3: aliases are all this module uses.
+
+:func:`load_model` (``load_model("models:/<name>@champion")``) is the loader. Models
+are data only (:func:`diffusion.tracking.log_packaged_model`): it downloads the
+weights-only ``model.pt`` and rebuilds the model with the installed ``diffusion``
+package; it reads no MLmodel, imports no code from the store and unpickles nothing. ``mlflow.pytorch.load_model`` and ``mlflow.pyfunc.load_model``
+must not be used on a store others can write: they unpickle, and import the code
+paths of, whatever the model's files say.
 
 The registered model samples as the FID's images were drawn: promotion reads the
-trained weights from the model run's logged model (its weights-only file, not the
-pickle), sets ``sampling`` to the FID's sampler settings, and logs that as a new
-model (``promoted``), an output of the FID's run, which the version points at. The
-version is tagged with ``fid``, ``source_run``, ``model_run`` and the protocol.
+trained weights from the model run's logged model (its weights-only file), sets
+``sampling`` to the FID's sampler settings, and logs that as a new model
+(``promoted``), an output of the FID's run, which the version points at. The version
+is tagged with ``fid``, ``source_run``, ``model_run`` and the protocol.
 
 Which run holds the trained model (the train stage logs it as ``model``,
 :func:`diffusion.tracking.log_packaged_model`):
@@ -98,12 +104,12 @@ def best_run(client: Any, experiment: str, study: str | None = None) -> Any:
     return runs[0]
 
 
-def _logged_model_id(client: Any, run_id: str) -> str | None:
-    """The id of the model the run logged as ``model``, if it logged one."""
+def _logged_model_id(client: Any, run_id: str, name: str = MODEL_NAME) -> str | None:
+    """The id of the model the run logged as ``name`` (the last one), if it logged one."""
     run = client.get_run(run_id)
     outputs = run.outputs.model_outputs if run.outputs else []
     for output in sorted(outputs, key=lambda o: o.step, reverse=True):
-        if client.get_logged_model(output.model_id).name == MODEL_NAME:
+        if client.get_logged_model(output.model_id).name == name:
             return output.model_id
     return None
 
@@ -220,7 +226,7 @@ def _version_for(client: Any, name: str, run: Any, model_id: str, measured: dict
     if trained is None:
         raise RegistryError(
             f"model {model_id} of run {tags['model_run']} has no weights-only file "
-            f"(extra_files/{tracking.CHECKPOINT_FILE}; it was logged before models carried one): train again to promote it"
+            f"({tracking.MODEL_FILE}; it was logged before models carried one): train again to promote it"
         )
     sampling = {key: measured[key] for key in protocol.SAMPLING}
     packaged = PackagedDiffusion(trained.model_spec, trained.process, net=trained.net, sampling=sampling)
@@ -310,3 +316,53 @@ def promote(
         previous_fid=previous_fid,
         message=message,
     )
+
+
+URI_FORMS = "models:/<name>@<alias>, models:/<name>/<version>, models:/<model id> or runs:/<run id>/<model name>"
+
+
+def load_model(uri: str, *, tracking_uri: str | None = None, map_location: str = "cpu") -> Any:
+    """The :class:`~diffusion.packaged.PackagedDiffusion` that ``uri`` names (one of
+    :data:`URI_FORMS`), e.g. ``load_model("models:/diffusion@champion")``.
+
+    The safe loader (module docstring): only the model's weights-only ``model.pt`` is
+    downloaded, checked against the sha256 tagged on the model, and read with
+    ``torch.load(weights_only=True)``; the network is rebuilt by the installed
+    ``diffusion`` package. :class:`RegistryError` (one line) when ``uri`` names no
+    model or one without that file; :class:`~diffusion.checkpoint.CheckpointError`
+    (one line) when the file would run code or was replaced.
+    """
+    client = _client(tracking_uri)
+    model_id = _model_id(client, uri)
+    packaged = tracking.load_packaged_model(model_id, tracking_uri=client.tracking_uri)
+    if packaged is None:
+        raise RegistryError(f"{uri}: model {model_id} has no weights-only {tracking.MODEL_FILE}: it was not logged by this project")
+    return packaged.to(map_location)
+
+
+def _model_id(client: Any, uri: str) -> str:
+    """The logged model id that ``uri`` names, read from the tracking and registry store only."""
+    from mlflow.exceptions import MlflowException
+
+    scheme, _, rest = uri.partition(":/")
+    try:
+        if scheme == "models" and "@" in rest:
+            version = client.get_model_version_by_alias(*rest.split("@", 1))
+        elif scheme == "models" and "/" in rest:
+            version = client.get_model_version(*rest.split("/", 1))
+        elif scheme == "models" and rest:
+            return client.get_logged_model(rest).model_id
+        elif scheme == "runs" and "/" in rest:
+            run_id, name = rest.split("/", 1)
+            model_id = _logged_model_id(client, run_id, name)
+            if model_id is None:
+                raise RegistryError(f"{uri}: run {run_id} logged no model '{name}'")
+            return model_id
+        else:
+            raise RegistryError(f"{uri}: not a model URI; expected {URI_FORMS}")
+    except MlflowException as err:
+        raise RegistryError(f"{uri}: {(err.message.strip().splitlines() or [err.error_code])[0]}") from None
+    source = version.source or ""
+    if version.model_id or (source.startswith("models:/") and "/" not in source.removeprefix("models:/")):
+        return version.model_id or source.removeprefix("models:/")  # stores fill in one or the other
+    raise RegistryError(f"{uri}: version {version.version} is not a logged model (its source is {version.source})")

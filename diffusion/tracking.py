@@ -66,7 +66,6 @@ STORE_DIR = "mlflow"
 RUNS_VIEW_ID = "fid"
 RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW_ID}"
 RUNS_VIEW_METRICS = ("fid", "kid", "final_loss")
-CHECKPOINT_FILE = "model.pt"  # a logged model's weights-only file, under extra_files/
 
 
 def repo_root() -> Path:
@@ -651,57 +650,118 @@ def _store(tracking_uri: str | None) -> Iterator[Any]:
         mlflow.set_tracking_uri(previous)
 
 
+# A logged model (log_packaged_model): its weights-only file, the tag of that file's sha256, its flavour.
+MODEL_FILE = "model.pt"
+LEGACY_MODEL_FILE = "extra_files/model.pt"  # where models logged with the pytorch flavour's pickle kept it
+WEIGHTS_SHA256_TAG = "diffusion.weights.sha256"
+FLAVOR = "diffusion"
+
+
 def log_packaged_model(packaged, name: str = "model", *, run_id: str | None = None, tracking_uri: str | None = None) -> str:
-    """Log a :class:`~diffusion.packaged.PackagedDiffusion` as an MLflow pytorch model, an
-    output of ``run_id`` (default: the active run) in its experiment; returns the model id.
+    """Log a :class:`~diffusion.packaged.PackagedDiffusion` as an MLflow model of data only,
+    an output of ``run_id`` (default: the active run) in its experiment; returns the model id.
 
-    Its input is x_T (float32 [N, C, H, W]), its output the samples in [-1, 1] drawn
-    with ``packaged.sampling``; the ``diffusion`` package travels with it
-    (``code_paths``) and its requirements are pinned to the versions in use, so
-    ``mlflow.pytorch.load_model`` samples back. It also carries the weights-only file
-    of :meth:`~diffusion.packaged.PackagedDiffusion.save` as ``extra_files/model.pt``,
-    which :func:`load_packaged_model` reads without unpickling code.
+    Its files are ``model.pt``, the file of :meth:`~diffusion.packaged.PackagedDiffusion.save`
+    (weights, configs and sampling; read with ``torch.load(weights_only=True)``), and
+    ``MLmodel``, whose ``diffusion`` flavour lists them with the configs and the
+    signature (x_T float32 [N, C, H, W] -> samples in [-1, 1]) for the UI. No pickle,
+    no code, no ``python_function`` or ``pytorch`` flavour: MLflow's loaders have nothing
+    to run, and :func:`diffusion.registry.load_model` rebuilds the model with the
+    installed ``diffusion`` package. The sha256 of ``model.pt`` is a tag of the model in
+    the tracking store, which :func:`load_packaged_model` checks.
     """
-    import importlib.metadata as md
     import tempfile
+    from types import SimpleNamespace
 
-    import numpy as np
+    from mlflow.models import Model
 
-    import diffusion
-
-    example = np.random.default_rng(0).standard_normal((1, *packaged.image_shape)).astype(np.float32)
-    requirements = [f"{pkg}=={md.version(pkg)}" for pkg in ("torch", "torchvision", "numpy", "tqdm")]
     with _store(tracking_uri) as mlflow, tempfile.TemporaryDirectory() as tmp:
+        weights = packaged.save(Path(tmp) / MODEL_FILE)
         run = mlflow.MlflowClient().get_run(run_id or mlflow.active_run().info.run_id)
         model = mlflow.initialize_logged_model(
-            name=name, source_run_id=run.info.run_id, experiment_id=run.info.experiment_id, params=run.data.params
+            name=name,
+            source_run_id=run.info.run_id,
+            experiment_id=run.info.experiment_id,
+            params=run.data.params,
+            tags={WEIGHTS_SHA256_TAG: _file_sha256(weights)},
+            model_type=FLAVOR,
         )
-        mlflow.pytorch.log_model(
-            packaged.cpu().eval(),
-            model_id=model.model_id,
+        Model.log(
+            None,
+            SimpleNamespace(save_model=_save_data_only_model),
+            name=name,
             run_id=run.info.run_id,
-            input_example=example,
-            pip_requirements=requirements,
-            serialization_format="pickle",  # pt2 (torch.export) cannot trace the sampling loop
-            code_paths=[str(Path(diffusion.__file__).parent)],
-            extra_files=[str(packaged.save(Path(tmp) / CHECKPOINT_FILE))],
+            model_id=model.model_id,
+            packaged=packaged,
+            weights=weights,
         )
     return model.model_id
 
 
+def _save_data_only_model(path: str, mlflow_model: Any, *, packaged, weights: Path) -> None:
+    """What ``mlflow.models.Model.log`` calls to write a model's folder: ``model.pt`` and ``MLmodel``."""
+    import shutil
+
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    import diffusion
+
+    Path(path).mkdir(parents=True)
+    shutil.copyfile(weights, Path(path) / MODEL_FILE)
+    images = Schema([TensorSpec(np.dtype(np.float32), (-1, *packaged.image_shape))])
+    mlflow_model.signature = ModelSignature(inputs=images, outputs=images)
+    mlflow_model.add_flavor(
+        FLAVOR,
+        weights=MODEL_FILE,
+        format="torch.save of tensors and plain data; read with torch.load(weights_only=True)",
+        loader="diffusion.registry.load_model",
+        diffusion_version=diffusion.__version__,
+        **json.loads(json.dumps({"model_spec": packaged.model_spec, "process": packaged.process, "sampling": packaged.sampling})),
+    )
+    mlflow_model.save(str(Path(path) / "MLmodel"))
+
+
+def _file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
 def load_packaged_model(model_id: str, *, tracking_uri: str | None = None):
-    """The :class:`~diffusion.packaged.PackagedDiffusion` of a model that
-    :func:`log_packaged_model` logged, read from its weights-only file (no pickled code);
-    None when the model carries no such file (logged before it did)."""
+    """The :class:`~diffusion.packaged.PackagedDiffusion` of logged model ``model_id``, from
+    its weights-only ``model.pt`` alone (``extra_files/model.pt`` in a model logged with
+    the pickle of the pytorch flavour, which is never read); None when it has neither.
+
+    Nothing else is downloaded and nothing is unpickled: a file that would run code is a
+    one-line :class:`~diffusion.checkpoint.CheckpointError`, and so is a ``model.pt``
+    whose sha256 differs from the one tagged on the model when it was logged.
+    """
     import tempfile
 
+    from diffusion.checkpoint import CheckpointError
     from diffusion.packaged import PackagedDiffusion
 
     with _store(tracking_uri) as mlflow, tempfile.TemporaryDirectory() as tmp:
-        folder = f"{mlflow.get_logged_model(model_id).artifact_location}/extra_files"
-        if CHECKPOINT_FILE not in {Path(a.path).name for a in mlflow.artifacts.list_artifacts(artifact_uri=folder)}:
+        logged = mlflow.get_logged_model(model_id)
+        for relative in (MODEL_FILE, LEGACY_MODEL_FILE):
+            uri = f"{logged.artifact_location}/{relative}"
+            folder, _, file = uri.rpartition("/")
+            if file in {Path(a.path).name for a in mlflow.artifacts.list_artifacts(artifact_uri=folder)}:
+                break
+        else:
             return None
-        return PackagedDiffusion.load(mlflow.artifacts.download_artifacts(artifact_uri=f"{folder}/{CHECKPOINT_FILE}", dst_path=tmp))
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+        recorded, digest = logged.tags.get(WEIGHTS_SHA256_TAG), _file_sha256(local)
+        if recorded and digest != recorded:
+            raise CheckpointError(
+                f"{uri}: refused: its sha256 {digest} is not the {recorded} tagged on "
+                f"model {model_id} when it was logged (the file was replaced since)"
+            )
+        try:
+            return PackagedDiffusion.load(local)
+        except CheckpointError as err:
+            raise CheckpointError(str(err).replace(str(local), uri)) from None
 
 
 def mirror_to_parent(metrics: Mapping[str, float], tags: Mapping[str, str] | None = None) -> None:

@@ -31,6 +31,25 @@ TINY_PARAMS = {
 }
 
 
+# The committed params.yaml: every key, the embedded default's values. Tests state only
+# what they change (TINY_PARAMS and the like) and merge it over these.
+DEFAULT_PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def full_params(overrides: dict | None = None) -> dict:
+    """The committed params with ``overrides`` merged in, section by section, key by key."""
+    from diffusion.config import merge_params
+
+    return merge_params(DEFAULT_PARAMS, overrides or {})
+
+
+def section(name: str, **changes):
+    """One validated section of params.yaml: the committed values with ``changes``."""
+    from diffusion.config import Params
+
+    return Params.model_fields[name].annotation.model_validate(DEFAULT_PARAMS[name] | changes)
+
+
 def pipeline_env(repo: Path) -> dict[str, str]:
     """The environment a stage command sees: our venv first on PATH, the repo's own store."""
     env = dict(os.environ)
@@ -54,7 +73,7 @@ def make_pipeline_repo(path: Path, params: dict | None = None) -> Path:
         if (ROOT / name).exists():
             shutil.copy(ROOT / name, path / name)
     shutil.copytree(ROOT / "diffusion", path / "diffusion", ignore=shutil.ignore_patterns("__pycache__"))
-    (path / "params.yaml").write_text(yaml.safe_dump(params if params is not None else TINY_PARAMS))
+    (path / "params.yaml").write_text(yaml.safe_dump(full_params(params if params is not None else TINY_PARAMS)))
     run_in(path, "git", "init", "-q")
     run_in(path, "git", "config", "user.email", "tests@localhost")
     run_in(path, "git", "config", "user.name", "tests")

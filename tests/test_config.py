@@ -13,6 +13,7 @@ from diffusion import sampler_table
 from diffusion.config import ConfigError, DiffusionParams, Params, SampleParams, load_params, parse_params
 from diffusion.process_options import Loss, Prediction, Variance
 from diffusion.schedules import BETA_SCHEDULES
+from conftest import full_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,6 +22,19 @@ def test_committed_params_are_valid_and_match_the_defaults_where_documented():
     params = load_params(ROOT / "params.yaml")
     assert params.data.source == "mnist5k"
     assert params.model.name in __import__("diffusion.models", fromlist=["MODELS"]).MODELS
+
+
+def test_empty_or_partial_params_are_an_error_not_a_second_set_of_defaults(tmp_path):
+    """The committed params.yaml is the one place of the embedded default's numbers."""
+    empty = tmp_path / "params.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError) as err:
+        load_params(empty)
+    assert str(err.value) == f"{empty}: data: missing; every key must be set (the committed params.yaml sets them all)"
+    partial = full_params()
+    del partial["train"]["steps"]
+    with pytest.raises(ConfigError, match=r"params: train\.steps: missing; every key must be set"):
+        parse_params(partial)
 
 
 @pytest.mark.parametrize(
@@ -53,7 +67,7 @@ def test_committed_params_are_valid_and_match_the_defaults_where_documented():
 )
 def test_bad_params_give_one_line_naming_the_key(raw, expected):
     with pytest.raises(ConfigError) as err:
-        parse_params(raw, "params.yaml")
+        parse_params(full_params(raw), "params.yaml")
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith("params.yaml: ")
@@ -84,14 +98,14 @@ def test_config_loads_without_torch():
 
 
 def test_model_overrides_that_fit_are_accepted():
-    params = parse_params({"model": {"overrides": {"num_res_blocks": 1, "channel_mult": [1, 2]}}})
+    params = parse_params(full_params({"model": {"overrides": {"num_res_blocks": 1, "channel_mult": [1, 2]}}}))
     assert params.model.overrides["channel_mult"] == [1, 2]
     assert isinstance(params, Params)
 
 
 def test_cli_rejects_bad_params_within_two_seconds_before_any_work(tmp_path):
     bad = tmp_path / "params.yaml"
-    bad.write_text(yaml.safe_dump({"train": {"batch_size": 0}}))
+    bad.write_text(yaml.safe_dump(full_params({"train": {"batch_size": 0}})))
     start = time.perf_counter()
     out = subprocess.run(
         [sys.executable, "-m", "diffusion.cli", "train", "--params", str(bad)],
@@ -105,7 +119,7 @@ def test_cli_rejects_bad_params_within_two_seconds_before_any_work(tmp_path):
 
 
 def test_cli_names_a_missing_dataset_file(tmp_path):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"model": {"name": "unet-tiny"}}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(full_params({"model": {"name": "unet-tiny"}})))
     out = subprocess.run([sys.executable, "-m", "diffusion.cli", "train"], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 1
     assert out.stderr.strip() == "diffusion train: error: data/train.npz: no such dataset file (the prepare stage writes it)"
@@ -118,3 +132,23 @@ def test_unreadable_params_files(tmp_path):
     broken.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(broken)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_validate_stage_refuses_cuda_without_cuda(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(full_params({"sample": {"device": "cuda"}})))
+    out = subprocess.run(
+        [sys.executable, "-m", "diffusion.cli", "validate", "--params", str(params)],
+        cwd=tmp_path, capture_output=True, text=True,
+    )
+    assert out.returncode == 1
+    assert out.stderr.strip() == (
+        "diffusion validate: error: sample.device: 'cuda' was asked for but CUDA is not available on this machine; "
+        "allowed here: 'auto', 'cpu'"
+    )
+    assert list(tmp_path.iterdir()) == [params]  # data/params.ok not written
+
+    params.write_text(yaml.safe_dump(full_params({"sample": {"device": "auto"}})))
+    subprocess.run([sys.executable, "-m", "diffusion.cli", "validate", "--params", str(params)], cwd=tmp_path, check=True)
+    assert (tmp_path / "data" / "params.ok").read_text() == "params.yaml is valid on this machine\n"

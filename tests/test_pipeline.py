@@ -1,8 +1,10 @@
 """The real DVC pipeline in a temporary git repo, tracked into a real SQLite MLflow store."""
 
+import contextlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import time
@@ -13,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TINY_PARAMS, make_pipeline_repo, pipeline_env, run_in
+from conftest import TINY_PARAMS, full_params, make_pipeline_repo, pipeline_env, run_in
 from faults import kill_mid_write, overwrite_tensor_bytes
 
+from diffusion import registry
 from diffusion.packaged import PackagedDiffusion
 
 pytestmark = pytest.mark.integration
@@ -71,8 +74,10 @@ def test_dvc_repro_tracks_everything_and_reruns_only_what_changed(pipeline_repo:
     assert model_run.data.metrics["fid"] == pytest.approx(evaluation["fid"])  # mirrored
     assert "grid.png" in {a.path for a in client.list_artifacts(sample_run_id)}
 
-    # The logged model loads and samples back.
-    model = mlflow.pytorch.load_model(f"runs:/{model_run_id}/model")
+    # The logged model is data only (weights-only model.pt, MLmodel), and loads and samples back.
+    model_id = registry._logged_model_id(client, model_run_id)
+    assert {a.path for a in client.list_logged_model_artifacts(model_id)} == {"MLmodel", "model.pt"}
+    model = registry.load_model(f"runs:/{model_run_id}/model", tracking_uri=pipeline_env(pipeline_repo)["MLFLOW_TRACKING_URI"])
     images = model.sample(3, steps=4, seed=1)
     assert images.shape == (3, 1, 28, 28)
     assert images.min() >= -1 and images.max() <= 1
@@ -93,14 +98,16 @@ def test_dvc_repro_tracks_everything_and_reruns_only_what_changed(pipeline_repo:
     # A bad param stops `dvc repro` before DVC removes any output; fixing it costs nothing.
     outputs = ("models/model.pt", "metrics/train.json", "plots/train_loss.csv", "samples/samples.npz")
     before = {path: (pipeline_repo / path).read_bytes() for path in outputs}
-    params["train"]["lr"] = -1
+    lr, params["train"]["lr"] = params["train"]["lr"], -1
     (pipeline_repo / "params.yaml").write_text(yaml.safe_dump(params))
     out = run_in(pipeline_repo, "dvc", "repro", check=False)
     assert out.returncode != 0 and ran_stages(out.stdout) == ["validate"]
     assert "diffusion validate: error: params.yaml: train.lr: Input should be greater than 0 (got -1)" in out.stderr
     assert {path: (pipeline_repo / path).read_bytes() for path in outputs} == before
-    del params["train"]["lr"]
+    params["train"]["lr"] = lr
     (pipeline_repo / "params.yaml").write_text(yaml.safe_dump(params))
+    out = run_in(pipeline_repo, "dvc", "repro")  # DVC removed data/params.ok; its run cache has it
+    assert ran_stages(out.stdout) in ([], ["validate"])
     assert run_in(pipeline_repo, "dvc", "status").stdout.strip() == "Data and pipelines are up to date."
 
 
@@ -198,14 +205,14 @@ def test_damaged_checkpoint_and_killed_write_are_recovered_by_the_next_run(tmp_p
     stale = kill_mid_write(ckpt_dir / "ckpt-00000030.pt")
 
     params["train"]["steps"] = 30
-    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    (repo / "params.yaml").write_text(yaml.safe_dump(full_params(params)))
     out = run_in(repo, "dvc", "repro")
     (warning,) = [line for line in out.stderr.splitlines() if line.startswith("train: warning:")]
     assert "ckpt-00000020.pt: truncated or corrupt checkpoint (ValueError: entry " in warning
     assert warning.endswith("fails its CRC-32 check); resuming from the older " + str(ckpt_dir / "ckpt-00000010.pt"))
     assert f"train: removed the temp files of killed writes: {stale.name}" in out.stdout
     assert "at step 10" in out.stdout and not stale.exists()
-    assert ran_stages(out.stdout) == ["train", "sample", "evaluate"]
+    assert ran_stages(out.stdout) == ["validate", "train", "sample", "evaluate"]
 
     assert json.loads((repo / "metrics/train.json").read_text())["step"] == 30
     model = PackagedDiffusion.load(repo / "models/model.pt")  # checks every weight is finite
@@ -213,3 +220,37 @@ def test_damaged_checkpoint_and_killed_write_are_recovered_by_the_next_run(tmp_p
     images = np.load(repo / "samples/samples.npz")["images"]
     assert (images.reshape(len(images), -1).max(axis=1) > 0).all()  # no black image
     assert math.isfinite(json.loads((repo / "metrics/evaluate.json").read_text())["fid"])
+
+
+def test_locks_of_a_killed_unreaped_dvc_repro_are_released(tmp_path: Path):
+    """kill -9 of the whole `dvc repro` while its parent has not reaped it (a zombie keeps its
+    PID): DVC refuses the next run; `diffusion unlock` (run by `make pipeline`) frees exactly
+    the dead holder's locks, and the next `dvc repro` resumes."""
+    params = json.loads(json.dumps(TINY_PARAMS))
+    params["train"].update(steps=200, checkpoint_every=10, bpd_images=0)
+    repo = make_pipeline_repo(tmp_path / "repo", params)
+    run_in(repo, "dvc", "repro", "prepare")
+    proc = subprocess.Popen(["dvc", "repro", "train"], cwd=repo, env=pipeline_env(repo), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((repo / "checkpoints").glob("*/ckpt-*.pt")):
+            assert proc.poll() is None and time.monotonic() < deadline, "train wrote no checkpoint"
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGKILL)
+        time.sleep(1)  # not reaped: the zombie keeps its PID
+        refused = run_in(repo, "dvc", "repro", check=False)
+        assert refused.returncode != 0 and "is busy, it is being blocked by" in refused.stderr + refused.stdout
+
+        unlocked = run_in(repo, "diffusion", "unlock").stdout.strip().splitlines()
+        assert len(unlocked) == 1 and re.fullmatch(
+            rf"diffusion unlock: released the DVC locks of PID {proc.pid} \(.*dvc repro train\), which no longer runs",
+            unlocked[0],
+        ), unlocked
+        assert run_in(repo, "diffusion", "unlock").stdout == ""  # nothing left to release
+        out = run_in(repo, "dvc", "repro")
+        assert "resuming from" in out.stdout and "Running stage 'train'" in out.stdout
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -110,9 +110,9 @@ def test_the_readme_orchestration_path(tmp_path: Path):
         promoted = sh(repo, ".venv/bin/diffusion", "promote", "--study", "readme", env=env | {"MLFLOW_TRACKING_URI": uri})
         assert "champion" in promoted.stdout
         snippet = (
-            "import mlflow, torch\n"
-            f"mlflow.set_tracking_uri({uri!r})\n"
-            "model = mlflow.pytorch.load_model('models:/diffusion@champion')\n"
+            "import torch\n"
+            "from diffusion.registry import load_model\n"
+            f"model = load_model('models:/diffusion@champion', tracking_uri={uri!r})\n"
             "images = model(torch.randn(1, 1, 28, 28))\n"
             "assert images.shape == (1, 1, 28, 28) and images.abs().max() <= 1, images.shape\n"
             "print('sampled', tuple(images.shape))\n"

@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
 import torch
+import yaml
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from conftest import TINY_PARAMS, make_pipeline_repo, pipeline_env, run_in
 from diffusion import protocol, registry, tracking
+from diffusion.checkpoint import CheckpointError
 from diffusion.packaged import PackagedDiffusion
 
 SPEC = {"name": "unet-tiny", "in_channels": 1, "image_size": 8, "learn_sigma": False, "num_classes": None, "overrides": {}}
@@ -78,11 +83,10 @@ def test_champion_moves_only_over_a_version_of_the_same_protocol(store):
     assert champion.tags["model_run"] == store["model_run"] and champion.tags["source_run"] == same.run_id
 
     # The version samples as its FID's images were drawn, while its weights are the trained model's.
-    mlflow.set_tracking_uri(store["uri"])
-    model = mlflow.pytorch.load_model(f"models:/{name}@champion")
+    model = registry.load_model(f"models:/{name}@champion", tracking_uri=store["uri"])
     assert model.sampling == {key: MEASURED[key] for key in protocol.SAMPLING}
-    assert mlflow.pytorch.load_model(f"models:/{name}/{other.version}").sampling["steps"] == 4
-    trained = mlflow.pytorch.load_model(f"runs:/{store['model_run']}/model")
+    assert registry.load_model(f"models:/{name}/{other.version}", tracking_uri=store["uri"]).sampling["steps"] == 4
+    trained = registry.load_model(f"runs:/{store['model_run']}/model", tracking_uri=store["uri"])
     for key, weight in trained.net.state_dict().items():
         assert torch.equal(model.net.state_dict()[key], weight), key
     # Promoting the same run again reuses its version.
@@ -169,6 +173,120 @@ def test_a_dead_promotions_lock_expires_and_a_live_one_is_waited_for(store):
         assert expires > time.time()
 
 
+
+# --------------------------------------------------------------------------- tampered models
+
+
+class RunsOnUnpickle:
+    """A pickle payload: unpickling it creates the file ``path`` (it calls ``open(path, "w")``)."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def champion_model_id(client: MlflowClient, name: str) -> str:
+    """The logged model that ``name``'s champion version is (the SQLite store keeps it in the source)."""
+    return client.get_model_version_by_alias(name, "champion").source.removeprefix("models:/")
+
+
+def artifact_folder(client: MlflowClient, model_id: str) -> Path:
+    """The local folder of a logged model's files: what a writer of the artifact store can change."""
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    return Path(local_file_uri_to_path(client.get_logged_model(model_id).artifact_location))
+
+
+def pickled_pytorch_flavour(folder: Path, payload: Path) -> None:
+    """Make ``folder`` an MLflow pytorch-flavour model (serialization_format pickle) whose
+    pickle is ``RunsOnUnpickle(payload)``: what the train stage logged before, doctored."""
+    (folder / "data").mkdir(exist_ok=True)
+    torch.save(RunsOnUnpickle(payload), folder / "data" / "model.pth")
+    (folder / "data" / "pickle_module_info.txt").write_text("pickle")
+    flavour = {"pytorch": {"model_data": "data", "pytorch_version": str(torch.__version__), "serialization_format": "pickle"}}
+    (folder / "MLmodel").write_text(yaml.safe_dump({"artifact_path": "model", "flavors": flavour}))
+
+
+def legacy_model(store, name: str, trained: PackagedDiffusion, payload: Path) -> None:
+    """A version of ``name`` as models were logged before: the pytorch flavour's pickle (here
+    the payload) with the weights-only file beside it in ``extra_files/model.pt``; champion."""
+    import tempfile
+
+    client = MlflowClient(store["uri"])
+    experiment = tracking.experiment_id("diffusion", store["uri"])
+    model = client.create_logged_model(experiment, name="promoted", source_run_id=store["model_run"])
+    with tempfile.TemporaryDirectory() as tmp:
+        pickled_pytorch_flavour(Path(tmp), payload)
+        trained.save(Path(tmp) / tracking.LEGACY_MODEL_FILE)
+        client.log_model_artifacts(model.model_id, tmp)
+    client.finalize_logged_model(model.model_id, "READY")
+    client.create_registered_model(name)
+    version = client.create_model_version(name, f"models:/{model.model_id}", run_id=store["model_run"], model_id=model.model_id)
+    client.set_registered_model_alias(name, "champion", version.version)
+
+
+@pytest.mark.parametrize("layout", ["data-only", "pytorch flavour (before)"])
+def test_a_model_whose_pickle_was_replaced_loads_without_running_it(store, tmp_path, layout):
+    """As logged before, every machine that loaded ``models:/...`` with ``mlflow.pytorch.load_model``
+    unpickled the model's ``data/model.pth``: whoever could write the artifact store ran
+    code there. Here a store writer replaces the pickle with one that creates a marker file.
+    MLflow's loader runs it; :func:`registry.load_model` reads only the weights-only file."""
+    name, marker = f"tampered-{layout.split()[0]}", tmp_path / "marker"
+    client = MlflowClient(store["uri"])
+    mlflow.set_tracking_uri(store["uri"])
+    trained = registry.load_model(f"runs:/{store['model_run']}/model", tracking_uri=store["uri"])
+    if layout == "data-only":
+        registry.promote(name, run_id=fid_run(store, 20.0), tracking_uri=store["uri"])
+        model_id = champion_model_id(client, name)
+        folder = artifact_folder(client, model_id)
+        assert {p.name for p in folder.iterdir()} == {"MLmodel", tracking.MODEL_FILE}  # no pickle, no code
+        with pytest.raises(MlflowException, match="does not have the \"pytorch\" flavor"):
+            mlflow.pytorch.load_model(f"models:/{name}@champion")  # nothing for MLflow's loader to run
+        pickled_pytorch_flavour(folder, marker)  # the store writer's doing
+    else:
+        legacy_model(store, name, trained, marker)
+
+    with pytest.raises(Exception):  # the payload is no model, but it ran
+        mlflow.pytorch.load_model(f"models:/{name}@champion")
+    assert marker.exists(), "the payload does not run: this test would prove nothing"
+    marker.unlink()
+
+    model = registry.load_model(f"models:/{name}@champion", tracking_uri=store["uri"])
+    assert not marker.exists()
+    for key, weight in trained.net.state_dict().items():
+        assert torch.equal(model.net.state_dict()[key], weight), key
+    noise = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert model(noise).shape == (1, 1, 8, 8) and not marker.exists()
+
+
+def test_a_weights_file_that_would_run_code_is_refused_in_one_line(store, tmp_path):
+    """A store writer replaces ``model.pt`` itself with a file that carries a pickle payload:
+    the sha256 tagged on the model (in the tracking store) refuses it; a writer of the
+    tracking store too (or a model logged before the tag) meets weights-only loading,
+    which refuses the payload without running it."""
+    name, marker = "tampered-weights", tmp_path / "marker"
+    registry.promote(name, run_id=fid_run(store, 20.0), tracking_uri=store["uri"])
+    client = MlflowClient(store["uri"])
+    model_id = champion_model_id(client, name)
+    weights = artifact_folder(client, model_id) / tracking.MODEL_FILE
+    state = torch.load(weights, weights_only=True)
+    torch.save({**state, "sampling": RunsOnUnpickle(marker)}, weights)
+    uri = client.get_logged_model(model_id).artifact_location + "/" + tracking.MODEL_FILE
+
+    digest = rf"^{re.escape(uri)}: refused: its sha256 [0-9a-f]{{64}} is not the [0-9a-f]{{64}} tagged on model {model_id} when it was logged \(the file was replaced since\)$"
+    with pytest.raises(CheckpointError, match=digest):
+        registry.load_model(f"models:/{name}@champion", tracking_uri=store["uri"])
+    client.delete_logged_model_tag(model_id, tracking.WEIGHTS_SHA256_TAG)
+    refused = r": refused: not a weights-only file \(its pickle calls io\.open, which would run code; nothing of it ran\)$"
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(uri)}{refused}"):
+        registry.load_model(f"models:/{name}@champion", tracking_uri=store["uri"])
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(weights))}{refused}"):  # models/model.pt is read the same way
+        PackagedDiffusion.load(weights)
+    assert not marker.exists()
+
+
 @pytest.mark.integration
 def test_the_champion_of_a_real_pipeline_samples_with_its_fids_settings(tmp_path):
     """dvc repro of the tiny pipeline, then promote: the FID's protocol is recorded and the
@@ -195,8 +313,7 @@ def test_the_champion_of_a_real_pipeline_samples_with_its_fids_settings(tmp_path
 
     result = run_in(repo, "diffusion", "promote", "--run-id", sample_run.info.run_id)
     assert "challenger and champion" in result.stdout
-    mlflow.set_tracking_uri(uri)
-    model = mlflow.pytorch.load_model("models:/diffusion@champion")
+    model = registry.load_model("models:/diffusion@champion", tracking_uri=uri)
     params = sample_run.data.params
     expected = {
         "sampler": params["sample.sampler"], "steps": int(params["sample.steps"]), "eta": float(params["sample.eta"]),

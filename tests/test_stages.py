@@ -22,6 +22,7 @@ from diffusion.devices import BatchMemoryError
 from diffusion.packaged import PackagedDiffusion
 from diffusion.stages.paths import MODEL
 from diffusion.stages.sample import generate, image_grid
+from conftest import full_params
 
 PROCESS = {"schedule": "cosine", "timesteps": 50, "prediction": "eps", "variance": "fixed_small", "loss": "mse"}
 
@@ -38,7 +39,7 @@ def test_sample_stage_images_do_not_depend_on_the_batch_size() -> None:
 
     def images(batch_size: int, seed: int = 0) -> torch.Tensor:
         sample = {"num_samples": 7, "batch_size": batch_size, "sampler": "ddpm", "steps": 3, "seed": seed}
-        params = parse_params({"model": {"name": "unet-tiny"}, "data": {"image_size": 8}, "sample": sample})
+        params = parse_params(full_params({"model": {"name": "unet-tiny"}, "data": {"image_size": 8}, "sample": sample}))
         out, labels = generate(packaged, params, torch.device("cpu"))
         assert labels.tolist() == [0, 1, 2, 0, 1, 2, 0]
         return out.int()
@@ -85,7 +86,7 @@ def test_non_finite_samples_are_refused_and_nothing_is_written(tmp_path, monkeyp
     PackagedDiffusion(_spec(3), PROCESS, net=net).save(MODEL)
     sample = {"num_samples": 7, "batch_size": 3, "sampler": "ddpm", "steps": 3, "device": "cpu"}
     params = {"model": {"name": "unet-tiny", "class_conditional": True}, "data": {"image_size": 8}, "sample": sample}
-    Path("params.yaml").write_text(yaml.safe_dump(params))
+    Path("params.yaml").write_text(yaml.safe_dump(full_params(params)))
 
     assert main(["sample"]) == 1
     assert capsys.readouterr().err.splitlines()[-1] == (
@@ -118,7 +119,7 @@ def test_sample_batch_too_large_for_memory_is_one_line() -> None:
     quarter = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 16 * 4  # bytes, whole floats
     packaged = PackagedDiffusion(_spec(None), PROCESS, net=WideLayer(tiny_unet(), quarter))
     sample = {"num_samples": 16, "batch_size": 16, "sampler": "ddim", "steps": 2}
-    params = parse_params({"model": {"name": "unet-tiny"}, "data": {"image_size": 8}, "sample": sample})
+    params = parse_params(full_params({"model": {"name": "unet-tiny"}, "data": {"image_size": 8}, "sample": sample}))
     with pytest.raises(BatchMemoryError) as err:
         generate(packaged, params, torch.device("cpu"))
     assert str(err.value) == (

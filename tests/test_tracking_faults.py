@@ -18,7 +18,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from conftest import BIN, TINY_PARAMS, make_pipeline_repo, pipeline_env, run_in
+from conftest import BIN, TINY_PARAMS, full_params, make_pipeline_repo, pipeline_env, run_in
 from faults import MlflowServer, closed_port
 from tiny_unet import tiny_unet
 
@@ -52,7 +52,7 @@ def repo_with_data(path: Path, prepared: Path, params: dict) -> Path:
 
 
 def set_params(repo: Path, params: dict) -> None:
-    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    (repo / "params.yaml").write_text(yaml.safe_dump(full_params(params)))
 
 
 def diffusion(repo: Path, stage: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -10,6 +10,7 @@ import torch
 from faults import overwrite_tensor_bytes
 
 from diffusion.checkpoint import CheckpointError, checkpoint_path, list_checkpoints, load_checkpoint, save_checkpoint
+from conftest import section
 from diffusion.config import TrainParams
 from diffusion.devices import BatchMemoryError
 from diffusion.packaged import PackagedDiffusion
@@ -32,7 +33,7 @@ def _cfg(**changes) -> TrainParams:
         steps=20, batch_size=4, lr=1e-3, warmup_steps=4, log_every=2, checkpoint_every=5,
         ema_decay=0.9, ema_warmup=True, hflip=True, seed=7, device="cpu", precision="fp32", bpd_images=0,
     )
-    return TrainParams(**(base | changes))
+    return section("train", **(base | changes))
 
 
 def _model(*, num_classes=None, learn_sigma=False, dropout=0.1):
