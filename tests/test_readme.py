@@ -106,9 +106,18 @@ def test_the_readme_orchestration_path(tmp_path: Path):
                  "--watch", "--watch-interval", "5", "--watch-timeout", "480", env=env | api, timeout=540)
         assert re.search(r"UUID: [0-9a-f-]{36}", run.stdout), run.stdout[-2000:]
         assert "readme-0" in sh(repo, ".venv/bin/dvc", "exp", "show", env=env).stdout
+        # The README's other deployment runs: the pipeline as one experiment, and promotion.
+        watch = ["--watch", "--watch-interval", "5", "--watch-timeout", "480"]
+        run = sh(repo, ".venv/bin/prefect", "deployment", "run", "train-pipeline/train-pipeline",
+                 "-p", 'params={"sample.steps": 2}', "-p", "name=readme-pipeline", *watch, env=env | api, timeout=540)
+        assert "Completed" in run.stdout, run.stdout[-2000:]
+        assert "readme-pipeline" in sh(repo, ".venv/bin/dvc", "exp", "show", env=env).stdout
+        run = sh(repo, ".venv/bin/prefect", "deployment", "run", "promote/promote", "-p", "study=readme", *watch,
+                 env=env | api, timeout=540)
+        assert "Completed" in run.stdout, run.stdout[-2000:]
 
         promoted = sh(repo, ".venv/bin/diffusion", "promote", "--study", "readme", env=env | {"MLFLOW_TRACKING_URI": uri})
-        assert "champion" in promoted.stdout
+        assert "already champion" in promoted.stdout  # the promote deployment made it champion
         snippet = (
             "import torch\n"
             "from diffusion.registry import load_model\n"
