@@ -39,8 +39,9 @@ def nearest_timesteps(diffusion: GaussianDiffusion, log_snr: np.ndarray) -> np.n
 
 
 @torch.no_grad()
-def reference_loss(model: nn.Module, diffusion: GaussianDiffusion, images: torch.Tensor, *, seed: int = 0) -> float:
-    """Mean ε-MSE of ``model`` on uint8 ``images`` [N, C, H, W], image i at reference level i mod :data:`LEVELS`.
+def reference_loss(model: nn.Module, diffusion: GaussianDiffusion, x0: torch.Tensor, *, seed: int = 0) -> float:
+    """Mean ε-MSE of ``model`` on images ``x0`` [N, C, H, W] in the model's range [-1, 1],
+    image i at reference level i mod :data:`LEVELS`.
 
     The noise comes from ``seed`` alone, so two calls on the same model give the same
     number, and two models see the same x_0, ε and levels. The model is called
@@ -48,10 +49,10 @@ def reference_loss(model: nn.Module, diffusion: GaussianDiffusion, images: torch
     """
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    x0 = (images.float() / 127.5 - 1.0).to(device)
+    x0 = x0.to(device)
     noise = torch.randn(x0.shape, generator=generator).to(device)
     levels = nearest_timesteps(diffusion, reference_log_snr())
-    t = torch.as_tensor(levels[np.arange(len(images)) % LEVELS], device=device)
+    t = torch.as_tensor(levels[np.arange(len(x0)) % LEVELS], device=device)
     x_t = diffusion.q_sample(x0, t, noise)
     was_training = model.training
     model.eval()

@@ -323,7 +323,9 @@ def train(
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(run.torch_seed)
         step, loss_curve, val_curve, window = 0, [], [], []
-        val_images = heldout_images[: cfg.val_images] if heldout_images is not None and cfg.val_images else None
+        val_images = None  # scaled once, scored every val_every steps
+        if heldout_images is not None and cfg.val_images:
+            val_images = to_model_range(heldout_images[: cfg.val_images])
         last_ckpt = None
         newest = load_newest(checkpoint_dir)
         if newest is not None:

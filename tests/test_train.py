@@ -19,7 +19,7 @@ from diffusion.models import create_model
 from diffusion.schedules import make_betas
 from diffusion.devices import resolve_device, resolve_precision
 from diffusion.reference_loss import reference_loss
-from diffusion.train import NonFiniteLossError, draw_batch, heldout_bpd, seeded_init, train, warmup_lr
+from diffusion.train import NonFiniteLossError, draw_batch, heldout_bpd, seeded_init, to_model_range, train, warmup_lr
 
 T = 20
 SIZE = 8
@@ -411,7 +411,7 @@ def test_reference_loss_is_logged_falls_and_leaves_the_trajectory_alone(tmp_path
     val = [(step, m["val_loss"]) for step, m in logs if "val_loss" in m]
     assert [step for step, _ in val] == [20, 40, 60] and result.val_curve == val
     assert val[-1][1] < 0.5 * val[0][1], val
-    assert val[-1][1] == reference_loss(result.ema_model, _diffusion(), images[:8], seed=cfg.seed)
+    assert val[-1][1] == reference_loss(result.ema_model, _diffusion(), to_model_range(images[:8]), seed=cfg.seed)
     without = train(
         _model(dropout=0.0), _diffusion(), images, None, cfg.model_copy(update={"val_images": 0}),
         checkpoint_dir=tmp_path / "b", heldout_images=images[:8], progress=False,
