@@ -7,9 +7,9 @@ Cross-field rules (image size vs. down-sampling, learned variance vs. loss,
 sampler steps vs. T) live in :meth:`Params.check_combinations`.
 
 Names and rules that code also uses come from that code's torch-free tables, never a
-copy: schedules from :data:`diffusion.schedules.BETA_SCHEDULES`, samplers from
+copy: schedules from :data:`diffusion.process.schedules.BETA_SCHEDULES`, samplers from
 :data:`diffusion.sampler_table.SAMPLERS`, and the process options and how they combine
-from :mod:`diffusion.process_options`.
+from :mod:`diffusion.process.options`.
 
 Every key is required and none has a default here: the committed params.yaml is the
 one place the embedded default's numbers live, so an empty or partial params.yaml is
@@ -27,9 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from diffusion.errors import UserError
 from diffusion.model_configs import UNET_CONFIGS, check_unet, resolved_unet
-from diffusion.process_options import Loss, Prediction, Variance, check_combination, names
+from diffusion.process.options import Loss, Prediction, Variance, check_combination, names
 from diffusion.sampler_table import SAMPLERS
-from diffusion.schedules import BETA_SCHEDULES
+from diffusion.process.schedules import BETA_SCHEDULES
 
 Device = Literal["auto", "cpu", "cuda"]
 # Literal[("a", "b")] is Literal["a", "b"]: the allowed names, read from their one source.

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from diffusion.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from diffusion.gaussian import GaussianDiffusion
+from diffusion.process.gaussian import GaussianDiffusion
 from diffusion.models import create_model
 from diffusion.samplers import sample as run_sampler
-from diffusion.schedules import make_betas
+from diffusion.process.schedules import make_betas
 
 # The sample() arguments that ``sampling`` holds, and their defaults.
 DEFAULT_SAMPLER = {"sampler": "ddim", "steps": 50, "eta": 0.0, "clip_denoised": True, "threshold": None}

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffusion.gaussian import GaussianDiffusion
-from diffusion.schedules import cosine_betas
+from diffusion.process.gaussian import GaussianDiffusion
+from diffusion.process.schedules import cosine_betas
 
 REFERENCE_TIMESTEPS = 1000
 LEVELS = 16

@@ -24,9 +24,9 @@ import torch
 from tqdm import tqdm
 
 from diffusion import sampler_table
-from diffusion.gaussian import GaussianDiffusion, gather
+from diffusion.process.gaussian import GaussianDiffusion, gather
 from diffusion.image_noise import NoiseSource, StackedRandomGenerator, randn
-from diffusion.schedules import space_timesteps
+from diffusion.process.schedules import space_timesteps
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -145,7 +145,7 @@ def sample(
 ):
     """Draw samples of ``shape`` with the sampler ``sampler`` of :data:`SAMPLERS`.
 
-    ``diffusion`` is respaced to ``steps`` (any :func:`~diffusion.schedules.space_timesteps`
+    ``diffusion`` is respaced to ``steps`` (any :func:`~diffusion.process.schedules.space_timesteps`
     spec; None keeps all T). With ``seed``, row k of the batch is image ``first_index + k``
     of the run with that seed: its x_T and all its later noise come from its own generator
     on ``device`` (:class:`~diffusion.image_noise.StackedRandomGenerator`), so a run's images

@@ -48,11 +48,11 @@ from diffusion.devices import autocast, batch_memory, resolve_device, resolve_pr
 from diffusion.ema import EMA
 from diffusion.errors import UserError
 from diffusion.reference_loss import reference_loss
-from diffusion.timestep_sampling import make_timestep_sampler
+from diffusion.process.timestep_sampling import make_timestep_sampler
 
 if TYPE_CHECKING:
     from diffusion.config import TrainParams
-    from diffusion.gaussian import GaussianDiffusion
+    from diffusion.process.gaussian import GaussianDiffusion
 
 LABEL_DROP_PROB = 0.1
 """Probability of training on the null class (Ho & Salimans 2022 use 0.1 or 0.2)."""

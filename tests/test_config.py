@@ -11,8 +11,8 @@ import yaml
 
 from diffusion import sampler_table
 from diffusion.config import ConfigError, DiffusionParams, Params, SampleParams, load_params, parse_params
-from diffusion.process_options import Loss, Prediction, Variance
-from diffusion.schedules import BETA_SCHEDULES
+from diffusion.process.options import Loss, Prediction, Variance
+from diffusion.process.schedules import BETA_SCHEDULES
 from conftest import full_params
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,16 +17,16 @@ from torch import nn
 
 from conftest import full_params, section
 from diffusion.config import ConfigError, parse_params
-from diffusion.gaussian import (
+from diffusion.process.gaussian import (
     GaussianDiffusion,
     Prediction,
     discretized_gaussian_log_likelihood,
     gather,
     normal_kl,
 )
-from diffusion.process_options import Loss, Variance, names
-from diffusion.schedules import cosine_betas, linear_betas, make_betas, space_timesteps
-from diffusion.timestep_sampling import (
+from diffusion.process.options import Loss, Variance, names
+from diffusion.process.schedules import cosine_betas, linear_betas, make_betas, space_timesteps
+from diffusion.process.timestep_sampling import (
     TIMESTEP_SAMPLERS,
     LossAwareSampler,
     UniformSampler,
@@ -213,7 +213,7 @@ def test_other_errors():
 
 
 def test_config_and_process_accept_the_same_combinations():
-    """One rule (diffusion.process_options.check_combination) behind both: every combination of
+    """One rule (diffusion.process.options.check_combination) behind both: every combination of
     prediction, variance, loss and zero terminal SNR is valid in params.yaml exactly when
     GaussianDiffusion accepts it, with the same message (params.yaml's keys under ``diffusion.``)."""
     accepted = 0

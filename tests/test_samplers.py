@@ -20,10 +20,10 @@ from exact_gaussian import GaussianData, alpha_bar_np
 from tiny_unet import tiny_unet
 
 from diffusion import sampler_table
-from diffusion.gaussian import GaussianDiffusion
+from diffusion.process.gaussian import GaussianDiffusion
 from diffusion.image_noise import StackedRandomGenerator, image_seed
 from diffusion.samplers import SAMPLERS, ddim_sample, ddpm_sample, sample
-from diffusion.schedules import cosine_betas, make_betas, space_timesteps
+from diffusion.process.schedules import cosine_betas, make_betas, space_timesteps
 
 MU, S = 0.3, 0.5
 SHAPE = (4000, 4)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from diffusion.schedules import (
+from diffusion.process.schedules import (
     BETA_SCHEDULES,
     cosine_betas,
     linear_betas,

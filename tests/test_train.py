@@ -14,9 +14,9 @@ from conftest import section
 from diffusion.config import TrainParams
 from diffusion.devices import BatchMemoryError
 from diffusion.packaged import PackagedDiffusion
-from diffusion.gaussian import GaussianDiffusion
+from diffusion.process.gaussian import GaussianDiffusion
 from diffusion.models import create_model
-from diffusion.schedules import make_betas
+from diffusion.process.schedules import make_betas
 from diffusion.devices import resolve_device, resolve_precision
 from diffusion.reference_loss import reference_loss
 from diffusion.train import NonFiniteLossError, draw_batch, heldout_bpd, seeded_init, to_model_range, train, warmup_lr

@@ -36,7 +36,7 @@ from diffusion.checkpoint import list_checkpoints
 from diffusion.config import Params
 from diffusion.data import load_dataset
 from diffusion.files import exclusive_lock, remove_stale_temps, write_csv
-from diffusion.gaussian import GaussianDiffusion
+from diffusion.process.gaussian import GaussianDiffusion
 from diffusion.packaged import PackagedDiffusion
 from diffusion.stages.paths import (
     HELDOUT_SET, LOSS_CURVE, MODEL, MODEL_RUN, TRAIN_METRICS, TRAIN_SET, VAL_CURVE, checkpoints_dir,

@@ -1,7 +1,7 @@
 """The Gaussian process's options and the rules that combine them, without torch.
 
 :mod:`diffusion.config` validates params.yaml against these (before torch loads) and
-:class:`diffusion.gaussian.GaussianDiffusion` checks its arguments with the same
+:class:`diffusion.process.gaussian.GaussianDiffusion` checks its arguments with the same
 functions, so each rule and each allowed name is written once, here.
 """
 

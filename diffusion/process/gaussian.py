@@ -8,7 +8,7 @@ quantity is read from them: an index and a cast on the device, never a host copy
 Timestep index ``t`` runs over 0..T-1 (the papers' 1..T).
 
 The options (:class:`Prediction`, :class:`Variance`, :class:`Loss`) and the rules that
-combine them live in :mod:`diffusion.process_options`, shared with the config.
+combine them live in :mod:`diffusion.process.options`, shared with the config.
 
 The model is always called as ``model(x_t, timestep_map[t], **model_kwargs)``: a
 respaced process (:meth:`GaussianDiffusion.respace`) hands the model the timestep it
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from diffusion.process_options import Loss, Prediction, Variance, check_combination, parse
-from diffusion.schedules import make_betas, respace_betas
+from diffusion.process.options import Loss, Prediction, Variance, check_combination, parse
+from diffusion.process.schedules import make_betas, respace_betas
 
 Model = Callable[..., torch.Tensor]
 
@@ -96,7 +96,7 @@ class GaussianDiffusion:
     """Forward process q(x_t | x_0) and reverse process p_θ(x_{t-1} | x_t) over a β schedule.
 
     ``prediction`` (:class:`Prediction`), ``variance`` (:class:`Variance`) and ``loss``
-    (:class:`Loss`) are checked by :func:`~diffusion.process_options.check_combination`,
+    (:class:`Loss`) are checked by :func:`~diffusion.process.options.check_combination`,
     the rule params.yaml is validated with. ``timestep_map[t]`` is the model's timestep
     for index ``t`` (the identity unless respaced).
     """
@@ -225,7 +225,7 @@ class GaussianDiffusion:
         return cls(betas, prediction=cfg.prediction, variance=cfg.variance, loss=cfg.loss)
 
     def respace(self, timesteps: Sequence[int]) -> GaussianDiffusion:
-        """The process on the kept indices ``timesteps`` (:func:`diffusion.schedules.space_timesteps`),
+        """The process on the kept indices ``timesteps`` (:func:`diffusion.process.schedules.space_timesteps`),
         with the same ᾱ there and the model still called with its original timesteps.
         Made once per ``timesteps`` (so its device tables are too) and reused after."""
         steps = tuple(timesteps)
