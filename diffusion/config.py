@@ -8,7 +8,7 @@ sampler steps vs. T) live in :meth:`Params.check_combinations`.
 
 Names and rules that code also uses come from that code's torch-free tables, never a
 copy: schedules from :data:`diffusion.process.schedules.BETA_SCHEDULES`, samplers from
-:data:`diffusion.sampler_table.SAMPLERS`, and the process options and how they combine
+:data:`diffusion.sampling.table.SAMPLERS`, and the process options and how they combine
 from :mod:`diffusion.process.options`.
 
 Every key is required and none has a default here: the committed params.yaml is the
@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from diffusion.errors import UserError
 from diffusion.model_configs import UNET_CONFIGS, check_unet, resolved_unet
 from diffusion.process.options import Loss, Prediction, Variance, check_combination, names
-from diffusion.sampler_table import SAMPLERS
+from diffusion.sampling.table import SAMPLERS
 from diffusion.process.schedules import BETA_SCHEDULES
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -102,7 +102,7 @@ class SampleParams(_Section):
     eta: float = Field(ge=0)
     clip_denoised: bool
     threshold: float | None = Field(gt=0.5, le=1.0)
-    seed: int = Field(ge=0)  # image k is drawn from its own seed (seed, k): see diffusion.image_noise
+    seed: int = Field(ge=0)  # image k is drawn from its own seed (seed, k): see diffusion.sampling.noise
     device: Device
     grid_rows: int = Field(ge=1)
 

@@ -22,7 +22,7 @@ from torch import nn
 from diffusion.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from diffusion.process.gaussian import GaussianDiffusion
 from diffusion.models import create_model
-from diffusion.samplers import sample as run_sampler
+from diffusion.sampling.sample import sample as run_sampler
 from diffusion.process.schedules import make_betas
 
 # The sample() arguments that ``sampling`` holds, and their defaults.
@@ -92,7 +92,7 @@ class PackagedDiffusion(nn.Module):
         """Samples in [-1, 1], shape [num_samples, C, H, W]: with ``seed``, images
         ``first_index, ..., first_index + num_samples - 1`` of that seed, each from its own
         generator, so a run split into batches gives the same images (see
-        :func:`diffusion.samplers.sample`)."""
+        :func:`diffusion.sampling.sample.sample`)."""
         was_training = self.net.training
         self.net.eval()
         try:

@@ -5,7 +5,7 @@
   Opening a study of an existing name continues it.
 - **Search space**: one ``suggest_*`` per dimension of ``sweep.space``.
 - **Objectives**: ``fid`` (``metrics/evaluate.json``); ``sampling_cost``, the sampler's
-  network evaluations per image (:func:`diffusion.sampler_table.network_evaluations`).
+  network evaluations per image (:func:`diffusion.sampling.table.network_evaluations`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusion.config import Params, SearchDim, SweepParams
-from diffusion.sampler_table import network_evaluations
+from diffusion.sampling.table import network_evaluations
 from flows.pruning import make_pruner
 
 STUDY_DIR = Path(".optuna")

@@ -9,7 +9,7 @@ from typing import get_args
 import pytest
 import yaml
 
-from diffusion import sampler_table
+from diffusion.sampling import table as sampler_table
 from diffusion.config import ConfigError, DiffusionParams, Params, SampleParams, load_params, parse_params
 from diffusion.process.options import Loss, Prediction, Variance
 from diffusion.process.schedules import BETA_SCHEDULES

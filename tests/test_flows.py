@@ -89,7 +89,7 @@ def test_overrides_use_hydra_syntax_and_add_missing_keys():
 def test_sampling_cost_is_network_evaluations_per_image():
     """The objective is what the sampler table says each sampler costs, not its step count."""
     from diffusion.config import parse_params
-    from diffusion.sampler_table import SAMPLERS
+    from diffusion.sampling.table import SAMPLERS
     from flows.study import OBJECTIVES
 
     for name, spec in SAMPLERS.items():

@@ -19,10 +19,10 @@ from device_copies import CrossDeviceOps
 from exact_gaussian import GaussianData, alpha_bar_np
 from tiny_unet import tiny_unet
 
-from diffusion import sampler_table
+from diffusion.sampling import table as sampler_table
 from diffusion.process.gaussian import GaussianDiffusion
-from diffusion.image_noise import StackedRandomGenerator, image_seed
-from diffusion.samplers import SAMPLERS, ddim_sample, ddpm_sample, sample
+from diffusion.sampling.noise import StackedRandomGenerator, image_seed
+from diffusion.sampling.sample import SAMPLERS, ddim_sample, ddpm_sample, sample
 from diffusion.process.schedules import cosine_betas, make_betas, space_timesteps
 
 MU, S = 0.3, 0.5

@@ -34,7 +34,7 @@ class NonFiniteSamplesError(UserError, RuntimeError):
 
 def generate(packaged: PackagedDiffusion, params: Params, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``num_samples`` uint8 images in batches of ``sample.batch_size``. Image k is image k
-    of ``sample.seed`` (its own generator, :mod:`diffusion.image_noise`), so the images do
+    of ``sample.seed`` (its own generator, :mod:`diffusion.sampling.noise`), so the images do
     not depend on the batch size.
 
     Class-conditional models get labels cycling through the classes, so each grid

@@ -6,12 +6,12 @@ Every sampler in :data:`SAMPLERS` is (k-diffusion style)::
        threshold=None, generator=None, progress=False, callback=None) -> x_0
 
 It walks ``diffusion``'s timesteps from the last to 0 (respace the diffusion for fewer
-steps), draws all noise from ``generator`` through :func:`diffusion.image_noise.randn`
-(a :class:`~diffusion.image_noise.StackedRandomGenerator` gives each image its own
+steps), draws all noise from ``generator`` through :func:`diffusion.sampling.noise.randn`
+(a :class:`~diffusion.sampling.noise.StackedRandomGenerator` gives each image its own
 stream), and calls ``callback`` (if given) once per step, before the update, with
 dict(i, t, x, pred_x0): the step number, the model's timestep, the current x_t and the
 model's x̂_0. Adding a sampler is one function here and one row of
-:data:`diffusion.sampler_table.SAMPLERS` (its name, this function's name, its network
+:data:`diffusion.sampling.table.SAMPLERS` (its name, this function's name, its network
 evaluations); a guided model is a model wrapper.
 """
 
@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from diffusion import sampler_table
+from diffusion.sampling import table as sampler_table
 from diffusion.process.gaussian import GaussianDiffusion, gather
-from diffusion.image_noise import NoiseSource, StackedRandomGenerator, randn
+from diffusion.sampling.noise import NoiseSource, StackedRandomGenerator, randn
 from diffusion.process.schedules import space_timesteps
 
 Callback = Callable[[dict[str, Any]], None]
@@ -148,7 +148,7 @@ def sample(
     ``diffusion`` is respaced to ``steps`` (any :func:`~diffusion.process.schedules.space_timesteps`
     spec; None keeps all T). With ``seed``, row k of the batch is image ``first_index + k``
     of the run with that seed: its x_T and all its later noise come from its own generator
-    on ``device`` (:class:`~diffusion.image_noise.StackedRandomGenerator`), so a run's images
+    on ``device`` (:class:`~diffusion.sampling.noise.StackedRandomGenerator`), so a run's images
     do not depend on how it is split into batches. Instead of a seed, ``generator`` may be
     such a stacked generator or one ``torch.Generator`` for the whole batch. x_T is
     ``noise`` if given. Returns the samples, or ``(samples, [pred_x0 of each step])`` with

@@ -1,7 +1,7 @@
 """The samplers params.yaml may name, without torch: name -> implementation and cost.
 
 :mod:`diffusion.config` validates ``sample.sampler`` against this table (no torch
-import), :mod:`diffusion.samplers` resolves each name to its function, and the sweep's
+import), :mod:`diffusion.sampling.sample` resolves each name to its function, and the sweep's
 ``sampling_cost`` objective is :func:`network_evaluations`: what a sampler costs per
 image, whatever its step count means (a second-order solver evaluates the network
 twice a step, guidance may double it again).
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class SamplerSpec:
     function: str
-    """The sampler's function in :mod:`diffusion.samplers`."""
+    """The sampler's function in :mod:`diffusion.sampling.sample`."""
     nfe: Callable[[int], int]
     """Network evaluations per image for ``steps`` sampler steps."""
 
