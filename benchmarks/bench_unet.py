@@ -37,7 +37,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusion.models import create_model
+from diffusion.models.table import create_model
 
 PEERS = ("ours", "diffusers")
 

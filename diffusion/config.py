@@ -26,7 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from diffusion.errors import UserError
-from diffusion.model_configs import UNET_CONFIGS, check_unet, resolved_unet
+from diffusion.models.configs import UNET_CONFIGS, check_unet, resolved_unet
 from diffusion.process.options import Loss, Prediction, Variance, check_combination, names
 from diffusion.sampling.table import SAMPLERS
 from diffusion.process.schedules import BETA_SCHEDULES

@@ -21,7 +21,7 @@ from torch import nn
 
 from diffusion.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from diffusion.process.gaussian import GaussianDiffusion
-from diffusion.models import create_model
+from diffusion.models.table import create_model
 from diffusion.sampling.sample import sample as run_sampler
 from diffusion.process.schedules import make_betas
 

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_committed_params_are_valid_and_match_the_defaults_where_documented():
     params = load_params(ROOT / "params.yaml")
     assert params.data.source == "mnist5k"
-    assert params.model.name in __import__("diffusion.models", fromlist=["MODELS"]).MODELS
+    assert params.model.name in __import__("diffusion.models.table", fromlist=["MODELS"]).MODELS
 
 
 def test_empty_or_partial_params_are_an_error_not_a_second_set_of_defaults(tmp_path):

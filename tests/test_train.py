@@ -15,7 +15,7 @@ from diffusion.config import TrainParams
 from diffusion.devices import BatchMemoryError
 from diffusion.packaged import PackagedDiffusion
 from diffusion.process.gaussian import GaussianDiffusion
-from diffusion.models import create_model
+from diffusion.models.table import create_model
 from diffusion.process.schedules import make_betas
 from diffusion.devices import resolve_device, resolve_precision
 from diffusion.reference_loss import reference_loss

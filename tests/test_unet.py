@@ -1,4 +1,4 @@
-"""The ADM U-Net (diffusion/models/unet.py) and the named configs (diffusion/models/__init__.py)."""
+"""The ADM U-Net (diffusion/models/unet.py) and the named configs (diffusion/models/table.py)."""
 
 import inspect
 import subprocess
@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_unet import perturb
 
-from diffusion.models import MODELS, OVERRIDABLE, UNet, create_model
+from diffusion.models.table import MODELS, OVERRIDABLE, UNet, create_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -171,7 +171,7 @@ def test_unknown_name_and_override_are_errors():
 
 
 def test_overridable_keys_are_the_constructor_arguments():
-    """diffusion/model_configs.py lists them without importing torch; they must match UNet."""
+    """diffusion/models/configs.py lists them without importing torch; they must match UNet."""
     given = {"in_channels", "out_channels", "image_size", "num_classes"}  # from the data and the process
     assert set(OVERRIDABLE) == set(inspect.signature(UNet).parameters) - given
 
@@ -186,7 +186,7 @@ def test_every_config_builds_and_overrides_apply():
 
 def test_import_loads_only_torch():
     code = (
-        "import sys, torch; before = {m.split('.')[0] for m in sys.modules}; import diffusion.models; "
+        "import sys, torch; before = {m.split('.')[0] for m in sys.modules}; import diffusion.models.table; "
         "print(sorted({m.split('.')[0] for m in sys.modules} - before))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -195,7 +195,7 @@ def test_import_loads_only_torch():
 
 def test_shape_rules_share_the_unet_defaults():
     """check_unet (torch-free, what params are validated with) assumes UNet's own defaults."""
-    from diffusion.model_configs import check_unet
+    from diffusion.models.configs import check_unet
 
     signature = inspect.signature(UNet).parameters
     for name, parameter in inspect.signature(check_unet).parameters.items():

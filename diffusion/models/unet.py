@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion.model_configs import check_unet
+from diffusion.models.configs import check_unet
 
 # ---------------------------------------------------------------- embeddings
 

@@ -1,6 +1,6 @@
 """Named network configs as plain data (no torch): ``model.name`` in params.yaml is a key.
 
-:mod:`diffusion.models` builds networks from these; :mod:`diffusion.config` reads them
+:mod:`diffusion.models.table` builds networks from these; :mod:`diffusion.config` reads them
 to reject an unknown name or override, or an image size the network cannot
 down-sample, before any work starts. ``attention_resolutions=None``: attention at
 the lowest resolution only (and in the middle block).
