@@ -54,7 +54,7 @@ import torch
 from diffusion.data import DatasetError, quote_error, to_rgb_uint8_hwc
 from diffusion.errors import UserError
 from diffusion.files import atomic_write
-from diffusion.devices import resolve_device
+from diffusion.training.devices import resolve_device
 
 INCEPTION_FILE = "inception-2015-12-05.pt"  # the network clean-fid names (cleanfid/inception_torchscript.py)
 MODE = "clean"  # clean-fid's resize and feature mode

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffusion.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from diffusion.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from diffusion.process.gaussian import GaussianDiffusion
 from diffusion.models.table import create_model
 from diffusion.sampling.sample import sample as run_sampler

@@ -329,7 +329,7 @@ def load_model(uri: str, *, tracking_uri: str | None = None, map_location: str =
     downloaded, checked against the sha256 tagged on the model, and read with
     ``torch.load(weights_only=True)``; the network is rebuilt by the installed
     ``diffusion`` package. :class:`RegistryError` (one line) when ``uri`` names no
-    model or one without that file; :class:`~diffusion.checkpoint.CheckpointError`
+    model or one without that file; :class:`~diffusion.training.checkpoint.CheckpointError`
     (one line) when the file would run code or was replaced.
     """
     client = _client(tracking_uri)

@@ -734,12 +734,12 @@ def load_packaged_model(model_id: str, *, tracking_uri: str | None = None):
     the pickle of the pytorch flavour, which is never read); None when it has neither.
 
     Nothing else is downloaded and nothing is unpickled: a file that would run code is a
-    one-line :class:`~diffusion.checkpoint.CheckpointError`, and so is a ``model.pt``
+    one-line :class:`~diffusion.training.checkpoint.CheckpointError`, and so is a ``model.pt``
     whose sha256 differs from the one tagged on the model when it was logged.
     """
     import tempfile
 
-    from diffusion.checkpoint import CheckpointError
+    from diffusion.training.checkpoint import CheckpointError
     from diffusion.packaged import PackagedDiffusion
 
     with _store(tracking_uri) as mlflow, tempfile.TemporaryDirectory() as tmp:

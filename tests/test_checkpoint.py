@@ -8,8 +8,8 @@ import torch
 from faults import overwrite_tensor_bytes
 from tiny_unet import tiny_unet
 
-from diffusion import checkpoint
-from diffusion.checkpoint import (
+from diffusion.training import checkpoint
+from diffusion.training.checkpoint import (
     CheckpointError,
     checkpoint_path,
     list_checkpoints,

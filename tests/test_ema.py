@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffusion.ema import EMA
+from diffusion.training.ema import EMA
 
 
 def _net() -> nn.Module:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusion.checkpoint import save_checkpoint
+from diffusion.training.checkpoint import save_checkpoint
 from diffusion.packaged import DEFAULT_SAMPLER, PackagedDiffusion
 
 SPEC = {"name": "unet-tiny", "in_channels": 1, "image_size": 8, "learn_sigma": False, "num_classes": None, "overrides": {}}

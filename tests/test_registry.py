@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException
 
 from conftest import TINY_PARAMS, make_pipeline_repo, pipeline_env, run_in
 from diffusion import protocol, registry, tracking
-from diffusion.checkpoint import CheckpointError
+from diffusion.training.checkpoint import CheckpointError
 from diffusion.packaged import PackagedDiffusion
 
 SPEC = {"name": "unet-tiny", "in_channels": 1, "image_size": 8, "learn_sigma": False, "num_classes": None, "overrides": {}}

@@ -18,7 +18,7 @@ from torchvision.utils import make_grid
 
 from diffusion.cli import main
 from diffusion.config import parse_params
-from diffusion.devices import BatchMemoryError
+from diffusion.training.devices import BatchMemoryError
 from diffusion.packaged import PackagedDiffusion
 from diffusion.stages.paths import MODEL
 from diffusion.stages.sample import generate, image_grid

@@ -9,17 +9,17 @@ import pytest
 import torch
 from faults import overwrite_tensor_bytes
 
-from diffusion.checkpoint import CheckpointError, checkpoint_path, list_checkpoints, load_checkpoint, save_checkpoint
+from diffusion.training.checkpoint import CheckpointError, checkpoint_path, list_checkpoints, load_checkpoint, save_checkpoint
 from conftest import section
 from diffusion.config import TrainParams
-from diffusion.devices import BatchMemoryError
+from diffusion.training.devices import BatchMemoryError
 from diffusion.packaged import PackagedDiffusion
 from diffusion.process.gaussian import GaussianDiffusion
 from diffusion.models.table import create_model
 from diffusion.process.schedules import make_betas
-from diffusion.devices import resolve_device, resolve_precision
-from diffusion.reference_loss import reference_loss
-from diffusion.train import NonFiniteLossError, draw_batch, heldout_bpd, seeded_init, to_model_range, train, warmup_lr
+from diffusion.training.devices import resolve_device, resolve_precision
+from diffusion.training.reference_loss import reference_loss
+from diffusion.training.loop import NonFiniteLossError, draw_batch, heldout_bpd, seeded_init, to_model_range, train, warmup_lr
 
 T = 20
 SIZE = 8

@@ -24,7 +24,7 @@ from diffusion.config import Params
 from diffusion.files import atomic_write
 from diffusion.packaged import DEFAULT_SAMPLER, PackagedDiffusion, to_uint8
 from diffusion.stages.paths import GRID, MODEL, MODEL_RUN, SAMPLE_RUN, SAMPLES
-from diffusion.devices import batch_memory, resolve_device
+from diffusion.training.devices import batch_memory, resolve_device
 from diffusion.errors import UserError
 
 

@@ -3,7 +3,7 @@
 Outputs: ``models/model.pt`` (the EMA network and its configs, see
 :mod:`diffusion.packaged`), ``models/run.json`` (the MLflow run that trained it),
 ``metrics/train.json``, ``plots/train_loss.csv`` and ``plots/val_loss.csv`` (the
-reference loss that compares across configs, :mod:`diffusion.reference_loss`).
+reference loss that compares across configs, :mod:`diffusion.training.reference_loss`).
 Checkpoints live in ``checkpoints/<key>/`` of the repository DVC runs in
 (:func:`~diffusion.stages.paths.checkpoints_dir`, outside a ``dvc exp run --temp``
 copy), where the key hashes the dataset and every param that changes the trajectory
@@ -32,7 +32,7 @@ import json
 import sys
 
 from diffusion import tracking
-from diffusion.checkpoint import list_checkpoints
+from diffusion.training.checkpoint import list_checkpoints
 from diffusion.config import Params
 from diffusion.data import load_dataset
 from diffusion.files import exclusive_lock, remove_stale_temps, write_csv
@@ -41,7 +41,7 @@ from diffusion.packaged import PackagedDiffusion
 from diffusion.stages.paths import (
     HELDOUT_SET, LOSS_CURVE, MODEL, MODEL_RUN, TRAIN_METRICS, TRAIN_SET, VAL_CURVE, checkpoints_dir,
 )
-from diffusion.train import seeded_init, train
+from diffusion.training.loop import seeded_init, train
 
 MODEL_MD5_TAG = "model.md5"  # the md5 of models/model.pt (DVC's hash) the run's model was logged from
 

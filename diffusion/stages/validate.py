@@ -22,7 +22,7 @@ OK = b"params.yaml is valid on this machine\n"
 def run(params: Params) -> None:
     sections = {"train": params.train.device, "sample": params.sample.device, "evaluate": params.evaluate.device}
     if "cuda" in sections.values():
-        from diffusion.devices import resolve_device
+        from diffusion.training.devices import resolve_device
 
         for section, device in sections.items():
             if device == "cuda":

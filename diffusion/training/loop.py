@@ -11,12 +11,12 @@ sampled timesteps and the hybrid loss):
    noise; the loss is ``mean(w * L_t)`` from ``diffusion.training_losses``;
 3. AdamW (Loshchilov & Hutter 2019) with linear learning-rate warm-up
    (:func:`warmup_lr`), the gradient norm clipped to ``grad_clip`` (always
-   measured), then an EMA update of the weights (:mod:`diffusion.ema`).
+   measured), then an EMA update of the weights (:mod:`diffusion.training.ema`).
 
 Checkpoints are ``<checkpoint_dir>/ckpt-<step>.pt`` (zero-padded step), written
 atomically every ``checkpoint_every`` steps and at the end; the newest
 :data:`KEEP_CHECKPOINTS` are kept; there is no separate ``last.pt``. Resume reads
-the newest one that is not damaged (:func:`diffusion.checkpoint.load_newest`: CRC and
+the newest one that is not damaged (:func:`diffusion.training.checkpoint.load_newest`: CRC and
 finite weights checked), with a one-line warning for each newer one it skips.
 
 Resume continues the same trajectory. Every random draw comes from state that is
@@ -43,11 +43,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffusion.checkpoint import CheckpointError, checkpoint_path, load_newest, prune_checkpoints, save_checkpoint
-from diffusion.devices import autocast, batch_memory, resolve_device, resolve_precision
-from diffusion.ema import EMA
+from diffusion.training.checkpoint import CheckpointError, checkpoint_path, load_newest, prune_checkpoints, save_checkpoint
+from diffusion.training.devices import autocast, batch_memory, resolve_device, resolve_precision
+from diffusion.training.ema import EMA
 from diffusion.errors import UserError
-from diffusion.reference_loss import reference_loss
+from diffusion.training.reference_loss import reference_loss
 from diffusion.process.timestep_sampling import make_timestep_sampler
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ class TrainResult:
     bpd: float | None
     """Held-out bits/dim of the EMA model, or None when no held-out images were given."""
     val_curve: list[tuple[int, float]]
-    """(step, :func:`~diffusion.reference_loss.reference_loss` of the EMA model) every ``val_every`` steps."""
+    """(step, :func:`~diffusion.training.reference_loss.reference_loss` of the EMA model) every ``val_every`` steps."""
     img_per_s: float | None
     """Training throughput of this call (None when no step was left to run)."""
     checkpoint: Path
@@ -310,7 +310,7 @@ def train(
     depend on where runs were stopped and resumed, so neither does the loss
     curve. The final loss is that of the last full window (of the steps so far
     when there are fewer than ``log_every``). If ``heldout_images`` (uint8) are
-    given, the EMA model's :func:`~diffusion.reference_loss.reference_loss` on the
+    given, the EMA model's :func:`~diffusion.training.reference_loss.reference_loss` on the
     first ``cfg.val_images`` of them is logged as ``val_loss`` at every multiple of
     ``cfg.val_every`` (it draws no random number of the run, so the trajectory is the
     same with or without it), and its bits/dim on the first ``cfg.bpd_images`` is
