@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffusion.data import DatasetError, quote_error, to_rgb_uint8_hwc
+from diffusion.data.dataset import DatasetError, quote_error, to_rgb_uint8_hwc
 from diffusion.errors import UserError
 from diffusion.files import atomic_write
 from diffusion.training.devices import resolve_device
@@ -200,7 +200,7 @@ def save_reference(path: str | Path, features: np.ndarray) -> Path:
 
 
 def load_reference(path: str | Path) -> dict[str, np.ndarray]:
-    """mu, sigma and features from :func:`save_reference`; :class:`~diffusion.data.DatasetError`
+    """mu, sigma and features from :func:`save_reference`; :class:`~diffusion.data.dataset.DatasetError`
     naming the file if missing, truncated, or with inconsistent shapes."""
     path = Path(path)
     if not path.is_file():

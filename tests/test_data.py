@@ -1,4 +1,4 @@
-"""diffusion.data: the sources, the splits, the dataset files and the manifest."""
+"""diffusion.data.dataset: the sources, the splits, the dataset files and the manifest."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion import data, sources
+from diffusion.data import dataset as data, sources
 from conftest import section
-from diffusion.data import Dataset, DatasetError
+from diffusion.data.dataset import Dataset, DatasetError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -336,6 +336,6 @@ def test_read_manifest_errors_name_the_file(tmp_path: Path) -> None:
 
 def test_import_loads_only_torch_torchvision_numpy() -> None:
     heavy = "{'mlxtend', 'sklearn', 'pandas', 'cleanfid', 'scipy', 'mlflow'}"
-    code = f"import sys, diffusion.data; print(sorted({{m.split('.')[0] for m in sys.modules}} & {heavy}))"
+    code = f"import sys, diffusion.data.dataset; print(sorted({{m.split('.')[0] for m in sys.modules}} & {heavy}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

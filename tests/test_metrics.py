@@ -19,8 +19,8 @@ from PIL import Image
 
 from diffusion import metrics
 from conftest import section
-from diffusion.data import DatasetError
-from diffusion.sources import load_source
+from diffusion.data.dataset import DatasetError
+from diffusion.data.sources import load_source
 
 N = 12
 

@@ -127,7 +127,7 @@ def test_sample_batch_too_large_for_memory_is_one_line() -> None:
         "allowed: a smaller sample.batch_size"
     )
 def test_samples_carry_the_sampling_settings_that_evaluate_records(tmp_path) -> None:
-    from diffusion.data import DatasetError
+    from diffusion.data.dataset import DatasetError
     from diffusion.stages.evaluate import load_samples
 
     images = np.zeros((2, 1, 4, 4), dtype=np.uint8)

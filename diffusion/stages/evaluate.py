@@ -18,7 +18,7 @@ import numpy as np
 
 from diffusion import protocol, tracking
 from diffusion.config import Params
-from diffusion.data import DatasetError, file_sha256, quote_error
+from diffusion.data.dataset import DatasetError, file_sha256, quote_error
 from diffusion.files import write_csv
 from diffusion.metrics import INCEPTION, fid_from_features, inception_features, kid_from_features, load_reference
 from diffusion.stages.paths import EVALUATE_METRICS, FID_CURVE, FID_PROTOCOL, REFERENCE, SAMPLE_RUN, SAMPLES

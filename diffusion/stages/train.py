@@ -34,7 +34,7 @@ import sys
 from diffusion import tracking
 from diffusion.training.checkpoint import list_checkpoints
 from diffusion.config import Params
-from diffusion.data import load_dataset
+from diffusion.data.dataset import load_dataset
 from diffusion.files import exclusive_lock, remove_stale_temps, write_csv
 from diffusion.process.gaussian import GaussianDiffusion
 from diffusion.packaged import PackagedDiffusion

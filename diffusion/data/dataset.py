@@ -1,7 +1,7 @@
 """Dataset files: uint8 image tensors with labels, the ``.npz`` files and the manifest.
 
 A :class:`Dataset` holds uint8 images ``[N, C, S, S]``, int64 labels ``[N]``, the class
-names and where they came from (the sources are in :mod:`diffusion.sources`).
+names and where they came from (the sources are in :mod:`diffusion.data.sources`).
 
 :func:`split` draws the held-out images with a seeded permutation and takes the FID
 reference subset from the rest. :func:`save_dataset` writes one ``.npz`` atomically

