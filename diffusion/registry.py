@@ -2,7 +2,7 @@
 
 :func:`promote` registers a run's model as a new version of a registered model and
 points the ``challenger`` alias at it. ``champion`` moves to it only if its FID was
-measured under the same protocol as the champion's (:mod:`diffusion.protocol`, the
+measured under the same protocol as the champion's (:mod:`diffusion.evaluation.protocol`, the
 ``fid.protocol.digest`` tag) and is lower; the message says which happened, and
 names the fields in which the protocols differ. Registry stages are deprecated in
 MLflow 3: aliases are all this module uses.
@@ -47,7 +47,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from diffusion import protocol, tracking
+from diffusion import tracking
+from diffusion.evaluation import protocol
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"

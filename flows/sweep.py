@@ -38,7 +38,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
-from diffusion import protocol, tracking
+from diffusion import tracking
+from diffusion.evaluation import protocol
 from diffusion.config import SearchDim, parse_params
 from diffusion.stages.paths import FID_PROTOCOL
 from flows.commands import apply_overrides, check, command_env, run_with_lock_retries, set_args, tracking_uri

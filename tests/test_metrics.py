@@ -1,4 +1,4 @@
-"""diffusion.metrics: offline Inception weights, clean-fid features, FID and KID.
+"""diffusion.evaluation.metrics: offline Inception weights, clean-fid features, FID and KID.
 
 Inception runs at a few images per second on a CPU, so the sets are small: 12 MNIST
 digits (A), 12 other digits (B) and 12 uniform-noise images, computed once per module.
@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion import metrics
+from diffusion.evaluation import metrics
 from conftest import section
 from diffusion.data.dataset import DatasetError
 from diffusion.data.sources import load_source
@@ -294,6 +294,6 @@ def test_fid_and_kid_of_images_against_a_reference_file(
 
 
 def test_import_does_not_load_clean_fid() -> None:
-    code = "import sys, diffusion.metrics; print('cleanfid' in sys.modules, 'scipy' in sys.modules)"
+    code = "import sys, diffusion.evaluation.metrics; print('cleanfid' in sys.modules, 'scipy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]

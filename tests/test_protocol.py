@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from diffusion import protocol
+from diffusion.evaluation import protocol
 from diffusion.packaged import DEFAULT_SAMPLER
 
 MEASURED = protocol.describe(
@@ -56,6 +56,6 @@ def test_no_digest_is_no_protocol_and_a_partial_one_is_an_error():
 
 
 def test_importing_it_loads_neither_torch_nor_mlflow():
-    code = "import sys, diffusion.protocol; print(sorted(m for m in ('torch', 'mlflow') if m in sys.modules))"
+    code = "import sys, diffusion.evaluation.protocol; print(sorted(m for m in ('torch', 'mlflow') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

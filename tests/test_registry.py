@@ -20,7 +20,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from conftest import TINY_PARAMS, make_pipeline_repo, pipeline_env, run_in
-from diffusion import protocol, registry, tracking
+from diffusion import registry, tracking
+from diffusion.evaluation import protocol
 from diffusion.training.checkpoint import CheckpointError
 from diffusion.packaged import PackagedDiffusion
 

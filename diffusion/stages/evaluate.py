@@ -2,7 +2,7 @@
 
 Outputs: ``metrics/evaluate.json`` (fid, kid, num_samples) for ``dvc metrics``,
 ``metrics/protocol.json``, the protocol the FID was measured under (its fields and
-their digest, :mod:`diffusion.protocol`), and ``plots/fid_vs_samples.csv``, FID on
+their digest, :mod:`diffusion.evaluation.protocol`), and ``plots/fid_vs_samples.csv``, FID on
 growing prefixes of the samples (FID is biased upwards at small N; the curve shows
 how far from converged the number is). FID and KID are logged into the sample
 stage's MLflow run with the protocol as ``fid.protocol.*`` tags, and both are
@@ -16,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from diffusion import protocol, tracking
+from diffusion import tracking
+from diffusion.evaluation import protocol
 from diffusion.config import Params
 from diffusion.data.dataset import DatasetError, file_sha256, quote_error
 from diffusion.files import write_csv
-from diffusion.metrics import INCEPTION, fid_from_features, inception_features, kid_from_features, load_reference
+from diffusion.evaluation.metrics import INCEPTION, fid_from_features, inception_features, kid_from_features, load_reference
 from diffusion.stages.paths import EVALUATE_METRICS, FID_CURVE, FID_PROTOCOL, REFERENCE, SAMPLE_RUN, SAMPLES
 
 CURVE_POINTS = 5

@@ -27,7 +27,7 @@ GRID = Path("samples/grid.png")
 SAMPLE_RUN = Path("samples/run.json")  # the nested sample run that evaluate logs into
 # evaluate
 EVALUATE_METRICS = Path("metrics/evaluate.json")
-FID_PROTOCOL = Path("metrics/protocol.json")  # how the FID was measured (diffusion/protocol.py)
+FID_PROTOCOL = Path("metrics/protocol.json")  # how the FID was measured (diffusion/evaluation/protocol.py)
 FID_CURVE = Path("plots/fid_vs_samples.csv")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from diffusion.config import Params
 from diffusion.data.dataset import save_dataset, split, write_manifest
-from diffusion.metrics import inception_features, save_reference
+from diffusion.evaluation.metrics import inception_features, save_reference
 from diffusion.data.sources import load_source
 from diffusion.stages.paths import HELDOUT_SET, MANIFEST, REFERENCE, TRAIN_SET
 

@@ -5,7 +5,7 @@ An FID measures the images as much as the model. It depends on
 - the measurement: the number of samples (FID is biased upwards at small N), the
   reference images (the sha256 of ``data/reference.npz`` and how many images it
   holds) and the features (clean-fid's mode and the Inception weights,
-  :data:`diffusion.metrics.INCEPTION`);
+  :data:`diffusion.evaluation.metrics.INCEPTION`);
 - the sampler that drew the images: sampler, steps, eta, clip_denoised, threshold
   (the keys of :data:`diffusion.packaged.DEFAULT_SAMPLER`), so two FIDs compare
   models at the same sampling cost.
