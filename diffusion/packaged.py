@@ -103,7 +103,7 @@ class PackagedDiffusion(nn.Module):
                 sampler=sampler,
                 steps=steps,
                 eta=eta,
-                model_kwargs={"y": labels} if labels is not None else None,
+                labels=labels,
                 clip_denoised=clip_denoised,
                 threshold=threshold,
                 seed=seed,

@@ -22,7 +22,10 @@ from tiny_unet import tiny_unet
 from diffusion.sampling import table as sampler_table
 from diffusion.process.gaussian import GaussianDiffusion
 from diffusion.sampling.noise import StackedRandomGenerator, image_seed
-from diffusion.sampling.sample import SAMPLERS, ddim_sample, ddpm_sample, sample
+from diffusion.sampling.ancestral import ddim_sample, ddpm_sample
+from diffusion.sampling.denoiser import ModelDenoiser
+from diffusion.sampling.sample import SAMPLERS, noise_levels, sample
+from diffusion.sampling.steps import make_steps
 from diffusion.process.schedules import cosine_betas, make_betas, space_timesteps
 
 MU, S = 0.3, 0.5
@@ -272,10 +275,11 @@ def test_callback_sees_every_step():
     seen = []
     for fn in SAMPLERS.values():
         seen.clear()
-        fn(d, GaussianData(BETAS, MU, S), torch.randn(4, 2), callback=seen.append)
+        fn(ModelDenoiser.for_process(GaussianData(BETAS, MU, S), d), torch.randn(4, 2), make_steps("linspace", noise_levels(d), 3),
+           callback=seen.append)
         assert [(info["i"], info["t"]) for info in seen] == [(0, 999), (1, 500), (2, 0)]
         assert set(seen[0]) == {"i", "t", "x", "pred_x0"}
-    assert SAMPLERS == {"ddpm": ddpm_sample, "ddim": ddim_sample}
+    assert SAMPLERS["ddpm"] is ddpm_sample and SAMPLERS["ddim"] is ddim_sample
     assert list(SAMPLERS) == list(sampler_table.SAMPLERS)
 
 
@@ -306,7 +310,7 @@ def test_no_host_copy_per_step():
                 sample(d, model, (4, 2), sampler=name, steps=5, eta=eta, noise=torch.zeros(4, 2, device=meta),
                        device=meta)
         copies.append(len(ops.ops))
-    assert copies == [14, 0, 0]  # the respaced process's 13 tables and timestep map, once
+    assert copies == [3, 0, 0]  # the noise levels' 3 tables (timesteps, ᾱ, log σ), once
 
 
 def test_clipping_and_thresholding_bound_the_samples():

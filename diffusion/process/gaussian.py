@@ -79,6 +79,27 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, *, means: torch.Tensor,
     return log_b + torch.log(-torch.expm1(torch.special.log_ndtr(a) - log_b))
 
 
+def x0_eps_from_prediction(
+    prediction: Prediction, output: torch.Tensor, x_t: torch.Tensor, sqrt_alpha_bar: torch.Tensor,
+    sqrt_one_minus_alpha_bar: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x̂_0, ε̂) from a network ``output`` that predicts ε, x_0 or v at x_t = √ᾱ x_0 + √(1-ᾱ) ε
+    (Salimans & Ho 2022, §4 and appendix D):
+
+        eps: x̂_0 = (x_t - √(1-ᾱ) ε̂) / √ᾱ;   x0: ε̂ = (x_t - √ᾱ x̂_0) / √(1-ᾱ);
+        v:   x̂_0 = √ᾱ x_t - √(1-ᾱ) v̂,  ε̂ = √(1-ᾱ) x_t + √ᾱ v̂.
+
+    ``sqrt_alpha_bar`` and ``sqrt_one_minus_alpha_bar`` broadcast against ``x_t``; the one
+    place a parameterisation is turned into x̂_0 and ε̂, for training and every sampler.
+    """
+    a, s = sqrt_alpha_bar, sqrt_one_minus_alpha_bar
+    if prediction is Prediction.EPS:
+        return (x_t - s * output) / a, output
+    if prediction is Prediction.X0:
+        return output, (x_t - a * output) / s
+    return a * x_t - s * output, s * x_t + a * output
+
+
 def dynamic_threshold(x0: torch.Tensor, percentile: float) -> torch.Tensor:
     """Imagen's dynamic thresholding (Saharia et al. 2022, §2.3): per sample,
     s = max(percentile_p(|x0|), 1); clip x0 to [-s, s] and divide by s."""
@@ -123,12 +144,6 @@ class GaussianDiffusion:
         Variance.FIXED_LARGE: lambda s: (s.fixed_large_variance, s.fixed_large_log_variance),
     }
 
-    # prediction -> (pred_x0, pred_eps) from the model's first C channels
-    _TO_X0_EPS = {
-        Prediction.EPS: lambda d, x_t, t, out: (d.predict_x0_from_eps(x_t, t, out), out),
-        Prediction.X0: lambda d, x_t, t, out: (out, d.predict_eps_from_x0(x_t, t, out)),
-        Prediction.V: lambda d, x_t, t, out: (d.predict_x0_from_v(x_t, t, out), d.predict_eps_from_v(x_t, t, out)),
-    }
     # prediction -> the regression target of L_simple
     _TARGETS = {
         Prediction.EPS: lambda d, x0, t, noise: noise,
@@ -299,8 +314,12 @@ class GaussianDiffusion:
         return gather(s.sqrt_alphas_cumprod, t, x0) * noise - gather(s.sqrt_one_minus_alphas_cumprod, t, x0) * x0
 
     def x0_eps_from_output(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
-        """(pred_x0, pred_eps) from the model's first C channels, per ``prediction``."""
-        return self._TO_X0_EPS[self.prediction](self, x_t, t, output)
+        """(pred_x0, pred_eps) from the model's first C channels, per ``prediction``
+        (:func:`x0_eps_from_prediction` at ᾱ_t)."""
+        s = self.tables(t.device)
+        return x0_eps_from_prediction(
+            self.prediction, output, x_t, gather(s.sqrt_alphas_cumprod, t, x_t), gather(s.sqrt_one_minus_alphas_cumprod, t, x_t)
+        )
 
     # -- reverse process ----------------------------------------------------
 

@@ -1,126 +1,52 @@
-"""Samplers of the reverse process, all with one signature, and the :func:`sample` front door.
+"""The :func:`sample` front door, and :data:`SAMPLERS`: each sampler name's function.
 
-Every sampler in :data:`SAMPLERS` is (k-diffusion style)::
+Every sampler is called as (k-diffusion style)::
 
-    fn(diffusion, model, x_T, *, model_kwargs=None, eta=0.0, clip_denoised=True,
-       threshold=None, generator=None, progress=False, callback=None) -> x_0
+    fn(denoiser, x_T, steps, *, y=None, eta=0.0, generator=None, callback=None, progress=False, **options) -> x_0
 
-It walks ``diffusion``'s timesteps from the last to 0 (respace the diffusion for fewer
-steps), draws all noise from ``generator`` through :func:`diffusion.sampling.noise.randn`
-(a :class:`~diffusion.sampling.noise.StackedRandomGenerator` gives each image its own
-stream), and calls ``callback`` (if given) once per step, before the update, with
-dict(i, t, x, pred_x0): the step number, the model's timestep, the current x_t and the
-model's x̂_0. Adding a sampler is one function here and one row of
-:data:`diffusion.sampling.table.SAMPLERS` (its name, this function's name, its network
-evaluations); a guided model is a model wrapper.
+with a :mod:`~diffusion.sampling.denoiser` (guidance and clipping already wrapped
+around it) and a :class:`~diffusion.sampling.steps.Steps` from a step schedule by name.
+It draws all noise from ``generator`` through :func:`diffusion.sampling.noise.randn` (a
+:class:`~diffusion.sampling.noise.StackedRandomGenerator` gives each image its own stream)
+and reports each network step to ``callback`` (:mod:`diffusion.sampling.walk`). Adding a
+sampler is one function in this package and one row of :data:`diffusion.sampling.table.SAMPLERS`.
 """
 
 from __future__ import annotations
 
+import importlib
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
+from diffusion.process.gaussian import GaussianDiffusion
 from diffusion.sampling import table as sampler_table
-from diffusion.process.gaussian import GaussianDiffusion, gather
+from diffusion.sampling.denoiser import ClippedDenoiser, Denoiser, ModelDenoiser
 from diffusion.sampling.noise import NoiseSource, StackedRandomGenerator, randn
-from diffusion.process.schedules import space_timesteps
-
-Callback = Callable[[dict[str, Any]], None]
+from diffusion.sampling.steps import NoiseLevels, make_steps
 
 
-def _steps(diffusion: GaussianDiffusion, x: torch.Tensor, progress: bool):
-    """(i, index, t) from the last timestep to 0, t a [B] long tensor of the index."""
-    indices = range(diffusion.num_timesteps - 1, -1, -1)
-    for i, index in enumerate(tqdm(indices, disable=not progress, desc="sampling")):
-        yield i, index, torch.full((x.shape[0],), index, dtype=torch.long, device=x.device)
-
-
-def _report(callback: Callback | None, diffusion: GaussianDiffusion, i: int, index: int, x, pred_x0) -> None:
-    if callback is not None:
-        callback({"i": i, "t": int(diffusion.timestep_map[index]), "x": x, "pred_x0": pred_x0})
-
-
-def ddpm_sample(
-    diffusion: GaussianDiffusion,
-    model,
-    x_T: torch.Tensor,
-    *,
-    model_kwargs: dict[str, Any] | None = None,
-    eta: float = 0.0,
-    clip_denoised: bool = True,
-    threshold: float | None = None,
-    generator: NoiseSource = None,
-    progress: bool = False,
-    callback: Callback | None = None,
-) -> torch.Tensor:
-    """Ancestral sampling, DDPM Algorithm 2: x_{t-1} = μ_θ(x_t, t) + σ_t z, z ~ N(0, I),
-    and no noise at the last step.
-
-    σ_t² is the diffusion's variance: β̃_t (fixed_small), β_t (fixed_large) or the learned
-    interpolation (improved DDPM eq. 15). ``eta`` is accepted for the common signature
-    and ignored (DDPM is DDIM with η = 1 and fixed_small; see :func:`ddim_sample`).
-    """
-    x = x_T
-    for i, index, t in _steps(diffusion, x, progress):
-        out = diffusion.p_mean_variance(
-            model, x, t, model_kwargs=model_kwargs, clip_denoised=clip_denoised, threshold=threshold
-        )
-        _report(callback, diffusion, i, index, x, out["pred_x0"])
-        x = out["mean"]
-        if index > 0:
-            z = randn(x.shape, generator, device=x.device, dtype=x.dtype)
-            x = x + torch.exp(0.5 * out["log_variance"]) * z
-    return x
-
-
-def ddim_sample(
-    diffusion: GaussianDiffusion,
-    model,
-    x_T: torch.Tensor,
-    *,
-    model_kwargs: dict[str, Any] | None = None,
-    eta: float = 0.0,
-    clip_denoised: bool = True,
-    threshold: float | None = None,
-    generator: NoiseSource = None,
-    progress: bool = False,
-    callback: Callback | None = None,
-) -> torch.Tensor:
-    """DDIM, Song et al. 2021 eq. 12, on the diffusion's (respaced) timesteps:
-
-        x_{t-1} = √ᾱ_{t-1} x̂_0 + √(1 - ᾱ_{t-1} - σ_t²) ε̂ + σ_t z,
-        σ_t(η) = η √((1 - ᾱ_{t-1})/(1 - ᾱ_t)) √(1 - ᾱ_t/ᾱ_{t-1})      (eq. 16),
-
-    where t-1 is the previous kept step and ᾱ before the first one is 1 (so the last
-    step returns x̂_0). η = 0 is deterministic; η = 1 is DDPM with fixed_small variance.
-    The model's variance, if learned, is not used.
-    """
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta: got {eta!r}; allowed: 0 <= eta <= 1")
-    x = x_T
-    tables = diffusion.tables(x.device)
-    for i, index, t in _steps(diffusion, x, progress):
-        out = diffusion.p_mean_variance(
-            model, x, t, model_kwargs=model_kwargs, clip_denoised=clip_denoised, threshold=threshold
-        )
-        _report(callback, diffusion, i, index, x, out["pred_x0"])
-        alpha_bar = gather(tables.alphas_cumprod, t, x)
-        alpha_bar_prev = gather(tables.alphas_cumprod_prev, t, x)
-        sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
-        direction = torch.sqrt((1 - alpha_bar_prev - sigma**2).clamp(min=0)) * out["pred_eps"]
-        x = torch.sqrt(alpha_bar_prev) * out["pred_x0"] + direction
-        if eta > 0 and index > 0:
-            x = x + sigma * randn(x.shape, generator, device=x.device, dtype=x.dtype)
-    return x
+def _resolve(path: str) -> Callable[..., torch.Tensor]:
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(f"diffusion.sampling.{module}"), name)
 
 
 # name -> the function sampler_table names for it (the names and costs live there, torch-free)
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
-    name: globals()[spec.function] for name, spec in sampler_table.SAMPLERS.items()
+    name: _resolve(spec.function) for name, spec in sampler_table.SAMPLERS.items()
 }
+
+_LEVELS: weakref.WeakKeyDictionary[GaussianDiffusion, NoiseLevels] = weakref.WeakKeyDictionary()
+
+
+def noise_levels(diffusion: GaussianDiffusion) -> NoiseLevels:
+    """The noise levels of ``diffusion`` at its model timesteps, made once per process (so
+    their device tables are too)."""
+    if diffusion not in _LEVELS:
+        _LEVELS[diffusion] = NoiseLevels(diffusion.alphas_cumprod, diffusion.timestep_map.numpy())
+    return _LEVELS[diffusion]
 
 
 @torch.no_grad()
@@ -131,7 +57,10 @@ def sample(
     *,
     sampler: str = "ddim",
     steps: int | str | Sequence[int] | None = None,
+    schedule: str = "linspace",
     eta: float = 0.0,
+    labels: torch.Tensor | None = None,
+    guidance: Callable[[Denoiser], Denoiser] | None = None,
     model_kwargs: dict[str, Any] | None = None,
     clip_denoised: bool = True,
     threshold: float | None = None,
@@ -142,17 +71,22 @@ def sample(
     noise: torch.Tensor | None = None,
     progress: bool = False,
     return_intermediates: bool = False,
+    **options: Any,
 ):
-    """Draw samples of ``shape`` with the sampler ``sampler`` of :data:`SAMPLERS`.
+    """Draw samples of ``shape`` from the network ``model`` trained on ``diffusion``, with the
+    sampler ``sampler`` of :data:`SAMPLERS` on ``steps`` steps of the step schedule
+    ``schedule`` (:data:`~diffusion.sampling.steps.STEP_SCHEDULES`; None: every timestep).
 
-    ``diffusion`` is respaced to ``steps`` (any :func:`~diffusion.process.schedules.space_timesteps`
-    spec; None keeps all T). With ``seed``, row k of the batch is image ``first_index + k``
-    of the run with that seed: its x_T and all its later noise come from its own generator
-    on ``device`` (:class:`~diffusion.sampling.noise.StackedRandomGenerator`), so a run's images
-    do not depend on how it is split into batches. Instead of a seed, ``generator`` may be
-    such a stacked generator or one ``torch.Generator`` for the whole batch. x_T is
-    ``noise`` if given. Returns the samples, or ``(samples, [pred_x0 of each step])`` with
-    ``return_intermediates``.
+    ``labels`` are the class labels of a class-conditional model; ``guidance`` wraps its
+    denoiser (:mod:`diffusion.sampling.guidance`); x̂_0 is then clipped to [-1, 1]
+    (``clip_denoised``) or dynamically thresholded (``threshold``). ``options`` go to the
+    sampler (e.g. Heun's churn). With ``seed``, row k of the batch is image
+    ``first_index + k`` of the run with that seed: its x_T and all its later noise come from
+    its own generator on ``device`` (:class:`~diffusion.sampling.noise.StackedRandomGenerator`),
+    so a run's images do not depend on how it is split into batches. Instead of a seed,
+    ``generator`` may be such a stacked generator or one ``torch.Generator`` for the whole
+    batch. x_T is ``noise`` if given. Returns the samples, or ``(samples, [x̂_0 of each
+    network step])`` with ``return_intermediates``.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: got {sampler!r}; allowed: {', '.join(SAMPLERS)}")
@@ -160,27 +94,34 @@ def sample(
         raise ValueError("seed: give a seed or a generator, not both")
     if first_index < 0:
         raise ValueError(f"first_index: got {first_index!r}; allowed: an int >= 0")
+    levels = noise_levels(diffusion)
+    walk_steps = make_steps(schedule, levels, diffusion.num_timesteps if steps is None else steps)
+    denoiser: Denoiser = ModelDenoiser(
+        model, levels, prediction=diffusion.prediction, variance=diffusion.variance, model_kwargs=model_kwargs
+    )
+    if guidance is not None:
+        denoiser = guidance(denoiser)
+    denoiser = ClippedDenoiser(denoiser, clip=clip_denoised, threshold=threshold)
     if seed is not None:
         generator = StackedRandomGenerator(seed, range(first_index, first_index + shape[0]), device)
-    if steps is not None:
-        diffusion = diffusion.respace(space_timesteps(diffusion.num_timesteps, steps))
     if noise is None:
         x_T = randn(shape, generator, device=torch.device(device))
     elif tuple(noise.shape) != tuple(shape):
         raise ValueError(f"noise: got shape {tuple(noise.shape)}; need {tuple(shape)}")
     else:
         x_T = noise.to(device)
+    if labels is not None:
+        labels = labels.to(x_T.device)
     intermediates: list[torch.Tensor] = []
     samples = SAMPLERS[sampler](
-        diffusion,
-        model,
+        denoiser,
         x_T,
-        model_kwargs=model_kwargs,
+        walk_steps,
+        y=labels,
         eta=eta,
-        clip_denoised=clip_denoised,
-        threshold=threshold,
         generator=generator,
         progress=progress,
         callback=(lambda info: intermediates.append(info["pred_x0"])) if return_intermediates else None,
+        **options,
     )
     return (samples, intermediates) if return_intermediates else samples

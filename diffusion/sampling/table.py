@@ -16,14 +16,14 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class SamplerSpec:
     function: str
-    """The sampler's function in :mod:`diffusion.sampling.sample`."""
+    """The sampler's function as ``module.name`` in the :mod:`diffusion.sampling` package."""
     nfe: Callable[[int], int]
     """Network evaluations per image for ``steps`` sampler steps."""
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
-    "ddpm": SamplerSpec("ddpm_sample", nfe=lambda steps: steps),  # one evaluation a step
-    "ddim": SamplerSpec("ddim_sample", nfe=lambda steps: steps),
+    "ddpm": SamplerSpec("ancestral.ddpm_sample", nfe=lambda steps: steps),  # one evaluation a step
+    "ddim": SamplerSpec("ancestral.ddim_sample", nfe=lambda steps: steps),
 }
 
 
