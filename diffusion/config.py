@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from diffusion.errors import UserError
 from diffusion.models.configs import UNET_CONFIGS, check_unet, resolved_unet
 from diffusion.process.options import Loss, Prediction, Variance, check_combination, names
+from diffusion.sampling.steps import STEP_SCHEDULES
 from diffusion.sampling.table import SAMPLERS
 from diffusion.process.schedules import BETA_SCHEDULES
 
@@ -38,6 +39,7 @@ PredictionName = Literal[names(Prediction)]
 VarianceName = Literal[names(Variance)]
 LossName = Literal[names(Loss)]
 SamplerName = Literal[tuple(SAMPLERS)]
+StepScheduleName = Literal[tuple(STEP_SCHEDULES)]
 
 
 class ConfigError(UserError, ValueError):
@@ -92,6 +94,7 @@ class TrainParams(_Section):
     bpd_images: int = Field(ge=0)
     val_every: int = Field(ge=1)
     val_images: int = Field(ge=0)
+    p_uncond: float = Field(ge=0, lt=1)  # classifier-free guidance: labels dropped to the null class
 
 
 class SampleParams(_Section):
@@ -99,12 +102,21 @@ class SampleParams(_Section):
     batch_size: int = Field(ge=1)
     sampler: SamplerName
     steps: int = Field(ge=1)
+    schedule: StepScheduleName
     eta: float = Field(ge=0)
+    guidance_scale: float = Field(ge=0)  # ε_u + w (ε_c - ε_u): 1 is no guidance (diffusion/sampling/guidance.py)
+    guidance_interval: tuple[float, float] | None  # guide only for model timesteps lo <= t <= hi
+    labels: list[int] | None  # class labels of the images, cycled; None: balanced over the classes
     clip_denoised: bool
     threshold: float | None = Field(gt=0.5, le=1.0)
     seed: int = Field(ge=0)  # image k is drawn from its own seed (seed, k): see diffusion.sampling.noise
     device: Device
     grid_rows: int = Field(ge=1)
+
+
+class GuidanceParams(_Section):
+    classifier: bool  # train a noise-aware classifier (stage train_classifier) and guide with it
+    classifier_scale: float = Field(ge=0)  # s of Dhariwal & Nichol 2021, Algorithms 1-2
 
 
 class EvaluateParams(_Section):
@@ -154,6 +166,7 @@ class Params(_Section):
     diffusion: DiffusionParams
     train: TrainParams
     sample: SampleParams
+    guidance: GuidanceParams
     evaluate: EvaluateParams
     tracking: TrackingParams
     sweep: SweepParams
@@ -174,12 +187,34 @@ class Params(_Section):
             )
         if self.sample.sampler == "ddim" and self.sample.eta > 1:
             raise ValueError(f"sample.eta: {self.sample.eta} is outside DDIM's range; allowed 0..1")
+        _check_guidance(self)
         if self.sample.steps > d.timesteps:
             raise ValueError(
                 f"sample.steps: {self.sample.steps} is more than diffusion.timesteps "
                 f"({d.timesteps}); allowed 1..{d.timesteps}"
             )
         return self
+
+
+def _check_guidance(params: Params) -> None:
+    """Classifier-free guidance and given labels need a class-conditional model; the interval
+    lies in the process's timesteps."""
+    sample, conditional = params.sample, params.model.class_conditional
+    if sample.guidance_scale != 1 and not conditional:
+        raise ValueError(
+            f"sample.guidance_scale: {sample.guidance_scale} guides a class-conditional model; "
+            "set model.class_conditional: true, or 1 (no guidance)"
+        )
+    if sample.labels is not None and not (conditional or params.guidance.classifier):
+        raise ValueError("sample.labels: labels need model.class_conditional or guidance.classifier; use null")
+    if sample.labels is not None and (not sample.labels or min(sample.labels) < 0):
+        raise ValueError(f"sample.labels: got {sample.labels}; allowed: a non-empty list of class indices >= 0, or null")
+    interval = sample.guidance_interval
+    if interval is not None and not 0 <= interval[0] <= interval[1] <= params.diffusion.timesteps - 1:
+        raise ValueError(
+            f"sample.guidance_interval: got {list(interval)}; allowed: [lo, hi] with "
+            f"0 <= lo <= hi <= {params.diffusion.timesteps - 1} (model timesteps), or null"
+        )
 
 
 def _check_model(model: ModelParams, image_size: int) -> None:
@@ -194,7 +229,7 @@ def _check_param_path(path: str) -> None:
     """A sweep dimension must name a real param (``model.overrides.*`` is free-form)."""
     section, _, rest = path.partition(".")
     if section not in Params.model_fields or section == "sweep" or not rest:
-        raise ValueError(f"sweep.space: '{path}' is not a param; use <section>.<key>, sections: data, model, diffusion, train, sample, evaluate")
+        raise ValueError(f"sweep.space: '{path}' is not a param; use <section>.<key>, sections: data, model, diffusion, train, sample, guidance, evaluate")
     model = Params.model_fields[section].annotation
     key = rest.split(".")[0]
     if key not in model.model_fields:

@@ -22,11 +22,21 @@ from torch import nn
 from diffusion.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from diffusion.process.gaussian import GaussianDiffusion
 from diffusion.models.table import create_model
+from diffusion.sampling.guidance import Classifier, guidance
 from diffusion.sampling.sample import sample as run_sampler
 from diffusion.process.schedules import make_betas
 
 # The sample() arguments that ``sampling`` holds, and their defaults.
-DEFAULT_SAMPLER = {"sampler": "ddim", "steps": 50, "eta": 0.0, "clip_denoised": True, "threshold": None}
+DEFAULT_SAMPLER = {
+    "sampler": "ddim",
+    "steps": 50,
+    "schedule": "linspace",
+    "eta": 0.0,
+    "clip_denoised": True,
+    "threshold": None,
+    "guidance_scale": 1.0,
+    "guidance_interval": None,
+}
 
 
 class PackagedDiffusion(nn.Module):
@@ -36,7 +46,8 @@ class PackagedDiffusion(nn.Module):
     learn_sigma, num_classes, overrides). ``process``: the diffusion section of
     params.yaml (schedule, timesteps, zero_terminal_snr, prediction, variance, loss).
     ``sampling``: what ``forward`` samples with, the keys of :data:`DEFAULT_SAMPLER`
-    (sampler, steps, eta, clip_denoised, threshold); those not given keep their default.
+    (sampler, steps, schedule, eta, clip_denoised, threshold, guidance_scale,
+    guidance_interval); those not given keep their default.
     """
 
     def __init__(
@@ -79,10 +90,15 @@ class PackagedDiffusion(nn.Module):
         *,
         sampler: str = DEFAULT_SAMPLER["sampler"],
         steps: int | None = DEFAULT_SAMPLER["steps"],
+        schedule: str = DEFAULT_SAMPLER["schedule"],
         eta: float = DEFAULT_SAMPLER["eta"],
         clip_denoised: bool = True,
         threshold: float | None = None,
+        guidance_scale: float = 1.0,
+        guidance_interval: tuple[float, float] | None = None,
         labels: torch.Tensor | None = None,
+        classifier: Classifier | None = None,
+        classifier_scale: float = 0.0,
         seed: int | None = None,
         first_index: int = 0,
         noise: torch.Tensor | None = None,
@@ -92,7 +108,16 @@ class PackagedDiffusion(nn.Module):
         """Samples in [-1, 1], shape [num_samples, C, H, W]: with ``seed``, images
         ``first_index, ..., first_index + num_samples - 1`` of that seed, each from its own
         generator, so a run split into batches gives the same images (see
-        :func:`diffusion.sampling.sample.sample`)."""
+        :func:`diffusion.sampling.sample.sample`). ``guidance_scale`` != 1 guides a
+        class-conditional model towards ``labels`` (classifier-free), ``classifier`` at
+        ``classifier_scale`` adds classifier guidance (:mod:`diffusion.sampling.guidance`)."""
+        wrap = guidance(
+            scale=guidance_scale,
+            null_class=self.model_spec.get("num_classes"),
+            interval=guidance_interval,
+            classifier=classifier,
+            classifier_scale=classifier_scale,
+        )
         was_training = self.net.training
         self.net.eval()
         try:
@@ -102,8 +127,10 @@ class PackagedDiffusion(nn.Module):
                 (num_samples, *self.image_shape),
                 sampler=sampler,
                 steps=steps,
+                schedule=schedule,
                 eta=eta,
                 labels=labels,
+                guidance=wrap,
                 clip_denoised=clip_denoised,
                 threshold=threshold,
                 seed=seed,

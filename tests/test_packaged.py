@@ -10,7 +10,7 @@ from diffusion.packaged import DEFAULT_SAMPLER, PackagedDiffusion
 
 SPEC = {"name": "unet-tiny", "in_channels": 1, "image_size": 8, "learn_sigma": False, "num_classes": None, "overrides": {}}
 PROCESS = {"schedule": "cosine", "timesteps": 50, "prediction": "eps", "variance": "fixed_small", "loss": "mse"}
-SAMPLING = {"sampler": "ddim", "steps": 3, "eta": 0.0, "clip_denoised": False, "threshold": None}
+SAMPLING = {**DEFAULT_SAMPLER, "steps": 3, "clip_denoised": False}
 
 
 @pytest.fixture
@@ -41,5 +41,5 @@ def test_a_file_without_sampling_loads_with_the_defaults(packaged, tmp_path):
 
 
 def test_an_unknown_sampling_key_fails_with_one_line():
-    with pytest.raises(ValueError, match=r"^sampling: unknown seed; allowed sampler, steps, eta, clip_denoised, threshold$"):
+    with pytest.raises(ValueError, match=r"^sampling: unknown seed; allowed sampler, steps, schedule, eta, clip_denoised, threshold, guidance_scale, guidance_interval$"):
         PackagedDiffusion(SPEC, PROCESS, sampling={"seed": 1})

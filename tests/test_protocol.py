@@ -12,7 +12,8 @@ from diffusion.packaged import DEFAULT_SAMPLER
 
 MEASURED = protocol.describe(
     num_samples=500, reference_images=500, reference_sha256="ab" * 32, inception="clean-fid clean, inception-2015-12-05",
-    sampler="ddim", steps=25, eta=0, clip_denoised=True, threshold=None,
+    sampler="ddim", steps=25, schedule="linspace", eta=0, clip_denoised=True, threshold=None, guidance_scale=1.0,
+    guidance_interval=None,
 )
 
 

@@ -29,7 +29,8 @@ SPEC = {"name": "unet-tiny", "in_channels": 1, "image_size": 8, "learn_sigma": F
 PROCESS = {"schedule": "cosine", "timesteps": 50, "prediction": "eps", "variance": "fixed_small", "loss": "mse"}
 MEASURED = protocol.describe(
     num_samples=48, reference_images=48, reference_sha256="ab" * 32, inception="clean-fid clean, inception-2015-12-05",
-    sampler="ddim", steps=5, eta=0.0, clip_denoised=True, threshold=None,
+    sampler="ddim", steps=5, schedule="linspace", eta=0.0, clip_denoised=True, threshold=None, guidance_scale=1.0,
+    guidance_interval=None,
 )
 
 

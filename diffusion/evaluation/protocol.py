@@ -6,7 +6,7 @@ An FID measures the images as much as the model. It depends on
   reference images (the sha256 of ``data/reference.npz`` and how many images it
   holds) and the features (clean-fid's mode and the Inception weights,
   :data:`diffusion.evaluation.metrics.INCEPTION`);
-- the sampler that drew the images: sampler, steps, eta, clip_denoised, threshold
+- the sampler that drew the images: sampler, steps, schedule, eta, clip_denoised, threshold, guidance
   (the keys of :data:`diffusion.packaged.DEFAULT_SAMPLER`), so two FIDs compare
   models at the same sampling cost.
 
@@ -28,9 +28,9 @@ from collections.abc import Mapping
 from typing import Any
 
 MEASUREMENT = ("num_samples", "reference_images", "reference_sha256", "inception")
-SAMPLING = ("sampler", "steps", "eta", "clip_denoised", "threshold")
+SAMPLING = ("sampler", "steps", "schedule", "eta", "clip_denoised", "threshold", "guidance_scale", "guidance_interval")
 FIELDS = MEASUREMENT + SAMPLING
-TEXT_FIELDS = ("reference_sha256", "inception", "sampler")  # tagged as they are, not as JSON
+TEXT_FIELDS = ("reference_sha256", "inception", "sampler", "schedule")  # tagged as they are, not as JSON
 TAG_PREFIX = "fid.protocol."
 DIGEST_TAG = f"{TAG_PREFIX}digest"
 
@@ -47,9 +47,12 @@ def describe(
     inception: str,
     sampler: str,
     steps: int | None,
+    schedule: str,
     eta: float,
     clip_denoised: bool,
     threshold: float | None,
+    guidance_scale: float,
+    guidance_interval: Any,
 ) -> dict[str, Any]:
     """The protocol as a dict of :data:`FIELDS`, each value in one canonical type
     (``eta`` 0 and 0.0 give the same digest)."""
@@ -63,6 +66,9 @@ def describe(
         "eta": float(eta),
         "clip_denoised": bool(clip_denoised),
         "threshold": None if threshold is None else float(threshold),
+        "schedule": str(schedule),
+        "guidance_scale": float(guidance_scale),
+        "guidance_interval": None if guidance_interval is None else [float(v) for v in guidance_interval],
     }
 
 

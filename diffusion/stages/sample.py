@@ -32,18 +32,29 @@ class NonFiniteSamplesError(UserError, RuntimeError):
     """Samples with NaN or inf; the message is one line saying how many, under which sample params."""
 
 
+def sampling_labels(given: list[int] | None, count: int, num_classes: int | None) -> torch.Tensor:
+    """``count`` labels: ``given`` cycled, else 0, 1, ..., num_classes - 1 cycled (balanced);
+    zeros for an unconditional model. A label outside the model's classes is one line naming ``sample.labels``."""
+    if not num_classes:
+        return torch.zeros(count, dtype=torch.long)
+    if given is not None and max(given) >= num_classes:
+        raise UserError(f"sample.labels: {max(given)} is not a class of this model; allowed 0..{num_classes - 1}")
+    cycle = torch.tensor(given, dtype=torch.long) if given is not None else torch.arange(num_classes)
+    return cycle[torch.arange(count) % len(cycle)]
+
+
 def generate(packaged: PackagedDiffusion, params: Params, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``num_samples`` uint8 images in batches of ``sample.batch_size``. Image k is image k
     of ``sample.seed`` (its own generator, :mod:`diffusion.sampling.noise`), so the images do
     not depend on the batch size.
 
-    Class-conditional models get labels cycling through the classes, so each grid
-    row shows every class. :class:`NonFiniteSamplesError` if any image holds NaN or inf;
+    Class-conditional models get ``sample.labels`` cycled over the images, or by default
+    labels cycling through the classes (balanced, and each grid row shows every class). :class:`NonFiniteSamplesError` if any image holds NaN or inf;
     a batch too large for the device's memory is a one-line error naming ``sample.batch_size``.
     """
     cfg = params.sample
     num_classes = packaged.model_spec.get("num_classes")
-    labels = torch.arange(cfg.num_samples) % num_classes if num_classes else torch.zeros(cfg.num_samples, dtype=torch.long)
+    labels = sampling_labels(cfg.labels, cfg.num_samples, num_classes)
     batches, non_finite = [], 0
     for start in range(0, cfg.num_samples, cfg.batch_size):
         count = min(cfg.batch_size, cfg.num_samples - start)
@@ -53,7 +64,10 @@ def generate(packaged: PackagedDiffusion, params: Params, device: torch.device) 
                 count,
                 sampler=cfg.sampler,
                 steps=cfg.steps,
+                schedule=cfg.schedule,
                 eta=cfg.eta,
+                guidance_scale=cfg.guidance_scale,
+                guidance_interval=cfg.guidance_interval,
                 clip_denoised=cfg.clip_denoised,
                 threshold=cfg.threshold,
                 labels=batch_labels,

@@ -5,7 +5,7 @@ sampled timesteps and the hybrid loss):
 
 1. draw a batch x0 from the uint8 images (scaled to [-1, 1]), flipped left-right
    with probability 1/2 if ``hflip``; for class-conditional training each label is
-   replaced by the null class with probability :data:`LABEL_DROP_PROB`
+   replaced by the null class with probability ``train.p_uncond``
    (classifier-free guidance training, Ho & Salimans 2022, Algorithm 1);
 2. draw timesteps t and importance weights w from the timestep sampler, and the
    noise; the loss is ``mean(w * L_t)`` from ``diffusion.training_losses``;
@@ -53,9 +53,6 @@ from diffusion.process.timestep_sampling import make_timestep_sampler
 if TYPE_CHECKING:
     from diffusion.config import TrainParams
     from diffusion.process.gaussian import GaussianDiffusion
-
-LABEL_DROP_PROB = 0.1
-"""Probability of training on the null class (Ho & Salimans 2022 use 0.1 or 0.2)."""
 
 KEEP_CHECKPOINTS = 3
 """How many ``ckpt-<step>.pt`` files are kept; older ones are deleted."""
@@ -119,7 +116,7 @@ def draw_batch(
     *,
     hflip: bool,
     null_class: int | None,
-    label_drop: float = LABEL_DROP_PROB,
+    label_drop: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A random batch (indices drawn with replacement) and its labels.
 
@@ -221,7 +218,8 @@ class _Trainer:
         """
         cfg, device, fmt = self.cfg, self.device, self.memory_format
         x0, y = draw_batch(
-            self.images, self.labels, cfg.batch_size, self.generator, hflip=cfg.hflip, null_class=self.null_class
+            self.images, self.labels, cfg.batch_size, self.generator, hflip=cfg.hflip, null_class=self.null_class,
+            label_drop=cfg.p_uncond,
         )
         x0 = x0.contiguous(memory_format=fmt)
         t, weights = self.sampler.sample(cfg.batch_size, torch.device("cpu"), generator=self.generator)
