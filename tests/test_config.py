@@ -155,3 +155,32 @@ def test_validate_stage_refuses_cuda_without_cuda(tmp_path):
     params.write_text(yaml.safe_dump(full_params({"sample": {"device": "auto"}})))
     subprocess.run([sys.executable, "-m", "diffusion.cli", "validate", "--params", str(params)], cwd=tmp_path, check=True)
     assert (tmp_path / "data" / "params.ok").read_text() == "params.yaml is valid on this machine\n"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"sample": {"guidance_scale": 3.0}}, "sample.guidance_scale: 3.0 guides a class-conditional model; set model.class_conditional"),
+        ({"sample": {"guidance_scale": -1.0}}, "sample.guidance_scale: Input should be greater than or equal to 0"),
+        ({"sample": {"labels": [1, 2]}}, "sample.labels: labels need model.class_conditional or guidance.classifier"),
+        ({"model": {"class_conditional": True}, "sample": {"labels": [-1]}}, "sample.labels: got [-1]; allowed: a non-empty list"),
+        ({"model": {"class_conditional": True}, "sample": {"guidance_interval": [500, 1000]}},
+         "sample.guidance_interval: got [500.0, 1000.0]; allowed: [lo, hi] with 0 <= lo <= hi <= 999"),
+        ({"sample": {"schedule": "cosine"}}, "sample.schedule: got 'cosine'; input should be 'linspace', 'trailing', 'log-snr' or 'karras'"),
+        ({"train": {"p_uncond": 1.0}}, "train.p_uncond: Input should be less than 1"),
+        ({"guidance": {"classifier_scale": -2}}, "guidance.classifier_scale: Input should be greater than or equal to 0"),
+    ],
+)
+def test_guidance_and_schedule_params_give_one_line(raw, expected):
+    with pytest.raises(ConfigError) as err:
+        parse_params(full_params(raw))
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_conditional_model_takes_guidance_an_interval_and_labels():
+    params = parse_params(full_params({
+        "model": {"class_conditional": True},
+        "sample": {"guidance_scale": 4.0, "guidance_interval": [100, 800], "labels": [3, 7], "schedule": "karras"},
+    }))
+    assert params.sample.guidance_scale == 4.0 and params.sample.guidance_interval == (100.0, 800.0)
+    assert params.sample.labels == [3, 7] and params.sample.schedule == "karras"
