@@ -30,7 +30,7 @@ PROCESS = {"schedule": "cosine", "timesteps": 50, "prediction": "eps", "variance
 MEASURED = protocol.describe(
     num_samples=48, reference_images=48, reference_sha256="ab" * 32, inception="clean-fid clean, inception-2015-12-05",
     sampler="ddim", steps=5, schedule="linspace", eta=0.0, clip_denoised=True, threshold=None, guidance_scale=1.0,
-    guidance_interval=None,
+    guidance_interval=None, classifier_scale=0.0, classifier_md5=None,
 )
 
 
