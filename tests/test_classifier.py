@@ -268,6 +268,13 @@ def test_the_sample_stage_guides_with_the_classifier_and_records_it_for_the_fid_
     measured = protocol.describe(num_samples=6, reference_images=6, reference_sha256="ab" * 32, inception="i", **sampling)
     assert protocol.from_tags(protocol.to_tags(measured)) == measured
 
+    # At scale 0 nothing guides, and the samples say so.
+    Path("params.yaml").write_text(yaml.safe_dump(full_params(TOY_PARAMS | {"guidance": TOY_TRAINING | {"classifier_scale": 0.0}})))
+    assert main(["sample"]) == 0
+    with np.load(SAMPLES) as npz:
+        sampling = json.loads(str(npz["sampling"]))
+    assert sampling["classifier_scale"] == 0.0 and sampling["classifier_md5"] is None
+
 
 def test_a_classifier_that_does_not_fit_the_model_is_one_line(toy_repo: Path):
     packaged = unconditional_model()
@@ -278,6 +285,9 @@ def test_a_classifier_that_does_not_fit_the_model_is_one_line(toy_repo: Path):
     net = create_classifier("classifier-tiny", in_channels=1, image_size=8, num_classes=3)
     save_checkpoint(CLASSIFIER, classifier_state(net, process={"schedule": "linear", "timesteps": 100}))
     with pytest.raises(UserError, match=r"^guidance.classifier: models/classifier.pt was trained on diffusion \{'schedule': 'linear'\}, the model on \{'schedule': 'cosine'\}: run `dvc repro train_classifier`$"):
+        load_classifier(packaged, torch.device("cpu"))
+    save_checkpoint(CLASSIFIER, {"state_dict": net.state_dict()})
+    with pytest.raises(UserError, match=r"^guidance.classifier: models/classifier.pt is not a classifier file \(train_classifier writes one\)$"):
         load_classifier(packaged, torch.device("cpu"))
     save_checkpoint(CLASSIFIER, classifier_state(net, process={"schedule": "cosine", "timesteps": 100}))
     conditional = PackagedDiffusion({**packaged.model_spec, "num_classes": 2}, PROCESS, net=tiny_unet(num_classes=2))

@@ -10,10 +10,10 @@ under the model's run, that the evaluate stage logs FID into.
 
 Images with NaN or inf (black once made uint8) are refused, and nothing is written.
 
-With ``guidance.classifier`` the classifier of ``models/classifier.pt`` guides at
-``guidance.classifier_scale`` (:mod:`diffusion.sampling.guidance`); an unconditional model
-then gets balanced labels over the classifier's classes. The samples record its scale and
-the file's md5 (DVC's hash) for the FID protocol: 0.0 and null when nothing guided.
+With ``guidance.classifier`` (and ``guidance.classifier_scale`` > 0) the classifier of
+``models/classifier.pt`` guides (:mod:`diffusion.sampling.guidance`); an unconditional model
+then gets balanced labels over the classifier's classes. The samples record the scale and
+the file's md5 (DVC's hash) for the FID protocol: 0.0 and null when no classifier guided.
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ def load_classifier(packaged: PackagedDiffusion, device: torch.device) -> NoiseA
             "false): run `dvc repro train_classifier`"
         )
     state = load_checkpoint(CLASSIFIER)
-    process = {"zero_terminal_snr": False, **packaged.process}  # model files older than the key: PackagedDiffusion's default
+    if not {"config", "state_dict", "process"} <= state.keys():
+        raise UserError(f"guidance.classifier: {CLASSIFIER} is not a classifier file (train_classifier writes one)")
+    process = {"zero_terminal_snr": False, **packaged.process}  # PackagedDiffusion's default for older files
     theirs = {key: value for key, value in state["process"].items() if process.get(key) != value}
     if theirs:
         ours = {key: process.get(key) for key in theirs}
@@ -147,7 +149,8 @@ def run(params: Params) -> None:
     tracking.check_store()  # in seconds, before any work: a store that does not answer is one line
     device = resolve_device(params.sample.device)
     packaged = PackagedDiffusion.load(MODEL, map_location=device)
-    classifier = load_classifier(packaged, device) if params.guidance.classifier else None
+    guided = params.guidance.classifier and params.guidance.classifier_scale > 0
+    classifier = load_classifier(packaged, device) if guided else None
     model_run = tracking.read_run_id(MODEL_RUN)
     with tracking.stage_run(
         "sample", params.tracking.experiment, parent_run_id=model_run,
