@@ -1,12 +1,12 @@
 """The noise-aware classifier p_φ(y | x_t, t) of classifier guidance (Dhariwal & Nichol 2021, §4.1).
 
 ADM trains a classifier on noised images x_t at every t and guides sampling with its
-gradient ∇ log p_φ(y | x_t) (:mod:`diffusion.sampling.guidance`). Its network is "the
-downsampling trunk of the UNet model with an attention pool at the 8x8 layer to produce the
-final output": here the encoder half of :class:`~diffusion.models.unet.UNet` (its
-``conv_in``, down path and middle, built by the same :func:`~diffusion.models.unet.encoder`,
-conditioned on t by the same timestep embedding), then GroupNorm, SiLU and
-:class:`AttentionPool2d` to one logit a class. It sees no class label.
+gradient ∇ log p_φ(y | x_t) (:mod:`diffusion.sampling.guidance`). Its network is the U-Net's
+down-sampling trunk with an attention pool at the 8x8 layer: here the encoder half of
+:class:`~diffusion.models.unet.UNet` (its ``conv_in``, down path and middle, built by the
+same :func:`~diffusion.models.unet.encoder`, conditioned on t by the same timestep
+embedding), then GroupNorm, SiLU and :class:`AttentionPool2d` at the lowest resolution to
+one logit a class. It sees no class label.
 
 Named configs are :data:`~diffusion.models.configs.CLASSIFIER_CONFIGS` (torch-free, so
 params.yaml is checked without torch); :func:`create_classifier` builds one. The file form
@@ -30,7 +30,7 @@ from diffusion.models.unet import Blocks, encoder, group_norm, initialize_weight
 
 
 class AttentionPool2d(nn.Module):
-    """CLIP's attention pooling (Radford et al. 2021, §2.4), ADM's classifier head: the mean
+    """CLIP's attention pooling (Radford et al. 2021), ADM's classifier head: the mean
     of the H*W tokens is prepended as one more token, a learned positional embedding is
     added, and that first token's multi-head attention over all H*W + 1 tokens, projected to
     ``out_dim``, is the output [B, out_dim]."""

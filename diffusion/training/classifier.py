@@ -1,8 +1,8 @@
 """Training the noise-aware classifier of classifier guidance, and its accuracy against t.
 
-Dhariwal & Nichol 2021, §4.1: the classifier p_φ(y | x_t, t) is trained on noised images,
-"on the same noised images as the diffusion model", so that its gradient guides every step
-of sampling. One step:
+Dhariwal & Nichol 2021, §4.1: the classifier p_φ(y | x_t, t) is trained on images noised by
+the diffusion model's own forward process, at every t, so that its gradient guides every
+step of sampling. One step:
 
 1. a batch x_0 of the uint8 images (scaled to [-1, 1]) and their labels, indices drawn with
    replacement;
