@@ -19,6 +19,7 @@ STAGES = {
     "validate": "diffusion.stages.validate",
     "prepare": "diffusion.stages.prepare",
     "train": "diffusion.stages.train",
+    "train_classifier": "diffusion.stages.train_classifier",
     "sample": "diffusion.stages.sample",
     "evaluate": "diffusion.stages.evaluate",
 }

@@ -26,7 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from diffusion.errors import UserError
-from diffusion.models.configs import UNET_CONFIGS, check_unet, resolved_unet
+from diffusion.models.configs import CLASSIFIER_CONFIGS, UNET_CONFIGS, check_unet, resolved_unet
 from diffusion.process.options import Loss, Prediction, Variance, check_combination, names
 from diffusion.sampling.steps import STEP_SCHEDULES
 from diffusion.sampling.table import SAMPLERS
@@ -40,6 +40,7 @@ VarianceName = Literal[names(Variance)]
 LossName = Literal[names(Loss)]
 SamplerName = Literal[tuple(SAMPLERS)]
 StepScheduleName = Literal[tuple(STEP_SCHEDULES)]
+ClassifierName = Literal[tuple(CLASSIFIER_CONFIGS)]
 
 
 class ConfigError(UserError, ValueError):
@@ -117,6 +118,17 @@ class SampleParams(_Section):
 class GuidanceParams(_Section):
     classifier: bool  # train a noise-aware classifier (stage train_classifier) and guide with it
     classifier_scale: float = Field(ge=0)  # s of Dhariwal & Nichol 2021, Algorithms 1-2
+    # The classifier's training (diffusion/training/classifier.py), on x_t of the diffusion process:
+    classifier_model: ClassifierName  # diffusion/models/configs.py: CLASSIFIER_CONFIGS
+    classifier_steps: int = Field(ge=1)
+    classifier_batch_size: int = Field(ge=1)
+    classifier_lr: float = Field(gt=0)
+    classifier_weight_decay: float = Field(ge=0)
+    classifier_seed: int = Field(ge=0)
+    classifier_device: Device
+    classifier_log_every: int = Field(ge=1)
+    classifier_eval_images: int = Field(ge=1)  # held-out images scored in each t bin (at most data.holdout)
+    classifier_eval_bins: int = Field(ge=1)  # equal ranges of t for the accuracy curve
 
 
 class EvaluateParams(_Section):
@@ -214,6 +226,25 @@ def _check_guidance(params: Params) -> None:
         raise ValueError(
             f"sample.guidance_interval: got {list(interval)}; allowed: [lo, hi] with "
             f"0 <= lo <= hi <= {params.diffusion.timesteps - 1} (model timesteps), or null"
+        )
+    if params.guidance.classifier:
+        _check_classifier(params)
+
+
+def _check_classifier(params: Params) -> None:
+    """The classifier's network fits the images, its accuracy curve has held-out images and
+    no more t bins than timesteps."""
+    guide = params.guidance
+    try:
+        check_unet(params.data.image_size, **CLASSIFIER_CONFIGS[guide.classifier_model])
+    except ValueError as err:
+        raise ValueError(f"guidance.classifier_model: '{guide.classifier_model}' does not fit: {err}") from None
+    if params.data.holdout < 1:
+        raise ValueError("data.holdout: the classifier's accuracy curve needs held-out images; allowed: >= 1")
+    if guide.classifier_eval_bins > params.diffusion.timesteps:
+        raise ValueError(
+            f"guidance.classifier_eval_bins: {guide.classifier_eval_bins} is more than diffusion.timesteps "
+            f"({params.diffusion.timesteps}); allowed 1..{params.diffusion.timesteps}"
         )
 
 

@@ -23,7 +23,7 @@ from diffusion.packaged import PackagedDiffusion
 
 pytestmark = pytest.mark.integration
 
-STAGES = ("validate", "prepare", "train", "sample", "evaluate")
+STAGES = ("validate", "prepare", "train", "train_classifier", "sample", "evaluate")
 
 
 def ran_stages(output: str) -> list[str]:
@@ -139,7 +139,7 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path: Path):
 
     out = run_in(repo, "dvc", "repro")
     assert f"at step {stopped_at}" in out.stdout
-    assert ran_stages(out.stdout) == ["train", "sample", "evaluate"]
+    assert ran_stages(out.stdout) == ["train", "train_classifier", "sample", "evaluate"]  # classifier: first run
     assert json.loads((repo / "metrics/train.json").read_text())["step"] == 200
 
     mlflow.set_tracking_uri(pipeline_env(repo)["MLFLOW_TRACKING_URI"])
@@ -212,7 +212,7 @@ def test_damaged_checkpoint_and_killed_write_are_recovered_by_the_next_run(tmp_p
     assert warning.endswith("fails its CRC-32 check); resuming from the older " + str(ckpt_dir / "ckpt-00000010.pt"))
     assert f"train: removed the temp files of killed writes: {stale.name}" in out.stdout
     assert "at step 10" in out.stdout and not stale.exists()
-    assert ran_stages(out.stdout) == ["validate", "train", "sample", "evaluate"]
+    assert ran_stages(out.stdout) == ["validate", "train", "train_classifier", "sample", "evaluate"]
 
     assert json.loads((repo / "metrics/train.json").read_text())["step"] == 30
     model = PackagedDiffusion.load(repo / "models/model.pt")  # checks every weight is finite

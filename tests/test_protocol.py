@@ -13,7 +13,7 @@ from diffusion.packaged import DEFAULT_SAMPLER
 MEASURED = protocol.describe(
     num_samples=500, reference_images=500, reference_sha256="ab" * 32, inception="clean-fid clean, inception-2015-12-05",
     sampler="ddim", steps=25, schedule="linspace", eta=0, clip_denoised=True, threshold=None, guidance_scale=1.0,
-    guidance_interval=None,
+    guidance_interval=None, classifier_scale=0.0, classifier_md5=None,
 )
 
 
@@ -38,8 +38,22 @@ def test_tags_hold_each_field_and_read_back():
 def test_the_digest_follows_every_field_and_only_the_fields():
     assert protocol.digest(MEASURED) == protocol.digest({**MEASURED, "eta": 0.0, "unrelated": 1})
     for field, other in [("num_samples", 50), ("reference_sha256", "cd" * 32), ("sampler", "ddpm"), ("steps", 50),
-                         ("eta", 1.0), ("clip_denoised", False), ("threshold", 0.995), ("inception", "legacy")]:
+                         ("eta", 1.0), ("clip_denoised", False), ("threshold", 0.995), ("inception", "legacy"),
+                         ("classifier_scale", 2.0), ("classifier_md5", "ef" * 16)]:
         assert protocol.digest({**MEASURED, field: other}) != protocol.digest(MEASURED), field
+
+
+def test_classifier_guidance_is_recorded_beside_the_sampler_settings():
+    """The classifier is a network of its own, not a setting of the packaged model's sampler:
+    its scale and file hash are fields of the protocol, not of DEFAULT_SAMPLER."""
+    assert protocol.FIELDS == protocol.MEASUREMENT + protocol.SAMPLING + protocol.CLASSIFIER
+    assert not set(protocol.CLASSIFIER) & set(DEFAULT_SAMPLER)
+    guided = {**MEASURED, "classifier_scale": 2.0, "classifier_md5": "ef" * 16}
+    tags = protocol.to_tags(guided)
+    assert tags["fid.protocol.classifier_scale"] == "2.0" and tags["fid.protocol.classifier_md5"] == f'"{"ef" * 16}"'
+    assert protocol.to_tags(MEASURED)["fid.protocol.classifier_md5"] == "null"
+    assert protocol.from_tags(tags) == guided
+    assert protocol.differences(guided, MEASURED) == ["classifier_scale 2.0 (vs 0.0)", f'classifier_md5 "{"ef" * 16}" (vs null)']
 
 
 def test_differences_name_the_fields():

@@ -8,7 +8,11 @@ An FID measures the images as much as the model. It depends on
   :data:`diffusion.evaluation.metrics.INCEPTION`);
 - the sampler that drew the images: sampler, steps, schedule, eta, clip_denoised, threshold, guidance
   (the keys of :data:`diffusion.packaged.DEFAULT_SAMPLER`), so two FIDs compare
-  models at the same sampling cost.
+  models at the same sampling cost;
+- the classifier that guided it (:data:`CLASSIFIER`): ``classifier_scale`` (0.0: none) and
+  ``classifier_md5``, DVC's hash of ``models/classifier.pt`` (null: none). They are fields
+  of their own, not sampler settings: the classifier is a second network, not part of the
+  packaged model, so a promoted model's ``sampling`` (:data:`SAMPLING`) cannot hold it.
 
 The evaluate stage writes the protocol to ``metrics/protocol.json`` and tags the run
 it logs FID into with ``fid.protocol.<field>`` and ``fid.protocol.digest`` (a hash of
@@ -29,7 +33,8 @@ from typing import Any
 
 MEASUREMENT = ("num_samples", "reference_images", "reference_sha256", "inception")
 SAMPLING = ("sampler", "steps", "schedule", "eta", "clip_denoised", "threshold", "guidance_scale", "guidance_interval")
-FIELDS = MEASUREMENT + SAMPLING
+CLASSIFIER = ("classifier_scale", "classifier_md5")
+FIELDS = MEASUREMENT + SAMPLING + CLASSIFIER
 TEXT_FIELDS = ("reference_sha256", "inception", "sampler", "schedule")  # tagged as they are, not as JSON
 TAG_PREFIX = "fid.protocol."
 DIGEST_TAG = f"{TAG_PREFIX}digest"
@@ -53,6 +58,8 @@ def describe(
     threshold: float | None,
     guidance_scale: float,
     guidance_interval: Any,
+    classifier_scale: float,
+    classifier_md5: str | None,
 ) -> dict[str, Any]:
     """The protocol as a dict of :data:`FIELDS`, each value in one canonical type
     (``eta`` 0 and 0.0 give the same digest)."""
@@ -69,6 +76,8 @@ def describe(
         "schedule": str(schedule),
         "guidance_scale": float(guidance_scale),
         "guidance_interval": None if guidance_interval is None else [float(v) for v in guidance_interval],
+        "classifier_scale": float(classifier_scale),
+        "classifier_md5": None if classifier_md5 is None else str(classifier_md5),
     }
 
 

@@ -30,6 +30,19 @@ UNET_CONFIGS: dict[str, dict] = {
     ),
 }
 
+# Noise-aware classifiers (diffusion/models/classifier.py): the U-Net's encoder half with
+# attention pooling, so the same arguments and shape rules (check_unet) apply.
+CLASSIFIER_CONFIGS: dict[str, dict] = {
+    # Tests: ~24k parameters, any image size divisible by 2.
+    "classifier-tiny": dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=None),
+    # The default data (28-32 px): 28 -> 14 -> 7, attention and pooling at 7, ~0.56M parameters; BigGAN
+    # down-sampling and AdaGN, as guided-diffusion's classifier_defaults.
+    "classifier-small": dict(
+        base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=None, head_channels=32,
+        resblock_updown=True, use_scale_shift_norm=True,
+    ),
+}
+
 def _positive_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError("needs an int >= 1")

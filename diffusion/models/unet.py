@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -183,6 +184,92 @@ class EmbedSequential(nn.ModuleList):
         return x
 
 
+# ---------------------------------------------------------------- the encoder half
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """How one network builds its residual, attention and resampling blocks, alike in the
+    U-Net and in its encoder half alone (the classifier, :mod:`diffusion.models.classifier`)."""
+
+    emb_channels: int
+    dropout: float
+    use_scale_shift_norm: bool
+    rescale_skip: bool
+    resblock_updown: bool
+    num_heads: int
+    head_channels: int | None
+
+    def heads(self, channels: int) -> int:
+        """``channels // head_channels`` (ADM: 64 channels a head), else ``num_heads``."""
+        return channels // self.head_channels if self.head_channels else self.num_heads
+
+    def res(self, cin: int, cout: int, resample: str = "none") -> ResBlock:
+        return ResBlock(
+            cin, cout, self.emb_channels, dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
+            rescale_skip=self.rescale_skip, resample=resample,
+        )
+
+    def attention(self, channels: int) -> AttentionBlock:
+        return AttentionBlock(channels, self.heads(channels))
+
+    def resample(self, channels: int, direction: str) -> nn.Module:
+        """A BigGAN residual block (``resblock_updown``, ADM §3) or DDPM's convolution."""
+        if self.resblock_updown:
+            return self.res(channels, channels, direction)
+        return RESAMPLE_BLOCKS[direction](channels)
+
+
+def time_embed_mlp(base_channels: int, emb_channels: int) -> nn.Sequential:
+    """The MLP on the sinusoidal embedding: Linear, SiLU, Linear (DDPM App. B)."""
+    return nn.Sequential(nn.Linear(base_channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels))
+
+
+def encoder(
+    blocks: Blocks, *, in_channels: int, base_channels: int, channel_mult: tuple[int, ...], num_res_blocks: int,
+    resolutions: list[int], attention_resolutions: tuple[int, ...],
+) -> tuple[nn.Conv2d, nn.ModuleList, EmbedSequential, list[int]]:
+    """The U-Net's first half: ``conv_in``, the down path (each entry yields one skip
+    activation), the middle (residual block, attention, residual block), and the channels
+    of each skip activation, the last being the middle's."""
+    conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+    down = nn.ModuleList()
+    skip_channels, ch = [base_channels], base_channels
+    for level, mult in enumerate(channel_mult):
+        for _ in range(num_res_blocks):
+            stage = EmbedSequential([blocks.res(ch, mult * base_channels)])
+            ch = mult * base_channels
+            if resolutions[level] in attention_resolutions:
+                stage.append(blocks.attention(ch))
+            down.append(stage)
+            skip_channels.append(ch)
+        if level < len(channel_mult) - 1:
+            down.append(EmbedSequential([blocks.resample(ch, "down")]))
+            skip_channels.append(ch)
+    middle = EmbedSequential([blocks.res(ch, ch), blocks.attention(ch), blocks.res(ch, ch)])
+    return conv_in, down, middle, skip_channels
+
+
+def initialize_weights(network: nn.Module, last: nn.Module) -> None:
+    """DDPM's init (App. B, TF ``variance_scaling(1, "fan_avg", "uniform")``): Xavier-uniform
+    weights, zero biases. The last layer of every residual branch (residual block
+    ``conv_out``, attention ``proj``) and ``last``, the network's output layer, are zero, so
+    each block starts as the identity and a fresh network outputs exactly zero."""
+    for module in network.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+    zero_init = [last]
+    for module in network.modules():
+        if isinstance(module, ResBlock):
+            zero_init.append(module.conv_out)
+        if isinstance(module, AttentionBlock):
+            zero_init.append(module.proj)
+    for layer in zero_init:
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+
 # ---------------------------------------------------------------- the U-Net
 
 
@@ -232,78 +319,35 @@ class UNet(nn.Module):
         self.base_channels = base_channels
         self.num_classes = num_classes
         emb_channels = 4 * base_channels
-
-        def heads(channels: int) -> int:
-            return channels // head_channels if head_channels else num_heads
-
-        def res(cin: int, cout: int, resample: str = "none") -> ResBlock:
-            return ResBlock(
-                cin, cout, emb_channels, dropout=dropout, use_scale_shift_norm=use_scale_shift_norm,
-                rescale_skip=rescale_skip, resample=resample,
-            )
-
-        def resample_block(channels: int, direction: str) -> nn.Module:
-            if resblock_updown:
-                return res(channels, channels, direction)
-            return RESAMPLE_BLOCKS[direction](channels)
-
-        self.time_embed = nn.Sequential(
-            nn.Linear(base_channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels)
+        blocks = Blocks(
+            emb_channels, dropout=dropout, use_scale_shift_norm=use_scale_shift_norm, rescale_skip=rescale_skip,
+            resblock_updown=resblock_updown, num_heads=num_heads, head_channels=head_channels,
         )
+
+        self.time_embed = time_embed_mlp(base_channels, emb_channels)
         self.label_embed = nn.Embedding(num_classes + 1, emb_channels) if num_classes is not None else None
 
-        # Encoder: every entry of self.down yields one skip activation.
-        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
-        self.down = nn.ModuleList()
-        skip_channels, ch = [base_channels], base_channels
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                stage = EmbedSequential([res(ch, mult * base_channels)])
-                ch = mult * base_channels
-                if resolutions[level] in attention_resolutions:
-                    stage.append(AttentionBlock(ch, heads(ch)))
-                self.down.append(stage)
-                skip_channels.append(ch)
-            if level < len(channel_mult) - 1:
-                self.down.append(EmbedSequential([resample_block(ch, "down")]))
-                skip_channels.append(ch)
-
-        self.middle = EmbedSequential([res(ch, ch), AttentionBlock(ch, heads(ch)), res(ch, ch)])
+        self.conv_in, self.down, self.middle, skip_channels = encoder(
+            blocks, in_channels=in_channels, base_channels=base_channels, channel_mult=channel_mult,
+            num_res_blocks=num_res_blocks, resolutions=resolutions, attention_resolutions=attention_resolutions,
+        )
+        ch = skip_channels[-1]
 
         # Decoder: every entry of self.up first concatenates one skip activation.
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):
-                stage = EmbedSequential([res(ch + skip_channels.pop(), mult * base_channels)])
+                stage = EmbedSequential([blocks.res(ch + skip_channels.pop(), mult * base_channels)])
                 ch = mult * base_channels
                 if resolutions[level] in attention_resolutions:
-                    stage.append(AttentionBlock(ch, heads(ch)))
+                    stage.append(blocks.attention(ch))
                 if level > 0 and i == num_res_blocks:
-                    stage.append(resample_block(ch, "up"))
+                    stage.append(blocks.resample(ch, "up"))
                 self.up.append(stage)
 
         self.norm_out = group_norm(ch)
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
-        self.initialize_weights()
-
-    def initialize_weights(self) -> None:
-        """DDPM's init (App. B, TF ``variance_scaling(1, "fan_avg", "uniform")``): Xavier-uniform
-        weights, zero biases. The last layer of every residual branch (residual block
-        ``conv_out``, attention ``proj``) and the network's ``conv_out`` are zero, so each
-        block starts as the identity and a fresh model predicts exactly zero."""
-        for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        zero_init = [self.conv_out]
-        for module in self.modules():
-            if isinstance(module, ResBlock):
-                zero_init.append(module.conv_out)
-            if isinstance(module, AttentionBlock):
-                zero_init.append(module.proj)
-        for layer in zero_init:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        initialize_weights(self, last=self.conv_out)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, C, H, W], t [B] timesteps, y [B] class labels (None: the null class) -> [B, out_channels, H, W]."""

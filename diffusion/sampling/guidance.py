@@ -66,10 +66,12 @@ class ClassifierFreeGuidance:
 
 
 def classifier_gradient(classifier: Classifier, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """∇_x log p_φ(y | x_t, t), each image's own label's log-softmax differentiated."""
+    """∇_x log p_φ(y | x_t, t), each image's own label's log-softmax differentiated, in at
+    least float32 (half-precision logits are upcast, float64 ones kept)."""
     with torch.enable_grad():
         x_in = x.detach().requires_grad_(True)
-        log_probs = torch.log_softmax(classifier(x_in, t).float(), dim=-1)
+        logits = classifier(x_in, t)
+        log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
         picked = log_probs[torch.arange(len(y), device=y.device), y].sum()
         return torch.autograd.grad(picked, x_in)[0].to(x.dtype)
 
@@ -77,18 +79,25 @@ def classifier_gradient(classifier: Classifier, x: torch.Tensor, t: torch.Tensor
 class ClassifierGuidance:
     """ε̃ = ε̂ - √(1-ᾱ) s ∇ log p_φ(y | x_t) (Dhariwal & Nichol 2021, Algorithm 2 / eq. 14), x̂_0 from ε̃.
 
-    In score form this is ∇ log p(x_t) + s ∇ log p(y | x_t), so it guides every sampler. For
-    DDPM's ancestral step it moves the mean by (β_t/√α_t) s ∇ log p(y | x_t): Algorithm 1's
-    s Σ ∇ log p(y | x_t) with Σ = β_t/√α_t, which differs from a fixed Σ = β_t only by 1/√α_t.
+    In score form this is ∇ log p(x_t) + s ∇ log p(y | x_t), so it guides every sampler; at
+    s = 1 with an unconditional ``inner`` and the exact classifier it is ∇ log p(x_t | y) (Bayes),
+    the conditional model. For DDPM's ancestral step it moves the mean by (β_t/√α_t) s ∇ log
+    p(y | x_t): Algorithm 1's s Σ ∇ log p(y | x_t) with Σ = β_t/√α_t, which differs from a fixed
+    Σ = β_t only by 1/√α_t.
+
+    The labels go to the classifier; ``inner`` gets them too only when ``conditional`` (a
+    class-conditional model, or classifier-free guidance inside), so an unconditional
+    model is guided as ADM guides its unconditional models.
     """
 
-    def __init__(self, inner: Denoiser, classifier: Classifier, scale: float):
+    def __init__(self, inner: Denoiser, classifier: Classifier, scale: float, *, conditional: bool):
         self.inner, self.levels, self.classifier, self.scale = inner, inner.levels, classifier, float(scale)
+        self.conditional = conditional
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> Denoised:
         if y is None:
             raise ValueError("classifier_scale: classifier guidance needs class labels to guide towards")
-        out = self.inner(x, t, y)
+        out = self.inner(x, t, y if self.conditional else None)
         if self.scale == 0.0:
             return out
         grad = classifier_gradient(self.classifier, x, t, y)
@@ -106,7 +115,8 @@ def guidance(
 ) -> Callable[[Denoiser], Denoiser] | None:
     """The wrapper :func:`diffusion.sampling.sample.sample` takes as ``guidance``, or None when
     nothing guides: classifier-free at ``scale`` (needs the model's ``null_class``) and, with a
-    ``classifier``, its gradient at ``classifier_scale`` on top."""
+    ``classifier``, its gradient at ``classifier_scale`` on top. A model without a null class
+    is unconditional: the classifier alone sees the labels."""
     if scale != 1.0 and null_class is None:
         raise ValueError(f"guidance_scale: {scale} needs a class-conditional model (one with a null class); use 1")
     if classifier is not None and classifier_scale == 0.0:
@@ -118,7 +128,7 @@ def guidance(
         if scale != 1.0:
             denoiser = ClassifierFreeGuidance(denoiser, scale, null_class, interval)
         if classifier is not None:
-            denoiser = ClassifierGuidance(denoiser, classifier, classifier_scale)
+            denoiser = ClassifierGuidance(denoiser, classifier, classifier_scale, conditional=null_class is not None)
         return denoiser
 
     return wrap

@@ -1,1 +1,1 @@
-"""Pipeline stages: prepare, train, sample, evaluate. Each takes its validated config."""
+"""Pipeline stages: validate, prepare, train, train_classifier, sample, evaluate. Each takes its validated config."""

@@ -21,6 +21,10 @@ MODEL_RUN = Path("models/run.json")  # the MLflow run that trained the model
 TRAIN_METRICS = Path("metrics/train.json")
 LOSS_CURVE = Path("plots/train_loss.csv")
 VAL_CURVE = Path("plots/val_loss.csv")
+# train_classifier
+CLASSIFIER = Path("models/classifier.pt")  # the noise-aware classifier, or CLASSIFIER_DISABLED
+CLASSIFIER_DISABLED = b"guidance.classifier is false: no classifier trained\n"  # the whole file when off
+CLASSIFIER_ACCURACY = Path("plots/classifier_accuracy.csv")
 # sample
 SAMPLES = Path("samples/samples.npz")
 GRID = Path("samples/grid.png")

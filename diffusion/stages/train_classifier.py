@@ -1,0 +1,95 @@
+"""train_classifier: the noise-aware classifier of classifier guidance, when ``guidance.classifier`` is true.
+
+Outputs: ``models/classifier.pt``, the classifier as plain data
+(:func:`~diffusion.models.classifier.classifier_state`) with the process it was trained on
+(the sample stage checks it against the diffusion model's), and
+``plots/classifier_accuracy.csv``, its held-out accuracy in ``guidance.classifier_eval_bins``
+ranges of t (:func:`~diffusion.training.classifier.accuracy_by_t`). Its MLflow run
+(``classifier-<name>``, not nested: the classifier does not depend on the diffusion model)
+gets the guidance and diffusion params, the dataset, the loss curve (``classifier_loss``),
+the accuracy curve (``accuracy_vs_t``, step = each range's first t), its mean
+(``classifier_accuracy``) and the csv. The outputs are written before anything is logged.
+
+With ``guidance.classifier`` false the stage does no work: it writes the marker
+:data:`~diffusion.stages.paths.CLASSIFIER_DISABLED` to ``models/classifier.pt`` and a
+header-only ``plots/classifier_accuracy.csv`` (DVC needs every output of a stage), and
+imports neither torch nor MLflow, so it costs no more than the ``diffusion`` command's start.
+The marker never changes, so while guidance.classifier is false a change to the classifier's
+params re-runs this stage in a moment and nothing after it.
+"""
+
+from __future__ import annotations
+
+from diffusion.config import Params
+from diffusion.errors import UserError
+from diffusion.files import atomic_write, write_csv
+from diffusion.stages.paths import CLASSIFIER, CLASSIFIER_ACCURACY, CLASSIFIER_DISABLED, HELDOUT_SET, TRAIN_SET
+
+ACCURACY_HEADER = ("t_lo", "t_hi", "accuracy")
+PROCESS_KEYS = ("schedule", "timesteps", "zero_terminal_snr")
+"""The diffusion params that x_t depends on: the classifier is valid for a model of the same ones."""
+
+
+def run(params: Params) -> None:
+    if not params.guidance.classifier:
+        with atomic_write(CLASSIFIER) as fh:
+            fh.write(CLASSIFIER_DISABLED)
+        write_csv(CLASSIFIER_ACCURACY, ACCURACY_HEADER, [])
+        return
+    _train(params)
+
+
+def _train(params: Params) -> None:
+    # Imported here, not above: the disabled stage must not pay for torch and MLflow.
+    from diffusion import tracking
+    from diffusion.data.dataset import load_dataset
+    from diffusion.models.classifier import classifier_state, create_classifier
+    from diffusion.process.gaussian import GaussianDiffusion
+    from diffusion.process.schedules import make_betas
+    from diffusion.training.checkpoint import save_checkpoint
+    from diffusion.training.classifier import accuracy_by_t, train_classifier
+    from diffusion.training.devices import resolve_device
+    from diffusion.training.loop import seeded_init
+
+    tracking.check_store()  # in seconds, before any work: a store that does not answer is one line
+    guide, d = params.guidance, params.diffusion
+    device = resolve_device(guide.classifier_device, key="guidance.classifier_device")
+    dataset, heldout = load_dataset(TRAIN_SET), load_dataset(HELDOUT_SET)
+    if len(dataset.class_names) < 2:
+        raise UserError(
+            f"guidance.classifier: {TRAIN_SET} holds {len(dataset.class_names)} class; a classifier needs 2 or more "
+            "(or set guidance.classifier: false)"
+        )
+    _, channels, size, _ = dataset.images.shape
+    process = {key: getattr(d, key) for key in PROCESS_KEYS}
+    betas = make_betas(d.schedule, d.timesteps, d.zero_terminal_snr)
+    diffusion = GaussianDiffusion(betas, prediction=d.prediction, variance=d.variance, loss=d.loss)
+    with seeded_init(guide.classifier_seed):
+        net = create_classifier(
+            guide.classifier_model, in_channels=channels, image_size=size, num_classes=len(dataset.class_names)
+        )
+
+    name = f"classifier-{guide.classifier_model}"
+    with tracking.stage_run("train_classifier", params.tracking.experiment, run_name=name):
+        tracking.log_params(params.model_dump(include={"guidance", "diffusion"}))
+        tracking.log_dataset(
+            TRAIN_SET, name=params.data.source, source=dataset.source_uri, images=dataset.images, labels=dataset.labels,
+        )
+        losses = train_classifier(net, diffusion, dataset.images, dataset.labels, guide, device=device)
+        count = min(guide.classifier_eval_images, len(heldout.images))
+        accuracy = accuracy_by_t(
+            net, diffusion, heldout.images[:count], heldout.labels[:count], bins=guide.classifier_eval_bins,
+            batch_size=guide.classifier_batch_size, seed=guide.classifier_seed,
+        )
+        save_checkpoint(CLASSIFIER, classifier_state(net.cpu(), process=process))
+        write_csv(CLASSIFIER_ACCURACY, ACCURACY_HEADER, accuracy)
+        mean_accuracy = sum(row[2] for row in accuracy) / len(accuracy)
+        print(f"train_classifier: loss {losses[-1][1]:.4g}, held-out accuracy {accuracy[0][2]:.3f} at t <= "
+              f"{accuracy[0][1]}, {mean_accuracy:.3f} over all t", flush=True)
+
+        for step, loss in losses:
+            tracking.log_metrics({"classifier_loss": loss}, step=step)
+        for t_lo, _, value in accuracy:
+            tracking.log_metrics({"accuracy_vs_t": value}, step=t_lo)
+        tracking.log_metrics({"classifier_accuracy": mean_accuracy})
+        tracking.log_artifact(CLASSIFIER_ACCURACY)

@@ -1,0 +1,116 @@
+"""Training the noise-aware classifier of classifier guidance, and its accuracy against t.
+
+Dhariwal & Nichol 2021, §4.1: the classifier p_φ(y | x_t, t) is trained on images noised by
+the diffusion model's own forward process, at every t, so that its gradient guides every
+step of sampling. One step:
+
+1. a batch x_0 of the uint8 images (scaled to [-1, 1]) and their labels, indices drawn with
+   replacement;
+2. t uniform over the process's T timesteps and x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε (DDPM eq. 4) by
+   the diffusion model's own process (:meth:`~diffusion.process.gaussian.GaussianDiffusion.q_sample`);
+   the classifier sees the model timestep ``timestep_map[t]``, the t a sampler's denoiser passes;
+3. AdamW (Loshchilov & Hutter 2019) on the cross-entropy -log p_φ(y | x_t, t).
+
+Batch indices, timesteps and noise come from one CPU generator seeded with
+``guidance.classifier_seed`` (the stage builds the network under
+:func:`~diffusion.training.loop.seeded_init` of the same seed), so a run draws the same
+numbers on every device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from diffusion.models.classifier import NoiseAwareClassifier
+from diffusion.training.devices import batch_memory
+from diffusion.training.loop import to_model_range
+
+if TYPE_CHECKING:
+    from diffusion.config import GuidanceParams
+    from diffusion.process.gaussian import GaussianDiffusion
+
+LogFn = Callable[[int, dict[str, float]], None]
+
+
+def train_classifier(
+    net: NoiseAwareClassifier,
+    diffusion: GaussianDiffusion,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: GuidanceParams,
+    *,
+    device: torch.device,
+    log: LogFn | None = None,
+    progress: bool = True,
+) -> list[tuple[int, float]]:
+    """Train ``net`` in place on ``device`` for ``cfg.classifier_steps`` steps (the module doc's
+    step) on uint8 ``images`` [N, C, H, W] and their ``labels`` [N]. Returns the loss curve,
+    (step, mean cross-entropy of the steps since the last point), one point every
+    ``cfg.classifier_log_every`` steps and at the last; ``log(step, {"loss": ...})`` gets each."""
+    if len(labels) != len(images) or not 0 <= int(labels.min()) <= int(labels.max()) < net.num_classes:
+        raise ValueError(f"labels: need one label in 0..{net.num_classes - 1} per image; got {tuple(labels.shape)}")
+    generator = torch.Generator().manual_seed(cfg.classifier_seed)
+    net.to(device).train()
+    images, labels = images.to(device), labels.to(device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.classifier_lr, weight_decay=cfg.classifier_weight_decay)
+    batch, curve, window = cfg.classifier_batch_size, [], []
+    for step in tqdm(range(1, cfg.classifier_steps + 1), desc="train_classifier", unit="step", disable=not progress):
+        idx = torch.randint(len(images), (batch,), generator=generator)
+        t = torch.randint(diffusion.num_timesteps, (batch,), generator=generator)
+        noise = torch.randn((batch, *images.shape[1:]), generator=generator)
+        idx, t, noise = idx.to(device), t.to(device), noise.to(device)
+        with batch_memory("guidance.classifier_batch_size", batch, device):
+            x_t = diffusion.q_sample(to_model_range(images[idx]), t, noise)
+            loss = F.cross_entropy(net(x_t, diffusion.timestep_map.to(device)[t]), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        window.append(loss.detach())
+        if step % cfg.classifier_log_every == 0 or step == cfg.classifier_steps:
+            curve.append((step, torch.stack(window).mean().item()))
+            window = []
+            if log is not None:
+                log(step, {"loss": curve[-1][1]})
+    return curve
+
+
+@torch.no_grad()
+def accuracy_by_t(
+    net: NoiseAwareClassifier,
+    diffusion: GaussianDiffusion,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bins: int,
+    batch_size: int,
+    seed: int,
+) -> list[tuple[int, int, float]]:
+    """(t_lo, t_hi, accuracy) for ``bins`` equal ranges t_lo <= t <= t_hi of the T timesteps:
+    each of the uint8 ``images`` noised once in each range, at a t drawn uniformly in it
+    (x_t and t from a generator seeded with ``seed``), and the fraction whose most probable
+    class is its label. Accuracy falls from the clean-image accuracy at t = 0 towards chance
+    (the largest class's share) where x_t is nearly pure noise."""
+    device = next(net.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    edges = np.linspace(0, diffusion.num_timesteps, bins + 1).round().astype(int)
+    was_training = net.training
+    net.eval()
+    rows = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        correct = 0
+        for start in range(0, len(images), batch_size):
+            x0, y = images[start : start + batch_size], labels[start : start + batch_size]
+            t = torch.randint(int(lo), int(hi), (len(x0),), generator=generator)
+            noise = torch.randn(x0.shape, generator=generator)
+            x0, y, t, noise = x0.to(device), y.to(device), t.to(device), noise.to(device)
+            logits = net(diffusion.q_sample(to_model_range(x0), t, noise), diffusion.timestep_map.to(device)[t])
+            correct += int((logits.argmax(1) == y).sum())
+        rows.append((int(lo), int(hi) - 1, correct / len(images)))
+    net.train(was_training)
+    return rows
