@@ -199,6 +199,11 @@ class Params(_Section):
             )
         if self.sample.sampler == "ddim" and self.sample.eta > 1:
             raise ValueError(f"sample.eta: {self.sample.eta} is outside DDIM's range; allowed 0..1")
+        if self.sample.eta != 0 and not SAMPLERS[self.sample.sampler].takes_eta:
+            raise ValueError(
+                f"sample.eta: {self.sample.eta} means nothing to {self.sample.sampler} (an ODE solver); "
+                f"use 0, or a sampler that takes eta: {', '.join(k for k, v in SAMPLERS.items() if v.takes_eta)}"
+            )
         _check_guidance(self)
         if self.sample.steps > d.timesteps:
             raise ValueError(

@@ -49,7 +49,7 @@ def test_empty_or_partial_params_are_an_error_not_a_second_set_of_defaults(tmp_p
         ({"sample": {"steps": 2000}}, "sample.steps: 2000 is more than diffusion.timesteps (1000)"),
         ({"sample": {"eta": 1.5}}, "sample.eta: 1.5 is outside DDIM's range"),
         ({"sample": {"use_ema": False}}, "sample.use_ema: unknown key; allowed: num_samples"),
-        ({"sample": {"sampler": "euler"}}, "sample.sampler: got 'euler'; input should be 'ddpm' or 'ddim'"),
+        ({"sample": {"sampler": "euler"}}, "sample.sampler: got 'euler'; input should be 'ddpm', 'ddim', 'dpm++2m', 'dpm++3m', 'unipc', 'unipc3' or 'heun'"),
         ({"diffusion": {"zero_terminal_snr": True}}, "diffusion.prediction: 'eps' cannot recover x0"),
         ({"diffusion": {"schedule": "linear", "timesteps": 10}, "sample": {"steps": 5}}, "diffusion.timesteps: the linear schedule"),
         ({"data": {"image_size": 30}}, "data.image_size: 30 is not divisible by 4"),
@@ -87,7 +87,7 @@ def test_allowed_names_are_read_from_the_code_that_implements_them():
         "loss": tuple(m.value for m in Loss),
         "sampler": tuple(sampler_table.SAMPLERS),
     }
-    assert allowed["schedule"] == ("linear", "cosine", "sigmoid") and allowed["sampler"] == ("ddpm", "ddim")
+    assert allowed["schedule"] == ("linear", "cosine", "sigmoid") and allowed["sampler"] == ("ddpm", "ddim", "dpm++2m", "dpm++3m", "unipc", "unipc3", "heun")
 
 
 def test_config_loads_without_torch():

@@ -22,6 +22,9 @@ from typing import Any
 import torch
 
 from diffusion.process.gaussian import GaussianDiffusion
+# the modules table.SAMPLERS names, imported by name so that each stage's import closure
+# (dvc.yaml's deps, tests/test_dvc_deps.py) holds them; _resolve then finds them loaded
+from diffusion.sampling import ancestral, dpm_solver, heun, unipc  # noqa: F401
 from diffusion.sampling import table as sampler_table
 from diffusion.sampling.denoiser import ClippedDenoiser, Denoiser, ModelDenoiser
 from diffusion.sampling.noise import NoiseSource, StackedRandomGenerator, randn

@@ -8,7 +8,8 @@ levels between integer timesteps (log-SNR, Karras) give the network a real-value
 A step schedule (:data:`STEP_SCHEDULES`) turns a number of steps into :class:`Steps`: n
 model timesteps t_0 > ... > t_{n-1} where the network is evaluated, and n + 1 values ᾱ,
 the last 1 (clean data): step i goes from ᾱ[i] to ᾱ[i+1]. Every schedule starts at the
-process's last timestep; they differ in where the rest go:
+process's last timestep (but linspace's single step: ``space_timesteps(T, 1)`` is [0]);
+they differ in where the rest go:
 
 * ``linspace``: today's respacing (improved DDPM's ``space_timesteps``: n evenly spaced
   integer timesteps, 0 and T-1 included; also any of its specs such as ``"ddim25"``);

@@ -19,11 +19,18 @@ class SamplerSpec:
     """The sampler's function as ``module.name`` in the :mod:`diffusion.sampling` package."""
     nfe: Callable[[int], int]
     """Network evaluations per image for ``steps`` sampler steps."""
+    takes_eta: bool = False
+    """Whether ``sample.eta`` means anything to it (the others solve the probability-flow ODE)."""
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
-    "ddpm": SamplerSpec("ancestral.ddpm_sample", nfe=lambda steps: steps),  # one evaluation a step
-    "ddim": SamplerSpec("ancestral.ddim_sample", nfe=lambda steps: steps),
+    "ddpm": SamplerSpec("ancestral.ddpm_sample", nfe=lambda steps: steps, takes_eta=True),  # one evaluation a step
+    "ddim": SamplerSpec("ancestral.ddim_sample", nfe=lambda steps: steps, takes_eta=True),
+    "dpm++2m": SamplerSpec("dpm_solver.dpmpp_2m_sample", nfe=lambda steps: steps),  # multistep: one a step
+    "dpm++3m": SamplerSpec("dpm_solver.dpmpp_3m_sample", nfe=lambda steps: steps),
+    "unipc": SamplerSpec("unipc.unipc_sample", nfe=lambda steps: steps),  # the corrector reuses the next evaluation
+    "unipc3": SamplerSpec("unipc.unipc3_sample", nfe=lambda steps: steps),
+    "heun": SamplerSpec("heun.heun_sample", nfe=lambda steps: 2 * steps - 1),  # two a step, one on the last (to σ = 0)
 }
 
 

@@ -3,12 +3,14 @@
 :func:`walk` yields, for step i of :class:`~diffusion.sampling.steps.Steps`, the model
 timestep tensor for the batch and the step's ᾱ (from, to) as floats, so a sampler's
 per-step coefficients are host scalars (no device copy) and its body is the paper's update.
-The callback (if given) is called once per network step, before the update, with
-dict(i, t, x, pred_x0): the step number, the model timestep, x_t and the denoiser's x̂_0.
+The callback (if given) is called once per step, before the update, with dict(i, t, x,
+pred_x0): the step number, the model timestep, x_t and the denoiser's x̂_0 (its first
+evaluation of the step, for a solver that evaluates more than once).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -33,3 +35,19 @@ def report(callback: Callback | None, steps: Steps, i: int, x: torch.Tensor, out
     if callback is not None:
         t = float(steps.timesteps[i])
         callback({"i": i, "t": int(t) if t.is_integer() else t, "x": x, "pred_x0": out.x0})
+
+
+def half_log_snr(alpha_bar: float) -> float:
+    """λ = log(α/σ) = ½ log(ᾱ/(1-ᾱ)), DPM-Solver's time variable: -∞ at ᾱ = 0 (zero terminal
+    SNR), +∞ at ᾱ = 1 (clean data)."""
+    if alpha_bar <= 0:
+        return -math.inf
+    if alpha_bar >= 1:
+        return math.inf
+    return 0.5 * (math.log(alpha_bar) - math.log1p(-alpha_bar))
+
+
+def check_deterministic(eta: float, sampler: str) -> None:
+    """ODE solvers take ``eta`` for the common signature only: anything but 0 is a mistake."""
+    if eta != 0:
+        raise ValueError(f"eta: got {eta!r}; {sampler} solves the probability-flow ODE (eta applies to ddpm and ddim)")
