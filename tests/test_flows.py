@@ -295,7 +295,18 @@ def test_concurrent_two_objective_sweep(device, prefect_harness, tmp_path, monke
     assert {"optuna/history.png", "optuna/pareto_front.png"} <= plots
 
 
-def test_an_unconditional_sweep_drops_the_guidance_dimension(prefect_harness, tmp_path, monkeypatch, caplog):
+class Messages(logging.Handler):
+    """The messages of the records a logger handles, each once (whether or not it propagates)."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_an_unconditional_sweep_drops_the_guidance_dimension(prefect_harness, tmp_path, monkeypatch):
     """model.class_conditional is false: sample.guidance_scale is not searched, and one log line says why."""
     from mlflow import MlflowClient
 
@@ -307,15 +318,15 @@ def test_an_unconditional_sweep_drops_the_guidance_dimension(prefect_harness, tm
     repo = make_toy_repo(tmp_path / "toy", params)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow' / 'mlflow.db'}")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    flow_log = logging.getLogger("prefect.flow_runs")  # Prefect's run loggers do not propagate to pytest's
-    flow_log.addHandler(caplog.handler)
+    flow_log, logged = logging.getLogger("prefect.flow_runs"), Messages()  # the flow's own log
+    flow_log.addHandler(logged)
     try:
         summary = train_sweep(n_trials=1, repo=str(repo))
     finally:
-        flow_log.removeHandler(caplog.handler)
+        flow_log.removeHandler(logged)
     why = "classifier-free guidance needs a class-conditional model, and model.class_conditional is false"
     assert summary["trials"] == {0: "COMPLETE"} and summary["dropped"] == {"sample.guidance_scale": why}
-    assert [m for m in caplog.messages if "dropped" in m] == [f"sweep.space: sample.guidance_scale dropped: {why}"]
+    assert [m for m in logged.messages if "dropped" in m] == [f"sweep.space: sample.guidance_scale dropped: {why}"]
     assert _study(repo, "plain").trials[0].params == {"sample.steps": 2}
     parent = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(summary["parent_run_id"])
     assert list(json.loads(parent.data.tags["sweep.space"])) == ["sample.steps"]
