@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from diffusion.evaluation.metrics import fid_from_features, inception_features, load_reference
-from diffusion.packaged import PackagedDiffusion, to_uint8
+from diffusion.images import sampling_labels, to_uint8
+from diffusion.packaged import PackagedDiffusion
 from diffusion.sampling.table import SAMPLERS, network_evaluations
-from diffusion.stages.sample import sampling_labels
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -2,10 +2,11 @@
 
 params.yaml is validated first (pydantic and PyYAML only, no torch import), so a
 bad key fails in well under two seconds with one line naming it; only then is the
-stage module imported and run. A tool (``diffusion promote``) is not a stage: its
-module parses its own arguments (``main(argv)``) and reads no params.yaml. Both tables
-name modules, imported only when their sub-command runs, so a stage's process loads
-what that stage needs and nothing else (dvc.yaml's deps are exactly that, a test checks).
+stage module imported and run. A tool (``diffusion promote``, ``diffusion generate``)
+is not a stage: its module parses its own arguments (``main(argv)``) and reads no
+params.yaml. Both tables name modules, imported only when their sub-command runs, so a
+stage's process loads what that stage needs and nothing else (dvc.yaml's deps are
+exactly that, a test checks).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ STAGES = {
 TOOLS = {
     "promote": "diffusion.promote",
     "unlock": "diffusion.dvc_locks",
+    "generate": "diffusion.generate",
 }
 
 

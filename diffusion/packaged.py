@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from diffusion.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from diffusion.images import sampling_labels
 from diffusion.process.gaussian import GaussianDiffusion
 from diffusion.models.table import create_model
 from diffusion.sampling.guidance import Classifier, guidance
@@ -79,9 +80,14 @@ class PackagedDiffusion(nn.Module):
     def image_shape(self) -> tuple[int, int, int]:
         return (self.model_spec["in_channels"], self.model_spec["image_size"], self.model_spec["image_size"])
 
-    def forward(self, noise: torch.Tensor) -> torch.Tensor:
-        """x_T -> x_0 in [-1, 1] with :attr:`sampling`."""
-        return self.sample(noise.shape[0], noise=noise, device=noise.device, **self.sampling)
+    def forward(self, noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """x_T -> x_0 in [-1, 1] with :attr:`sampling`; a class-conditional model draws image k
+        for ``labels[k]``, by default class k mod its classes (balanced, as the sample stage
+        draws the FID's images unless ``sample.labels`` says otherwise)."""
+        num_classes = self.model_spec.get("num_classes")
+        if num_classes and labels is None:
+            labels = sampling_labels(None, noise.shape[0], num_classes)
+        return self.sample(noise.shape[0], noise=noise, labels=labels, device=noise.device, **self.sampling)
 
     @torch.no_grad()
     def sample(
@@ -166,8 +172,3 @@ class PackagedDiffusion(nn.Module):
                 "not a training checkpoint"
             ) from None
         return packaged.to(map_location).eval()
-
-
-def to_uint8(samples: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats -> uint8 in [0, 255], the inverse of the data scaling x/127.5 - 1."""
-    return ((samples.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -3,7 +3,9 @@
 - **Storage**: ``sweep.storage``: a journal file in ``.optuna/`` by default, an RDB URL
   (``sqlite:///...``, ``postgresql://...``) or ``journal:<path>`` for many workers.
   Opening a study of an existing name continues it.
-- **Search space**: one ``suggest_*`` per dimension of ``sweep.space``.
+- **Search space**: one ``suggest_*`` per dimension of ``sweep.space``, less the
+  dimensions that mean nothing for the config (:func:`searched_space`: guidance for an
+  unconditional model).
 - **Objectives**: ``fid`` (``metrics/evaluate.json``); ``sampling_cost``, the sampler's
   network evaluations per image (:func:`diffusion.sampling.table.network_evaluations`).
 """
@@ -62,6 +64,26 @@ SUGGEST: dict[str, Callable[[Any, str, SearchDim], Any]] = {
     "int": lambda trial, key, dim: trial.suggest_int(key, int(dim.low), int(dim.high), log=dim.log),
     "float": lambda trial, key, dim: trial.suggest_float(key, dim.low, dim.high, log=dim.log),
 }
+
+
+# key -> (the param it acts through, whether that param's value lets it act, why not). A
+# dimension whose param the space itself searches is kept: some trials may use it.
+NEEDS: dict[str, tuple[str, Callable[[Params], bool], str]] = {
+    key: ("model.class_conditional", lambda params: params.model.class_conditional,
+          "classifier-free guidance needs a class-conditional model, and model.class_conditional is false")
+    for key in ("sample.guidance_scale", "sample.guidance_interval")
+}
+
+
+def searched_space(params: Params) -> tuple[dict[str, SearchDim], dict[str, str]]:
+    """``sweep.space`` less the dimensions that have no meaning for ``params`` (:data:`NEEDS`),
+    and those dropped, each with why."""
+    space, dropped = dict(params.sweep.space), {}
+    for key, (through, acts, why) in NEEDS.items():
+        if key in space and through not in space and not acts(params):
+            dropped[key] = why
+            del space[key]
+    return space, dropped
 
 
 def suggest(trial: Any, space: Mapping[str, SearchDim]) -> dict[str, Any]:

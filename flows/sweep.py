@@ -3,7 +3,9 @@
 - **Study** (:mod:`flows.study`): ``sweep.study_name`` in ``sweep.storage``; running
   again with the same name continues it. Objectives ``fid``, or ``[fid, sampling_cost]``
   for a Pareto front against network evaluations per image.
-- **Trial**: Optuna suggests a value for every key of ``sweep.space``; the trial is
+- **Trial**: Optuna suggests a value for every key of ``sweep.space`` (less those that
+  mean nothing for the config, :func:`flows.study.searched_space`, each dropped with a
+  log line); the trial is
   ``dvc exp run --temp --name <study>-<n> -S key=value ...``, a real experiment in
   ``dvc exp show``. Trials that differ only in sample params restore ``train`` from
   DVC's run cache instead of training again. A run that fails on a DVC lock (another
@@ -47,7 +49,7 @@ from flows.devices import available_cores, cpu_threads, lease_gpu, worker_gpus
 from flows.pipeline import dvc, stage_order
 from flows.pruning import ValLossReporter, pruning
 from flows.reporting import log_missing_params, log_study_plots, mlflow_client, open_parent_run, summarize
-from flows.study import OBJECTIVES, open_study, suggest
+from flows.study import OBJECTIVES, open_study, searched_space, suggest
 
 EVALUATE_METRICS = "metrics/evaluate.json"
 MODEL_RUN_FILE = "models/run.json"
@@ -248,13 +250,17 @@ def train_sweep(
 
     Every argument left out comes from params.yaml. ``enqueue``: params to try first
     (Optuna's ``enqueue_trial``), e.g. ``[{"sample.steps": 50}]``. ``repo``: the
-    repository root. Returns the trial states, the best trial(s) and the parent run.
+    repository root. Returns the trial states, the best trial(s), the parent run and
+    the dimensions of ``sweep.space`` dropped (:func:`flows.study.searched_space`), each with why.
     """
     logger = get_run_logger()
     root = Path(repo).resolve()
     raw = yaml.safe_load((root / "params.yaml").read_text()) or {}
     params = parse_params(raw, str(root / "params.yaml"))
-    cfg = params.sweep
+    space, dropped = searched_space(params)
+    for key, why in dropped.items():
+        logger.info(f"sweep.space: {key} dropped: {why}")
+    cfg = params.sweep.model_copy(update={"space": space})
     if not cfg.space:
         raise ValueError("params.yaml: sweep.space is empty; declare at least one dimension to search")
     n_trials = n_trials or cfg.n_trials
@@ -298,7 +304,7 @@ def train_sweep(
         client.set_terminated(parent, status)
     if "COMPLETE" not in states.values() and "FAIL" in states.values():
         raise TrialFailed(f"no trial of this run completed: {states}")
-    return {"study": study_name, "parent_run_id": parent, "trials": states, **summary}
+    return {"study": study_name, "parent_run_id": parent, "trials": states, "dropped": dropped, **summary}
 
 
 if __name__ == "__main__":

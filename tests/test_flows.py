@@ -11,6 +11,7 @@ the flow (trial 3) continues the study.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -95,6 +96,24 @@ def test_sampling_cost_is_network_evaluations_per_image():
     for name, spec in SAMPLERS.items():
         params = parse_params(full_params({"sample": {"sampler": name, "steps": 7}}))
         assert OBJECTIVES["sampling_cost"]({}, params) == spec.nfe(7) > 0
+
+
+def test_guidance_is_not_searched_for_an_unconditional_model():
+    """The committed space searches sample.guidance_scale: only a class-conditional model keeps it."""
+    from diffusion.config import parse_params
+    from flows.study import searched_space
+
+    unconditional = parse_params(full_params())
+    assert "sample.guidance_scale" in unconditional.sweep.space and not unconditional.model.class_conditional
+    space, dropped = searched_space(unconditional)
+    assert dropped == {"sample.guidance_scale": "classifier-free guidance needs a class-conditional model, "
+                                                "and model.class_conditional is false"}
+    assert set(space) == set(unconditional.sweep.space) - {"sample.guidance_scale"}
+    conditional = parse_params(full_params({"model": {"class_conditional": True}}))
+    assert searched_space(conditional) == (dict(conditional.sweep.space), {})
+    either = {"model.class_conditional": {"type": "categorical", "choices": [False, True]},
+              "sample.guidance_scale": {"type": "float", "low": 1.0, "high": 4.0}}
+    assert set(searched_space(parse_params(full_params({"sweep": {"space": either}})))[0]) == set(either)
 
 
 def log_points(client, run_id: str, key: str, points: dict[int, float]) -> None:
@@ -203,6 +222,19 @@ else:
 """
 
 
+def make_toy_repo(repo: Path, params: dict) -> Path:
+    """A git + DVC repository of the toy pipeline with ``params`` over the committed params."""
+    repo.mkdir()
+    (repo / "dvc.yaml").write_text(TOY_DVC_YAML)
+    (repo / "toy.py").write_text(TOY_PY)
+    (repo / ".gitignore").write_text("/mlflow/\n/.optuna/\n")
+    (repo / "params.yaml").write_text(json.dumps(full_params(params)))
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@localhost"], ["git", "config", "user.name", "t"],
+                ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "toy"]):
+        run_in(repo, *cmd)
+    return repo
+
+
 @pytest.mark.parametrize("device", ["gpu", "cpu"])
 def test_concurrent_two_objective_sweep(device, prefect_harness, tmp_path, monkeypatch):
     """Two trials at once; FID vs sampling cost, a Pareto front and its plot.
@@ -216,19 +248,11 @@ def test_concurrent_two_objective_sweep(device, prefect_harness, tmp_path, monke
     from flows.sweep import train_sweep
     from test_concurrency import Holder
 
-    repo = tmp_path / "toy"
-    repo.mkdir()
-    (repo / "dvc.yaml").write_text(TOY_DVC_YAML)
-    (repo / "toy.py").write_text(TOY_PY)
-    (repo / ".gitignore").write_text("/mlflow/\n/.optuna/\n")
     params = {"data": {"seed": 0}, "train": {"lr": 0.001}, "sample": {"steps": 5},
               "sweep": {"study_name": "toy", "concurrency": 2, "objectives": ["fid", "sampling_cost"],
                         "space": {"sample.steps": {"type": "categorical", "choices": [2, 5]},
                                   "train.lr": {"type": "float", "low": 0.0001, "high": 0.01, "log": True}}}}
-    (repo / "params.yaml").write_text(json.dumps(full_params(params)))
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@localhost"], ["git", "config", "user.name", "t"],
-                ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "toy"]):
-        run_in(repo, *cmd)
+    repo = make_toy_repo(tmp_path / "toy", params)
     uri = f"sqlite:///{repo / 'mlflow' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     leases = tmp_path / "leases"
@@ -269,6 +293,43 @@ def test_concurrent_two_objective_sweep(device, prefect_harness, tmp_path, monke
     assert {client.get_run(t["run_id"]).data.metrics["sampling_cost"] for t in trained} == {2.0, 5.0}
     plots = {a.path for a in client.list_artifacts(summary["parent_run_id"], "optuna")}
     assert {"optuna/history.png", "optuna/pareto_front.png"} <= plots
+
+
+class Messages(logging.Handler):
+    """The messages of the records a logger handles, each once (whether or not it propagates)."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_an_unconditional_sweep_drops_the_guidance_dimension(prefect_harness, tmp_path, monkeypatch):
+    """model.class_conditional is false: sample.guidance_scale is not searched, and one log line says why."""
+    from mlflow import MlflowClient
+
+    from flows.sweep import train_sweep
+
+    params = {"sample": {"steps": 5}, "sweep": {"study_name": "plain", "concurrency": 1, "space": {
+        "sample.steps": {"type": "categorical", "choices": [2]},
+        "sample.guidance_scale": {"type": "float", "low": 1.0, "high": 6.0}}}}
+    repo = make_toy_repo(tmp_path / "toy", params)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow' / 'mlflow.db'}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    flow_log, logged = logging.getLogger("prefect.flow_runs"), Messages()  # the flow's own log
+    flow_log.addHandler(logged)
+    try:
+        summary = train_sweep(n_trials=1, repo=str(repo))
+    finally:
+        flow_log.removeHandler(logged)
+    why = "classifier-free guidance needs a class-conditional model, and model.class_conditional is false"
+    assert summary["trials"] == {0: "COMPLETE"} and summary["dropped"] == {"sample.guidance_scale": why}
+    assert [m for m in logged.messages if "dropped" in m] == [f"sweep.space: sample.guidance_scale dropped: {why}"]
+    assert _study(repo, "plain").trials[0].params == {"sample.steps": 2}
+    parent = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(summary["parent_run_id"])
+    assert list(json.loads(parent.data.tags["sweep.space"])) == ["sample.steps"]
 
 
 @pytest.fixture(scope="session")
@@ -316,12 +377,12 @@ def swept(prefect_harness, tmp_path_factory):
         patch.undo()
 
 
-def _study(repo: Path):
+def _study(repo: Path, name: str = STUDY):
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
     storage = optuna.storages.JournalStorage(JournalFileBackend(str(repo / ".optuna" / "journal.log")))
-    return optuna.load_study(study_name=STUDY, storage=storage)
+    return optuna.load_study(study_name=name, storage=storage)
 
 
 def test_sweep_completes_despite_a_failed_trial(swept):
@@ -421,6 +482,50 @@ def test_promotion_follows_fid_under_one_protocol(swept):
     assert model.sampling["steps"] == 2
     samples = model(torch.randn(1, 1, 28, 28))
     assert samples.shape == (1, 1, 28, 28) and torch.isfinite(samples).all()
+
+
+def test_a_sweep_over_the_guidance_scale_of_a_class_conditional_model(prefect_harness, tmp_path_factory):
+    """train-sweep of the tiny config made class-conditional (labels dropped to the null class
+    with train.p_uncond): trials at guidance scales 1 and 3, the second restoring train from
+    DVC's run cache, each FID recorded with the scale that drew its images."""
+    import dvc.api
+    from mlflow import MlflowClient
+
+    from diffusion.packaged import PackagedDiffusion
+    from flows.sweep import train_sweep
+
+    scale = "sample.guidance_scale"
+    params = {**SWEEP_PARAMS, "model": {**SWEEP_PARAMS["model"], "class_conditional": True},
+              "train": {**SWEEP_PARAMS["train"], "p_uncond": 0.2},
+              "sweep": {**SWEEP_PARAMS["sweep"], "study_name": "guided",
+                        "space": {scale: {"type": "float", "low": 1.0, "high": 6.0}}}}
+    root = tmp_path_factory.mktemp("guided")
+    repo = make_sweep_repo(root / "repo", shared_cache(tmp_path_factory), params)
+    uri = f"sqlite:///{repo / 'mlflow' / 'mlflow.db'}"
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MLFLOW_TRACKING_URI", uri)
+    patch.delenv("MLFLOW_RUN_ID", raising=False)
+    try:
+        summary = train_sweep(n_trials=2, enqueue=[{scale: 1.0}, {scale: 3.0}], repo=str(repo))
+    finally:
+        patch.undo()
+
+    assert summary["trials"] == {0: "COMPLETE", 1: "COMPLETE"} and summary["dropped"] == {}
+    trials = _study(repo, "guided").trials
+    assert [t.params[scale] for t in trials] == [1.0, 3.0]
+    shown, client = experiments(repo), MlflowClient(uri)
+    runs = [client.get_run(t.user_attrs["mlflow_run_id"]) for t in trials]
+    for trial, run in zip(trials, runs):
+        metrics = shown[f"guided-{trial.number}"]
+        assert metrics["metrics/protocol.json"]["data"]["guidance_scale"] == trial.params[scale]
+        assert metrics["metrics/evaluate.json"]["data"]["fid"] == pytest.approx(trial.values[0], rel=1e-12)
+        assert run.data.tags["fid.protocol.guidance_scale"] == json.dumps(trial.params[scale])
+        assert run.data.metrics["fid"] == pytest.approx(trial.values[0])
+    assert trials[0].values != trials[1].values  # guidance drew other images
+    assert runs[1].data.tags["train.model_run_id"] == runs[0].info.run_id  # one training for both
+    model_file = root / "model.pt"
+    model_file.write_bytes(dvc.api.read("models/model.pt", repo=str(repo), rev="guided-0", mode="rb"))
+    assert PackagedDiffusion.load(model_file).model_spec["num_classes"] == 10  # MNIST's digits, and a null class
 
 
 def test_train_pipeline_runs_each_stage_as_a_task(prefect_harness, tmp_path_factory):

@@ -1,7 +1,8 @@
 """The README's commands as a newcomer types them: a fresh clone, a shell that never
 activated the venv (PATH=/usr/bin:/bin), tiny params.
 
-`make pipeline`, `.venv/bin/dvc exp run` (in the workspace and as a `--temp` copy), and
+`make pipeline`, `.venv/bin/diffusion generate` (from the model file and the registry),
+`.venv/bin/dvc exp run` (in the workspace and as a `--temp` copy), and
 the whole orchestration path: `make services`, `make deploy`, `make worker`, a
 `prefect deployment run` of the sweep, `.venv/bin/dvc exp show`, `.venv/bin/diffusion
 promote`, the Python snippet that loads `models:/diffusion@champion`, and `make ui`.
@@ -75,6 +76,17 @@ def test_make_pipeline_and_dvc_commands_work_without_an_activated_venv(tmp_path:
     for stage in ("validate", "prepare", "train", "train_classifier", "sample", "evaluate"):
         assert f"Running stage '{stage}'" in out.stdout
     assert json.loads((repo / "metrics/evaluate.json").read_text())["fid"] > 0
+
+    # The README's "Generating images": from the model file, and from the champion of the local store.
+    sh(repo, ".venv/bin/diffusion", "generate", "models/model.pt", "-n", "64", "--out", "generated", env=env)
+    assert len(list((repo / "generated").glob("image-*.png"))) == 64 and (repo / "generated/grid.png").is_file()
+    sh(repo, ".venv/bin/diffusion", "promote", env=env)
+    out = sh(repo, ".venv/bin/diffusion", "generate", "models:/diffusion@champion", "-n", "100", "--out", "generated/champion",
+             env=env)
+    assert f'"steps": {TINY_PARAMS["sample"]["steps"]}' in out.stdout  # the settings behind the champion's FID
+    assert len(list((repo / "generated/champion").glob("image-*.png"))) == 100
+    sh(repo, ".venv/bin/diffusion", "generate", "models/model.pt", "-n", "16", "--sampler", "ddpm", "--steps", "100",
+       "--seed", "1", "--batch-size", "8", env=env)
 
     # The README's `.venv/bin/dvc exp run -S ...`: in the workspace, and in a temporary copy.
     out = sh(repo, ".venv/bin/dvc", "exp", "run", "-S", "sample.steps=4", env=env)

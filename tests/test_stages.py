@@ -21,7 +21,8 @@ from diffusion.config import parse_params
 from diffusion.training.devices import BatchMemoryError
 from diffusion.packaged import PackagedDiffusion
 from diffusion.stages.paths import MODEL
-from diffusion.stages.sample import generate, image_grid
+from diffusion.images import image_grid
+from diffusion.stages.sample import generate
 from conftest import full_params
 
 PROCESS = {"schedule": "cosine", "timesteps": 50, "prediction": "eps", "variance": "fixed_small", "loss": "mse"}

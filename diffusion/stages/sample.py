@@ -27,27 +27,13 @@ from PIL import Image
 from diffusion import tracking
 from diffusion.config import Params
 from diffusion.files import atomic_write
+from diffusion.images import generate_images, image_grid, sampling_labels
 from diffusion.models.classifier import NoiseAwareClassifier, classifier_from_state
-from diffusion.packaged import DEFAULT_SAMPLER, PackagedDiffusion, to_uint8
+from diffusion.packaged import DEFAULT_SAMPLER, PackagedDiffusion
 from diffusion.stages.paths import CLASSIFIER, CLASSIFIER_DISABLED, GRID, MODEL, MODEL_RUN, SAMPLE_RUN, SAMPLES
 from diffusion.training.checkpoint import load_checkpoint
-from diffusion.training.devices import batch_memory, resolve_device
+from diffusion.training.devices import resolve_device
 from diffusion.errors import UserError
-
-
-class NonFiniteSamplesError(UserError, RuntimeError):
-    """Samples with NaN or inf; the message is one line saying how many, under which sample params."""
-
-
-def sampling_labels(given: list[int] | None, count: int, num_classes: int | None) -> torch.Tensor:
-    """``count`` labels: ``given`` cycled, else 0, 1, ..., num_classes - 1 cycled (balanced);
-    zeros for an unconditional model. A label outside the model's classes is one line naming ``sample.labels``."""
-    if not num_classes:
-        return torch.zeros(count, dtype=torch.long)
-    if given is not None and max(given) >= num_classes:
-        raise UserError(f"sample.labels: {max(given)} is not a class of this model; allowed 0..{num_classes - 1}")
-    cycle = torch.tensor(given, dtype=torch.long) if given is not None else torch.arange(num_classes)
-    return cycle[torch.arange(count) % len(cycle)]
 
 
 def load_classifier(packaged: PackagedDiffusion, device: torch.device) -> NoiseAwareClassifier:
@@ -82,67 +68,24 @@ def load_classifier(packaged: PackagedDiffusion, device: torch.device) -> NoiseA
 def generate(
     packaged: PackagedDiffusion, params: Params, device: torch.device, classifier: NoiseAwareClassifier | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``num_samples`` uint8 images in batches of ``sample.batch_size``. Image k is image k
-    of ``sample.seed`` (its own generator, :mod:`diffusion.sampling.noise`), so the images do
-    not depend on the batch size.
+    """``sample.num_samples`` uint8 images and their labels, drawn with the ``sample`` params
+    in batches of ``sample.batch_size`` (:func:`diffusion.images.generate_images`: image k is
+    image k of ``sample.seed``, whatever the batch size).
 
     Class-conditional models get ``sample.labels`` cycled over the images, or by default
-    labels cycling through the classes (balanced, and each grid row shows every class). :class:`NonFiniteSamplesError` if any image holds NaN or inf;
-    a batch too large for the device's memory is a one-line error naming ``sample.batch_size``.
-    A ``classifier`` guides at ``guidance.classifier_scale``, towards labels over its classes
+    labels cycling through the classes (balanced, and each grid row shows every class). A
+    ``classifier`` guides at ``guidance.classifier_scale``, towards labels over its classes
     when the model has none.
     """
     cfg = params.sample
     num_classes = packaged.model_spec.get("num_classes") or (classifier.num_classes if classifier is not None else None)
     labels = sampling_labels(cfg.labels, cfg.num_samples, num_classes)
-    batches, non_finite = [], 0
-    for start in range(0, cfg.num_samples, cfg.batch_size):
-        count = min(cfg.batch_size, cfg.num_samples - start)
-        batch_labels = labels[start : start + count].to(device) if num_classes else None
-        with batch_memory("sample.batch_size", cfg.batch_size, device):
-            x = packaged.sample(
-                count,
-                sampler=cfg.sampler,
-                steps=cfg.steps,
-                schedule=cfg.schedule,
-                eta=cfg.eta,
-                guidance_scale=cfg.guidance_scale,
-                guidance_interval=cfg.guidance_interval,
-                clip_denoised=cfg.clip_denoised,
-                threshold=cfg.threshold,
-                labels=batch_labels,
-                classifier=classifier,
-                classifier_scale=params.guidance.classifier_scale,
-                seed=cfg.seed,
-                first_index=start,
-                device=device,
-                progress=True,
-            )
-        non_finite += int((~torch.isfinite(x)).flatten(1).any(1).sum())
-        batches.append(to_uint8(x).cpu())
-    if non_finite:
-        raise NonFiniteSamplesError(
-            f"{non_finite} of {cfg.num_samples} images hold NaN or inf with sample.sampler {cfg.sampler!r} and "
-            f"sample.steps {cfg.steps} (the model or these settings diverge); nothing written"
-        )
-    return torch.cat(batches), labels
-
-
-def image_grid(images: torch.Tensor, columns: int, padding: int = 2) -> np.ndarray:
-    """uint8 ``[N, C, H, W]`` -> one uint8 image, ``[rows, cols]`` for C = 1, else ``[rows, cols, 3]``.
-
-    ``columns`` images a row with ``padding`` white pixels around each: the layout of
-    ``torchvision.utils.make_grid(images, nrow=columns, padding=padding, pad_value=1)``,
-    without importing torchvision (1.5 s, paid by every trial's sample stage).
-    """
-    n, c, h, w = images.shape
-    columns = min(columns, n)
-    rows = -(-n // columns)
-    grid = np.full((padding + rows * (h + padding), padding + columns * (w + padding), c), 255, dtype=np.uint8)
-    for i, image in enumerate(images.numpy()):
-        top, left = padding + (i // columns) * (h + padding), padding + (i % columns) * (w + padding)
-        grid[top : top + h, left : left + w] = image.transpose(1, 2, 0)
-    return grid[..., 0] if c == 1 else grid
+    sampling = {key: getattr(cfg, key) for key in DEFAULT_SAMPLER}
+    images = generate_images(
+        packaged, sampling, labels=labels, batch_size=cfg.batch_size, seed=cfg.seed, device=device,
+        name=lambda key: f"sample.{key}", classifier=classifier, classifier_scale=params.guidance.classifier_scale,
+    )
+    return images, labels
 
 
 def run(params: Params) -> None:

@@ -1,0 +1,180 @@
+"""``diffusion generate``: images from a trained model, as PNGs, a grid and an ``.npz``.
+
+The model is a file of :meth:`~diffusion.packaged.PackagedDiffusion.save`
+(``models/model.pt``), a run's model (``runs:/<run id>/model``, or the run id alone) or a
+registered model (``models:/diffusion@champion``), read by
+:func:`diffusion.registry.load_model` from ``--tracking-uri`` (default
+``MLFLOW_TRACKING_URI``, else the repository's ``mlflow/`` store). Every sampling option
+left out is the model's own :attr:`~diffusion.packaged.PackagedDiffusion.sampling`, so a
+registered model samples with the settings behind its recorded FID unless told
+otherwise. The images are drawn as the sample stage draws them
+(:func:`diffusion.images.generate_images`): image k from its own generator, seeded from
+(``--seed``, k), for ``--labels`` cycled, or by default balanced over the classes.
+
+Written into ``--out``, each file atomically: ``image-00000.png`` ... (one per image),
+``grid.png`` and ``samples.npz`` (uint8 ``images`` [N, C, H, W], ``labels``, the
+``sampling`` settings as JSON, the ``seed``), the sample stage's format. Image files of
+an earlier, larger run in the folder are removed.
+
+Bad arguments are one line, before anything is sampled: a value out of range, an unknown
+sampler or step schedule, a missing model file or URI, labels outside the model's classes,
+labels or guidance for an unconditional model, more steps than the model's timesteps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from diffusion.errors import UserError
+from diffusion.sampling.steps import STEP_SCHEDULES
+from diffusion.sampling.table import SAMPLERS
+
+RUN_ID = re.compile(r"[0-9a-f]{32}")  # an MLflow run id: its model is runs:/<id>/model
+IMAGE_NAME = re.compile(r"image-\d{5,}\.png")
+
+
+class GenerateError(UserError, ValueError):
+    """An argument that cannot be run; the message is one line naming the option."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are a :class:`GenerateError`: one line, as every other bad argument is."""
+
+    def error(self, message: str) -> NoReturn:
+        raise GenerateError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="diffusion generate", description="Sample images from a trained model into PNGs, a grid and an .npz.")
+    parser.add_argument("model", help="models/model.pt, a run id, runs:/<run id>/model or models:/<name>@<alias>")
+    parser.add_argument("-n", "--num-images", type=int, default=16, help="how many images (default: 16)")
+    parser.add_argument("--labels", type=int, nargs="+", help="class labels, cycled over the images (default: balanced)")
+    unset = "(default: the model's)"
+    parser.add_argument("--sampler", choices=list(SAMPLERS), help=f"sampler {unset}")
+    parser.add_argument("--steps", type=int, help=f"sampler steps {unset}")
+    parser.add_argument("--schedule", choices=list(STEP_SCHEDULES), help=f"where the steps go {unset}")
+    parser.add_argument("--eta", type=float, help=f"DDIM's eta {unset}")
+    parser.add_argument("--guidance-scale", type=float, help=f"classifier-free guidance, 1 = off {unset}")
+    parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                        help=f"guide only for model timesteps LO <= t <= HI {unset}")
+    parser.add_argument("--seed", type=int, default=0, help="image k is drawn from (seed, k) (default: 0)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: auto)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images a pass; changes no image (default: 64)")
+    parser.add_argument("--out", default="generated", help="output folder (default: generated)")
+    parser.add_argument("--tracking-uri", help="MLflow store of runs:/ and models:/ (default: $MLFLOW_TRACKING_URI, else mlflow/)")
+    return parser
+
+
+def option(key: str) -> str:
+    """The option that sets sampling key ``key``: ``guidance_scale`` -> ``--guidance-scale``."""
+    return "--" + key.replace("_", "-")
+
+
+# Options that must be at least some value, checked before the model is read.
+AT_LEAST = {"num_images": 1, "batch_size": 1, "steps": 1, "seed": 0, "eta": 0.0, "guidance_scale": 0.0}
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """The checks that need no model: :class:`GenerateError` naming the first bad option."""
+    for key, low in AT_LEAST.items():
+        value = getattr(args, key)
+        if value is not None and not (math.isfinite(value) and value >= low):
+            raise GenerateError(f"{option(key)}: got {value}; allowed: {low} or more")
+    if args.labels is not None and min(args.labels) < 0:
+        raise GenerateError(f"--labels: got {min(args.labels)}; allowed: class indices >= 0")
+    if args.guidance_interval is not None and not 0 <= args.guidance_interval[0] <= args.guidance_interval[1]:
+        raise GenerateError(f"--guidance-interval: got {args.guidance_interval}; allowed: LO HI with 0 <= LO <= HI")
+
+
+def load(model: str, tracking_uri: str | None):
+    """The :class:`~diffusion.packaged.PackagedDiffusion` that ``model`` names: a file, a run id or a model URI."""
+    from diffusion import registry
+    from diffusion.packaged import PackagedDiffusion
+
+    if Path(model).is_file():
+        return PackagedDiffusion.load(model)
+    if RUN_ID.fullmatch(model):
+        model = f"runs:/{model}/model"
+    if not model.startswith(("models:/", "runs:/")):
+        raise GenerateError(f"model: {model}: no such file, and not a run id or a model URI ({registry.URI_FORMS})")
+    try:
+        return registry.load_model(model, tracking_uri=tracking_uri)
+    except registry.RegistryError as err:
+        raise GenerateError(f"model: {err}") from None
+
+
+def settings(packaged, args: argparse.Namespace) -> dict[str, Any]:
+    """The model's ``sampling`` with the options given on top; :class:`GenerateError` when they
+    do not fit the model (guidance or labels without classes, too many steps)."""
+    given = {key: getattr(args, key) for key in packaged.sampling if getattr(args, key, None) is not None}
+    sampling = {**packaged.sampling, **given}
+    timesteps = packaged.diffusion.num_timesteps
+    conditional = bool(packaged.model_spec.get("num_classes"))
+    if sampling["guidance_scale"] != 1 and not conditional:
+        raise GenerateError(
+            f"--guidance-scale: {sampling['guidance_scale']} guides a class-conditional model, and this one "
+            "is unconditional; allowed: 1 (no guidance)"
+        )
+    if args.labels is not None and not conditional:
+        raise GenerateError("--labels: this model is unconditional (it has no classes); leave --labels out")
+    if sampling["steps"] is not None and sampling["steps"] > timesteps:
+        raise GenerateError(f"--steps: {sampling['steps']} is more than the model's {timesteps} timesteps; allowed 1..{timesteps}")
+    interval = sampling["guidance_interval"]
+    if interval is not None and interval[1] > timesteps - 1:
+        raise GenerateError(f"--guidance-interval: got {list(interval)}; allowed 0 <= LO <= HI <= {timesteps - 1} (model timesteps)")
+    return sampling
+
+
+def write(out: Path, images, labels, sampling: dict[str, Any], seed: int) -> None:
+    """One PNG per image, the grid and ``samples.npz``, each atomically; earlier image files beyond this run's removed."""
+    import numpy as np
+    from PIL import Image
+
+    from diffusion.files import atomic_write
+    from diffusion.images import image_grid
+
+    names = set()
+    for index in range(len(images)):
+        names.add(name := f"image-{index:05d}.png")
+        with atomic_write(out / name) as fh:
+            Image.fromarray(image_grid(images[index : index + 1], columns=1, padding=0)).save(fh, format="png")
+    with atomic_write(out / "grid.png") as fh:
+        Image.fromarray(image_grid(images, columns=math.ceil(math.sqrt(len(images))))).save(fh, format="png")
+    with atomic_write(out / "samples.npz") as fh:
+        np.savez(fh, images=images.numpy(), labels=labels.numpy(), sampling=np.array(json.dumps(sampling)), seed=np.array(seed))
+    for stale in out.iterdir():
+        if IMAGE_NAME.fullmatch(stale.name) and stale.name not in names:
+            stale.unlink()
+
+
+def main(argv: list[str]) -> int:
+    """``diffusion generate``: sample ``--num-images`` images from a model into ``--out``."""
+    try:
+        args = _parser().parse_args(argv)
+    except GenerateError as err:
+        print(f"diffusion generate: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        check_arguments(args)
+        from diffusion.images import generate_images, sampling_labels
+        from diffusion.training.devices import resolve_device
+
+        device = resolve_device(args.device, key="--device")
+        packaged = load(args.model, args.tracking_uri).to(device)
+        sampling = settings(packaged, args)
+        labels = sampling_labels(args.labels, args.num_images, packaged.model_spec.get("num_classes"), key="--labels")
+        images = generate_images(
+            packaged, sampling, labels=labels, batch_size=args.batch_size, seed=args.seed, device=device, name=option
+        )
+        write(Path(args.out), images, labels, sampling, args.seed)
+    except UserError as err:
+        print(f"diffusion generate: error: {err}", file=sys.stderr)
+        return 1
+    print(f"diffusion generate: {len(images)} images ({json.dumps(sampling)}) in {args.out}/")
+    return 0
