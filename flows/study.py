@@ -94,5 +94,7 @@ def suggest(trial: Any, space: Mapping[str, SearchDim]) -> dict[str, Any]:
 # Each objective from the trial's metrics/evaluate.json and its validated params; all minimised.
 OBJECTIVES: dict[str, Callable[[Mapping[str, float], Params], float]] = {
     "fid": lambda metrics, params: float(metrics["fid"]),
-    "sampling_cost": lambda metrics, params: float(network_evaluations(params.sample.sampler, params.sample.steps)),
+    "sampling_cost": lambda metrics, params: float(
+        network_evaluations(params.sample.sampler, params.sample.steps, params.sample.guidance_scale)
+    ),
 }

@@ -96,6 +96,8 @@ def test_sampling_cost_is_network_evaluations_per_image():
     for name, spec in SAMPLERS.items():
         params = parse_params(full_params({"sample": {"sampler": name, "steps": 7}}))
         assert OBJECTIVES["sampling_cost"]({}, params) == spec.nfe(7) > 0
+    guided = parse_params(full_params({"model": {"class_conditional": True}, "sample": {"steps": 7, "guidance_scale": 3.0}}))
+    assert OBJECTIVES["sampling_cost"]({}, guided) == 14  # the conditional and unconditional pass
 
 
 def test_guidance_is_not_searched_for_an_unconditional_model():

@@ -34,6 +34,7 @@ from diffusion.sampling.denoiser import Denoised
 from diffusion.sampling.guidance import (
     ClassifierFreeGuidance, ClassifierGuidance, classifier_gradient, guidance,
 )
+from diffusion.sampling.table import network_evaluations
 from diffusion.sampling.steps import NoiseLevels, make_steps
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -176,6 +177,7 @@ def test_batched_cfg_calls_the_model_once_a_step_with_2b_rows():
         counted = Counting(mixture())
         ddim_sample(ClassifierFreeGuidance(counted, w, NULL), x, make_steps("linspace", LEVELS, 10), y=y)
         assert counted.calls == [(rows, labels)] * 10, w
+        assert sum(r for r, _ in counted.calls) / 5 == network_evaluations("ddim", 10, w)  # the sweep's sampling_cost
 
 
 def test_outside_the_interval_the_step_is_exactly_conditional():

@@ -34,8 +34,11 @@ SAMPLERS: dict[str, SamplerSpec] = {
 }
 
 
-def network_evaluations(sampler: str, steps: int) -> int:
-    """Network evaluations per image of ``sampler`` at ``steps`` steps (the NFE of the papers)."""
+def network_evaluations(sampler: str, steps: int, guidance_scale: float = 1.0) -> int:
+    """Network evaluations per image of ``sampler`` at ``steps`` steps (the NFE of the papers);
+    classifier-free guidance at a scale other than 0 and 1 runs the conditional and the
+    unconditional pass at each evaluation, so it counts twice (with a guidance interval,
+    an upper bound)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: got {sampler!r}; allowed: {', '.join(SAMPLERS)}")
-    return SAMPLERS[sampler].nfe(steps)
+    return SAMPLERS[sampler].nfe(steps) * (1 if guidance_scale in (0.0, 1.0) else 2)
