@@ -62,6 +62,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_unet.py
 	$(PY) benchmarks/bench_orchestration.py
 	$(PY) benchmarks/bench_run_cache.py
+	$(PY) benchmarks/bench_solvers.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
