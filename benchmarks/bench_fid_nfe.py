@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from diffusion.evaluation.metrics import fid_from_features, inception_features, load_reference
-from diffusion.images import sampling_labels, to_uint8
+from diffusion.images import generate_images, sampling_labels
 from diffusion.packaged import PackagedDiffusion
 from diffusion.sampling.table import SAMPLERS, network_evaluations
 
@@ -40,17 +40,14 @@ def steps_for(sampler: str, nfe: int) -> int:
 
 def measure(packaged: PackagedDiffusion, reference, *, count: int, batch: int, **sampling) -> tuple[float, float]:
     """(FID, seconds of sampling) of ``count`` images seeded 0, 1, ... with ``sampling``."""
-    num_classes = packaged.model_spec.get("num_classes")
-    labels = sampling_labels(None, count, num_classes)
-    start, images = time.perf_counter(), []
-    for first in range(0, count, batch):
-        n = min(batch, count - first)
-        x = packaged.sample(
-            n, seed=0, first_index=first, labels=labels[first : first + n] if num_classes else None, **sampling
-        )
-        images.append(to_uint8(x))
+    labels = sampling_labels(None, count, packaged.model_spec.get("num_classes"))
+    start = time.perf_counter()
+    images = generate_images(
+        packaged, {**packaged.sampling, **sampling}, labels=labels, batch_size=batch, seed=0,
+        device=torch.device("cpu"), name=lambda key: f"--{key}",
+    )
     seconds = time.perf_counter() - start
-    features = inception_features(torch.cat(images), device="cpu", batch_size=100)
+    features = inception_features(images, device="cpu", batch_size=100)
     return fid_from_features(features, reference["features"]), seconds
 
 

@@ -23,8 +23,8 @@ from diffusion.sampling import table as sampler_table
 from diffusion.process.gaussian import GaussianDiffusion
 from diffusion.sampling.noise import StackedRandomGenerator, image_seed
 from diffusion.sampling.ancestral import ddim_sample, ddpm_sample
-from diffusion.sampling.denoiser import ModelDenoiser
-from diffusion.sampling.sample import SAMPLERS, noise_levels, sample
+from diffusion.sampling.denoiser import ModelDenoiser, noise_levels
+from diffusion.sampling.sample import SAMPLERS, sample
 from diffusion.sampling.steps import make_steps
 from diffusion.process.schedules import cosine_betas, make_betas, space_timesteps
 

@@ -70,6 +70,18 @@ def _tables(levels: NoiseLevels, device: torch.device) -> tuple[torch.Tensor, ..
     return per_device[device]
 
 
+_LEVELS: weakref.WeakKeyDictionary[Any, NoiseLevels] = weakref.WeakKeyDictionary()
+
+
+def noise_levels(diffusion) -> NoiseLevels:
+    """The noise levels of the process ``diffusion`` (a
+    :class:`~diffusion.process.gaussian.GaussianDiffusion`) at its model timesteps, made once
+    per process (so their device tables are too)."""
+    if diffusion not in _LEVELS:
+        _LEVELS[diffusion] = NoiseLevels(diffusion.alphas_cumprod, diffusion.timestep_map.numpy())
+    return _LEVELS[diffusion]
+
+
 def alpha_bar_at(levels: NoiseLevels, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """ᾱ(t) of ``levels`` (:meth:`~diffusion.sampling.steps.NoiseLevels.alpha_bar`: exact on a
     timestep, log σ interpolated between), computed in float64 on t's device from tables made
@@ -121,9 +133,12 @@ class ModelDenoiser:
     @classmethod
     def for_process(cls, net, diffusion, model_kwargs: dict[str, Any] | None = None) -> ModelDenoiser:
         """The denoiser of ``net`` trained on the process ``diffusion`` (a
-        :class:`~diffusion.process.gaussian.GaussianDiffusion`, respaced or not)."""
-        levels = NoiseLevels(diffusion.alphas_cumprod, diffusion.timestep_map.numpy())
-        return cls(net, levels, prediction=diffusion.prediction, variance=diffusion.variance, model_kwargs=model_kwargs)
+        :class:`~diffusion.process.gaussian.GaussianDiffusion`, respaced or not), on its
+        :func:`noise_levels`."""
+        return cls(
+            net, noise_levels(diffusion), prediction=diffusion.prediction, variance=diffusion.variance,
+            model_kwargs=model_kwargs,
+        )
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> Denoised:
         kwargs = self.model_kwargs if y is None else {**self.model_kwargs, "y": y}

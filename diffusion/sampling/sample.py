@@ -15,7 +15,6 @@ sampler is one function in this package and one row of :data:`diffusion.sampling
 from __future__ import annotations
 
 import importlib
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,7 +27,7 @@ from diffusion.sampling import ancestral, dpm_solver, heun, unipc  # noqa: F401
 from diffusion.sampling import table as sampler_table
 from diffusion.sampling.denoiser import ClippedDenoiser, Denoiser, ModelDenoiser
 from diffusion.sampling.noise import NoiseSource, StackedRandomGenerator, randn
-from diffusion.sampling.steps import NoiseLevels, make_steps
+from diffusion.sampling.steps import make_steps
 
 
 def _resolve(path: str) -> Callable[..., torch.Tensor]:
@@ -40,17 +39,6 @@ def _resolve(path: str) -> Callable[..., torch.Tensor]:
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     name: _resolve(spec.function) for name, spec in sampler_table.SAMPLERS.items()
 }
-
-_LEVELS: weakref.WeakKeyDictionary[GaussianDiffusion, NoiseLevels] = weakref.WeakKeyDictionary()
-
-
-def noise_levels(diffusion: GaussianDiffusion) -> NoiseLevels:
-    """The noise levels of ``diffusion`` at its model timesteps, made once per process (so
-    their device tables are too)."""
-    if diffusion not in _LEVELS:
-        _LEVELS[diffusion] = NoiseLevels(diffusion.alphas_cumprod, diffusion.timestep_map.numpy())
-    return _LEVELS[diffusion]
-
 
 @torch.no_grad()
 def sample(
@@ -97,11 +85,8 @@ def sample(
         raise ValueError("seed: give a seed or a generator, not both")
     if first_index < 0:
         raise ValueError(f"first_index: got {first_index!r}; allowed: an int >= 0")
-    levels = noise_levels(diffusion)
-    walk_steps = make_steps(schedule, levels, diffusion.num_timesteps if steps is None else steps)
-    denoiser: Denoiser = ModelDenoiser(
-        model, levels, prediction=diffusion.prediction, variance=diffusion.variance, model_kwargs=model_kwargs
-    )
+    denoiser: Denoiser = ModelDenoiser.for_process(model, diffusion, model_kwargs)
+    walk_steps = make_steps(schedule, denoiser.levels, diffusion.num_timesteps if steps is None else steps)
     if guidance is not None:
         denoiser = guidance(denoiser)
     denoiser = ClippedDenoiser(denoiser, clip=clip_denoised, threshold=threshold)
