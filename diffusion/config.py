@@ -96,6 +96,7 @@ class TrainParams(_Section):
     val_every: int = Field(ge=1)
     val_images: int = Field(ge=0)
     p_uncond: float = Field(ge=0, lt=1)  # classifier-free guidance: labels dropped to the null class
+    min_snr_gamma: float | None = Field(gt=0)  # min-SNR-γ loss weighting (Hang et al. 2023); null: none
 
 
 class SampleParams(_Section):
@@ -107,6 +108,7 @@ class SampleParams(_Section):
     eta: float = Field(ge=0)
     guidance_scale: float = Field(ge=0)  # ε_u + w (ε_c - ε_u): 1 is no guidance (diffusion/sampling/guidance.py)
     guidance_interval: tuple[float, float] | None  # guide only for model timesteps lo <= t <= hi
+    precision: Literal["fp32", "bf16"]  # the network's, under autocast; part of the FID protocol
     labels: list[int] | None  # class labels of the images, cycled; None: balanced over the classes
     clip_denoised: bool
     threshold: float | None = Field(gt=0.5, le=1.0)

@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance-scale", type=float, help=f"classifier-free guidance, 1 = off {unset}")
     parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
                         help=f"guide only for model timesteps LO <= t <= HI {unset}")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], help=f"the network's, under autocast {unset}")
     parser.add_argument("--seed", type=int, default=0, help="image k is drawn from (seed, k) (default: 0)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: auto)")
     parser.add_argument("--batch-size", type=int, default=64, help="images a pass; changes no image (default: 64)")

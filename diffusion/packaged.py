@@ -37,6 +37,7 @@ DEFAULT_SAMPLER = {
     "threshold": None,
     "guidance_scale": 1.0,
     "guidance_interval": None,
+    "precision": "fp32",  # the network's: fp32 | bf16 (autocast)
 }
 
 
@@ -48,7 +49,7 @@ class PackagedDiffusion(nn.Module):
     params.yaml (schedule, timesteps, zero_terminal_snr, prediction, variance, loss).
     ``sampling``: what ``forward`` samples with, the keys of :data:`DEFAULT_SAMPLER`
     (sampler, steps, schedule, eta, clip_denoised, threshold, guidance_scale,
-    guidance_interval); those not given keep their default.
+    guidance_interval, precision); those not given keep their default.
     """
 
     def __init__(
@@ -102,6 +103,7 @@ class PackagedDiffusion(nn.Module):
         threshold: float | None = None,
         guidance_scale: float = 1.0,
         guidance_interval: tuple[float, float] | None = None,
+        precision: str = DEFAULT_SAMPLER["precision"],
         labels: torch.Tensor | None = None,
         classifier: Classifier | None = None,
         classifier_scale: float = 0.0,
@@ -144,6 +146,7 @@ class PackagedDiffusion(nn.Module):
                 device=device,
                 noise=noise,
                 progress=progress,
+                precision=precision,
             )
         finally:
             self.net.train(was_training)

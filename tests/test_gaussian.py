@@ -516,3 +516,29 @@ def test_loss_aware_state_round_trip_resumes_identically():
         LossAwareSampler(5).load_state_dict(state)
     with pytest.raises(ValueError, match="the uniform sampler has none"):
         UniformSampler(4).load_state_dict(state)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_min_snr_weighted_loss_is_the_clamped_snr_times_the_x0_error(prediction):
+    """Min-SNR-γ (Hang et al. 2023): whatever the parameterisation, the weighted L_simple of a
+    network whose output means the estimate x̂_0 is min(SNR_t, γ) |x̂_0 - x_0|² (per pixel),
+    and ``mse`` stays the unweighted target MSE: SNR_t, SNR_t + 1 or 1 times the x_0-MSE."""
+    gamma = 5.0
+    d = GaussianDiffusion(cosine_betas(1000), prediction=prediction)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.rand(6, 1, 4, 4, generator=gen, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    x0_hat = x0 + 0.1 * torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    t = torch.tensor([0, 50, 200, 400, 700, 999])  # SNR from ~1e4 down to ~2e-5: both sides of gamma
+    ab = torch.from_numpy(d.alphas_cumprod)[t].view(-1, 1, 1, 1)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    eps_hat = (x_t - ab.sqrt() * x0_hat) / (1 - ab).sqrt()
+    output = {"eps": eps_hat, "x0": x0_hat, "v": ab.sqrt() * eps_hat - (1 - ab).sqrt() * x0_hat}[prediction]
+
+    terms = d.training_losses(lambda x, s: output, x0, t, noise=noise, mse_weight=d.min_snr_weight(t, gamma))
+    snr = (ab / (1 - ab)).flatten()
+    x0_mse = ((x0_hat - x0) ** 2).mean(dim=(1, 2, 3))
+    assert torch.allclose(terms["loss"], snr.clamp(max=gamma) * x0_mse, rtol=1e-9, atol=0)
+    target_factor = {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[prediction]
+    assert torch.allclose(terms["mse"], target_factor * x0_mse, rtol=1e-9, atol=0)
+    assert (snr > gamma).any() and (snr < gamma).any()

@@ -31,7 +31,7 @@ SAMPLING = {**DEFAULT_SAMPLER, "sampler": "ddim", "steps": 3, "schedule": "trail
 MEASURED = protocol.describe(
     num_samples=48, reference_images=48, reference_sha256="ab" * 32, inception="clean-fid clean, inception-2015-12-05",
     sampler="ddim", steps=4, schedule="linspace", eta=0.0, clip_denoised=True, threshold=None, guidance_scale=3.0,
-    guidance_interval=[0.0, 40.0], classifier_scale=0.0, classifier_md5=None,
+    guidance_interval=[0.0, 40.0], precision="fp32", classifier_scale=0.0, classifier_md5=None,
 )
 
 

@@ -41,5 +41,26 @@ def test_a_file_without_sampling_loads_with_the_defaults(packaged, tmp_path):
 
 
 def test_an_unknown_sampling_key_fails_with_one_line():
-    with pytest.raises(ValueError, match=r"^sampling: unknown seed; allowed sampler, steps, schedule, eta, clip_denoised, threshold, guidance_scale, guidance_interval$"):
+    with pytest.raises(ValueError, match=r"^sampling: unknown seed; allowed sampler, steps, schedule, eta, clip_denoised, threshold, guidance_scale, guidance_interval, precision$"):
         PackagedDiffusion(SPEC, PROCESS, sampling={"seed": 1})
+
+
+def test_bf16_precision_runs_the_network_in_bf16_and_the_sampler_in_float32(packaged):
+    """``precision: bf16``: every convolution's output is bf16 (autocast), the images are
+    float32 and within bf16's rounding of the fp32 images, but not equal to them."""
+    for p in packaged.net.parameters():  # the U-Net zero-initialises its output layer
+        p.data.normal_(0, 0.2, generator=torch.Generator().manual_seed(3))
+    dtypes = set()
+    hooks = [m.register_forward_hook(lambda m, i, out: dtypes.add(out.dtype))
+             for m in packaged.net.modules() if isinstance(m, torch.nn.Conv2d)]
+    noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    fp32 = packaged.sample(4, noise=noise, **{**SAMPLING, "precision": "fp32"})
+    assert dtypes == {torch.float32}
+    dtypes.clear()
+    bf16 = packaged.sample(4, noise=noise, **{**SAMPLING, "precision": "bf16"})
+    assert dtypes == {torch.bfloat16}
+    for hook in hooks:
+        hook.remove()
+    assert bf16.dtype == torch.float32
+    error = (bf16 - fp32).abs().max().item()
+    assert 0 < error < 0.05 * fp32.abs().max().item()

@@ -13,7 +13,7 @@ from diffusion.packaged import DEFAULT_SAMPLER
 MEASURED = protocol.describe(
     num_samples=500, reference_images=500, reference_sha256="ab" * 32, inception="clean-fid clean, inception-2015-12-05",
     sampler="ddim", steps=25, schedule="linspace", eta=0, clip_denoised=True, threshold=None, guidance_scale=1.0,
-    guidance_interval=None, classifier_scale=0.0, classifier_md5=None,
+    guidance_interval=None, precision="fp32", classifier_scale=0.0, classifier_md5=None,
 )
 
 

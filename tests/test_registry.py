@@ -30,7 +30,7 @@ PROCESS = {"schedule": "cosine", "timesteps": 50, "prediction": "eps", "variance
 MEASURED = protocol.describe(
     num_samples=48, reference_images=48, reference_sha256="ab" * 32, inception="clean-fid clean, inception-2015-12-05",
     sampler="ddim", steps=5, schedule="linspace", eta=0.0, clip_denoised=True, threshold=None, guidance_scale=1.0,
-    guidance_interval=None, classifier_scale=0.0, classifier_md5=None,
+    guidance_interval=None, precision="fp32", classifier_scale=0.0, classifier_md5=None,
 )
 
 
@@ -308,7 +308,7 @@ def test_the_champion_of_a_real_pipeline_samples_with_its_fids_settings(tmp_path
         "num_samples": sample["num_samples"], "reference_images": TINY_PARAMS["data"]["reference_images"],
         "reference_sha256": manifest["sha256"]["reference"], "inception": "clean-fid clean, inception-2015-12-05",
         "sampler": "ddim", "steps": sample["steps"], "eta": 0.0, "clip_denoised": False, "threshold": None,
-        "schedule": "linspace", "guidance_scale": 1.0, "guidance_interval": None,
+        "schedule": "linspace", "guidance_scale": 1.0, "guidance_interval": None, "precision": "fp32",
         "classifier_scale": 0.0, "classifier_md5": None,  # no classifier guided
         "digest": recorded["digest"],
     }
@@ -323,12 +323,13 @@ def test_the_champion_of_a_real_pipeline_samples_with_its_fids_settings(tmp_path
         "sampler": params["sample.sampler"], "steps": int(params["sample.steps"]), "eta": float(params["sample.eta"]),
         "clip_denoised": params["sample.clip_denoised"] == "True", "threshold": None, "schedule": params["sample.schedule"],
         "guidance_scale": float(params["sample.guidance_scale"]), "guidance_interval": None,
+        "precision": params["sample.precision"],
     }
     assert params["sample.threshold"] == "None" and params["sample.guidance_interval"] == "None"
     assert model.sampling == expected  # the classifier's fields are the protocol's, not the model's
     assert expected == {
         "sampler": "ddim", "steps": sample["steps"], "eta": 0.0, "clip_denoised": False, "threshold": None,
-        "schedule": "linspace", "guidance_scale": 1.0, "guidance_interval": None,
+        "schedule": "linspace", "guidance_scale": 1.0, "guidance_interval": None, "precision": "fp32",
     }
     noise = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     assert torch.equal(model(noise), model.sample(2, noise=noise, **expected))

@@ -7,7 +7,7 @@ An FID measures the images as much as the model. It depends on
   holds) and the features (clean-fid's mode and the Inception weights,
   :data:`diffusion.evaluation.metrics.INCEPTION`);
 - the sampler that drew the images: sampler, steps, schedule, eta, clip_denoised, threshold, guidance
-  (the keys of :data:`diffusion.packaged.DEFAULT_SAMPLER`), so two FIDs compare
+  and the network's precision (the keys of :data:`diffusion.packaged.DEFAULT_SAMPLER`), so two FIDs compare
   models at the same sampling cost;
 - the classifier that guided it (:data:`CLASSIFIER`): ``classifier_scale`` (0.0: none) and
   ``classifier_md5``, DVC's hash of ``models/classifier.pt`` (null: none). They are fields
@@ -32,10 +32,12 @@ from collections.abc import Mapping
 from typing import Any
 
 MEASUREMENT = ("num_samples", "reference_images", "reference_sha256", "inception")
-SAMPLING = ("sampler", "steps", "schedule", "eta", "clip_denoised", "threshold", "guidance_scale", "guidance_interval")
+SAMPLING = (
+    "sampler", "steps", "schedule", "eta", "clip_denoised", "threshold", "guidance_scale", "guidance_interval", "precision",
+)
 CLASSIFIER = ("classifier_scale", "classifier_md5")
 FIELDS = MEASUREMENT + SAMPLING + CLASSIFIER
-TEXT_FIELDS = ("reference_sha256", "inception", "sampler", "schedule")  # tagged as they are, not as JSON
+TEXT_FIELDS = ("reference_sha256", "inception", "sampler", "schedule", "precision")  # tagged as they are, not as JSON
 TAG_PREFIX = "fid.protocol."
 DIGEST_TAG = f"{TAG_PREFIX}digest"
 
@@ -58,6 +60,7 @@ def describe(
     threshold: float | None,
     guidance_scale: float,
     guidance_interval: Any,
+    precision: str,
     classifier_scale: float,
     classifier_md5: str | None,
 ) -> dict[str, Any]:
@@ -76,6 +79,7 @@ def describe(
         "schedule": str(schedule),
         "guidance_scale": float(guidance_scale),
         "guidance_interval": None if guidance_interval is None else [float(v) for v in guidance_interval],
+        "precision": str(precision),
         "classifier_scale": float(classifier_scale),
         "classifier_md5": None if classifier_md5 is None else str(classifier_md5),
     }

@@ -313,6 +313,17 @@ class GaussianDiffusion:
         s = self.tables(t.device)
         return gather(s.sqrt_alphas_cumprod, t, x0) * noise - gather(s.sqrt_one_minus_alphas_cumprod, t, x0) * x0
 
+    def min_snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Min-SNR-γ weights [B] of L_simple (Hang et al. 2023, "Efficient Diffusion Training via
+        Min-SNR Weighting Strategy", §3.4): the x_0-MSE weighted by min(SNR_t, γ), SNR_t =
+        ᾱ_t / (1 - ᾱ_t), written on this process's regression target, whose MSE is SNR_t (ε),
+        SNR_t + 1 (v) or 1 (x_0) times the x_0-MSE: min(SNR, γ) / SNR, min(SNR, γ) / (SNR + 1)
+        and min(SNR, γ)."""
+        ab = self.tables(t.device).alphas_cumprod[t]
+        snr = ab / (1 - ab)
+        target_weight = {Prediction.EPS: snr, Prediction.V: snr + 1, Prediction.X0: torch.ones_like(snr)}
+        return snr.clamp(max=gamma) / target_weight[self.prediction]
+
     def x0_eps_from_output(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """(pred_x0, pred_eps) from the model's first C channels, per ``prediction``
         (:func:`x0_eps_from_prediction` at ᾱ_t)."""
@@ -397,9 +408,13 @@ class GaussianDiffusion:
         p = self.p_mean_variance(model, x_t, t, model_kwargs=model_kwargs, clip_denoised=clip_denoised)
         return {"output": self._vb_bpd(p, x0, x_t, t), "pred_x0": p["pred_x0"]}
 
-    def training_losses(self, model: Model, x0, t, *, model_kwargs=None, noise=None) -> dict[str, torch.Tensor]:
+    def training_losses(
+        self, model: Model, x0, t, *, model_kwargs=None, noise=None, mse_weight: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Per-example training terms [B]: ``mse`` (L_simple, DDPM eq. 14, on the target of
-        ``prediction``), ``vb`` (L_t in bits/dim, when the variance is learned) and ``loss``:
+        ``prediction``), ``vb`` (L_t in bits/dim, when the variance is learned) and ``loss``,
+        in which L_simple is multiplied by ``mse_weight`` [B] if given (:meth:`min_snr_weight`;
+        ``mse`` itself is reported unweighted):
 
         * mse: L_simple;
         * hybrid: L_simple + λ T L_t, λ = 1e-3, with the mean detached in L_t so the
@@ -415,11 +430,12 @@ class GaussianDiffusion:
         prediction, var_values = self._split_output(output, x_t)
         target = self._TARGETS[self.prediction](self, x0, t, noise)
         terms = {"mse": mean_flat((target - prediction) ** 2)}
+        weighted = terms if mse_weight is None else {"mse": terms["mse"] * mse_weight}
         if var_values is not None:
             mean_part = prediction.detach() if self.loss is Loss.HYBRID else prediction
             p = self._p_from_output(torch.cat([mean_part, var_values], dim=1), x_t, t)
-            terms["vb"] = self._vb_bpd(p, x0, x_t, t)
-        terms["loss"] = self._LOSSES[self.loss](self, terms)
+            terms["vb"] = weighted["vb"] = self._vb_bpd(p, x0, x_t, t)
+        terms["loss"] = self._LOSSES[self.loss](self, weighted)
         return terms
 
     def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 from diffusion.process.gaussian import dynamic_threshold, x0_eps_from_prediction
 from diffusion.process.options import Prediction, Variance, parse
 from diffusion.sampling.steps import NoiseLevels
+from diffusion.training.devices import autocast
 
 
 @dataclass(frozen=True)
@@ -119,30 +120,36 @@ class ModelDenoiser:
     """A network as a denoiser: ``net(x_t, t, y=y)`` (``y`` only when given, extra keyword
     arguments ``model_kwargs`` always) turned into x̂_0 and ε̂ per ``prediction``
     (:func:`~diffusion.process.gaussian.x0_eps_from_prediction`), the variance channels
-    split off for ``learned_range``."""
+    split off for ``learned_range``. With ``dtype`` bf16 the network runs under autocast
+    (its convolutions and matmuls in bf16) and its output is cast back to x_t's dtype, so the
+    sampler's arithmetic keeps its precision."""
 
     def __init__(
         self, net, levels: NoiseLevels, *, prediction: str | Prediction = "eps",
         variance: str | Variance = "fixed_small", model_kwargs: dict[str, Any] | None = None,
+        dtype: torch.dtype = torch.float32,
     ):
-        self.net, self.levels = net, levels
+        self.net, self.levels, self.dtype = net, levels, dtype
         self.prediction = parse(Prediction, getattr(prediction, "value", prediction), "prediction")
         self.variance = parse(Variance, getattr(variance, "value", variance), "variance")
         self.model_kwargs = dict(model_kwargs or {})
 
     @classmethod
-    def for_process(cls, net, diffusion, model_kwargs: dict[str, Any] | None = None) -> ModelDenoiser:
+    def for_process(
+        cls, net, diffusion, model_kwargs: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32
+    ) -> ModelDenoiser:
         """The denoiser of ``net`` trained on the process ``diffusion`` (a
         :class:`~diffusion.process.gaussian.GaussianDiffusion`, respaced or not), on its
         :func:`noise_levels`."""
         return cls(
             net, noise_levels(diffusion), prediction=diffusion.prediction, variance=diffusion.variance,
-            model_kwargs=model_kwargs,
+            model_kwargs=model_kwargs, dtype=dtype,
         )
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> Denoised:
         kwargs = self.model_kwargs if y is None else {**self.model_kwargs, "y": y}
-        output = self.net(x, t, **kwargs)
+        with autocast(x.device, self.dtype):
+            output = self.net(x, t, **kwargs).to(x.dtype)
         channels = x.shape[1]
         learned = self.variance is Variance.LEARNED_RANGE
         expected = (x.shape[0], 2 * channels if learned else channels, *x.shape[2:])

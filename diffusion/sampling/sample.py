@@ -28,6 +28,7 @@ from diffusion.sampling import table as sampler_table
 from diffusion.sampling.denoiser import ClippedDenoiser, Denoiser, ModelDenoiser
 from diffusion.sampling.noise import NoiseSource, StackedRandomGenerator, randn
 from diffusion.sampling.steps import make_steps
+from diffusion.training.devices import resolve_precision
 
 
 def _resolve(path: str) -> Callable[..., torch.Tensor]:
@@ -62,6 +63,7 @@ def sample(
     noise: torch.Tensor | None = None,
     progress: bool = False,
     return_intermediates: bool = False,
+    precision: str = "fp32",
     **options: Any,
 ):
     """Draw samples of ``shape`` from the network ``model`` trained on ``diffusion``, with the
@@ -76,8 +78,10 @@ def sample(
     its own generator on ``device`` (:class:`~diffusion.sampling.noise.StackedRandomGenerator`),
     so a run's images do not depend on how it is split into batches. Instead of a seed,
     ``generator`` may be such a stacked generator or one ``torch.Generator`` for the whole
-    batch. x_T is ``noise`` if given. Returns the samples, or ``(samples, [x̂_0 of each
-    network step])`` with ``return_intermediates``.
+    batch. x_T is ``noise`` if given. ``precision`` bf16 runs the
+    network under bf16 autocast (about 2x the images a second on a CPU with avx512_bf16; the
+    sampler's own arithmetic stays in float32). Returns the samples, or ``(samples, [x̂_0 of
+    each network step])`` with ``return_intermediates``.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: got {sampler!r}; allowed: {', '.join(SAMPLERS)}")
@@ -85,7 +89,8 @@ def sample(
         raise ValueError("seed: give a seed or a generator, not both")
     if first_index < 0:
         raise ValueError(f"first_index: got {first_index!r}; allowed: an int >= 0")
-    denoiser: Denoiser = ModelDenoiser.for_process(model, diffusion, model_kwargs)
+    dtype = resolve_precision(precision, torch.device(device))
+    denoiser: Denoiser = ModelDenoiser.for_process(model, diffusion, model_kwargs, dtype=dtype)
     walk_steps = make_steps(schedule, denoiser.levels, diffusion.num_timesteps if steps is None else steps)
     if guidance is not None:
         denoiser = guidance(denoiser)

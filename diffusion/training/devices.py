@@ -47,9 +47,12 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     return _PRECISIONS[name]
 
 
-def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
-    """Mixed precision for ``dtype`` on ``device``; a no-op for fp32."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed precision for ``dtype`` on ``device``; a no-op for fp32 (on any device, the meta
+    device included, where ``torch.autocast`` itself refuses to be built)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 _CPU_OUT_OF_MEMORY = ("can't allocate memory", "DefaultCPUAllocator")

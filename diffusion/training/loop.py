@@ -8,7 +8,8 @@ sampled timesteps and the hybrid loss):
    replaced by the null class with probability ``train.p_uncond``
    (classifier-free guidance training, Ho & Salimans 2022, Algorithm 1);
 2. draw timesteps t and importance weights w from the timestep sampler, and the
-   noise; the loss is ``mean(w * L_t)`` from ``diffusion.training_losses``;
+   noise; the loss is ``mean(w * L_t)`` from ``diffusion.training_losses``, its
+   L_simple weighted by min-SNR-γ when ``train.min_snr_gamma`` is set (Hang et al. 2023);
 3. AdamW (Loshchilov & Hutter 2019) with linear learning-rate warm-up
    (:func:`warmup_lr`), the gradient norm clipped to ``grad_clip`` (always
    measured), then an EMA update of the weights (:mod:`diffusion.training.ema`).
@@ -181,8 +182,10 @@ def _null_class(model: nn.Module, labels: torch.Tensor) -> int:
 # ---------------------------------------------------------------- the loop
 
 
-class _Trainer:
-    """The objects one training run updates, one step at a time, and their saved state."""
+class Trainer:
+    """The objects one training run updates, one step at a time, and their saved state:
+    :func:`train` steps it with checkpoints and logging around, benchmarks/bench_default.py
+    steps it alone, interleaved with a peer's steps."""
 
     def __init__(
         self,
@@ -227,9 +230,10 @@ class _Trainer:
         t, weights = t.to(device), weights.to(device)
 
         self.optimizer.zero_grad(set_to_none=True)
+        mse_weight = None if cfg.min_snr_gamma is None else self.diffusion.min_snr_weight(t, cfg.min_snr_gamma)
         with autocast(device, self.dtype):
             losses = self.diffusion.training_losses(
-                self.model, x0, t, model_kwargs=None if y is None else {"y": y}, noise=noise
+                self.model, x0, t, model_kwargs=None if y is None else {"y": y}, noise=noise, mse_weight=mse_weight
             )
         terms = {k: (losses[k].float() * weights).mean() for k in LOGGED_TERMS if k in losses}
         terms["loss"].backward()
@@ -316,7 +320,7 @@ def train(
     """
     _check_data(images, labels, class_conditional)
     checkpoint_dir = Path(checkpoint_dir)
-    run = _Trainer(model, diffusion, images, labels, cfg, class_conditional=class_conditional)
+    run = Trainer(model, diffusion, images, labels, cfg, class_conditional=class_conditional)
     rng_devices = [run.device.index] if run.device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(run.torch_seed)
