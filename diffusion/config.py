@@ -108,7 +108,7 @@ class SampleParams(_Section):
     eta: float = Field(ge=0)
     guidance_scale: float = Field(ge=0)  # ε_u + w (ε_c - ε_u): 1 is no guidance (diffusion/sampling/guidance.py)
     guidance_interval: tuple[float, float] | None  # guide only for model timesteps lo <= t <= hi
-    precision: Literal["fp32", "bf16"]  # the network's, under autocast; part of the FID protocol
+    precision: Literal["auto", "fp32", "bf16"]  # the network's (autocast); the protocol records what auto resolved to
     labels: list[int] | None  # class labels of the images, cycled; None: balanced over the classes
     clip_denoised: bool
     threshold: float | None = Field(gt=0.5, le=1.0)

@@ -50,7 +50,7 @@ def test_empty_or_partial_params_are_an_error_not_a_second_set_of_defaults(tmp_p
         ({"sample": {"eta": 1.5}}, "sample.eta: 1.5 is outside DDIM's range"),
         ({"sample": {"use_ema": False}}, "sample.use_ema: unknown key; allowed: num_samples"),
         ({"sample": {"sampler": "euler"}}, "sample.sampler: got 'euler'; input should be 'ddpm', 'ddim', 'dpm++2m', 'dpm++3m', 'unipc', 'unipc3' or 'heun'"),
-        ({"diffusion": {"zero_terminal_snr": True}}, "diffusion.prediction: 'eps' cannot recover x0"),
+        ({"diffusion": {"zero_terminal_snr": True, "prediction": "eps"}}, "diffusion.prediction: 'eps' cannot recover x0"),
         ({"diffusion": {"schedule": "linear", "timesteps": 10}, "sample": {"steps": 5}}, "diffusion.timesteps: the linear schedule"),
         ({"data": {"image_size": 30}}, "data.image_size: 30 is not divisible by 4"),
         ({"model": {"name": "unet-huge"}}, "model.name: got 'unet-huge'; allowed"),
@@ -160,9 +160,9 @@ def test_validate_stage_refuses_cuda_without_cuda(tmp_path):
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        ({"sample": {"guidance_scale": 3.0}}, "sample.guidance_scale: 3.0 guides a class-conditional model; set model.class_conditional"),
+        ({"model": {"class_conditional": False}, "sample": {"guidance_scale": 3.0}}, "sample.guidance_scale: 3.0 guides a class-conditional model; set model.class_conditional"),
         ({"sample": {"guidance_scale": -1.0}}, "sample.guidance_scale: Input should be greater than or equal to 0"),
-        ({"sample": {"labels": [1, 2]}}, "sample.labels: labels need model.class_conditional or guidance.classifier"),
+        ({"model": {"class_conditional": False}, "sample": {"guidance_scale": 1.0, "labels": [1, 2]}}, "sample.labels: labels need model.class_conditional or guidance.classifier"),
         ({"model": {"class_conditional": True}, "sample": {"labels": [-1]}}, "sample.labels: got [-1]; allowed: a non-empty list"),
         ({"model": {"class_conditional": True}, "sample": {"guidance_interval": [500, 1000]}},
          "sample.guidance_interval: got [500.0, 1000.0]; allowed: [lo, hi] with 0 <= lo <= hi <= 999"),

@@ -24,6 +24,7 @@ from diffusion import registry, tracking
 from diffusion.evaluation import protocol
 from diffusion.training.checkpoint import CheckpointError
 from diffusion.packaged import PackagedDiffusion
+from diffusion.training.devices import precision_name, resolve_precision
 
 SPEC = {"name": "unet-tiny", "in_channels": 1, "image_size": 8, "learn_sigma": False, "num_classes": None, "overrides": {}}
 PROCESS = {"schedule": "cosine", "timesteps": 50, "prediction": "eps", "variance": "fixed_small", "loss": "mse"}
@@ -308,7 +309,8 @@ def test_the_champion_of_a_real_pipeline_samples_with_its_fids_settings(tmp_path
         "num_samples": sample["num_samples"], "reference_images": TINY_PARAMS["data"]["reference_images"],
         "reference_sha256": manifest["sha256"]["reference"], "inception": "clean-fid clean, inception-2015-12-05",
         "sampler": "ddim", "steps": sample["steps"], "eta": 0.0, "clip_denoised": False, "threshold": None,
-        "schedule": "linspace", "guidance_scale": 1.0, "guidance_interval": None, "precision": "fp32",
+        "schedule": "linspace", "guidance_scale": 1.0, "guidance_interval": None,
+        "precision": precision_name(resolve_precision("auto", torch.device("cpu"))),  # what sample.precision auto ran
         "classifier_scale": 0.0, "classifier_md5": None,  # no classifier guided
         "digest": recorded["digest"],
     }
@@ -323,13 +325,13 @@ def test_the_champion_of_a_real_pipeline_samples_with_its_fids_settings(tmp_path
         "sampler": params["sample.sampler"], "steps": int(params["sample.steps"]), "eta": float(params["sample.eta"]),
         "clip_denoised": params["sample.clip_denoised"] == "True", "threshold": None, "schedule": params["sample.schedule"],
         "guidance_scale": float(params["sample.guidance_scale"]), "guidance_interval": None,
-        "precision": params["sample.precision"],
+        "precision": recorded["precision"],
     }
     assert params["sample.threshold"] == "None" and params["sample.guidance_interval"] == "None"
     assert model.sampling == expected  # the classifier's fields are the protocol's, not the model's
     assert expected == {
         "sampler": "ddim", "steps": sample["steps"], "eta": 0.0, "clip_denoised": False, "threshold": None,
-        "schedule": "linspace", "guidance_scale": 1.0, "guidance_interval": None, "precision": "fp32",
+        "schedule": "linspace", "guidance_scale": 1.0, "guidance_interval": None, "precision": recorded["precision"],
     }
     noise = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     assert torch.equal(model(noise), model.sample(2, noise=noise, **expected))

@@ -17,7 +17,7 @@ from diffusion.packaged import PackagedDiffusion
 from diffusion.process.gaussian import GaussianDiffusion
 from diffusion.models.table import create_model
 from diffusion.process.schedules import make_betas
-from diffusion.training.devices import resolve_device, resolve_precision
+from diffusion.training.devices import native_bf16, precision_name, resolve_device, resolve_precision
 from diffusion.training.reference_loss import reference_loss
 from diffusion.training.loop import NonFiniteLossError, draw_batch, heldout_bpd, seeded_init, to_model_range, train, warmup_lr
 
@@ -79,7 +79,11 @@ def test_warmup_lr():
 def test_resolve_device_and_precision():
     cpu = torch.device("cpu")
     assert resolve_device("cpu") == cpu
-    assert resolve_precision("auto", cpu) == torch.float32
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    native = bool(flags & {"avx512_bf16", "amx_tile"}) if flags else native_bf16(cpu)  # Linux: the kernel's word
+    assert native_bf16(cpu) == native
+    assert resolve_precision("auto", cpu) == (torch.bfloat16 if native else torch.float32)
+    assert precision_name(resolve_precision("auto", cpu)) == ("bf16" if native else "fp32")
     assert resolve_precision("bf16", cpu) == torch.bfloat16
     assert resolve_precision("fp32", cpu) == torch.float32
     with pytest.raises(ValueError, match="precision: got 'fp16'"):

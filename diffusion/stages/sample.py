@@ -32,7 +32,7 @@ from diffusion.models.classifier import NoiseAwareClassifier, classifier_from_st
 from diffusion.packaged import DEFAULT_SAMPLER, PackagedDiffusion
 from diffusion.stages.paths import CLASSIFIER, CLASSIFIER_DISABLED, GRID, MODEL, MODEL_RUN, SAMPLE_RUN, SAMPLES
 from diffusion.training.checkpoint import load_checkpoint
-from diffusion.training.devices import resolve_device
+from diffusion.training.devices import precision_name, resolve_device, resolve_precision
 from diffusion.errors import UserError
 
 
@@ -65,6 +65,14 @@ def load_classifier(packaged: PackagedDiffusion, device: torch.device) -> NoiseA
     return classifier.requires_grad_(False).to(device)
 
 
+def sampling_settings(params: Params, device: torch.device) -> dict:
+    """The ``sample`` params that draw the images (the keys of :data:`DEFAULT_SAMPLER`), with
+    ``precision: auto`` resolved for ``device``, so the FID protocol names what ran."""
+    sampling = {key: getattr(params.sample, key) for key in DEFAULT_SAMPLER}
+    sampling["precision"] = precision_name(resolve_precision(params.sample.precision, device))
+    return sampling
+
+
 def generate(
     packaged: PackagedDiffusion, params: Params, device: torch.device, classifier: NoiseAwareClassifier | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,9 +88,8 @@ def generate(
     cfg = params.sample
     num_classes = packaged.model_spec.get("num_classes") or (classifier.num_classes if classifier is not None else None)
     labels = sampling_labels(cfg.labels, cfg.num_samples, num_classes)
-    sampling = {key: getattr(cfg, key) for key in DEFAULT_SAMPLER}
     images = generate_images(
-        packaged, sampling, labels=labels, batch_size=cfg.batch_size, seed=cfg.seed, device=device,
+        packaged, sampling_settings(params, device), labels=labels, batch_size=cfg.batch_size, seed=cfg.seed, device=device,
         name=lambda key: f"sample.{key}", classifier=classifier, classifier_scale=params.guidance.classifier_scale,
     )
     return images, labels
@@ -101,7 +108,7 @@ def run(params: Params) -> None:
     ) as active:
         tracking.log_params(params.model_dump(include={"sample", "guidance", "evaluate"}))
         images, labels = generate(packaged, params, device, classifier)
-        sampling = {key: getattr(params.sample, key) for key in DEFAULT_SAMPLER}
+        sampling = sampling_settings(params, device)
         sampling["classifier_scale"] = params.guidance.classifier_scale if classifier is not None else 0.0
         sampling["classifier_md5"] = tracking.file_md5(CLASSIFIER) if classifier is not None else None
         with atomic_write(SAMPLES) as fh:

@@ -37,14 +37,26 @@ def resolve_device(name: str, *, key: str = "device") -> torch.device:
 _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bf16 natively: a CUDA device that supports it, or a CPU
+    with AVX-512 BF16 or AMX (elsewhere bf16 is converted in software, typically slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype: ``"auto"`` is bf16 on a CUDA device that supports it, else fp32."""
+    """The autocast dtype: ``"auto"`` is bf16 where :func:`native_bf16`, else fp32."""
     if name == "auto":
-        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16_ok else torch.float32
+        return torch.bfloat16 if native_bf16(device) else torch.float32
     if name not in _PRECISIONS:
         raise ValueError(f"precision: got {name!r}; allowed 'auto', {', '.join(map(repr, _PRECISIONS))}")
     return _PRECISIONS[name]
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """``"fp32"`` or ``"bf16"``: the name params.yaml gives ``dtype``."""
+    return next(name for name, value in _PRECISIONS.items() if value == dtype)
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
