@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -47,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
+from bench_unet import machine
 from digit_classifier import accuracy, digit_scores, train_classifier
 
 from diffusion.config import parse_params
@@ -55,6 +55,7 @@ from diffusion.data.sources import load_source
 from diffusion.evaluation.metrics import fid_from_features, inception_features, kid_from_features
 from diffusion.images import generate_images, image_grid, sampling_labels
 from diffusion.packaged import PackagedDiffusion
+from diffusion.stages.sample import sampling_settings
 from diffusion.stages.train import model_spec
 from diffusion.training.loop import Trainer, seeded_init
 from flows.commands import apply_overrides
@@ -142,12 +143,6 @@ def scores(images: torch.Tensor, reference: torch.Tensor, classifier) -> dict:
     }
 
 
-def machine() -> str:
-    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-             if line.startswith("model name")]
-    return f"{names[0] if names else platform.processor()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
@@ -180,7 +175,7 @@ def main() -> None:
         ours_s, peer_s = train_side_by_side(ours, params.train.steps, peer)
 
     final = PackagedDiffusion(spec, params.diffusion.model_dump(), net=ours.ema.model)
-    sampling = params.sample.model_dump(include=set(final.sampling))
+    sampling = sampling_settings(params, torch.device("cpu"))
     labels = sampling_labels(params.sample.labels, args.samples, spec["num_classes"])
     start = time.perf_counter()
     images = {"ours": generate_images(

@@ -70,6 +70,15 @@ def test_no_digest_is_no_protocol_and_a_partial_one_is_an_error():
         protocol.from_tags(partial)
 
 
+def test_tags_from_before_precision_existed_read_as_fp32():
+    """Every FID recorded before ``precision`` was a field sampled in fp32: such tags read back
+    as that protocol, and differ from a bf16 one in that field alone."""
+    old = {k: v for k, v in protocol.to_tags(MEASURED).items() if k != "fid.protocol.precision"}
+    assert protocol.from_tags(old) == MEASURED
+    bf16 = {**MEASURED, "precision": "bf16"}
+    assert protocol.differences(bf16, protocol.from_tags(old)) == ["precision bf16 (vs fp32)"]
+
+
 def test_importing_it_loads_neither_torch_nor_mlflow():
     code = "import sys, diffusion.evaluation.protocol; print(sorted(m for m in ('torch', 'mlflow') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -38,6 +38,9 @@ SAMPLING = (
 CLASSIFIER = ("classifier_scale", "classifier_md5")
 FIELDS = MEASUREMENT + SAMPLING + CLASSIFIER
 TEXT_FIELDS = ("reference_sha256", "inception", "sampler", "schedule", "precision")  # tagged as they are, not as JSON
+# Fields added after FIDs were first recorded, and the value every earlier FID had: a run or
+# model version tagged before ``precision`` existed sampled in fp32.
+ADDED_LATER = {"precision": "fp32"}
 TAG_PREFIX = "fid.protocol."
 DIGEST_TAG = f"{TAG_PREFIX}digest"
 
@@ -104,9 +107,11 @@ def to_tags(protocol: Mapping[str, Any]) -> dict[str, str]:
 
 def from_tags(tags: Mapping[str, str]) -> dict[str, Any] | None:
     """The protocol recorded in ``tags`` (a run's or a model version's); None when they
-    record none (no digest tag). :class:`ProtocolError` when a field is missing."""
+    record none (no digest tag). A field of :data:`ADDED_LATER` that older tags lack reads as
+    its value then; :class:`ProtocolError` when another field is missing."""
     if DIGEST_TAG not in tags:
         return None
+    tags = {**{f"{TAG_PREFIX}{field}": value for field, value in ADDED_LATER.items()}, **tags}
     missing = [field for field in FIELDS if f"{TAG_PREFIX}{field}" not in tags]
     if missing:
         raise ProtocolError(f"tags record an FID protocol without {', '.join(missing)}: run evaluate again")
