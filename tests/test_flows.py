@@ -94,7 +94,7 @@ def test_sampling_cost_is_network_evaluations_per_image():
     from flows.study import OBJECTIVES
 
     for name, spec in SAMPLERS.items():
-        params = parse_params(full_params({"sample": {"sampler": name, "steps": 7}}))
+        params = parse_params(full_params({"sample": {"sampler": name, "steps": 7, "guidance_scale": 1.0}}))
         assert OBJECTIVES["sampling_cost"]({}, params) == spec.nfe(7) > 0
     guided = parse_params(full_params({"model": {"class_conditional": True}, "sample": {"steps": 7, "guidance_scale": 3.0}}))
     assert OBJECTIVES["sampling_cost"]({}, guided) == 14  # the conditional and unconditional pass
@@ -105,7 +105,7 @@ def test_guidance_is_not_searched_for_an_unconditional_model():
     from diffusion.config import parse_params
     from flows.study import searched_space
 
-    unconditional = parse_params(full_params())
+    unconditional = parse_params(full_params({"model": {"class_conditional": False}, "sample": {"guidance_scale": 1.0}}))
     assert "sample.guidance_scale" in unconditional.sweep.space and not unconditional.model.class_conditional
     space, dropped = searched_space(unconditional)
     assert dropped == {"sample.guidance_scale": "classifier-free guidance needs a class-conditional model, "
@@ -278,7 +278,7 @@ def test_concurrent_two_objective_sweep(device, prefect_harness, tmp_path, monke
 
     assert summary["trials"] == {0: "COMPLETE", 1: "COMPLETE"}
     front = sorted(tuple(best["values"].values()) for best in summary["best"])
-    assert front == [(20.0, 5.0), (50.0, 2.0)]  # neither dominates: both on the Pareto front
+    assert front == [(20.0, 10.0), (50.0, 4.0)]  # neither dominates: both on the Pareto front (2 passes a guided step)
     assert {"toy-0", "toy-1"} <= experiment_names(repo)
 
     import dvc.api
@@ -292,7 +292,8 @@ def test_concurrent_two_objective_sweep(device, prefect_harness, tmp_path, monke
         assert [(t["gpu"], t["threads"]) for t in trained] == [(None, [share, share])] * 2
     assert trained[0]["start"] < trained[1]["end"] and trained[1]["start"] < trained[0]["end"]  # at once
     client = MlflowClient(uri)
-    assert {client.get_run(t["run_id"]).data.metrics["sampling_cost"] for t in trained} == {2.0, 5.0}
+    # the default's guidance (w = 2) costs two passes a step
+    assert {client.get_run(t["run_id"]).data.metrics["sampling_cost"] for t in trained} == {4.0, 10.0}
     plots = {a.path for a in client.list_artifacts(summary["parent_run_id"], "optuna")}
     assert {"optuna/history.png", "optuna/pareto_front.png"} <= plots
 
@@ -314,7 +315,8 @@ def test_an_unconditional_sweep_drops_the_guidance_dimension(prefect_harness, tm
 
     from flows.sweep import train_sweep
 
-    params = {"sample": {"steps": 5}, "sweep": {"study_name": "plain", "concurrency": 1, "space": {
+    params = {"model": {"class_conditional": False}, "sample": {"steps": 5, "guidance_scale": 1.0},
+              "sweep": {"study_name": "plain", "concurrency": 1, "space": {
         "sample.steps": {"type": "categorical", "choices": [2]},
         "sample.guidance_scale": {"type": "float", "low": 1.0, "high": 6.0}}}}
     repo = make_toy_repo(tmp_path / "toy", params)

@@ -308,8 +308,8 @@ def test_the_champion_of_a_real_pipeline_samples_with_its_fids_settings(tmp_path
     assert recorded == {
         "num_samples": sample["num_samples"], "reference_images": TINY_PARAMS["data"]["reference_images"],
         "reference_sha256": manifest["sha256"]["reference"], "inception": "clean-fid clean, inception-2015-12-05",
-        "sampler": "ddim", "steps": sample["steps"], "eta": 0.0, "clip_denoised": False, "threshold": None,
-        "schedule": "linspace", "guidance_scale": 1.0, "guidance_interval": None,
+        "sampler": "ddpm", "steps": sample["steps"], "eta": 0.0, "clip_denoised": False, "threshold": None,
+        "schedule": "linspace", "guidance_scale": 2.0, "guidance_interval": None,  # the default's
         "precision": precision_name(resolve_precision("auto", torch.device("cpu"))),  # what sample.precision auto ran
         "classifier_scale": 0.0, "classifier_md5": None,  # no classifier guided
         "digest": recorded["digest"],
@@ -330,9 +330,16 @@ def test_the_champion_of_a_real_pipeline_samples_with_its_fids_settings(tmp_path
     assert params["sample.threshold"] == "None" and params["sample.guidance_interval"] == "None"
     assert model.sampling == expected  # the classifier's fields are the protocol's, not the model's
     assert expected == {
-        "sampler": "ddim", "steps": sample["steps"], "eta": 0.0, "clip_denoised": False, "threshold": None,
-        "schedule": "linspace", "guidance_scale": 1.0, "guidance_interval": None, "precision": recorded["precision"],
+        "sampler": "ddpm", "steps": sample["steps"], "eta": 0.0, "clip_denoised": False, "threshold": None,
+        "schedule": "linspace", "guidance_scale": 2.0, "guidance_interval": None, "precision": recorded["precision"],
     }
     noise = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(model(noise), model.sample(2, noise=noise, **expected))
-    assert not torch.equal(model(noise), model.sample(2, noise=noise))  # sample()'s defaults draw other images
+    labels = torch.tensor([0, 1])  # forward's balanced labels for two images
+
+    def seeded(draw):  # ddpm draws fresh noise each step: the same global seed for both calls
+        torch.manual_seed(1)
+        return draw()
+
+    images = seeded(lambda: model(noise))
+    assert torch.equal(images, seeded(lambda: model.sample(2, noise=noise, labels=labels, **expected)))
+    assert not torch.equal(images, seeded(lambda: model.sample(2, noise=noise, labels=labels)))  # sample()'s defaults draw other images

@@ -119,8 +119,9 @@ def test_sample_batch_too_large_for_memory_is_one_line() -> None:
     at the first network call."""
     quarter = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 16 * 4  # bytes, whole floats
     packaged = PackagedDiffusion(_spec(None), PROCESS, net=WideLayer(tiny_unet(), quarter))
-    sample = {"num_samples": 16, "batch_size": 16, "sampler": "ddim", "steps": 2}
-    params = parse_params(full_params({"model": {"name": "unet-tiny"}, "data": {"image_size": 8}, "sample": sample}))
+    sample = {"num_samples": 16, "batch_size": 16, "sampler": "ddim", "steps": 2, "guidance_scale": 1.0}
+    params = parse_params(full_params({"model": {"name": "unet-tiny", "class_conditional": False}, "data": {"image_size": 8},
+                                       "sample": sample}))
     with pytest.raises(BatchMemoryError) as err:
         generate(packaged, params, torch.device("cpu"))
     assert str(err.value) == (

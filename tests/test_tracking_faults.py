@@ -216,8 +216,8 @@ def tiny_sample_dir(folder: Path, monkeypatch, **sample) -> tuple[str, dict]:
     process = {"schedule": "cosine", "timesteps": 1000, "prediction": "eps", "variance": "fixed_small", "loss": "mse"}
     spec = {"name": "unet-tiny", "in_channels": 1, "image_size": 8, "learn_sigma": False, "num_classes": None}
     PackagedDiffusion(spec, process, net=tiny_unet()).save("models/model.pt")
-    params = {"model": {"name": "unet-tiny"}, "data": {"image_size": 8}, "diffusion": {"timesteps": 1000},
-              "sample": {"sampler": "ddpm", "device": "cpu", **sample}}
+    params = {"model": {"name": "unet-tiny", "class_conditional": False}, "data": {"image_size": 8},
+              "diffusion": {"timesteps": 1000}, "sample": {"sampler": "ddpm", "device": "cpu", "guidance_scale": 1.0, **sample}}
     set_params(folder, params)
     return uri, params
 
