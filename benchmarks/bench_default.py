@@ -53,11 +53,11 @@ from diffusion.config import parse_params
 from diffusion.data.dataset import split
 from diffusion.data.sources import load_source
 from diffusion.evaluation.metrics import fid_from_features, inception_features, kid_from_features
-from diffusion.images import generate_images, image_grid, sampling_labels
+from diffusion.images import generate_images, image_grid, sampling_labels, to_uint8
 from diffusion.packaged import PackagedDiffusion
 from diffusion.stages.sample import sampling_settings
 from diffusion.stages.train import model_spec
-from diffusion.training.loop import Trainer, seeded_init
+from diffusion.training.loop import Trainer, seeded_init, to_model_range
 from flows.commands import apply_overrides
 
 RESULTS = Path(__file__).parent / "results"
@@ -86,7 +86,7 @@ class Peer:
     def step(self) -> None:
         self.steps += 1
         index = torch.randint(len(self.images), (64,), generator=self.generator)
-        x0 = self.images[index].float() / 127.5 - 1
+        x0 = to_model_range(self.images[index])
         noise = torch.randn(x0.shape, generator=self.generator)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(x0),), generator=self.generator)
         loss = F.mse_loss(self.unet(self.scheduler.add_noise(x0, noise, t), t).sample, noise)
@@ -113,7 +113,7 @@ class Peer:
             x = torch.randn((min(batch_size, count - start), *shape), generator=generator)
             for t in ddim.timesteps:
                 x = ddim.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
-            batches.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+            batches.append(to_uint8(x))
         return torch.cat(batches)
 
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusion.training.loop import to_model_range
+
 CONFIDENT = 0.9  # max softmax probability of a clear digit
 
 
@@ -31,10 +33,6 @@ class DigitClassifier(nn.Module):
         return self.out(F.dropout(F.relu(self.hidden(x.flatten(1))), 0.3, self.training))
 
 
-def _scaled(images: torch.Tensor) -> torch.Tensor:
-    return images.float() / 127.5 - 1
-
-
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, steps: int = 1500, seed: int = 0) -> DigitClassifier:
     """A :class:`DigitClassifier` trained on uint8 ``[N, 1, 28, 28]`` images (AdamW, one-cycle lr
     2e-3, batches of 128, each batch rolled by up to two pixels each way); about a minute on 2 cores."""
@@ -44,7 +42,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, steps: int =
         net = DigitClassifier()
         optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 2e-3, total_steps=steps)
-        x = _scaled(images)
+        x = to_model_range(images)
         for _ in range(steps):
             batch = torch.randint(len(x), (128,), generator=generator)
             shift = torch.randint(-2, 3, (2,), generator=generator).tolist()
@@ -58,7 +56,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, steps: int =
 
 @torch.no_grad()
 def accuracy(net: DigitClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
-    return (net(_scaled(images)).argmax(1) == labels).float().mean().item()
+    return (net(to_model_range(images)).argmax(1) == labels).float().mean().item()
 
 
 @torch.no_grad()
@@ -66,7 +64,7 @@ def digit_scores(net: DigitClassifier, images: torch.Tensor) -> dict:
     """``clear``: the share of images classified with probability >= :data:`CONFIDENT`;
     ``classes``: how many clear images of each digit; ``balance``: the smallest of those
     counts over the mean (1: all ten equally often, 0: a digit missing)."""
-    confidence, digit = F.softmax(net(_scaled(images)), 1).max(1)
+    confidence, digit = F.softmax(net(to_model_range(images)), 1).max(1)
     clear = confidence >= CONFIDENT
     counts = torch.bincount(digit[clear], minlength=10)
     mean = counts.float().mean().item()
