@@ -26,7 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from diffusion.errors import UserError
-from diffusion.models.configs import CLASSIFIER_CONFIGS, UNET_CONFIGS, check_unet, resolved_unet
+from diffusion.models.configs import CLASSIFIER_CONFIGS, FAMILY_OF, check_model, check_unet, family
 from diffusion.process.options import Loss, Prediction, Variance, check_combination, names
 from diffusion.sampling.steps import STEP_SCHEDULES
 from diffusion.sampling.table import SAMPLERS
@@ -190,6 +190,7 @@ class Params(_Section):
         for path in self.sweep.space:
             _check_param_path(path)
         _check_model(self.model, self.data.image_size)
+        _check_swept_model(self.sweep.space)
         d = self.diffusion
         check_combination(
             d.prediction, d.variance, d.loss, zero_terminal_snr=d.zero_terminal_snr, prefix="diffusion."
@@ -258,9 +259,25 @@ def _check_classifier(params: Params) -> None:
 def _check_model(model: ModelParams, image_size: int) -> None:
     """The named network exists, its overrides are constructor arguments of the right
     type and range, and its shape fits ``data.image_size``."""
-    if model.name not in UNET_CONFIGS:
-        raise ValueError(f"model.name: got '{model.name}'; allowed {', '.join(UNET_CONFIGS)}")
-    check_unet(image_size, **resolved_unet(model.name, model.overrides))
+    check_model(model.name, image_size, model.overrides)
+
+
+def _check_swept_model(space: dict[str, SearchDim]) -> None:
+    """Where the sweep searches ``model.name``, every choice is a network that takes every
+    ``model.overrides.<key>`` the sweep searches. (With one network, the sweep drops the
+    dimensions it does not take: :func:`flows.study.searched_space`.)"""
+    if "model.name" not in space:
+        return
+    for name in space["model.name"].choices or []:
+        if name not in FAMILY_OF:
+            raise ValueError(f"sweep.space.model.name: unknown choice '{name}'; allowed: {', '.join(FAMILY_OF)}")
+        for path in space:
+            key = path.removeprefix("model.overrides.")
+            if key != path and key not in family(name).overridable:
+                raise ValueError(
+                    f"sweep.space: '{path}' is not an argument of {name} (a {FAMILY_OF[name]}), a choice of "
+                    f"model.name; allowed: {', '.join(family(name).overridable)}"
+                )
 
 
 def _check_param_path(path: str) -> None:

@@ -5,7 +5,7 @@
   Opening a study of an existing name continues it.
 - **Search space**: one ``suggest_*`` per dimension of ``sweep.space``, less the
   dimensions that mean nothing for the config (:func:`searched_space`: guidance for an
-  unconditional model).
+  unconditional model, U-Net arguments for a transformer).
 - **Objectives**: ``fid`` (``metrics/evaluate.json``); ``sampling_cost``, the sampler's
   network evaluations per image (:func:`diffusion.sampling.table.network_evaluations`).
 """
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusion.config import Params, SearchDim, SweepParams
+from diffusion.models.configs import FAMILY_OF, family
 from diffusion.sampling.table import network_evaluations
 from flows.pruning import make_pruner
 
@@ -83,6 +84,12 @@ def searched_space(params: Params) -> tuple[dict[str, SearchDim], dict[str, str]
         if key in space and through not in space and not acts(params):
             dropped[key] = why
             del space[key]
+    if "model.name" not in space:  # else every choice takes them (diffusion.config checks)
+        name, takes = params.model.name, family(params.model.name).overridable
+        for key in [k for k in space if k.startswith("model.overrides.")]:
+            if key.removeprefix("model.overrides.") not in takes:
+                dropped[key] = f"{name} (a {FAMILY_OF[name]}) has no such argument; it takes {', '.join(takes)}"
+                del space[key]
     return space, dropped
 
 

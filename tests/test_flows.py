@@ -118,6 +118,25 @@ def test_guidance_is_not_searched_for_an_unconditional_model():
     assert set(searched_space(parse_params(full_params({"sweep": {"space": either}})))[0]) == set(either)
 
 
+def test_unet_arguments_are_not_searched_for_a_transformer():
+    """The committed space searches model.overrides.num_res_blocks, a U-Net argument: a DiT drops
+    it (one reason), a sweep over model.name keeps it only where every choice takes it."""
+    from diffusion.config import ConfigError, parse_params
+    from flows.study import searched_space
+
+    dit = parse_params(full_params({"model": {"name": "dit-cpu"}}))
+    space, dropped = searched_space(dit)
+    assert dropped == {"model.overrides.num_res_blocks": "dit-cpu (a dit) has no such argument; it takes "
+                                                         "depth, hidden_size, patch_size, num_heads, mlp_ratio"}
+    assert set(space) == set(dit.sweep.space) - {"model.overrides.num_res_blocks"}
+    both = {"model.name": {"type": "categorical", "choices": ["dit-cpu", "latent-diffit-cpu"]},
+            "model.overrides.depth": {"type": "int", "low": 2, "high": 6}}
+    assert searched_space(parse_params(full_params({"sweep": {"space": both}})))[1] == {}
+    with pytest.raises(ConfigError, match="'model.overrides.depth' is not an argument of unet-small"):
+        both["model.name"]["choices"].append("unet-small")
+        parse_params(full_params({"sweep": {"space": both}}))
+
+
 def log_points(client, run_id: str, key: str, points: dict[int, float]) -> None:
     for step, value in points.items():
         client.log_metric(run_id, key, value, step=step)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from tiny_unet import perturb
 
-from diffusion.models.table import MODELS, OVERRIDABLE, UNet, create_model
+from diffusion.models.configs import UNET_CONFIGS, UNET_OVERRIDABLE
+from diffusion.models.table import UNet, create_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -166,18 +167,18 @@ def test_attention_at_a_missing_resolution_is_an_error():
 def test_unknown_name_and_override_are_errors():
     with pytest.raises(ValueError, match="unknown 'unet-huge'; allowed: unet-tiny, unet-small, ddpm-cifar10"):
         create_model("unet-huge", in_channels=1, image_size=28)
-    with pytest.raises(ValueError, match="unknown key 'depth'; allowed: base_channels, channel_mult"):
+    with pytest.raises(ValueError, match=r"unknown key 'depth' for unet-small \(a unet\); allowed: base_channels, channel_mult"):
         create_model("unet-small", in_channels=1, image_size=28, depth=3)
 
 
 def test_overridable_keys_are_the_constructor_arguments():
     """diffusion/models/configs.py lists them without importing torch; they must match UNet."""
     given = {"in_channels", "out_channels", "image_size", "num_classes"}  # from the data and the process
-    assert set(OVERRIDABLE) == set(inspect.signature(UNet).parameters) - given
+    assert set(UNET_OVERRIDABLE) == set(inspect.signature(UNet).parameters) - given
 
 
 def test_every_config_builds_and_overrides_apply():
-    for name in MODELS:
+    for name in UNET_CONFIGS:
         assert isinstance(create_model(name, in_channels=3, image_size=32), UNet)
     model = create_model("unet-small", in_channels=1, image_size=28, num_res_blocks=2, channel_mult=[1, 2])
     assert model.config["num_res_blocks"] == 2 and model.config["channel_mult"] == (1, 2)

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusion.models.configs import CLASSIFIER_CONFIGS, check_unet
-from diffusion.models.unet import Blocks, encoder, group_norm, initialize_weights, time_embed_mlp, timestep_embedding
+from diffusion.models.layers import TimestepEmbedding, group_norm
+from diffusion.models.unet import Blocks, encoder, initialize_weights
 
 # ---------------------------------------------------------------- attention pooling
 
@@ -94,14 +95,13 @@ class NoiseAwareClassifier(nn.Module):
             num_heads=num_heads, head_channels=head_channels, dropout=dropout, resblock_updown=resblock_updown,
             use_scale_shift_norm=use_scale_shift_norm, rescale_skip=rescale_skip,
         )
-        self.base_channels = base_channels
         self.num_classes = num_classes
         emb_channels = 4 * base_channels
         blocks = Blocks(
             emb_channels, dropout=dropout, use_scale_shift_norm=use_scale_shift_norm, rescale_skip=rescale_skip,
             resblock_updown=resblock_updown, num_heads=num_heads, head_channels=head_channels,
         )
-        self.time_embed = time_embed_mlp(base_channels, emb_channels)
+        self.time_embed = TimestepEmbedding(base_channels, emb_channels)
         self.conv_in, self.down, self.middle, skip_channels = encoder(
             blocks, in_channels=in_channels, base_channels=base_channels, channel_mult=channel_mult,
             num_res_blocks=num_res_blocks, resolutions=resolutions, attention_resolutions=attention_resolutions,
@@ -113,7 +113,7 @@ class NoiseAwareClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t [B, C, H, W] and its model timesteps t [B] (integer or real) -> logits [B, num_classes]."""
-        emb = F.silu(self.time_embed(timestep_embedding(t, self.base_channels)))
+        emb = F.silu(self.time_embed(t))
         h = self.conv_in(x)
         for stage in self.down:
             h = stage(h, emb)

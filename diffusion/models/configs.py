@@ -1,14 +1,21 @@
 """Named network configs as plain data (no torch): ``model.name`` in params.yaml is a key.
 
-:mod:`diffusion.models.table` builds networks from these; :mod:`diffusion.config` reads them
-to reject an unknown name or override, or an image size the network cannot
-down-sample, before any work starts. ``attention_resolutions=None``: attention at
-the lowest resolution only (and in the middle block).
+Networks come in families (:data:`FAMILIES`): the U-Net, DiT, image-space DiffiT and latent
+DiffiT. Each family declares its named configs (one line each: the constructor's arguments,
+as DiT's ``DiT_models`` table), the constructor arguments params.yaml may override
+(``model.overrides``, each with the check of its type and range) and its shape rule on the
+image size. :mod:`diffusion.models.table` builds the networks from these; :mod:`diffusion.config`
+reads them to reject an unknown name or override, or an image size the network cannot take,
+before any work starts.
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+# ---------------------------------------------------------------- the U-Net (diffusion/models/unet.py)
+
+# ``attention_resolutions=None``: attention at the lowest resolution only (and in the middle block).
 UNET_CONFIGS: dict[str, dict] = {
     # Tests and smoke runs: ~50k parameters, any image size divisible by 2.
     "unet-tiny": dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=None),
@@ -82,10 +89,16 @@ def _flag(value: Any) -> bool:
     return value
 
 
-# UNet constructor arguments params.yaml may override (model.overrides), each with the
-# check of its type and range; the rest come from the data and the process.
-# tests/test_unet.py checks the names against the signature.
-OVERRIDABLE: dict[str, Callable[[Any], Any]] = {
+def _positive_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError("needs a number > 0")
+    return float(value)
+
+
+# Constructor arguments params.yaml may override (model.overrides), each with the check of
+# its type and range; the rest come from the data and the process. tests/test_models.py
+# checks the names against each family's constructor.
+UNET_OVERRIDABLE: dict[str, Callable[[Any], Any]] = {
     "base_channels": _positive_int,
     "channel_mult": _levels,
     "num_res_blocks": _positive_int,
@@ -97,16 +110,6 @@ OVERRIDABLE: dict[str, Callable[[Any], Any]] = {
     "use_scale_shift_norm": _flag,
     "rescale_skip": _flag,
 }
-
-
-def check_override(key: str, value: Any) -> Any:
-    """``value`` as the constructor takes it; ValueError (one line) naming the key and what is allowed."""
-    if key not in OVERRIDABLE:
-        raise ValueError(f"model.overrides: unknown key '{key}'; allowed: {', '.join(OVERRIDABLE)}")
-    try:
-        return OVERRIDABLE[key](value)
-    except ValueError as err:
-        raise ValueError(f"model.overrides.{key}: {err} (got {value!r})") from None
 
 
 def check_unet(
@@ -141,6 +144,167 @@ def check_unet(
     return attention
 
 
-def resolved_unet(name: str, overrides: dict) -> dict:
-    """The named config with ``overrides`` applied (each checked by :func:`check_override`)."""
-    return UNET_CONFIGS[name] | {key: check_override(key, value) for key, value in overrides.items()}
+# ---------------------------------------------------------------- DiT (diffusion/models/dit.py)
+
+DIT_CONFIGS: dict[str, dict] = {
+    # Tests: ~40k parameters, any even image size.
+    "dit-tiny": dict(depth=2, hidden_size=32, patch_size=2, num_heads=2),
+    # The default data (28 px): 14 x 14 tokens, ~1.3M parameters, about the U-Net's unet-small.
+    "dit-cpu": dict(depth=4, hidden_size=128, patch_size=2, num_heads=4),
+    # Peebles & Xie 2023, Table 1: S, B, L, XL, each with patches of 2, 4 and 8.
+    "dit-s-2": dict(depth=12, hidden_size=384, patch_size=2, num_heads=6),
+    "dit-s-4": dict(depth=12, hidden_size=384, patch_size=4, num_heads=6),
+    "dit-s-8": dict(depth=12, hidden_size=384, patch_size=8, num_heads=6),
+    "dit-b-2": dict(depth=12, hidden_size=768, patch_size=2, num_heads=12),
+    "dit-b-4": dict(depth=12, hidden_size=768, patch_size=4, num_heads=12),
+    "dit-b-8": dict(depth=12, hidden_size=768, patch_size=8, num_heads=12),
+    "dit-l-2": dict(depth=24, hidden_size=1024, patch_size=2, num_heads=16),
+    "dit-l-4": dict(depth=24, hidden_size=1024, patch_size=4, num_heads=16),
+    "dit-l-8": dict(depth=24, hidden_size=1024, patch_size=8, num_heads=16),
+    "dit-xl-2": dict(depth=28, hidden_size=1152, patch_size=2, num_heads=16),
+    "dit-xl-4": dict(depth=28, hidden_size=1152, patch_size=4, num_heads=16),
+    "dit-xl-8": dict(depth=28, hidden_size=1152, patch_size=8, num_heads=16),
+}
+
+# The arguments of a ViT on patches, DiT's and latent DiffiT's alike.
+PATCH_TRANSFORMER_OVERRIDABLE: dict[str, Callable[[Any], Any]] = {
+    "depth": _positive_int,
+    "hidden_size": _positive_int,
+    "patch_size": _positive_int,
+    "num_heads": _positive_int,
+    "mlp_ratio": _positive_float,
+}
+
+
+def check_patch_transformer(image_size: int, *, hidden_size: int, patch_size: int, num_heads: int, **_: Any) -> None:
+    """The shape rules of a ViT on ``image_size``^2 images cut into ``patch_size``^2 patches:
+    the patches tile the image, the heads split the width, and the width is divisible by 4
+    (the 2-D sin-cos position embedding gives a quarter of it to each of sin and cos of rows
+    and columns). ValueError (one line) names the argument to change."""
+    if image_size % patch_size:
+        raise ValueError(
+            f"data.image_size: {image_size} is not divisible by patch_size {patch_size}; "
+            f"allowed multiples of {patch_size} (or a patch size that divides {image_size})"
+        )
+    if hidden_size % num_heads:
+        raise ValueError(f"num_heads={num_heads} does not divide hidden_size {hidden_size}; use a divisor of {hidden_size}")
+    if hidden_size % 4:
+        raise ValueError(f"hidden_size: {hidden_size} is not divisible by 4, as the 2-D sin-cos position embedding needs")
+
+
+# ---------------------------------------------------------------- DiffiT (diffusion/models/diffit.py)
+
+DIFFIT_CONFIGS: dict[str, dict] = {
+    # Tests: any image size divisible by 2, windows of 4 x 4 tokens.
+    "diffit-tiny": dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, num_heads=2, window_size=4),
+    # The default data (28 px): 28 -> 14 -> 7, windows of 7 x 7 (16, 4 and 1 of them), about unet-small's size.
+    "diffit-cpu": dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, num_heads=2, window_size=7),
+    # The paper's CIFAR-10 network (Hatamizadeh et al. 2024, §3.2.1 and Fig. 2: four levels
+    # 32 -> 4 of DiffiT ResBlocks with TMSA in local windows). The widths follow DDPM's
+    # CIFAR-10 U-Net, as the image-space code is not published; BENCHMARKS.md has the count.
+    "diffit-cifar10": dict(base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, num_heads=4, window_size=4),
+}
+
+DIFFIT_OVERRIDABLE: dict[str, Callable[[Any], Any]] = {
+    "base_channels": _positive_int,
+    "channel_mult": _levels,
+    "num_res_blocks": _positive_int,
+    "num_heads": _positive_int,
+    "window_size": _positive_int,
+    "mlp_ratio": _positive_float,
+}
+
+
+def check_diffit(
+    image_size: int, *, base_channels: int, channel_mult: tuple[int, ...], num_heads: int, window_size: int, **_: Any
+) -> list[int]:
+    """The shape rules of image-space DiffiT on ``image_size``^2 images; returns the attention
+    window of each level (``window_size``, or the whole map where that is smaller). The image
+    halves ``len(channel_mult) - 1`` times, the heads split every level's width, and each
+    level's window tiles its feature map. ValueError (one line) names the argument to change."""
+    divisor = 2 ** (len(channel_mult) - 1)
+    if image_size % divisor:
+        raise ValueError(
+            f"data.image_size: {image_size} is not divisible by {divisor}, the down-sampling of "
+            f"channel_mult {list(channel_mult)}; allowed multiples of {divisor} (or fewer channel_mult levels)"
+        )
+    windows = []
+    for level, mult in enumerate(channel_mult):
+        size, channels = image_size // 2**level, base_channels * mult
+        if channels % num_heads:
+            raise ValueError(f"num_heads={num_heads} does not divide the {channels} channels of level {level}; use a divisor of {channels}")
+        window = min(window_size, size)
+        if size % window:
+            raise ValueError(
+                f"window_size: {window_size} does not tile the {size} x {size} feature map of level {level}; "
+                f"use a divisor of {size}"
+            )
+        windows.append(window)
+    return windows
+
+
+LATENT_DIFFIT_CONFIGS: dict[str, dict] = {
+    # Tests: ~50k parameters, any even image size.
+    "latent-diffit-tiny": dict(depth=2, hidden_size=32, patch_size=2, num_heads=2),
+    # The default data (28 px, or a latent of it): 14 x 14 tokens, ~1.1M parameters.
+    "latent-diffit-cpu": dict(depth=4, hidden_size=128, patch_size=2, num_heads=4),
+    # The paper's ImageNet-256 model on 32 x 32 x 4 SD-VAE latents (NVlabs/DiffiT ``Diffit``): 561M parameters.
+    "latent-diffit-imagenet256": dict(depth=28, hidden_size=1152, patch_size=2, num_heads=16),
+}
+
+
+# ---------------------------------------------------------------- the families
+
+
+@dataclass(frozen=True)
+class Family:
+    """One kind of network: its named configs, the constructor arguments params.yaml may
+    override with the check of each, and its shape rule ``check_shape(image_size, **config)``
+    (ValueError, one line, naming what to change)."""
+
+    configs: dict[str, dict]
+    overridable: dict[str, Callable[[Any], Any]]
+    check_shape: Callable[..., Any]
+
+
+FAMILIES: dict[str, Family] = {
+    "unet": Family(UNET_CONFIGS, UNET_OVERRIDABLE, check_unet),
+    "dit": Family(DIT_CONFIGS, PATCH_TRANSFORMER_OVERRIDABLE, check_patch_transformer),
+    "diffit": Family(DIFFIT_CONFIGS, DIFFIT_OVERRIDABLE, check_diffit),
+    "latent-diffit": Family(LATENT_DIFFIT_CONFIGS, PATCH_TRANSFORMER_OVERRIDABLE, check_patch_transformer),
+}
+
+# model.name -> its family's name.
+FAMILY_OF: dict[str, str] = {name: family for family, f in FAMILIES.items() for name in f.configs}
+
+
+def family(name: str) -> Family:
+    """The family of config ``name``; ValueError (one line) listing the names for an unknown one."""
+    if name not in FAMILY_OF:
+        raise ValueError(f"model.name: unknown '{name}'; allowed: {', '.join(FAMILY_OF)}")
+    return FAMILIES[FAMILY_OF[name]]
+
+
+def check_override(name: str, key: str, value: Any) -> Any:
+    """``value`` as the constructor of ``name`` takes it; ValueError (one line) naming the key
+    and what is allowed."""
+    allowed = family(name).overridable
+    if key not in allowed:
+        raise ValueError(
+            f"model.overrides: unknown key '{key}' for {name} (a {FAMILY_OF[name]}); allowed: {', '.join(allowed)}"
+        )
+    try:
+        return allowed[key](value)
+    except ValueError as err:
+        raise ValueError(f"model.overrides.{key}: {err} (got {value!r})") from None
+
+
+def resolved(name: str, overrides: dict) -> dict:
+    """The config ``name`` with ``overrides`` applied (each checked by :func:`check_override`)."""
+    return family(name).configs[name] | {key: check_override(name, key, value) for key, value in overrides.items()}
+
+
+def check_model(name: str, image_size: int, overrides: dict) -> None:
+    """The named network exists, its overrides are constructor arguments of the right type and
+    range, and its shape fits ``image_size``^2 images (ValueError, one line)."""
+    family(name).check_shape(image_size, **resolved(name, overrides))

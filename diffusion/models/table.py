@@ -1,36 +1,31 @@
 """Denoising networks by name: ``model.name`` in params.yaml is a key of :data:`MODELS`.
 
-Each entry builds a :class:`~diffusion.models.unet.UNet` from its own defaults
-updated with the caller's keyword arguments, so any constructor argument can be
-overridden from params.yaml (``model.overrides``). :func:`create_model` is the one
-entry point the training and packaging code use.
+A name belongs to a family (:data:`~diffusion.models.configs.FAMILIES`), whose constructor
+:data:`CONSTRUCTORS` holds; the name's config (one line in ``configs.py``) is that
+constructor's arguments, updated with the caller's (``model.overrides``, checked by the
+family's rules). :func:`create_model` is the one entry point the training and packaging code use.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from torch import nn
 
-from diffusion.models.configs import OVERRIDABLE, UNET_CONFIGS, check_override
+from diffusion.models.configs import FAMILIES, FAMILY_OF, check_override, family
+from diffusion.models.diffit import DiffiT, LatentDiffiT
+from diffusion.models.dit import DiT
 from diffusion.models.unet import UNet
 
-__all__ = ["MODELS", "OVERRIDABLE", "UNet", "create_model"]
+__all__ = ["CONSTRUCTORS", "MODELS", "create_model"]
 
+CONSTRUCTORS: dict[str, type[nn.Module]] = {"unet": UNet, "dit": DiT, "diffit": DiffiT, "latent-diffit": LatentDiffiT}
 
-def _unet(**defaults: Any) -> Callable[..., UNet]:
-    """A named config: ``UNet(**(defaults | kwargs))``."""
-
-    def build(**kwargs: Any) -> UNet:
-        return UNet(**(defaults | kwargs))
-
-    return build
-
-
-# ---------------------------------------------------------------- named configs
-
-MODELS: dict[str, Callable[..., nn.Module]] = {name: _unet(**config) for name, config in UNET_CONFIGS.items()}
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    name: partial(CONSTRUCTORS[FAMILY_OF[name]], **config) for f in FAMILIES.values() for name, config in f.configs.items()
+}
 
 
 def create_model(
@@ -47,9 +42,8 @@ def create_model(
     ``learn_sigma``: 2 * in_channels outputs, eps and the variance interpolation v
     (Nichol & Dhariwal 2021, eq. 15). ``num_classes``: class-conditional with a null class.
     """
-    if name not in MODELS:
-        raise ValueError(f"model name: unknown '{name}'; allowed: {', '.join(MODELS)}")
-    overrides = {key: check_override(key, value) for key, value in overrides.items()}
+    family(name)  # an unknown name: one line listing the names
+    overrides = {key: check_override(name, key, value) for key, value in overrides.items()}
     out_channels = 2 * in_channels if learn_sigma else in_channels
     return MODELS[name](
         in_channels=in_channels, out_channels=out_channels, image_size=image_size, num_classes=num_classes, **overrides

@@ -18,7 +18,6 @@ GroupNorm, SiLU and a zero-initialised ``conv_out``, so a fresh model predicts 0
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,51 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusion.models.configs import check_unet
-
-# ---------------------------------------------------------------- embeddings
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (integer or real) timesteps, [B] -> [B, dim] float32.
-
-    The Transformer's positional encoding (Vaswani et al. 2017, §3.5) as DDPM uses
-    it for t: ``[cos(t * w_i), sin(t * w_i)]`` with ``w_i = max_period^(-i / half)``.
-    """
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) / half * torch.arange(half, device=t.device, dtype=torch.float32))
-    args = t.float()[:, None] * freqs[None]
-    return F.pad(torch.cat([torch.cos(args), torch.sin(args)], dim=-1), (0, dim % 2))
-
-
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups (Wu & He 2018; DDPM, ADM), or gcd(32, channels) for widths
-    32 does not divide, so tiny and odd widths still work (1 channel a group at worst)."""
-    return nn.GroupNorm(math.gcd(32, channels), channels)
-
+from diffusion.models.layers import (
+    Downsample, LabelEmbedding, SelfAttention, TimestepEmbedding, Upsample, condition, group_norm,
+)
 
 # ---------------------------------------------------------------- resampling
-
-
-class Downsample(nn.Module):
-    """Halve H and W with a stride-2 3x3 convolution (DDPM's ``resamp_with_conv``)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """Double H and W: nearest-neighbour then a 3x3 convolution (DDPM)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 def _down(x: torch.Tensor) -> torch.Tensor:
@@ -152,26 +111,17 @@ class ResBlock(nn.Module):
         return out.mul_(self.skip_scale) if self.skip_scale != 1.0 else out
 
 
-class AttentionBlock(nn.Module):
-    """Multi-head self-attention over the H*W positions (DDPM App. B; ADM §3).
-
-    GroupNorm, one fused 1x1 projection to queries, keys and values, scaled
-    dot-product attention per head, a zero-initialised output projection, residual.
-    Works on [B, H*W, C] tokens: a view when the input is channels_last.
-    """
+class AttentionBlock(SelfAttention):
+    """Multi-head self-attention over the H*W positions (DDPM App. B; ADM §3): GroupNorm,
+    :class:`~diffusion.models.layers.SelfAttention` on the [B, H*W, C] tokens (a view when the
+    input is channels_last) with a zero-initialised output projection, residual."""
 
     def __init__(self, channels: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads = num_heads
+        super().__init__(channels, num_heads)
         self.norm = group_norm(channels)
-        self.qkv = nn.Linear(channels, 3 * channels)
-        self.proj = nn.Linear(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
-        q, k, v = self.qkv(tokens).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
-        h = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, C / heads]
-        h = self.proj(h.transpose(1, 2).flatten(2))  # [B, HW, C]
+        h = super().forward(self.norm(x).flatten(2).transpose(1, 2))  # [B, HW, C]
         return x + h.transpose(1, 2).unflatten(2, x.shape[2:])
 
 
@@ -218,11 +168,6 @@ class Blocks:
         if self.resblock_updown:
             return self.res(channels, channels, direction)
         return RESAMPLE_BLOCKS[direction](channels)
-
-
-def time_embed_mlp(base_channels: int, emb_channels: int) -> nn.Sequential:
-    """The MLP on the sinusoidal embedding: Linear, SiLU, Linear (DDPM App. B)."""
-    return nn.Sequential(nn.Linear(base_channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels))
 
 
 def encoder(
@@ -316,16 +261,14 @@ class UNet(nn.Module):
             num_heads=num_heads, head_channels=head_channels, dropout=dropout, num_classes=num_classes,
             resblock_updown=resblock_updown, use_scale_shift_norm=use_scale_shift_norm, rescale_skip=rescale_skip,
         )
-        self.base_channels = base_channels
-        self.num_classes = num_classes
         emb_channels = 4 * base_channels
         blocks = Blocks(
             emb_channels, dropout=dropout, use_scale_shift_norm=use_scale_shift_norm, rescale_skip=rescale_skip,
             resblock_updown=resblock_updown, num_heads=num_heads, head_channels=head_channels,
         )
 
-        self.time_embed = time_embed_mlp(base_channels, emb_channels)
-        self.label_embed = nn.Embedding(num_classes + 1, emb_channels) if num_classes is not None else None
+        self.time_embed = TimestepEmbedding(base_channels, emb_channels)
+        self.label_embed = LabelEmbedding(num_classes, emb_channels) if num_classes is not None else None
 
         self.conv_in, self.down, self.middle, skip_channels = encoder(
             blocks, in_channels=in_channels, base_channels=base_channels, channel_mult=channel_mult,
@@ -351,13 +294,7 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, C, H, W], t [B] timesteps, y [B] class labels (None: the null class) -> [B, out_channels, H, W]."""
-        emb = self.time_embed(timestep_embedding(t, self.base_channels))
-        if self.label_embed is not None:
-            y = torch.full((x.shape[0],), self.num_classes, device=x.device) if y is None else y
-            emb = emb + self.label_embed(y)
-        elif y is not None:
-            raise ValueError("y: class labels given to a model built without num_classes")
-        emb = F.silu(emb)
+        emb = F.silu(condition(self.time_embed(t), self.label_embed, y))
 
         h = self.conv_in(x)
         skips = [h]

@@ -1,0 +1,237 @@
+"""Layers every denoising network shares: the timestep and label embeddings, multi-head
+self-attention (plain, and DiffiT's time-dependent form with a relative position bias),
+the transformer MLP, patches and their fixed 2-D position embedding, and resampling.
+
+:mod:`~diffusion.models.unet`, :mod:`~diffusion.models.dit` and :mod:`~diffusion.models.diffit`
+build from these; no network has its own copy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ---------------------------------------------------------------- timestep and label embeddings
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (integer or real) timesteps, [B] -> [B, dim] float32.
+
+    The Transformer's positional encoding (Vaswani et al. 2017, §3.5) as DDPM and DiT use
+    it for t: ``[cos(t * w_i), sin(t * w_i)]`` with ``w_i = max_period^(-i / half)``.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) / half * torch.arange(half, device=t.device, dtype=torch.float32))
+    args = t.float()[:, None] * freqs[None]
+    return F.pad(torch.cat([torch.cos(args), torch.sin(args)], dim=-1), (0, dim % 2))
+
+
+class TimestepEmbedding(nn.Sequential):
+    """t -> MLP(sinusoid(t)): Linear, SiLU, Linear (DDPM App. B; DiT §3.2 with 256 frequencies)."""
+
+    def __init__(self, frequencies: int, dim: int) -> None:
+        super().__init__(nn.Linear(frequencies, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.frequencies = frequencies
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return super().forward(timestep_embedding(t, self.frequencies))
+
+
+class LabelEmbedding(nn.Embedding):
+    """One row a class plus the null class, index ``num_classes``, of classifier-free guidance
+    (Ho & Salimans 2022); the trainer drops labels to it (``train.p_uncond``)."""
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        super().__init__(num_classes + 1, dim)
+        self.num_classes = num_classes
+
+    def forward(self, y: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        """[B, dim] for labels ``y`` [B]; ``None``: the null class for all ``batch_size``."""
+        if y is None:
+            y = torch.full((batch_size,), self.num_classes, device=self.weight.device)
+        return super().forward(y)
+
+
+def condition(time: torch.Tensor, labels: LabelEmbedding | None, y: torch.Tensor | None) -> torch.Tensor:
+    """The conditioning vector: the time embedding plus, for a class-conditional network, the
+    label embedding (DiT §3.2 ``c = t + y``; the U-Net's embedding; DiffiT's time token)."""
+    if labels is not None:
+        return time + labels(y, time.shape[0])
+    if y is not None:
+        raise ValueError("y: class labels given to a model built without num_classes")
+    return time
+
+
+# ---------------------------------------------------------------- attention
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention on tokens [B, N, C] (Vaswani et al. 2017, §3.2.2):
+    one fused projection to queries, keys and values, ``softmax(QK^T / sqrt(d) + B) V`` per
+    head (B an optional additive bias, [heads, N, N]), an output projection."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} does not divide the width {dim}; use a divisor of {dim}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def attend(self, qkv: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, N, 3C] fused queries, keys and values -> [B, N, C] projected attention output."""
+        q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)  # each [B, heads, N, C/heads]
+        bias = None if bias is None else bias.to(q.dtype)
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(h.transpose(1, 2).flatten(2))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.attend(self.qkv(tokens))
+
+
+class RelativePositionBias(nn.Module):
+    """Swin's relative position bias (Liu et al. 2021, §3.2): a learned table of one value a
+    head for each of the (2w-1)^2 offsets between two positions of a w x w window, gathered
+    into the [heads, w^2, w^2] bias B of ``softmax(QK^T / sqrt(d) + B) V``."""
+
+    def __init__(self, window: int, num_heads: int) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
+        nn.init.trunc_normal_(self.table, std=0.02)
+        rows, cols = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+        rows, cols = rows.flatten(), cols.flatten()
+        offset = (rows[:, None] - rows[None] + window - 1) * (2 * window - 1) + (cols[:, None] - cols[None] + window - 1)
+        self.register_buffer("index", offset, persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        return self.table[self.index].permute(2, 0, 1)
+
+
+class TimeDependentSelfAttention(SelfAttention):
+    """TMSA, DiffiT's attention (Hatamizadeh et al. 2024, eqs. 3-6): queries, keys and values
+    are linear in the spatial token x_s and the time token x_t,
+    ``q_s = x_s W_qs + x_t W_qt`` (likewise k_s, v_s), so the attention changes with t;
+    ``Attention = softmax(QK^T / sqrt(d) + B) V`` with B a relative position bias over the
+    window (``window=None``: no bias). ``qkv`` holds W_qs, W_ks, W_vs and ``qkv_time`` W_qt,
+    W_kt, W_vt: with ``qkv_time`` zero it is :class:`SelfAttention`.
+    """
+
+    def __init__(self, dim: int, num_heads: int, time_dim: int, window: int | None) -> None:
+        super().__init__(dim, num_heads)
+        self.qkv_time = nn.Linear(time_dim, 3 * dim)
+        self.position_bias = RelativePositionBias(window, num_heads) if window else None
+
+    def forward(self, tokens: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        """tokens [B, N, C] (N = window^2 with a bias), time token [B, time_dim] -> [B, N, C]."""
+        qkv = self.qkv(tokens) + self.qkv_time(time)[:, None]
+        return self.attend(qkv, None if self.position_bias is None else self.position_bias())
+
+
+def layer_norm(dim: int) -> nn.LayerNorm:
+    """A transformer block's LayerNorm without its own affine map (eps 1e-6, as DiT and DiffiT):
+    adaLN supplies it in DiT, the following projections in DiffiT."""
+    return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+
+def mlp(dim: int, ratio: float) -> nn.Sequential:
+    """The transformer's position-wise MLP: Linear, GELU (tanh approximation, as DiT), Linear."""
+    hidden = int(dim * ratio)
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+
+# ---------------------------------------------------------------- patches
+
+
+class PatchEmbedding(nn.Conv2d):
+    """Patchify (ViT, Dosovitskiy et al. 2021; DiT §3.2): non-overlapping p x p patches, each
+    linearly embedded: [B, C, H, W] -> [B, (H/p)(W/p), dim], row-major."""
+
+    def __init__(self, in_channels: int, dim: int, patch_size: int) -> None:
+        super().__init__(in_channels, dim, patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).flatten(2).transpose(1, 2)
+
+
+def unpatchify(tokens: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
+    """[B, (H/p)(W/p), p*p*C] row-major patch predictions -> [B, C, H, W] (square images)."""
+    batch, count, _ = tokens.shape
+    side = math.isqrt(count)
+    x = tokens.reshape(batch, side, side, patch_size, patch_size, channels)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(batch, channels, side * patch_size, side * patch_size)
+
+
+def sincos_2d_position_embedding(dim: int, grid_size: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding (MAE, He et al. 2022; DiT §3.2), [grid^2, dim]:
+    half the channels encode the column, half the row, each as ``[sin(pos w_i), cos(pos w_i)]``
+    with ``w_i = 10000^(-i / (dim/4))``."""
+    if dim % 4:
+        raise ValueError(f"the width {dim} must be divisible by 4 for a 2-D sin-cos position embedding")
+    omega = 1.0 / 10_000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.flatten().double()[:, None] * omega[None]
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+    return torch.cat([encode(cols), encode(rows)], dim=1).float()
+
+
+# ---------------------------------------------------------------- convolutional pieces
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with 32 groups (Wu & He 2018; DDPM, ADM), or gcd(32, channels) for widths
+    32 does not divide, so tiny and odd widths still work (1 channel a group at worst)."""
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 3x3 convolution (DDPM's ``resamp_with_conv``)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour then a 3x3 convolution (DDPM)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+# ---------------------------------------------------------------- initialisation
+
+
+def initialize_transformer(network: nn.Module, zero: list[nn.Module]) -> None:
+    """DiT's init (its ``initialize_weights``), which DiffiT's code shares: Xavier-uniform
+    linear layers with zero biases, each patch embedding Xavier-uniform as the linear map it
+    is, N(0, 0.02) for label tables and timestep MLPs; then the layers in ``zero`` (output
+    layers, adaLN-Zero modulation) zero, weights and biases."""
+    for module in network.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+    for module in network.modules():
+        if isinstance(module, PatchEmbedding):
+            nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, LabelEmbedding):
+            nn.init.normal_(module.weight, std=0.02)
+        elif isinstance(module, TimestepEmbedding):
+            nn.init.normal_(module[0].weight, std=0.02)
+            nn.init.normal_(module[2].weight, std=0.02)
+    for layer in zero:
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
