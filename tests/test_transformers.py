@@ -3,13 +3,17 @@
 families of diffusion/models/configs.py."""
 
 import inspect
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_pipeline_repo, pipeline_env, run_in
+from mlflow import MlflowClient
 from tiny_unet import perturb
 
+from diffusion import registry
 from diffusion.models.configs import FAMILIES, FAMILY_OF
 from diffusion.models.diffit import DiffiTResBlock, window_merge, window_partition
 from diffusion.models.layers import (
@@ -17,6 +21,7 @@ from diffusion.models.layers import (
     unpatchify,
 )
 from diffusion.models.table import CONSTRUCTORS, MODELS, create_model
+from diffusion.packaged import PackagedDiffusion
 from diffusion.process.gaussian import GaussianDiffusion
 from diffusion.process.schedules import make_betas
 
@@ -255,3 +260,32 @@ def test_each_family_overfits_one_batch(name):
         loss().backward()
         optimizer.step()
     assert loss().item() < first / 10
+
+
+# ---------------------------------------------------------------- through the pipeline and the registry
+
+
+@pytest.mark.integration
+def test_each_family_trains_through_dvc_exp_run_and_a_transformer_is_registered(tmp_path):
+    """``dvc exp run -S model.name=...`` on the tiny pipeline for each transformer family (the
+    prepared data reused), then the last one promoted and loaded back from ``models:/``."""
+    repo = make_pipeline_repo(tmp_path / "repo")
+    uri = pipeline_env(repo)["MLFLOW_TRACKING_URI"]
+    client = MlflowClient(uri)
+    families = (("dit-tiny", "DiT"), ("diffit-tiny", "DiffiT"), ("latent-diffit-tiny", "LatentDiffiT"))
+    for i, (name, network) in enumerate(families):
+        out = run_in(repo, "dvc", "exp", "run", "-S", f"model.name={name}")
+        assert "Running stage 'train'" in out.stdout and ("Running stage 'prepare'" in out.stdout) == (i == 0)
+        packaged = PackagedDiffusion.load(repo / "models/model.pt")
+        assert type(packaged.net).__name__ == network and packaged.model_spec["name"] == name
+        assert math.isfinite(json.loads((repo / "metrics/evaluate.json").read_text())["fid"])
+        model_run = client.get_run(json.loads((repo / "models/run.json").read_text())["run_id"])
+        assert model_run.data.params["model.name"] == name and model_run.info.status == "FINISHED"
+
+    sample_run = json.loads((repo / "samples/run.json").read_text())["run_id"]
+    run_in(repo, "diffusion", "promote", "--run-id", sample_run)
+    champion = registry.load_model("models:/diffusion@champion", tracking_uri=uri)
+    assert type(champion.net).__name__ == "LatentDiffiT"
+    torch.testing.assert_close(champion.net.state_dict(), packaged.net.state_dict())
+    images = champion.sample(4, steps=3, seed=0, labels=torch.tensor([0, 1, 2, 3]))
+    assert images.shape == (4, 1, 28, 28) and torch.isfinite(images).all()

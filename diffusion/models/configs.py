@@ -195,8 +195,8 @@ def check_patch_transformer(image_size: int, *, hidden_size: int, patch_size: in
 # ---------------------------------------------------------------- DiffiT (diffusion/models/diffit.py)
 
 DIFFIT_CONFIGS: dict[str, dict] = {
-    # Tests: any image size divisible by 2, windows of 4 x 4 tokens.
-    "diffit-tiny": dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, num_heads=2, window_size=4),
+    # Tests: any image size divisible by 4, windows of 2 x 2 tokens.
+    "diffit-tiny": dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, num_heads=2, window_size=2),
     # The default data (28 px): 28 -> 14 -> 7, windows of 7 x 7 (16, 4 and 1 of them), about unet-small's size.
     "diffit-cpu": dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, num_heads=2, window_size=7),
     # The paper's CIFAR-10 network (Hatamizadeh et al. 2024, §3.2.1 and Fig. 2: four levels

@@ -129,6 +129,7 @@ class DiffiT(nn.Module):
             channel_mult=channel_mult, num_res_blocks=num_res_blocks, num_heads=num_heads, window_size=window_size,
             mlp_ratio=mlp_ratio, num_classes=num_classes,
         )
+        self.num_classes = num_classes  # the null class's index, which the trainer drops labels to
         time_dim = 4 * base_channels
         self.time_embed = TimestepEmbedding(base_channels, time_dim)
         self.label_embed = LabelEmbedding(num_classes, time_dim) if num_classes is not None else None
@@ -198,6 +199,7 @@ class LatentDiffiT(nn.Module):
             num_classes=num_classes,
         )
         self.patch_size, self.out_channels = patch_size, out_channels
+        self.num_classes = num_classes  # the null class's index, which the trainer drops labels to
         grid = image_size // patch_size
         self.patch_embed = PatchEmbedding(in_channels, hidden_size, patch_size)
         self.register_buffer("position_embedding", sincos_2d_position_embedding(hidden_size, grid)[None], persistent=False)

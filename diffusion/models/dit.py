@@ -93,6 +93,7 @@ class DiT(nn.Module):
             num_classes=num_classes,
         )
         self.patch_size, self.out_channels = patch_size, out_channels
+        self.num_classes = num_classes  # the null class's index, which the trainer drops labels to
         self.patch_embed = PatchEmbedding(in_channels, hidden_size, patch_size)
         # Fixed, not learned (§3.2); rebuilt from the config, so not in the state dict.
         grid = sincos_2d_position_embedding(hidden_size, image_size // patch_size)

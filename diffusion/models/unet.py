@@ -261,6 +261,7 @@ class UNet(nn.Module):
             num_heads=num_heads, head_channels=head_channels, dropout=dropout, num_classes=num_classes,
             resblock_updown=resblock_updown, use_scale_shift_norm=use_scale_shift_norm, rescale_skip=rescale_skip,
         )
+        self.num_classes = num_classes  # the null class's index, which the trainer drops labels to
         emb_channels = 4 * base_channels
         blocks = Blocks(
             emb_channels, dropout=dropout, use_scale_shift_norm=use_scale_shift_norm, rescale_skip=rescale_skip,
