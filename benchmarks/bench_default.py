@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_unet import machine
+from bench_networks import machine
 from digit_classifier import accuracy, digit_scores, train_classifier
 
 from diffusion.config import parse_params

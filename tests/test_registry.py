@@ -293,9 +293,11 @@ def test_a_weights_file_that_would_run_code_is_refused_in_one_line(store, tmp_pa
 @pytest.mark.integration
 def test_the_champion_of_a_real_pipeline_samples_with_its_fids_settings(tmp_path):
     """dvc repro of the tiny pipeline, then promote: the FID's protocol is recorded and the
-    registered model samples with the sample params behind that FID."""
+    registered model samples with the sample params behind that FID. The network is a
+    transformer, latent DiffiT (the registry holds any family; tests/test_transformers.py
+    runs the other two through the pipeline)."""
     sample = {**TINY_PARAMS["sample"], "eta": 0.0, "clip_denoised": False}
-    repo = make_pipeline_repo(tmp_path / "repo", {**TINY_PARAMS, "sample": sample})
+    repo = make_pipeline_repo(tmp_path / "repo", {**TINY_PARAMS, "sample": sample, "model": {"name": "latent-diffit-tiny"}})
     run_in(repo, "dvc", "repro")
     uri = pipeline_env(repo)["MLFLOW_TRACKING_URI"]
     client = MlflowClient(uri)
@@ -320,6 +322,8 @@ def test_the_champion_of_a_real_pipeline_samples_with_its_fids_settings(tmp_path
     result = run_in(repo, "diffusion", "promote", "--run-id", sample_run.info.run_id)
     assert "challenger and champion" in result.stdout
     model = registry.load_model("models:/diffusion@champion", tracking_uri=uri)
+    assert type(model.net).__name__ == "LatentDiffiT" and model.model_spec["name"] == "latent-diffit-tiny"
+    torch.testing.assert_close(model.net.state_dict(), PackagedDiffusion.load(repo / "models/model.pt").net.state_dict())
     params = sample_run.data.params
     expected = {
         "sampler": params["sample.sampler"], "steps": int(params["sample.steps"]), "eta": float(params["sample.eta"]),

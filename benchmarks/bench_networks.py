@@ -1,8 +1,10 @@
-"""Training-step throughput and peak memory: our U-Net against diffusers' ``UNet2DModel``.
+"""Training-step throughput and peak memory: our networks against their diffusers twins,
+the U-Net against ``UNet2DModel`` and DiT against ``DiTTransformer2DModel``.
 
 One training step is forward + MSE loss + backward + AdamW step on a batch of
-random images and timesteps. Both networks are built in ONE process with the same
-architecture (widths, depth, attention placement, AdaGN, resampling), so their
+random images, timesteps (and, for DiT, class labels). Both networks are built in ONE
+process with the same architecture (U-Net: widths, depth, attention placement, AdaGN,
+resampling; DiT: depth, width, heads, patches, adaLN-Zero, 1000 classes), so their
 parameter counts match (both are printed). After warm-up steps the two models
 alternate, one timed step each per round, so load from other jobs on a shared
 machine hits both alike; the figure is the median img/s over the rounds.
@@ -37,12 +39,15 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from diffusion.models.configs import FAMILY_OF
 from diffusion.models.table import create_model
 
 PEERS = ("ours", "diffusers")
+# DiT is class-conditional in diffusers (adaLN-Zero on t + y): both get ImageNet's 1000 classes.
+DIT_CLASSES = 1000
 
 
-def diffusers_twin(config: dict) -> nn.Module:
+def unet_twin(config: dict) -> nn.Module:
     """diffusers' ``UNet2DModel`` with the architecture of our UNet's ``config``."""
     from diffusers import UNet2DModel
 
@@ -66,14 +71,39 @@ def diffusers_twin(config: dict) -> nn.Module:
     )
 
 
+def dit_twin(config: dict) -> nn.Module:
+    """diffusers' ``DiTTransformer2DModel`` with the architecture of our DiT's ``config``."""
+    from diffusers import DiTTransformer2DModel
+
+    return DiTTransformer2DModel(
+        num_attention_heads=config["num_heads"],
+        attention_head_dim=config["hidden_size"] // config["num_heads"],
+        in_channels=config["in_channels"],
+        out_channels=config["out_channels"],
+        num_layers=config["depth"],
+        sample_size=config["image_size"],
+        patch_size=config["patch_size"],
+        num_embeds_ada_norm=config["num_classes"],
+    )
+
+
+# family -> (diffusers' twin of our config, whether the networks take class labels)
+TWINS: dict[str, tuple[Callable[[dict], nn.Module], bool]] = {"unet": (unet_twin, False), "dit": (dit_twin, True)}
+
+
 def build(peer: str, args: argparse.Namespace) -> tuple[nn.Module, Callable]:
-    """The model and its ``f(x, t) -> prediction`` for ``peer`` ("ours" or "diffusers")."""
-    ours = create_model(args.model, in_channels=args.channels, image_size=args.image_size)
+    """The model and its ``f(x, t, y) -> prediction`` for ``peer`` ("ours" or "diffusers")."""
+    twin, labelled = TWINS[FAMILY_OF[args.model]]
+    classes = DIT_CLASSES if labelled else None
+    ours = create_model(args.model, in_channels=args.channels, image_size=args.image_size, num_classes=classes)
     if peer == "ours":
         model, forward = ours, ours
     else:
-        model = diffusers_twin(ours.config)
-        forward = lambda x, t: model(x, t, return_dict=False)[0]
+        model = twin(ours.config)
+        if labelled:
+            forward = lambda x, t, y: model(x, t, class_labels=y, return_dict=False)[0]
+        else:
+            forward = lambda x, t, y: model(x, t, return_dict=False)[0]
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(args.device, memory_format=fmt).train()
     if args.compile:
@@ -89,13 +119,14 @@ def make_step(model: nn.Module, forward: Callable, args: argparse.Namespace) -> 
     x = torch.randn(shape, generator=gen).to(args.device, memory_format=fmt)
     target = torch.randn(shape, generator=gen).to(args.device, memory_format=fmt)
     t = torch.randint(0, 1000, (args.batch,), generator=gen).to(args.device)
+    y = torch.randint(0, DIT_CLASSES, (args.batch,), generator=gen).to(args.device) if TWINS[FAMILY_OF[args.model]][1] else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     autocast = torch.autocast(args.device, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            loss = F.mse_loss(forward(x, t).float(), target)
+            loss = F.mse_loss(forward(x, t, y).float(), target)
         loss.backward()
         optimizer.step()
         if args.device == "cuda":
@@ -145,7 +176,7 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--model", default="unet-small", help="a name in diffusion.models.MODELS")
+    parser.add_argument("--model", default="unet-small", help="a U-Net or DiT name in diffusion.models.table.MODELS")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--channels", type=int, default=3)
@@ -168,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     models = {peer: build(peer, args) for peer in PEERS}
     params = {peer: sum(p.numel() for p in model.parameters()) for peer, (model, _) in models.items()}
+    peer_class = type(models["diffusers"][0]).__name__
     steps = {peer: make_step(model, forward, args) for peer, (model, forward) in models.items()}
     for _ in range(args.warmup):
         for step in steps.values():
@@ -184,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     flags = [f for f, on in (("bf16", args.bf16), ("channels_last", args.channels_last), ("compile", args.compile)) if on]
     print(f"machine: {machine()}")
     print(
-        f"setup: {args.model} vs diffusers UNet2DModel, {args.device}, batch {args.batch}, "
+        f"setup: {args.model} vs diffusers {peer_class}, {args.device}, batch {args.batch}, "
         f"{args.channels}x{args.image_size}x{args.image_size}, {args.warmup} warm-up + {args.steps} timed steps "
         f"each, alternating; {', '.join(flags) or 'fp32'}"
     )

@@ -1,0 +1,140 @@
+"""U-Net, DiT, DiffiT and latent DiffiT at matched parameter counts, after the same training minutes.
+
+Every network trains in ONE process with params.yaml's recipe (the embedded default:
+MNIST-5k, v-prediction, class-conditional, bf16 where native), stepped by the pipeline's own
+:class:`diffusion.training.loop.Trainer`, their steps interleaved so that each step goes to
+the network with the fewest training seconds so far: all get the same ``--minutes`` of
+training, and a machine that slows down mid-run slows them alike. Then each samples
+``--samples`` images with params.yaml's sample section (as the sample stage does), timed,
+and is scored as :mod:`bench_default` scores: FID and KID against ``--reference`` digits
+drawn at random from the training split, and the share of clear digits. Also printed:
+parameters, training img/s (median over the run's steps), sampling img/s.
+
+Results: ``benchmarks/results/backbones.json`` and ``backbones_grid_<name>.png``.
+
+    python benchmarks/bench_backbones.py                     # 4 networks x 3 minutes: ~20 minutes on 2 cores
+    python benchmarks/bench_backbones.py --minutes 0.2 --samples 50 --classifier-steps 100   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_default import RESULTS, scores
+from bench_networks import machine
+from digit_classifier import accuracy, train_classifier
+
+from diffusion.config import parse_params
+from diffusion.data.dataset import split
+from diffusion.data.sources import load_source
+from diffusion.evaluation.metrics import inception_features
+from diffusion.images import generate_images, image_grid, sampling_labels
+from diffusion.packaged import PackagedDiffusion
+from diffusion.stages.sample import sampling_settings
+from diffusion.stages.train import model_spec
+from diffusion.training.loop import Trainer, seeded_init
+from flows.commands import apply_overrides
+
+# About unet-small's 1.19M parameters each (diffusion/models/configs.py).
+MODELS = ("unet-small", "dit-cpu", "diffit-cpu", "latent-diffit-cpu")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--minutes", type=float, default=3.0, help="training minutes of each network")
+    parser.add_argument("--samples", type=int, default=500)
+    parser.add_argument("--reference", type=int, default=1000, help="digits drawn at random from the training split")
+    parser.add_argument("--classifier-steps", type=int, default=1500, help="the digit classifier's training")
+    parser.add_argument("--out", default="backbones", help="results/<out>.json and results/<out>_grid_<model>.png")
+    args = parser.parse_args()
+
+    base = yaml.safe_load(args.params.read_text())
+    params = parse_params(base, str(args.params))
+    splits = split(load_source(params.data), params.data)
+    train_set = splits.train
+    _, channels, size, _ = train_set.images.shape
+    num_classes = len(train_set.class_names)
+
+    runs = {}
+    for name in args.models:
+        run_params = parse_params(apply_overrides(base, {"model.name": name, "model.overrides": {}}), name)
+        spec = model_spec(run_params, channels, size, num_classes)
+        with seeded_init(run_params.train.seed):
+            packaged = PackagedDiffusion(spec, run_params.diffusion.model_dump())
+        trainer = Trainer(
+            packaged.net, packaged.diffusion, train_set.images, train_set.labels, run_params.train,
+            class_conditional=run_params.model.class_conditional,
+        )
+        runs[name] = {"params": run_params, "spec": spec, "trainer": trainer, "seconds": [], "steps": 0}
+        print(f"{name}: {sum(p.numel() for p in packaged.net.parameters()):,} parameters", flush=True)
+    print(machine(), flush=True)
+
+    budget = 60 * args.minutes
+    torch.manual_seed(params.train.seed)
+    while True:
+        name, run = min(runs.items(), key=lambda item: sum(item[1]["seconds"]))
+        if sum(run["seconds"]) >= budget:
+            break
+        run["steps"] += 1
+        start = time.perf_counter()
+        run["trainer"].step(run["steps"], None)
+        run["seconds"].append(time.perf_counter() - start)
+        if run["steps"] % 100 == 0:
+            print(f"{name}: step {run['steps']}, {sum(run['seconds']):.0f} s", flush=True)
+
+    draw = torch.randperm(len(train_set.images), generator=torch.Generator().manual_seed(0))
+    reference = inception_features(train_set.images[draw[: args.reference]], device="cpu")
+    classifier = train_classifier(train_set.images, train_set.labels, steps=args.classifier_steps)
+    result = {
+        "machine": machine(),
+        "minutes": args.minutes,
+        "samples": args.samples,
+        "reference": args.reference,
+        "classifier_heldout_accuracy": accuracy(classifier, splits.heldout.images, splits.heldout.labels),
+        "recipe": params.model_dump(include={"diffusion", "train", "sample"}),
+    }
+    from PIL import Image
+
+    for name, run in runs.items():
+        final = PackagedDiffusion(run["spec"], run["params"].diffusion.model_dump(), net=run["trainer"].ema.model)
+        sampling = sampling_settings(run["params"], torch.device("cpu"))
+        labels = sampling_labels(run["params"].sample.labels, args.samples, num_classes)
+        start = time.perf_counter()
+        images = generate_images(
+            final, sampling, labels=labels, batch_size=run["params"].sample.batch_size, seed=run["params"].sample.seed,
+            device=torch.device("cpu"), name=lambda key: f"sample.{key}",
+        )
+        sample_s = time.perf_counter() - start
+        batch = run["params"].train.batch_size
+        result[name] = {
+            "parameters": sum(p.numel() for p in final.net.parameters()),
+            "train_steps": run["steps"],
+            "train_s": sum(run["seconds"]),
+            "train_img_per_s": batch / statistics.median(run["seconds"]),
+            "sample_s": sample_s,
+            "sample_img_per_s": args.samples / sample_s,
+            "sampling": sampling,
+            **scores(images, reference, classifier),
+        }
+        print(name, json.dumps({k: v for k, v in result[name].items() if k != "sampling"}), flush=True)
+        RESULTS.mkdir(exist_ok=True)
+        Image.fromarray(image_grid(images[:100], run["params"].sample.grid_rows)).save(RESULTS / f"{args.out}_grid_{name}.png")
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
