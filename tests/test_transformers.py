@@ -209,9 +209,10 @@ def test_a_window_the_size_of_the_map_is_global_attention():
 
 
 def test_patches_embed_and_unpatchify_back():
-    """A patch embedding that copies each p x p x C patch into its token, then unpatchify: the input."""
+    """A patch embedding that copies each p x p x C patch into its token, then unpatchify: the
+    input (its position embedding taken away)."""
     p, c = 2, 3
-    embed = PatchEmbedding(c, p * p * c, p)
+    embed = PatchEmbedding(c, p * p * c, p, image_size=8)
     with torch.no_grad():  # token channel (i, j, ch), DiT's unpatchify order, takes pixel (i, j) of channel ch
         embed.weight.zero_()
         embed.bias.zero_()
@@ -220,8 +221,9 @@ def test_patches_embed_and_unpatchify_back():
                 for ch in range(c):
                     embed.weight[(i * p + j) * c + ch, ch, i, j] = 1.0
     x = torch.randn(2, c, 8, 8)
-    tokens = embed(x)
+    tokens = embed(x) - embed.position_embedding
     assert tokens.shape == (2, 16, p * p * c)
+    torch.testing.assert_close(embed.position_embedding[0], sincos_2d_position_embedding(p * p * c, 4))
     torch.testing.assert_close(unpatchify(tokens, p, c), x)
 
 

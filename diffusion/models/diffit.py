@@ -32,7 +32,7 @@ from torch import nn
 from diffusion.models.configs import check_diffit, check_patch_transformer
 from diffusion.models.layers import (
     Downsample, LabelEmbedding, PatchEmbedding, TimeDependentSelfAttention, TimestepEmbedding, Upsample, condition,
-    group_norm, initialize_transformer, layer_norm, mlp, sincos_2d_position_embedding, unpatchify,
+    group_norm, initialize_transformer, layer_norm, mlp, unpatchify,
 )
 
 # The latent model's timestep embedding: 256 sinusoid frequencies, as DiT (NVlabs/DiffiT).
@@ -201,8 +201,7 @@ class LatentDiffiT(nn.Module):
         self.patch_size, self.out_channels = patch_size, out_channels
         self.num_classes = num_classes  # the null class's index, which the trainer drops labels to
         grid = image_size // patch_size
-        self.patch_embed = PatchEmbedding(in_channels, hidden_size, patch_size)
-        self.register_buffer("position_embedding", sincos_2d_position_embedding(hidden_size, grid)[None], persistent=False)
+        self.patch_embed = PatchEmbedding(in_channels, hidden_size, patch_size, image_size)
         self.time_embed = TimestepEmbedding(TIME_FREQUENCIES, hidden_size)
         self.label_embed = LabelEmbedding(num_classes, hidden_size) if num_classes is not None else None
         self.blocks = nn.ModuleList([DiffiTBlock(hidden_size, num_heads, hidden_size, grid, mlp_ratio) for _ in range(depth)])
@@ -212,7 +211,7 @@ class LatentDiffiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, C, H, W], t [B] timesteps, y [B] class labels (None: the null class) -> [B, out_channels, H, W]."""
-        tokens = self.patch_embed(x) + self.position_embedding
+        tokens = self.patch_embed(x)
         time = condition(self.time_embed(t), self.label_embed, y)
         for block in self.blocks:
             tokens = block(tokens, time)

@@ -18,7 +18,7 @@ from torch import nn
 from diffusion.models.configs import check_patch_transformer
 from diffusion.models.layers import (
     LabelEmbedding, PatchEmbedding, SelfAttention, TimestepEmbedding, condition, initialize_transformer, layer_norm,
-    mlp, sincos_2d_position_embedding, unpatchify,
+    mlp, unpatchify,
 )
 
 # DiT's timestep embedding: 256 sinusoid frequencies into the MLP (§3.2, "Timestep embedding").
@@ -27,7 +27,7 @@ TIME_FREQUENCIES = 256
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN (§3.2): ``x * (1 + scale) + shift``, one shift and scale a sample, over its tokens."""
-    return x * (1 + scale[:, None]) + shift[:, None]
+    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
 
 
 class DiTBlock(nn.Module):
@@ -45,8 +45,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c).chunk(6, dim=1)
-        x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = torch.addcmul(x, gate_msa[:, None], self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
+        return torch.addcmul(x, gate_mlp[:, None], self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 class FinalLayer(nn.Module):
@@ -94,10 +94,7 @@ class DiT(nn.Module):
         )
         self.patch_size, self.out_channels = patch_size, out_channels
         self.num_classes = num_classes  # the null class's index, which the trainer drops labels to
-        self.patch_embed = PatchEmbedding(in_channels, hidden_size, patch_size)
-        # Fixed, not learned (§3.2); rebuilt from the config, so not in the state dict.
-        grid = sincos_2d_position_embedding(hidden_size, image_size // patch_size)
-        self.register_buffer("position_embedding", grid[None], persistent=False)
+        self.patch_embed = PatchEmbedding(in_channels, hidden_size, patch_size, image_size)  # fixed positions (§3.2)
         self.time_embed = TimestepEmbedding(TIME_FREQUENCIES, hidden_size)
         self.label_embed = LabelEmbedding(num_classes, hidden_size) if num_classes is not None else None
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
@@ -109,7 +106,7 @@ class DiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, C, H, W], t [B] timesteps, y [B] class labels (None: the null class) -> [B, out_channels, H, W]."""
-        tokens = self.patch_embed(x) + self.position_embedding
+        tokens = self.patch_embed(x)
         c = condition(self.time_embed(t), self.label_embed, y)
         for block in self.blocks:
             tokens = block(tokens, c)

@@ -146,14 +146,20 @@ def mlp(dim: int, ratio: float) -> nn.Sequential:
 
 
 class PatchEmbedding(nn.Conv2d):
-    """Patchify (ViT, Dosovitskiy et al. 2021; DiT §3.2): non-overlapping p x p patches, each
-    linearly embedded: [B, C, H, W] -> [B, (H/p)(W/p), dim], row-major."""
+    """Patchify (ViT, Dosovitskiy et al. 2021; DiT §3.2): non-overlapping p x p patches of an
+    ``image_size``^2 input, each linearly embedded, plus the fixed 2-D sin-cos position
+    embedding of its place: [B, C, H, W] -> [B, (H/p)(W/p), dim], row-major. The positions are
+    rebuilt from the sizes, so not in the state dict, and added in the tokens' dtype (bf16
+    under autocast, as diffusers' ``PatchEmbed``: the residual stream stays bf16)."""
 
-    def __init__(self, in_channels: int, dim: int, patch_size: int) -> None:
+    def __init__(self, in_channels: int, dim: int, patch_size: int, image_size: int) -> None:
         super().__init__(in_channels, dim, patch_size, stride=patch_size)
+        grid = sincos_2d_position_embedding(dim, image_size // patch_size)
+        self.register_buffer("position_embedding", grid[None], persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x).flatten(2).transpose(1, 2)
+        tokens = super().forward(x).flatten(2).transpose(1, 2)
+        return tokens + self.position_embedding.to(tokens.dtype)
 
 
 def unpatchify(tokens: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
