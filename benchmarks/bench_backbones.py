@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_default import RESULTS, scores
+from bench_default import RESULTS, pipeline_samples, pipeline_trainer, scores
 from bench_networks import machine
 from digit_classifier import accuracy, train_classifier
 
@@ -40,11 +40,7 @@ from diffusion.config import parse_params
 from diffusion.data.dataset import split
 from diffusion.data.sources import load_source
 from diffusion.evaluation.metrics import inception_features
-from diffusion.images import generate_images, image_grid, sampling_labels
-from diffusion.packaged import PackagedDiffusion
-from diffusion.stages.sample import sampling_settings
-from diffusion.stages.train import model_spec
-from diffusion.training.loop import Trainer, seeded_init
+from diffusion.images import image_grid
 from flows.commands import apply_overrides
 
 # About unet-small's 1.19M parameters each (diffusion/models/configs.py).
@@ -66,21 +62,12 @@ def main() -> None:
     params = parse_params(base, str(args.params))
     splits = split(load_source(params.data), params.data)
     train_set = splits.train
-    _, channels, size, _ = train_set.images.shape
-    num_classes = len(train_set.class_names)
-
     runs = {}
     for name in args.models:
         run_params = parse_params(apply_overrides(base, {"model.name": name, "model.overrides": {}}), name)
-        spec = model_spec(run_params, channels, size, num_classes)
-        with seeded_init(run_params.train.seed):
-            packaged = PackagedDiffusion(spec, run_params.diffusion.model_dump())
-        trainer = Trainer(
-            packaged.net, packaged.diffusion, train_set.images, train_set.labels, run_params.train,
-            class_conditional=run_params.model.class_conditional,
-        )
+        spec, trainer = pipeline_trainer(run_params, train_set)
         runs[name] = {"params": run_params, "spec": spec, "trainer": trainer, "seconds": [], "steps": 0}
-        print(f"{name}: {sum(p.numel() for p in packaged.net.parameters()):,} parameters", flush=True)
+        print(f"{name}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters", flush=True)
     print(machine(), flush=True)
 
     budget = 60 * args.minutes
@@ -110,18 +97,12 @@ def main() -> None:
     from PIL import Image
 
     for name, run in runs.items():
-        final = PackagedDiffusion(run["spec"], run["params"].diffusion.model_dump(), net=run["trainer"].ema.model)
-        sampling = sampling_settings(run["params"], torch.device("cpu"))
-        labels = sampling_labels(run["params"].sample.labels, args.samples, num_classes)
         start = time.perf_counter()
-        images = generate_images(
-            final, sampling, labels=labels, batch_size=run["params"].sample.batch_size, seed=run["params"].sample.seed,
-            device=torch.device("cpu"), name=lambda key: f"sample.{key}",
-        )
+        images, sampling = pipeline_samples(run["params"], run["spec"], run["trainer"], args.samples)
         sample_s = time.perf_counter() - start
         batch = run["params"].train.batch_size
         result[name] = {
-            "parameters": sum(p.numel() for p in final.net.parameters()),
+            "parameters": sum(p.numel() for p in run["trainer"].model.parameters()),
             "train_steps": run["steps"],
             "train_s": sum(run["seconds"]),
             "train_img_per_s": batch / statistics.median(run["seconds"]),

@@ -117,6 +117,33 @@ class Peer:
         return torch.cat(batches)
 
 
+def pipeline_trainer(params, train_set) -> tuple[dict, Trainer]:
+    """The train stage's network for ``params`` (seeded as the stage seeds it), its model spec,
+    and the pipeline's :class:`Trainer` for it on ``train_set``."""
+    _, channels, size, _ = train_set.images.shape
+    spec = model_spec(params, channels, size, len(train_set.class_names))
+    with seeded_init(params.train.seed):
+        packaged = PackagedDiffusion(spec, params.diffusion.model_dump())
+    trainer = Trainer(
+        packaged.net, packaged.diffusion, train_set.images, train_set.labels, params.train,
+        class_conditional=params.model.class_conditional,
+    )
+    return spec, trainer
+
+
+def pipeline_samples(params, spec: dict, trainer: Trainer, count: int) -> tuple[torch.Tensor, dict]:
+    """``count`` uint8 images from the trainer's EMA network, drawn as the sample stage draws
+    them (params.yaml's sample section), and the sampling settings that drew them."""
+    final = PackagedDiffusion(spec, params.diffusion.model_dump(), net=trainer.ema.model)
+    sampling = sampling_settings(params, torch.device("cpu"))
+    labels = sampling_labels(params.sample.labels, count, spec["num_classes"])
+    images = generate_images(
+        final, sampling, labels=labels, batch_size=params.sample.batch_size, seed=params.sample.seed,
+        device=torch.device("cpu"), name=lambda key: f"sample.{key}",
+    )
+    return images, sampling
+
+
 def train_side_by_side(ours: Trainer, steps: int, peer: Peer) -> tuple[float, float]:
     """``steps`` steps of ours and as many peer steps as fit in the same seconds, interleaved;
     returns (our seconds, the peer's seconds)."""
@@ -158,30 +185,16 @@ def main() -> None:
     params = parse_params(raw, str(args.params))
     splits = split(load_source(params.data), params.data)
     train_set = splits.train
-    _, channels, size, _ = train_set.images.shape
-    num_classes = len(train_set.class_names)
-
-    spec = model_spec(params, channels, size, num_classes)
-    with seeded_init(params.train.seed):
-        packaged = PackagedDiffusion(spec, params.diffusion.model_dump())
-    ours = Trainer(
-        packaged.net, packaged.diffusion, train_set.images, train_set.labels, params.train,
-        class_conditional=params.model.class_conditional,
-    )
-    peer = Peer(train_set.images, size)
+    spec, ours = pipeline_trainer(params, train_set)
+    peer = Peer(train_set.images, train_set.images.shape[-1])
     print(f"{machine()}; ours {params.model.name}, {params.train.steps} steps; peer UNet2DModel", flush=True)
     with torch.random.fork_rng():
         torch.manual_seed(ours.torch_seed)
         ours_s, peer_s = train_side_by_side(ours, params.train.steps, peer)
 
-    final = PackagedDiffusion(spec, params.diffusion.model_dump(), net=ours.ema.model)
-    sampling = sampling_settings(params, torch.device("cpu"))
-    labels = sampling_labels(params.sample.labels, args.samples, spec["num_classes"])
     start = time.perf_counter()
-    images = {"ours": generate_images(
-        final, sampling, labels=labels, batch_size=params.sample.batch_size, seed=params.sample.seed,
-        device=torch.device("cpu"), name=lambda key: f"sample.{key}",
-    )}
+    ours_images, sampling = pipeline_samples(params, spec, ours, args.samples)
+    images = {"ours": ours_images}
     sample_s = {"ours": time.perf_counter() - start}
     start = time.perf_counter()
     images["diffusers"] = peer.sample(args.samples, params.sample.batch_size, params.sample.seed)

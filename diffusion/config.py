@@ -189,7 +189,7 @@ class Params(_Section):
     def check_combinations(self) -> Params:
         for path in self.sweep.space:
             _check_param_path(path)
-        _check_model(self.model, self.data.image_size)
+        check_model(self.model.name, self.data.image_size, self.model.overrides)  # name, overrides, shape
         _check_swept_model(self.sweep.space)
         d = self.diffusion
         check_combination(
@@ -254,12 +254,6 @@ def _check_classifier(params: Params) -> None:
             f"guidance.classifier_eval_bins: {guide.classifier_eval_bins} is more than diffusion.timesteps "
             f"({params.diffusion.timesteps}); allowed 1..{params.diffusion.timesteps}"
         )
-
-
-def _check_model(model: ModelParams, image_size: int) -> None:
-    """The named network exists, its overrides are constructor arguments of the right
-    type and range, and its shape fits ``data.image_size``."""
-    check_model(model.name, image_size, model.overrides)
 
 
 def _check_swept_model(space: dict[str, SearchDim]) -> None:

@@ -29,14 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion.models.configs import check_diffit, check_patch_transformer
+from diffusion.models.configs import check_diffit
 from diffusion.models.layers import (
-    Downsample, LabelEmbedding, PatchEmbedding, TimeDependentSelfAttention, TimestepEmbedding, Upsample, condition,
-    group_norm, initialize_transformer, layer_norm, mlp, unpatchify,
+    Downsample, LabelEmbedding, PatchTransformer, TimeDependentSelfAttention, TimestepEmbedding, Upsample, condition,
+    group_norm, initialize_transformer, layer_norm, mlp,
 )
-
-# The latent model's timestep embedding: 256 sinusoid frequencies, as DiT (NVlabs/DiffiT).
-TIME_FREQUENCIES = 256
 
 
 class DiffiTBlock(nn.Module):
@@ -173,46 +170,30 @@ class DiffiT(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-class LatentDiffiT(nn.Module):
-    """Latent DiffiT (see the module doc). ``forward(x, t, y=None)`` -> [B, out_channels, H, W]:
-    ``depth`` DiffiT blocks of width ``hidden_size`` on ``patch_size``^2 patches of the input
-    (latents, or pixels), attention over the whole grid with a relative position bias."""
+class LatentFinalLayer(nn.Module):
+    """Latent DiffiT's last layer (NVlabs/DiffiT): LayerNorm, SiLU, a linear map of each token
+    to its patch; the time token has no part in it."""
 
-    def __init__(
-        self,
-        *,
-        in_channels: int,
-        out_channels: int,
-        image_size: int,
-        depth: int,
-        hidden_size: int,
-        patch_size: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        num_classes: int | None = None,
-    ) -> None:
+    def __init__(self, dim: int, out_features: int) -> None:
         super().__init__()
-        check_patch_transformer(image_size, hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads)
-        self.config = dict(
-            in_channels=in_channels, out_channels=out_channels, image_size=image_size, depth=depth,
-            hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads, mlp_ratio=mlp_ratio,
-            num_classes=num_classes,
-        )
-        self.patch_size, self.out_channels = patch_size, out_channels
-        self.num_classes = num_classes  # the null class's index, which the trainer drops labels to
-        grid = image_size // patch_size
-        self.patch_embed = PatchEmbedding(in_channels, hidden_size, patch_size, image_size)
-        self.time_embed = TimestepEmbedding(TIME_FREQUENCIES, hidden_size)
-        self.label_embed = LabelEmbedding(num_classes, hidden_size) if num_classes is not None else None
-        self.blocks = nn.ModuleList([DiffiTBlock(hidden_size, num_heads, hidden_size, grid, mlp_ratio) for _ in range(depth)])
-        self.norm_out = layer_norm(hidden_size)
-        self.linear_out = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        initialize_transformer(self, zero=[self.linear_out])
+        self.norm = layer_norm(dim)
+        self.linear = nn.Linear(dim, out_features)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, C, H, W], t [B] timesteps, y [B] class labels (None: the null class) -> [B, out_channels, H, W]."""
-        tokens = self.patch_embed(x)
-        time = condition(self.time_embed(t), self.label_embed, y)
-        for block in self.blocks:
-            tokens = block(tokens, time)
-        return unpatchify(self.linear_out(F.silu(self.norm_out(tokens))), self.patch_size, self.out_channels)
+    def forward(self, tokens: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        return self.linear(F.silu(self.norm(tokens)))
+
+
+class LatentDiffiT(PatchTransformer):
+    """Latent DiffiT (see the module doc): :class:`~diffusion.models.layers.PatchTransformer` of
+    ``depth`` :class:`DiffiTBlock` s of width ``hidden_size`` on ``patch_size``^2 patches of the
+    input (latents, or pixels), TMSA over the whole grid with a relative position bias."""
+
+    def make_block(self, dim: int, num_heads: int, mlp_ratio: float, grid: int) -> DiffiTBlock:
+        return DiffiTBlock(dim, num_heads, dim, grid, mlp_ratio)
+
+    def make_final_layer(self, dim: int, out_features: int) -> LatentFinalLayer:
+        return LatentFinalLayer(dim, out_features)
+
+    def zero_initialised(self) -> list[nn.Module]:
+        """The output layer, so a fresh model outputs exactly zero."""
+        return [self.final_layer.linear]

@@ -15,14 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffusion.models.configs import check_patch_transformer
-from diffusion.models.layers import (
-    LabelEmbedding, PatchEmbedding, SelfAttention, TimestepEmbedding, condition, initialize_transformer, layer_norm,
-    mlp, unpatchify,
-)
-
-# DiT's timestep embedding: 256 sinusoid frequencies into the MLP (§3.2, "Timestep embedding").
-TIME_FREQUENCIES = 256
+from diffusion.models.layers import PatchTransformer, SelfAttention, layer_norm, mlp
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -52,10 +45,10 @@ class DiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     """adaLN, then a linear map of each token to its p x p x C_out patch (§3.2, "Transformer decoder")."""
 
-    def __init__(self, dim: int, patch_size: int, out_channels: int) -> None:
+    def __init__(self, dim: int, out_features: int) -> None:
         super().__init__()
         self.norm = layer_norm(dim)
-        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.linear = nn.Linear(dim, out_features)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -63,51 +56,20 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
-class DiT(nn.Module):
-    """DiT (see the module doc). ``forward(x, t, y=None)`` -> [B, out_channels, H, W].
+class DiT(PatchTransformer):
+    """DiT (see the module doc): :class:`~diffusion.models.layers.PatchTransformer` of
+    :class:`DiTBlock` s and the adaLN :class:`FinalLayer`; ``depth`` blocks of width
+    ``hidden_size`` with ``num_heads`` heads on ``patch_size``^2 patches, the learned variance
+    with ``out_channels`` 2C (§3.2: "we also learn the diagonal covariance")."""
 
-    ``depth`` blocks of width ``hidden_size`` with ``num_heads`` heads on ``patch_size``^2
-    patches; ``num_classes``: class-conditional, with the null class of classifier-free
-    guidance (index ``num_classes``) used when ``y`` is None; ``out_channels`` 2C for the
-    learned variance (§3.2: "we also learn the diagonal covariance").
-    """
+    def make_block(self, dim: int, num_heads: int, mlp_ratio: float, grid: int) -> DiTBlock:
+        return DiTBlock(dim, num_heads, mlp_ratio)
 
-    def __init__(
-        self,
-        *,
-        in_channels: int,
-        out_channels: int,
-        image_size: int,
-        depth: int,
-        hidden_size: int,
-        patch_size: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        num_classes: int | None = None,
-    ) -> None:
-        super().__init__()
-        check_patch_transformer(image_size, hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads)
-        self.config = dict(
-            in_channels=in_channels, out_channels=out_channels, image_size=image_size, depth=depth,
-            hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads, mlp_ratio=mlp_ratio,
-            num_classes=num_classes,
-        )
-        self.patch_size, self.out_channels = patch_size, out_channels
-        self.num_classes = num_classes  # the null class's index, which the trainer drops labels to
-        self.patch_embed = PatchEmbedding(in_channels, hidden_size, patch_size, image_size)  # fixed positions (§3.2)
-        self.time_embed = TimestepEmbedding(TIME_FREQUENCIES, hidden_size)
-        self.label_embed = LabelEmbedding(num_classes, hidden_size) if num_classes is not None else None
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, out_channels)
-        # adaLN-Zero: every modulation and the final linear layer zero, so each block is the
-        # identity and a fresh model outputs exactly zero.
+    def make_final_layer(self, dim: int, out_features: int) -> FinalLayer:
+        return FinalLayer(dim, out_features)
+
+    def zero_initialised(self) -> list[nn.Module]:
+        """adaLN-Zero: every modulation and the final linear layer, so each block is the
+        identity and a fresh model outputs exactly zero."""
         modulations = [block.modulation[1] for block in self.blocks] + [self.final_layer.modulation[1]]
-        initialize_transformer(self, zero=[*modulations, self.final_layer.linear])
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, C, H, W], t [B] timesteps, y [B] class labels (None: the null class) -> [B, out_channels, H, W]."""
-        tokens = self.patch_embed(x)
-        c = condition(self.time_embed(t), self.label_embed, y)
-        for block in self.blocks:
-            tokens = block(tokens, c)
-        return unpatchify(self.final_layer(tokens, c), self.patch_size, self.out_channels)
+        return [*modulations, self.final_layer.linear]

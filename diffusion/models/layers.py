@@ -14,6 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusion.models.configs import check_patch_transformer
+
+# The patch transformers' timestep embedding: 256 sinusoid frequencies into the MLP (DiT §3.2;
+# NVlabs/DiffiT likewise).
+TIME_FREQUENCIES = 256
+
 # ---------------------------------------------------------------- timestep and label embeddings
 
 
@@ -184,6 +190,67 @@ def sincos_2d_position_embedding(dim: int, grid_size: int) -> torch.Tensor:
         return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
     return torch.cat([encode(cols), encode(rows)], dim=1).float()
+
+
+class PatchTransformer(nn.Module):
+    """The frame DiT and latent DiffiT share: a ViT denoiser on patches. ``forward(x, t, y=None)``
+    -> [B, out_channels, H, W]: patchify with fixed positions, the conditioning
+    ``c = t_emb + y_emb`` (DiT §3.2; DiffiT's time token), ``depth`` blocks
+    ``block(tokens, c)``, ``final_layer(tokens, c)`` to p*p*C_out a token, unpatchify.
+
+    A subclass says what its blocks and final layer are (:meth:`make_block`,
+    :meth:`make_final_layer`) and which layers start at zero (:meth:`zero_initialised`).
+    ``num_classes``: class-conditional, with the null class of classifier-free guidance
+    (index ``num_classes``) used when ``y`` is None; ``out_channels`` 2C for the learned variance.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        out_channels: int,
+        image_size: int,
+        depth: int,
+        hidden_size: int,
+        patch_size: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        check_patch_transformer(image_size, hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads)
+        # The resolved constructor arguments: what rebuilds this network (or a peer's twin).
+        self.config = dict(
+            in_channels=in_channels, out_channels=out_channels, image_size=image_size, depth=depth,
+            hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads, mlp_ratio=mlp_ratio,
+            num_classes=num_classes,
+        )
+        self.patch_size, self.out_channels = patch_size, out_channels
+        self.num_classes = num_classes  # the null class's index, which the trainer drops labels to
+        self.patch_embed = PatchEmbedding(in_channels, hidden_size, patch_size, image_size)
+        self.time_embed = TimestepEmbedding(TIME_FREQUENCIES, hidden_size)
+        self.label_embed = LabelEmbedding(num_classes, hidden_size) if num_classes is not None else None
+        grid = image_size // patch_size
+        self.blocks = nn.ModuleList([self.make_block(hidden_size, num_heads, mlp_ratio, grid) for _ in range(depth)])
+        self.final_layer = self.make_final_layer(hidden_size, patch_size * patch_size * out_channels)
+        initialize_transformer(self, zero=self.zero_initialised())
+
+    def make_block(self, dim: int, num_heads: int, mlp_ratio: float, grid: int) -> nn.Module:
+        raise NotImplementedError
+
+    def make_final_layer(self, dim: int, out_features: int) -> nn.Module:
+        raise NotImplementedError
+
+    def zero_initialised(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, C, H, W], t [B] timesteps, y [B] class labels (None: the null class) -> [B, out_channels, H, W]."""
+        tokens = self.patch_embed(x)
+        c = condition(self.time_embed(t), self.label_embed, y)
+        for block in self.blocks:
+            tokens = block(tokens, c)
+        return unpatchify(self.final_layer(tokens, c), self.patch_size, self.out_channels)
 
 
 # ---------------------------------------------------------------- convolutional pieces
