@@ -180,8 +180,8 @@ def test_relative_position_bias_depends_on_the_offset_only():
     bias = RelativePositionBias(window, num_heads=2)
     with torch.no_grad():
         bias.table.copy_(torch.arange(25 * 2, dtype=torch.float32).reshape(25, 2))
-    b = bias()
-    assert b.shape == (2, 9, 9) and bias.index.unique().numel() == (2 * window - 1) ** 2
+    b = bias()[0]
+    assert bias().shape == (1, 2, 9, 9) and bias.index.unique().numel() == (2 * window - 1) ** 2
     positions = [(r, c) for r in range(window) for c in range(window)]
     for i, (ri, ci) in enumerate(positions):
         for j, (rj, cj) in enumerate(positions):

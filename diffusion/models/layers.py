@@ -77,7 +77,7 @@ def condition(time: torch.Tensor, labels: LabelEmbedding | None, y: torch.Tensor
 class SelfAttention(nn.Module):
     """Multi-head self-attention on tokens [B, N, C] (Vaswani et al. 2017, §3.2.2):
     one fused projection to queries, keys and values, ``softmax(QK^T / sqrt(d) + B) V`` per
-    head (B an optional additive bias, [heads, N, N]), an output projection."""
+    head (B an optional additive bias), an output projection."""
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
@@ -88,7 +88,8 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def attend(self, qkv: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, N, 3C] fused queries, keys and values -> [B, N, C] projected attention output."""
+        """[B, N, 3C] fused queries, keys and values -> [B, N, C] projected attention output;
+        ``bias`` [1, heads, N, N] is added to the attention logits."""
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)  # each [B, heads, N, C/heads]
         bias = None if bias is None else bias.to(q.dtype)
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
@@ -101,7 +102,7 @@ class SelfAttention(nn.Module):
 class RelativePositionBias(nn.Module):
     """Swin's relative position bias (Liu et al. 2021, §3.2): a learned table of one value a
     head for each of the (2w-1)^2 offsets between two positions of a w x w window, gathered
-    into the [heads, w^2, w^2] bias B of ``softmax(QK^T / sqrt(d) + B) V``."""
+    into the bias B of ``softmax(QK^T / sqrt(d) + B) V``."""
 
     def __init__(self, window: int, num_heads: int) -> None:
         super().__init__()
@@ -113,7 +114,9 @@ class RelativePositionBias(nn.Module):
         self.register_buffer("index", offset, persistent=False)
 
     def forward(self) -> torch.Tensor:
-        return self.table[self.index].permute(2, 0, 1)
+        """[1, heads, w^2, w^2]: four dimensions, so that CPU attention takes its flash kernel
+        (a [heads, N, N] mask falls back to the math path, 4.9x slower here)."""
+        return self.table[self.index].permute(2, 0, 1)[None]
 
 
 class TimeDependentSelfAttention(SelfAttention):
