@@ -32,14 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_default import RESULTS, pipeline_samples, pipeline_trainer, scores
+from bench_default import RESULTS, pipeline_samples, pipeline_trainer, reference_and_judge, scores
 from bench_networks import machine
-from digit_classifier import accuracy, train_classifier
 
 from diffusion.config import parse_params
 from diffusion.data.dataset import split
 from diffusion.data.sources import load_source
-from diffusion.evaluation.metrics import inception_features
 from diffusion.images import image_grid
 from flows.commands import apply_overrides
 
@@ -83,15 +81,13 @@ def main() -> None:
         if run["steps"] % 100 == 0:
             print(f"{name}: step {run['steps']}, {sum(run['seconds']):.0f} s", flush=True)
 
-    draw = torch.randperm(len(train_set.images), generator=torch.Generator().manual_seed(0))
-    reference = inception_features(train_set.images[draw[: args.reference]], device="cpu")
-    classifier = train_classifier(train_set.images, train_set.labels, steps=args.classifier_steps)
+    reference, classifier, classifier_accuracy = reference_and_judge(splits, args.reference, 0, args.classifier_steps)
     result = {
         "machine": machine(),
         "minutes": args.minutes,
         "samples": args.samples,
         "reference": args.reference,
-        "classifier_heldout_accuracy": accuracy(classifier, splits.heldout.images, splits.heldout.labels),
+        "classifier_heldout_accuracy": classifier_accuracy,
         "recipe": params.model_dump(include={"diffusion", "train", "sample"}),
     }
     from PIL import Image

@@ -144,6 +144,17 @@ def pipeline_samples(params, spec: dict, trainer: Trainer, count: int) -> tuple[
     return images, sampling
 
 
+def reference_and_judge(splits, count: int, seed: int, classifier_steps: int):
+    """The FID reference, Inception features of ``count`` training digits drawn at random with
+    ``seed`` (MNIST-5k is sorted by label: a prefix would be all 0s and 1s); the digit classifier
+    trained on the training split; and its held-out accuracy."""
+    train_set = splits.train
+    draw = torch.randperm(len(train_set.images), generator=torch.Generator().manual_seed(seed))
+    reference = inception_features(train_set.images[draw[:count]], device="cpu")
+    classifier = train_classifier(train_set.images, train_set.labels, steps=classifier_steps)
+    return reference, classifier, accuracy(classifier, splits.heldout.images, splits.heldout.labels)
+
+
 def train_side_by_side(ours: Trainer, steps: int, peer: Peer) -> tuple[float, float]:
     """``steps`` steps of ours and as many peer steps as fit in the same seconds, interleaved;
     returns (our seconds, the peer's seconds)."""
@@ -201,14 +212,12 @@ def main() -> None:
     sample_s["diffusers"] = time.perf_counter() - start
     images["real"] = splits.heldout.images[: args.samples]
 
-    draw = torch.randperm(len(train_set.images), generator=torch.Generator().manual_seed(args.seed))
-    reference = inception_features(train_set.images[draw[: args.reference]], device="cpu")
-    classifier = train_classifier(train_set.images, train_set.labels, steps=args.classifier_steps)
+    reference, classifier, classifier_accuracy = reference_and_judge(splits, args.reference, args.seed, args.classifier_steps)
     result = {
         "machine": machine(),
         "samples": args.samples,
         "reference": args.reference,
-        "classifier_heldout_accuracy": accuracy(classifier, splits.heldout.images, splits.heldout.labels),
+        "classifier_heldout_accuracy": classifier_accuracy,
         "train_s": {"ours": ours_s, "diffusers": peer_s},
         "train_steps": {"ours": params.train.steps, "diffusers": peer.steps},
         "sample_s": sample_s,
