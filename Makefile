@@ -27,7 +27,7 @@ help:
 	@echo "make pipeline  - set up .venv when missing, then run the DVC pipeline (dvc repro)"
 	@echo "make test      - set up .venv when missing, then run the test suite"
 	@echo "make ui        - MLflow UI on http://localhost:5000 (UI_PORT=...) over the local store in mlflow/"
-	@echo "make bench     - benchmarks/ side by side with their peers (see BENCHMARKS.md; bench_default and bench_backbones write benchmarks/results/)"
+	@echo "make bench     - benchmarks/ side by side with their peers (see BENCHMARKS.md; bench_default, bench_backbones and bench_latent write benchmarks/results/)"
 	@echo "make services  - Prefect server (http://127.0.0.1:4200) and MLflow server (mlflow/server.env); Ctrl-C stops both"
 	@echo "make worker    - a Prefect process worker on pool gpu; GPU=<index> picks CUDA_VISIBLE_DEVICES"
 	@echo "make deploy    - the deployments in prefect.yaml (train-pipeline, train-sweep, promote)"
@@ -66,6 +66,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_solvers.py
 	$(PY) benchmarks/bench_default.py
 	$(PY) benchmarks/bench_backbones.py
+	$(PY) benchmarks/bench_latent.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

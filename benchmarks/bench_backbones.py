@@ -45,6 +45,21 @@ from flows.commands import apply_overrides
 MODELS = ("unet-small", "dit-cpu", "diffit-cpu", "latent-diffit-cpu")
 
 
+def train_interleaved(runs: dict[str, dict], seconds: float) -> None:
+    """Step each run's ``trainer`` until every run has trained ``seconds``, each step going to the
+    run with the fewest seconds so far; each run's ``steps`` and per-step ``seconds`` grow."""
+    while True:
+        name, run = min(runs.items(), key=lambda item: sum(item[1]["seconds"]))
+        if sum(run["seconds"]) >= seconds:
+            return
+        run["steps"] += 1
+        start = time.perf_counter()
+        run["trainer"].step(run["steps"], None)
+        run["seconds"].append(time.perf_counter() - start)
+        if run["steps"] % 100 == 0:
+            print(f"{name}: step {run['steps']}, {sum(run['seconds']):.0f} s", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
@@ -68,18 +83,8 @@ def main() -> None:
         print(f"{name}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters", flush=True)
     print(machine(), flush=True)
 
-    budget = 60 * args.minutes
     torch.manual_seed(params.train.seed)
-    while True:
-        name, run = min(runs.items(), key=lambda item: sum(item[1]["seconds"]))
-        if sum(run["seconds"]) >= budget:
-            break
-        run["steps"] += 1
-        start = time.perf_counter()
-        run["trainer"].step(run["steps"], None)
-        run["seconds"].append(time.perf_counter() - start)
-        if run["steps"] % 100 == 0:
-            print(f"{name}: step {run['steps']}, {sum(run['seconds']):.0f} s", flush=True)
+    train_interleaved(runs, 60 * args.minutes)
 
     reference, classifier, classifier_accuracy = reference_and_judge(splits, args.reference, 0, args.classifier_steps)
     result = {

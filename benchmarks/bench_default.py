@@ -117,24 +117,31 @@ class Peer:
         return torch.cat(batches)
 
 
-def pipeline_trainer(params, train_set) -> tuple[dict, Trainer]:
+def pipeline_trainer(params, train_set, images: torch.Tensor | None = None) -> tuple[dict, Trainer]:
     """The train stage's network for ``params`` (seeded as the stage seeds it), its model spec,
-    and the pipeline's :class:`Trainer` for it on ``train_set``."""
-    _, channels, size, _ = train_set.images.shape
+    and the pipeline's :class:`Trainer` for it on ``train_set`` (or on ``images`` of its
+    labels: the scaled latents of a latent model)."""
+    images = train_set.images if images is None else images
+    _, channels, size, _ = images.shape
     spec = model_spec(params, channels, size, len(train_set.class_names))
     with seeded_init(params.train.seed):
         packaged = PackagedDiffusion(spec, params.diffusion.model_dump())
     trainer = Trainer(
-        packaged.net, packaged.diffusion, train_set.images, train_set.labels, params.train,
+        packaged.net, packaged.diffusion, images, train_set.labels, params.train,
         class_conditional=params.model.class_conditional,
     )
     return spec, trainer
 
 
-def pipeline_samples(params, spec: dict, trainer: Trainer, count: int) -> tuple[torch.Tensor, dict]:
+def pipeline_samples(
+    params, spec: dict, trainer: Trainer, count: int, autoencoder: dict | None = None, decoder=None,
+) -> tuple[torch.Tensor, dict]:
     """``count`` uint8 images from the trainer's EMA network, drawn as the sample stage draws
-    them (params.yaml's sample section), and the sampling settings that drew them."""
-    final = PackagedDiffusion(spec, params.diffusion.model_dump(), net=trainer.ema.model)
+    them (params.yaml's sample section; decoded by ``decoder`` for a latent model, as
+    :class:`PackagedDiffusion` takes them), and the sampling settings that drew them."""
+    final = PackagedDiffusion(
+        spec, params.diffusion.model_dump(), net=trainer.ema.model, autoencoder=autoencoder, decoder=decoder,
+    )
     sampling = sampling_settings(params, torch.device("cpu"))
     labels = sampling_labels(params.sample.labels, count, spec["num_classes"])
     images = generate_images(

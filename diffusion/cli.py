@@ -19,6 +19,8 @@ import sys
 STAGES = {
     "validate": "diffusion.stages.validate",
     "prepare": "diffusion.stages.prepare",
+    "train_vae": "diffusion.stages.train_vae",
+    "encode": "diffusion.stages.encode",
     "train": "diffusion.stages.train",
     "train_classifier": "diffusion.stages.train_classifier",
     "sample": "diffusion.stages.sample",

@@ -26,7 +26,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from diffusion.errors import UserError
-from diffusion.models.configs import CLASSIFIER_CONFIGS, FAMILY_OF, check_model, check_unet, family
+from diffusion.models.configs import (
+    CLASSIFIER_CONFIGS, FAMILY_OF, VAE_CONFIGS, check_model, check_unet, diffusers_autoencoder_config, family, latent_shape,
+)
 from diffusion.process.options import Loss, Prediction, Variance, check_combination, names
 from diffusion.sampling.steps import STEP_SCHEDULES
 from diffusion.sampling.table import SAMPLERS
@@ -41,6 +43,7 @@ LossName = Literal[names(Loss)]
 SamplerName = Literal[tuple(SAMPLERS)]
 StepScheduleName = Literal[tuple(STEP_SCHEDULES)]
 ClassifierName = Literal[tuple(CLASSIFIER_CONFIGS)]
+VaeName = Literal[tuple(VAE_CONFIGS)]
 
 
 class ConfigError(UserError, ValueError):
@@ -64,6 +67,26 @@ class ModelParams(_Section):
     name: str
     overrides: dict[str, Any]
     class_conditional: bool
+    space: Literal["pixel", "latent"]  # latent: diffusion on the autoencoder's latents (the vae section)
+
+
+class VaeParams(_Section):
+    """The autoencoder of latent diffusion (stages train_vae and encode; used when model.space is latent)."""
+
+    name: VaeName  # diffusion/models/configs.py: VAE_CONFIGS
+    pretrained: str | None  # a diffusers AutoencoderKL folder (config.json + weights) used instead of training
+    steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    kl_weight: float = Field(ge=0)  # beta of recon + beta * KL (both per pixel value)
+    seed: int
+    device: Device
+    precision: Literal["auto", "fp32", "bf16"]
+    log_every: int = Field(ge=1)
+    checkpoint_every: int = Field(ge=1)
+    grid_images: int = Field(ge=1)  # held-out images in the reconstructions grid
+    posterior: Literal["mean", "sample"]  # encode: the posterior's mean, or a draw from it (seeded)
+    encode_batch_size: int = Field(ge=1)
 
 
 class DiffusionParams(_Section):
@@ -180,6 +203,7 @@ class Params(_Section):
     diffusion: DiffusionParams
     train: TrainParams
     sample: SampleParams
+    vae: VaeParams
     guidance: GuidanceParams
     evaluate: EvaluateParams
     tracking: TrackingParams
@@ -189,7 +213,7 @@ class Params(_Section):
     def check_combinations(self) -> Params:
         for path in self.sweep.space:
             _check_param_path(path)
-        check_model(self.model.name, self.data.image_size, self.model.overrides)  # name, overrides, shape
+        _check_network(self)  # name, overrides, shape (of the images or their latents)
         _check_swept_model(self.sweep.space)
         d = self.diffusion
         check_combination(
@@ -214,6 +238,46 @@ class Params(_Section):
                 f"({d.timesteps}); allowed 1..{d.timesteps}"
             )
         return self
+
+
+def autoencoder_config(vae: VaeParams) -> dict[str, Any]:
+    """The autoencoder's constructor arguments: those of ``vae.pretrained``'s config.json, or
+    of the named config (without in_channels, which the data gives)."""
+    if vae.pretrained is not None:
+        return diffusers_autoencoder_config(vae.pretrained)
+    return dict(VAE_CONFIGS[vae.name])
+
+
+def diffusion_shape(params: Params) -> tuple[int | None, int]:
+    """(channels, size) of what the diffusion model sees: the images (channels None: the
+    data's) or, with ``model.space: latent``, their latents."""
+    if params.model.space == "pixel":
+        return None, params.data.image_size
+    return latent_shape(params.data.image_size, **autoencoder_config(params.vae))
+
+
+def _check_network(params: Params) -> None:
+    """The network fits the images, or in latent space their latents; latent space has no
+    pixels to flip or threshold."""
+    model = params.model
+    if model.space == "pixel":
+        check_model(model.name, params.data.image_size, model.overrides)
+        return
+    _, size = diffusion_shape(params)
+    try:
+        check_model(model.name, size, model.overrides)
+    except ValueError as err:
+        where = params.vae.pretrained or params.vae.name
+        raise ValueError(
+            f"model.space: latent: {model.name} does not fit the {size} x {size} latents of {where} "
+            f"({str(err).replace('data.image_size: ', 'latent size ')})"
+        ) from None
+    if params.train.hflip:
+        raise ValueError("train.hflip: flips pixels; with model.space latent the model trains on latents: use false")
+    if params.sample.threshold is not None:
+        raise ValueError(
+            "sample.threshold: dynamic thresholding clips pixels; with model.space latent nothing is clipped: use null"
+        )
 
 
 def _check_guidance(params: Params) -> None:
@@ -244,7 +308,7 @@ def _check_classifier(params: Params) -> None:
     no more t bins than timesteps."""
     guide = params.guidance
     try:
-        check_unet(params.data.image_size, **CLASSIFIER_CONFIGS[guide.classifier_model])
+        check_unet(diffusion_shape(params)[1], **CLASSIFIER_CONFIGS[guide.classifier_model])
     except ValueError as err:
         raise ValueError(f"guidance.classifier_model: '{guide.classifier_model}' does not fit: {err}") from None
     if params.data.holdout < 1:
@@ -278,7 +342,7 @@ def _check_param_path(path: str) -> None:
     """A sweep dimension must name a real param (``model.overrides.*`` is free-form)."""
     section, _, rest = path.partition(".")
     if section not in Params.model_fields or section == "sweep" or not rest:
-        raise ValueError(f"sweep.space: '{path}' is not a param; use <section>.<key>, sections: data, model, diffusion, train, sample, guidance, evaluate")
+        raise ValueError(f"sweep.space: '{path}' is not a param; use <section>.<key>, sections: data, model, diffusion, train, sample, vae, guidance, evaluate")
     model = Params.model_fields[section].annotation
     key = rest.split(".")[0]
     if key not in model.model_fields:

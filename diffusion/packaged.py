@@ -9,6 +9,12 @@ takes any sampler, step count and seed.
 ``sampling`` is :data:`DEFAULT_SAMPLER` in ``models/model.pt``: train does not know
 the sample params. The registered model carries the sample params behind its FID
 (:func:`diffusion.registry.promote` sets them).
+
+A latent diffusion model (``model.space: latent``) carries its autoencoder and the latent
+scale factor: the network denoises latents of :attr:`~PackagedDiffusion.image_shape`, and
+sampling ends with the decoder, ``x = D(z / scale_factor)`` (Rombach et al. 2022, §3), so
+every caller gets images of :attr:`~PackagedDiffusion.output_shape`. ``models/vae.pt`` is
+the autoencoder alone (:func:`save_autoencoder`).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from diffusion.training.checkpoint import CheckpointError, load_checkpoint, save
 from diffusion.images import sampling_labels
 from diffusion.process.gaussian import GaussianDiffusion
 from diffusion.models.table import create_model
+from diffusion.models.vae import KLAutoencoder
 from diffusion.sampling.guidance import Classifier, guidance
 from diffusion.sampling.sample import sample as run_sampler
 from diffusion.process.schedules import make_betas
@@ -49,7 +56,9 @@ class PackagedDiffusion(nn.Module):
     params.yaml (schedule, timesteps, zero_terminal_snr, prediction, variance, loss).
     ``sampling``: what ``forward`` samples with, the keys of :data:`DEFAULT_SAMPLER`
     (sampler, steps, schedule, eta, clip_denoised, threshold, guidance_scale,
-    guidance_interval, precision); those not given keep their default.
+    guidance_interval, precision); those not given keep their default. ``autoencoder``:
+    for a latent model, ``{"config": KLAutoencoder arguments, "scale_factor": float}``
+    (and ``decoder``, its network; by default a fresh one to load weights into).
     """
 
     def __init__(
@@ -58,6 +67,8 @@ class PackagedDiffusion(nn.Module):
         process: dict[str, Any],
         net: nn.Module | None = None,
         sampling: dict[str, Any] | None = None,
+        autoencoder: dict[str, Any] | None = None,
+        decoder: KLAutoencoder | None = None,
     ):
         super().__init__()
         unknown = sorted(set(sampling or {}) - set(DEFAULT_SAMPLER))
@@ -76,10 +87,31 @@ class PackagedDiffusion(nn.Module):
             variance=process["variance"],
             loss=process["loss"],
         )
+        self.autoencoder_spec = None if autoencoder is None else {
+            "config": dict(autoencoder["config"]), "scale_factor": float(autoencoder["scale_factor"]),
+        }
+        self.autoencoder = None
+        if autoencoder is not None:
+            self.autoencoder = decoder if decoder is not None else KLAutoencoder(**autoencoder["config"])
+            self.autoencoder.requires_grad_(False).eval()
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
+        """The shape of what the network denoises: an image, or a latent."""
         return (self.model_spec["in_channels"], self.model_spec["image_size"], self.model_spec["image_size"])
+
+    @property
+    def output_shape(self) -> tuple[int, int, int]:
+        """The shape of a sample: an image (decoded, for a latent model)."""
+        if self.autoencoder is None:
+            return self.image_shape
+        factor = self.autoencoder.downsampling_factor
+        channels, size = self.autoencoder.config["in_channels"], self.model_spec["image_size"] * factor
+        return (channels, size, size)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] of scaled latents: ``D(z / scale_factor)``, clamped."""
+        return self.autoencoder.decode(latents / self.autoencoder_spec["scale_factor"]).clamp(-1, 1)
 
     def forward(self, noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """x_T -> x_0 in [-1, 1] with :attr:`sampling`; a class-conditional model draws image k
@@ -118,7 +150,13 @@ class PackagedDiffusion(nn.Module):
         generator, so a run split into batches gives the same images (see
         :func:`diffusion.sampling.sample.sample`). ``guidance_scale`` != 1 guides a
         class-conditional model towards ``labels`` (classifier-free), ``classifier`` at
-        ``classifier_scale`` adds classifier guidance (:mod:`diffusion.sampling.guidance`)."""
+        ``classifier_scale`` adds classifier guidance (:mod:`diffusion.sampling.guidance`).
+        A latent model samples latents, unclipped, and returns them decoded."""
+        if self.autoencoder is not None and (clip_denoised or threshold is not None):
+            raise ValueError(
+                "clip_denoised and threshold clip pixels in [-1, 1]; a latent model samples latents: "
+                "use clip_denoised=False and threshold=None"
+            )
         wrap = guidance(
             scale=guidance_scale,
             null_class=self.model_spec.get("num_classes"),
@@ -129,7 +167,7 @@ class PackagedDiffusion(nn.Module):
         was_training = self.net.training
         self.net.eval()
         try:
-            return run_sampler(
+            samples = run_sampler(
                 self.diffusion,
                 self.net,
                 (num_samples, *self.image_shape),
@@ -150,6 +188,7 @@ class PackagedDiffusion(nn.Module):
             )
         finally:
             self.net.train(was_training)
+        return samples if self.autoencoder is None else self.decode(samples)
 
     def save(self, path: str | Path) -> Path:
         """Write the weights, both configs and the sampling settings atomically (no pickled code)."""
@@ -159,6 +198,9 @@ class PackagedDiffusion(nn.Module):
             "sampling": self.sampling,
             "state_dict": self.net.state_dict(),
         }
+        if self.autoencoder is not None:
+            state["autoencoder"] = self.autoencoder_spec
+            state["autoencoder_state_dict"] = self.autoencoder.state_dict()
         return save_checkpoint(path, state)
 
     @classmethod
@@ -167,11 +209,31 @@ class PackagedDiffusion(nn.Module):
         ``sampling`` existed gets :data:`DEFAULT_SAMPLER`."""
         state = load_checkpoint(path)
         try:
-            packaged = cls(state["model_spec"], state["process"], sampling=state.get("sampling"))
+            packaged = cls(
+                state["model_spec"], state["process"], sampling=state.get("sampling"), autoencoder=state.get("autoencoder"),
+            )
             packaged.net.load_state_dict(state["state_dict"])
+            if packaged.autoencoder is not None:
+                packaged.autoencoder.load_state_dict(state["autoencoder_state_dict"])
         except KeyError as err:
             raise CheckpointError(
                 f"{path}: not a model file (no key {err}): give the models/model.pt that train writes, "
                 "not a training checkpoint"
             ) from None
         return packaged.to(map_location).eval()
+
+
+def save_autoencoder(path: str | Path, autoencoder: KLAutoencoder, **info: Any) -> Path:
+    """``models/vae.pt``: the autoencoder's arguments and weights (no code), plus ``info``
+    (plain data: where it came from, its held-out error)."""
+    return save_checkpoint(path, {"config": autoencoder.config, "state_dict": autoencoder.state_dict(), "info": info})
+
+
+def load_autoencoder(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[KLAutoencoder, dict[str, Any]]:
+    """The frozen autoencoder of :func:`save_autoencoder` and its ``info``; one line for another file."""
+    state = load_checkpoint(path)
+    if not {"config", "state_dict", "info"} <= state.keys():
+        raise CheckpointError(f"{path}: not an autoencoder file (train_vae writes one): run `dvc repro train_vae`")
+    autoencoder = KLAutoencoder(**state["config"])
+    autoencoder.load_state_dict(state["state_dict"])
+    return autoencoder.requires_grad_(False).eval().to(map_location), state["info"]

@@ -230,10 +230,31 @@ def _version_for(client: Any, name: str, run: Any, model_id: str, measured: dict
             f"({tracking.MODEL_FILE}; it was logged before models carried one): train again to promote it"
         )
     sampling = {key: measured[key] for key in protocol.SAMPLING}
-    packaged = PackagedDiffusion(trained.model_spec, trained.process, net=trained.net, sampling=sampling)
+    packaged = PackagedDiffusion(
+        trained.model_spec, trained.process, net=trained.net, sampling=sampling,
+        autoencoder=trained.autoencoder_spec, decoder=trained.autoencoder,
+    )
     promoted_id = tracking.log_packaged_model(packaged, PROMOTED_NAME, run_id=run.info.run_id, tracking_uri=client.tracking_uri)
     return client.create_model_version(
         name, f"models:/{promoted_id}", run_id=run.info.run_id, tags=tags, model_id=promoted_id
+    )
+
+
+def register_version(
+    name: str, model_id: str, *, tags: dict[str, str], description: str, tracking_uri: str | None = None,
+) -> Any:
+    """A new version of registered model ``name`` (created when missing) from logged model ``model_id``."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    try:
+        client.create_registered_model(name, description=description)
+    except MlflowException as err:
+        if err.error_code not in ALREADY_EXISTS:
+            raise
+    logged = client.get_logged_model(model_id)
+    return client.create_model_version(
+        name, f"models:/{model_id}", run_id=logged.source_run_id, tags=tags, model_id=model_id
     )
 
 

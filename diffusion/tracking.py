@@ -664,19 +664,47 @@ def log_packaged_model(packaged, name: str = "model", *, run_id: str | None = No
     Its files are ``model.pt``, the file of :meth:`~diffusion.packaged.PackagedDiffusion.save`
     (weights, configs and sampling; read with ``torch.load(weights_only=True)``), and
     ``MLmodel``, whose ``diffusion`` flavour lists them with the configs and the
-    signature (x_T float32 [N, C, H, W] -> samples in [-1, 1]) for the UI. No pickle,
-    no code, no ``python_function`` or ``pytorch`` flavour: MLflow's loaders have nothing
-    to run, and :func:`diffusion.registry.load_model` rebuilds the model with the
-    installed ``diffusion`` package. The sha256 of ``model.pt`` is a tag of the model in
-    the tracking store, which :func:`load_packaged_model` checks.
+    signature (x_T float32 [N, C, H, W] -> samples in [-1, 1], decoded for a latent model)
+    for the UI. No pickle, no code, no ``python_function`` or ``pytorch`` flavour: MLflow's
+    loaders have nothing to run, and :func:`diffusion.registry.load_model` rebuilds the model
+    with the installed ``diffusion`` package. The sha256 of ``model.pt`` is a tag of the model
+    in the tracking store, which :func:`load_packaged_model` checks.
     """
     import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = packaged.save(Path(tmp) / MODEL_FILE)
+        configs = {"model_spec": packaged.model_spec, "process": packaged.process, "sampling": packaged.sampling}
+        if packaged.autoencoder_spec is not None:
+            configs["autoencoder"] = packaged.autoencoder_spec
+        return _log_data_model(
+            weights, name, packaged.image_shape, packaged.output_shape, configs,
+            loader="diffusion.registry.load_model", run_id=run_id, tracking_uri=tracking_uri,
+        )
+
+
+def log_autoencoder(weights: str | Path, config: Mapping[str, Any], image_shape: tuple[int, ...], latent_shape: tuple[int, ...],
+                    name: str = "autoencoder") -> str:
+    """Log ``models/vae.pt`` (:func:`diffusion.packaged.save_autoencoder`) into the active run
+    as a data-only MLflow model (images [N, C, H, W] -> latents), as :func:`log_packaged_model`
+    does the diffusion model; returns the model id."""
+    return _log_data_model(
+        Path(weights), name, image_shape, latent_shape, {"config": dict(config)},
+        loader="diffusion.packaged.load_autoencoder",
+    )
+
+
+def _log_data_model(
+    weights: Path, name: str, input_shape: tuple[int, ...], output_shape: tuple[int, ...], configs: Mapping[str, Any], *,
+    loader: str, run_id: str | None = None, tracking_uri: str | None = None,
+) -> str:
+    """Log the weights file ``weights`` as MLflow model ``name`` of the run: ``model.pt`` and an
+    ``MLmodel`` whose ``diffusion`` flavour names the loader and the configs."""
     from types import SimpleNamespace
 
     from mlflow.models import Model
 
-    with _store(tracking_uri) as mlflow, tempfile.TemporaryDirectory() as tmp:
-        weights = packaged.save(Path(tmp) / MODEL_FILE)
+    with _store(tracking_uri) as mlflow:
         run = mlflow.MlflowClient().get_run(run_id or mlflow.active_run().info.run_id)
         model = mlflow.initialize_logged_model(
             name=name,
@@ -692,13 +720,18 @@ def log_packaged_model(packaged, name: str = "model", *, run_id: str | None = No
             name=name,
             run_id=run.info.run_id,
             model_id=model.model_id,
-            packaged=packaged,
             weights=weights,
+            shapes=(input_shape, output_shape),
+            configs=configs,
+            loader=loader,
         )
     return model.model_id
 
 
-def _save_data_only_model(path: str, mlflow_model: Any, *, packaged, weights: Path) -> None:
+def _save_data_only_model(
+    path: str, mlflow_model: Any, *, weights: Path, shapes: tuple[tuple[int, ...], tuple[int, ...]],
+    configs: Mapping[str, Any], loader: str,
+) -> None:
     """What ``mlflow.models.Model.log`` calls to write a model's folder: ``model.pt`` and ``MLmodel``."""
     import shutil
 
@@ -710,15 +743,15 @@ def _save_data_only_model(path: str, mlflow_model: Any, *, packaged, weights: Pa
 
     Path(path).mkdir(parents=True)
     shutil.copyfile(weights, Path(path) / MODEL_FILE)
-    images = Schema([TensorSpec(np.dtype(np.float32), (-1, *packaged.image_shape))])
-    mlflow_model.signature = ModelSignature(inputs=images, outputs=images)
+    inputs, outputs = (Schema([TensorSpec(np.dtype(np.float32), (-1, *shape))]) for shape in shapes)
+    mlflow_model.signature = ModelSignature(inputs=inputs, outputs=outputs)
     mlflow_model.add_flavor(
         FLAVOR,
         weights=MODEL_FILE,
         format="torch.save of tensors and plain data; read with torch.load(weights_only=True)",
-        loader="diffusion.registry.load_model",
+        loader=loader,
         diffusion_version=diffusion.__version__,
-        **json.loads(json.dumps({"model_spec": packaged.model_spec, "process": packaged.process, "sampling": packaged.sampling})),
+        **json.loads(json.dumps(configs)),
     )
     mlflow_model.save(str(Path(path) / "MLmodel"))
 

@@ -23,7 +23,7 @@ from diffusion.packaged import PackagedDiffusion
 
 pytestmark = pytest.mark.integration
 
-STAGES = ("validate", "prepare", "train", "train_classifier", "sample", "evaluate")
+STAGES = ("validate", "prepare", "train_vae", "encode", "train", "train_classifier", "sample", "evaluate")
 
 
 def ran_stages(output: str) -> list[str]:

@@ -73,7 +73,7 @@ def test_make_pipeline_and_dvc_commands_work_without_an_activated_venv(tmp_path:
     env = newcomer_env(repo)
     out = sh(repo, "make", "pipeline", env=env)
     assert "command not found" not in out.stdout + out.stderr
-    for stage in ("validate", "prepare", "train", "train_classifier", "sample", "evaluate"):
+    for stage in ("validate", "prepare", "train_vae", "encode", "train", "train_classifier", "sample", "evaluate"):
         assert f"Running stage '{stage}'" in out.stdout
     assert json.loads((repo / "metrics/evaluate.json").read_text())["fid"] > 0
 

@@ -341,8 +341,8 @@ def test_non_finite_before_any_checkpoint(tmp_path, data):
 def test_bad_inputs_fail_with_one_line(tmp_path, data):
     images, labels = data
     cfg = _cfg(steps=1)
-    with pytest.raises(ValueError, match=r"train: images must be a uint8 tensor \[N, C, H, W\]; got torch.float32"):
-        train(_model(), _diffusion(), images.float(), labels, cfg, checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"train: images must be a uint8 \(images\) or float \(latents\) tensor \[N, C, H, W\]; got torch.int64"):
+        train(_model(), _diffusion(), images.long(), labels, cfg, checkpoint_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="needs a model built with num_classes"):
         train(_model(), _diffusion(), images, labels, cfg, checkpoint_dir=tmp_path, class_conditional=True,
               progress=False)

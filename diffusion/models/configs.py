@@ -253,6 +253,78 @@ LATENT_DIFFIT_CONFIGS: dict[str, dict] = {
 }
 
 
+# ---------------------------------------------------------------- the autoencoder of latent diffusion (diffusion/models/vae.py)
+
+# KLAutoencoder arguments (diffusers' AutoencoderKL layout): the image is down-sampled
+# 2^(len(block_out_channels) - 1) times, to latent_channels channels.
+VAE_CONFIGS: dict[str, dict] = {
+    # Tests: f = 2, 2 latent channels, ~40k parameters.
+    "vae-tiny": dict(latent_channels=2, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8),
+    # The default data (28 px): f = 4, 7 x 7 x 4 latents.
+    "vae-f4-cpu": dict(latent_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=32),
+    # Rombach et al. 2022, Table 8 (KL-f4, z = 3) and Stable Diffusion's KL-f8 (z = 4).
+    "kl-f4": dict(latent_channels=3, block_out_channels=(128, 256, 512), layers_per_block=2, norm_num_groups=32),
+    "kl-f8": dict(latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
+}
+
+
+def latent_shape(image_size: int, *, latent_channels: int, block_out_channels, **_: Any) -> tuple[int, int]:
+    """(channels, size) of the latents of ``image_size``^2 images; ValueError (one line) when
+    the autoencoder's down-sampling does not divide the image size."""
+    factor = 2 ** (len(block_out_channels) - 1)
+    if image_size % factor:
+        raise ValueError(
+            f"data.image_size: {image_size} is not divisible by {factor}, the autoencoder's down-sampling; "
+            f"allowed multiples of {factor}"
+        )
+    return latent_channels, image_size // factor
+
+
+DIFFUSERS_AUTOENCODER = {
+    # config.json key: the value our KLAutoencoder takes (absent keys get diffusers' default)
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu",
+    "mid_block_add_attention": True,
+    "use_quant_conv": True,
+    "use_post_quant_conv": True,
+}
+
+
+def diffusers_autoencoder_config(folder: str) -> dict[str, Any]:
+    """:class:`~diffusion.models.vae.KLAutoencoder` arguments (in_channels included) of a
+    diffusers ``AutoencoderKL`` folder (``save_pretrained``), read from its config.json
+    alone; ValueError (one line) naming the file and the key it cannot take."""
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"vae.pretrained: {path} not found; give a diffusers AutoencoderKL folder (config.json and weights)")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"vae.pretrained: {path} is not JSON ({err.__class__.__name__})") from None
+    for key, value in DIFFUSERS_AUTOENCODER.items():
+        if config.get(key, value) != value:
+            raise ValueError(f"vae.pretrained: {path}: {key} is {config[key]!r}; allowed: {value!r}")
+    blocks = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
+    channels = config.get("block_out_channels")
+    if not isinstance(channels, list) or not channels:
+        raise ValueError(f"vae.pretrained: {path}: block_out_channels is {channels!r}; allowed: a list of ints")
+    for key, block in blocks.items():
+        if config.get(key) != [block] * len(channels):
+            raise ValueError(f"vae.pretrained: {path}: {key} is {config.get(key)!r}; allowed: {block} for every level")
+    if config.get("out_channels", 3) != config.get("in_channels", 3):
+        raise ValueError(f"vae.pretrained: {path}: out_channels differs from in_channels; allowed: equal")
+    return {
+        "in_channels": config.get("in_channels", 3),
+        "latent_channels": config.get("latent_channels", 4),
+        "block_out_channels": tuple(channels),
+        "layers_per_block": config.get("layers_per_block", 1),
+        "norm_num_groups": config.get("norm_num_groups", 32),
+    }
+
+
 # ---------------------------------------------------------------- the families
 
 

@@ -15,6 +15,15 @@ TRAIN_SET = Path("data/train.npz")
 HELDOUT_SET = Path("data/heldout.npz")
 REFERENCE = Path("data/reference.npz")  # Inception statistics of the FID reference images
 MANIFEST = Path("data/manifest.json")
+# train_vae and encode (with model.space pixel each writes its marker: the whole file)
+AUTOENCODER = Path("models/vae.pt")  # the autoencoder (diffusion.packaged.save_autoencoder), or PIXEL_SPACE
+AUTOENCODER_RUN = Path("models/vae_run.json")  # the MLflow run that trained (or imported) it
+AUTOENCODER_METRICS = Path("metrics/vae.json")
+AUTOENCODER_CURVE = Path("plots/vae_loss.csv")
+RECONSTRUCTIONS = Path("plots/vae_reconstructions.png")  # held-out images above their reconstructions
+LATENTS = Path("data/latents.npz")  # the encoded train and held-out sets (diffusion.data.latents), or PIXEL_SPACE
+LATENTS_METRICS = Path("metrics/latents.json")
+PIXEL_SPACE = b"model.space is pixel: no autoencoder, no latents\n"
 # train
 MODEL = Path("models/model.pt")
 MODEL_RUN = Path("models/run.json")  # the MLflow run that trained the model

@@ -9,6 +9,8 @@ protocol), ``samples/grid.png`` and ``samples/run.json``: the MLflow run, nested
 under the model's run, that the evaluate stage logs FID into.
 
 Images with NaN or inf (black once made uint8) are refused, and nothing is written.
+A latent model samples latents and decodes them (:class:`~diffusion.packaged.PackagedDiffusion`):
+the images and everything after them are the same as in pixel space.
 
 With ``guidance.classifier`` (and ``guidance.classifier_scale`` > 0) the classifier of
 ``models/classifier.pt`` guides (:mod:`diffusion.sampling.guidance`); an unconditional model
@@ -56,6 +58,12 @@ def load_classifier(packaged: PackagedDiffusion, device: torch.device) -> NoiseA
             "run `dvc repro train_classifier`"
         )
     classifier = classifier_from_state(state)
+    theirs = (classifier.config["in_channels"], classifier.config["image_size"])
+    if theirs != packaged.image_shape[:2]:
+        raise UserError(
+            f"guidance.classifier: {CLASSIFIER} classifies {theirs[0]} x {theirs[1]}^2 inputs, the model denoises "
+            f"{packaged.image_shape[0]} x {packaged.image_shape[1]}^2 ones (pixels or latents): run `dvc repro train_classifier`"
+        )
     num_classes = packaged.model_spec.get("num_classes")
     if num_classes is not None and classifier.num_classes != num_classes:
         raise UserError(
@@ -67,9 +75,11 @@ def load_classifier(packaged: PackagedDiffusion, device: torch.device) -> NoiseA
 
 def sampling_settings(params: Params, device: torch.device) -> dict:
     """The ``sample`` params that draw the images (the keys of :data:`DEFAULT_SAMPLER`), with
-    ``precision: auto`` resolved for ``device``, so the FID protocol names what ran."""
+    ``precision: auto`` resolved for ``device``, and ``clip_denoised`` false in latent space
+    (latents are not bounded), so the FID protocol names what ran."""
     sampling = {key: getattr(params.sample, key) for key in DEFAULT_SAMPLER}
     sampling["precision"] = precision_name(resolve_precision(params.sample.precision, device))
+    sampling["clip_denoised"] = params.sample.clip_denoised and params.model.space == "pixel"
     return sampling
 
 

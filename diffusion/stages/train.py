@@ -4,6 +4,12 @@ Outputs: ``models/model.pt`` (the EMA network and its configs, see
 :mod:`diffusion.packaged`), ``models/run.json`` (the MLflow run that trained it),
 ``metrics/train.json``, ``plots/train_loss.csv`` and ``plots/val_loss.csv`` (the
 reference loss that compares across configs, :mod:`diffusion.training.reference_loss`).
+
+With ``model.space: latent`` the network trains on the scaled latents of ``data/latents.npz``
+(the encode stage's), and ``models/model.pt`` carries the autoencoder of ``models/vae.pt``
+and the scale factor, so sampling decodes (:class:`~diffusion.packaged.PackagedDiffusion`);
+it samples unclipped. The held-out figure is then ``val_loss`` on held-out latents, not
+bits/dim (which needs discrete pixels).
 Checkpoints live in ``checkpoints/<key>/`` of the repository DVC runs in
 (:func:`~diffusion.stages.paths.checkpoints_dir`, outside a ``dvc exp run --temp``
 copy), where the key hashes the dataset and every param that changes the trajectory
@@ -30,16 +36,23 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
 
 from diffusion import tracking
 from diffusion.training.checkpoint import list_checkpoints
 from diffusion.config import Params
 from diffusion.data.dataset import load_dataset
+from diffusion.data.latents import load_latents
+from diffusion.errors import UserError
 from diffusion.files import exclusive_lock, remove_stale_temps, write_csv
 from diffusion.process.gaussian import GaussianDiffusion
-from diffusion.packaged import PackagedDiffusion
+from diffusion.packaged import PackagedDiffusion, load_autoencoder
 from diffusion.stages.paths import (
-    HELDOUT_SET, LOSS_CURVE, MODEL, MODEL_RUN, TRAIN_METRICS, TRAIN_SET, VAL_CURVE, checkpoints_dir,
+    AUTOENCODER, AUTOENCODER_RUN, HELDOUT_SET, LATENTS, LOSS_CURVE, MODEL, MODEL_RUN, TRAIN_METRICS, TRAIN_SET, VAL_CURVE,
+    checkpoints_dir,
 )
 from diffusion.training.loop import seeded_init, train
 
@@ -50,7 +63,7 @@ RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "bpd_images", "va
 
 
 def checkpoint_key(params: Params, data_md5: str) -> str:
-    """Hash of the dataset and the trajectory-defining params."""
+    """Hash of the dataset (the latents, in latent space) and the trajectory-defining params."""
     key = {
         "data": data_md5,
         "model": params.model.model_dump(),
@@ -71,15 +84,41 @@ def model_spec(params: Params, channels: int, image_size: int, num_classes: int)
     }
 
 
+@dataclass(frozen=True)
+class TrainingData:
+    """What the network trains on: uint8 images, or scaled latents (and the autoencoder)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    heldout: torch.Tensor
+    file: Path  # the file they come from: its md5 keys the checkpoints
+    autoencoder: dict | None = None  # PackagedDiffusion's autoencoder spec, in latent space
+    decoder: torch.nn.Module | None = None
+
+
+def training_data(params: Params, dataset) -> TrainingData:
+    """The images of ``dataset`` and the held-out set, or in latent space their scaled latents."""
+    if params.model.space == "pixel":
+        return TrainingData(dataset.images, dataset.labels, load_dataset(HELDOUT_SET).images, TRAIN_SET)
+    latents = load_latents(LATENTS)
+    autoencoder, _ = load_autoencoder(AUTOENCODER)
+    if latents.meta.get("autoencoder_md5") != tracking.file_md5(AUTOENCODER):
+        raise UserError(f"model.space: latent: {LATENTS} was not encoded by {AUTOENCODER}: run `dvc repro encode`")
+    return TrainingData(
+        latents.scaled("train"), latents.train_labels, latents.scaled("heldout"), LATENTS,
+        autoencoder={"config": autoencoder.config, "scale_factor": latents.scale_factor}, decoder=autoencoder,
+    )
+
+
 def run(params: Params) -> None:
     tracking.check_store()  # in seconds, before any work: a store that does not answer is one line
     dataset = load_dataset(TRAIN_SET)
-    heldout = load_dataset(HELDOUT_SET)
-    _, channels, height, _ = dataset.images.shape
+    data = training_data(params, dataset)
+    _, channels, height, _ = data.images.shape
     spec = model_spec(params, channels, height, len(dataset.class_names))
     with seeded_init(params.train.seed):
         packaged = PackagedDiffusion(spec, params.diffusion.model_dump())
-    ckpt_dir = checkpoints_dir() / checkpoint_key(params, tracking.file_md5(TRAIN_SET))
+    ckpt_dir = checkpoints_dir() / checkpoint_key(params, tracking.file_md5(data.file))
 
     def waiting(holder: str) -> None:
         print(f"train: {ckpt_dir} is in use by another training ({holder}); waiting for it", flush=True)
@@ -88,10 +127,10 @@ def run(params: Params) -> None:
         stale = remove_stale_temps(ckpt_dir)  # every writer of the folder holds this lock
         if stale:
             print(f"train: removed the temp files of killed writes: {', '.join(p.name for p in stale)}", flush=True)
-        _train(params, packaged, dataset, heldout, ckpt_dir)
+        _train(params, packaged, dataset, data, ckpt_dir)
 
 
-def _train(params: Params, packaged: PackagedDiffusion, dataset, heldout, ckpt_dir) -> None:
+def _train(params: Params, packaged: PackagedDiffusion, dataset, data: TrainingData, ckpt_dir) -> None:
     spec = packaged.model_spec
     diffusion: GaussianDiffusion = packaged.diffusion
     resume_run = _checkpoint_run(ckpt_dir)
@@ -110,20 +149,27 @@ def _train(params: Params, packaged: PackagedDiffusion, dataset, heldout, ckpt_d
                 TRAIN_SET, name=params.data.source, source=dataset.source_uri,
                 images=dataset.images, labels=dataset.labels,
             )
+            if data.autoencoder is not None:
+                tracking.log_params({"latent_scale_factor": data.autoencoder["scale_factor"]})
+                tracking.set_tags({"vae_run_id": tracking.read_run_id(AUTOENCODER_RUN) or ""})
         with tracking.MetricLog(run_id, ckpt_dir) as log:
             result = train(
                 packaged.net,
                 diffusion,
-                dataset.images,
-                dataset.labels,
+                data.images,
+                data.labels,
                 params.train,
                 checkpoint_dir=ckpt_dir,
                 log=log,
-                heldout_images=heldout.images,
+                heldout_images=data.heldout,
                 class_conditional=params.model.class_conditional,
             )
             # The outputs first: they do not depend on the store.
-            final = PackagedDiffusion(spec, params.diffusion.model_dump(), net=result.ema_model)
+            final = PackagedDiffusion(
+                spec, params.diffusion.model_dump(), net=result.ema_model,
+                sampling={"clip_denoised": False} if data.autoencoder is not None else None,
+                autoencoder=data.autoencoder, decoder=data.decoder,
+            )
             final.save(MODEL)
             val_loss = result.val_curve[-1][1] if result.val_curve else None
             summary = {

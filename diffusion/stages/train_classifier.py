@@ -16,6 +16,9 @@ header-only ``plots/classifier_accuracy.csv`` (DVC needs every output of a stage
 imports neither torch nor MLflow, so it costs no more than the ``diffusion`` command's start.
 The marker never changes, so while guidance.classifier is false a change to the classifier's
 params re-runs this stage in a moment and nothing after it.
+
+With ``model.space: latent`` the classifier is trained on the scaled latents of
+``data/latents.npz``, the space the diffusion model samples in, so its gradient guides there.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from __future__ import annotations
 from diffusion.config import Params
 from diffusion.errors import UserError
 from diffusion.files import atomic_write, write_csv
-from diffusion.stages.paths import CLASSIFIER, CLASSIFIER_ACCURACY, CLASSIFIER_DISABLED, HELDOUT_SET, TRAIN_SET
+from diffusion.stages.paths import CLASSIFIER, CLASSIFIER_ACCURACY, CLASSIFIER_DISABLED, HELDOUT_SET, LATENTS, TRAIN_SET
 
 ACCURACY_HEADER = ("t_lo", "t_hi", "accuracy")
 PROCESS_KEYS = ("schedule", "timesteps", "zero_terminal_snr")
@@ -43,6 +46,7 @@ def _train(params: Params) -> None:
     # Imported here, not above: the disabled stage must not pay for torch and MLflow.
     from diffusion import tracking
     from diffusion.data.dataset import load_dataset
+    from diffusion.data.latents import load_latents
     from diffusion.models.classifier import classifier_state, create_classifier
     from diffusion.process.gaussian import GaussianDiffusion
     from diffusion.process.schedules import make_betas
@@ -60,7 +64,13 @@ def _train(params: Params) -> None:
             f"guidance.classifier: {TRAIN_SET} holds {len(dataset.class_names)} class; a classifier needs 2 or more "
             "(or set guidance.classifier: false)"
         )
-    _, channels, size, _ = dataset.images.shape
+    images, labels = dataset.images, dataset.labels
+    heldout_images, heldout_labels = heldout.images, heldout.labels
+    if params.model.space == "latent":
+        latents = load_latents(LATENTS)
+        images, labels = latents.scaled("train"), latents.train_labels
+        heldout_images, heldout_labels = latents.scaled("heldout"), latents.heldout_labels
+    _, channels, size, _ = images.shape
     process = {key: getattr(d, key) for key in PROCESS_KEYS}
     betas = make_betas(d.schedule, d.timesteps, d.zero_terminal_snr)
     diffusion = GaussianDiffusion(betas, prediction=d.prediction, variance=d.variance, loss=d.loss)
@@ -75,10 +85,10 @@ def _train(params: Params) -> None:
         tracking.log_dataset(
             TRAIN_SET, name=params.data.source, source=dataset.source_uri, images=dataset.images, labels=dataset.labels,
         )
-        losses = train_classifier(net, diffusion, dataset.images, dataset.labels, guide, device=device)
-        count = min(guide.classifier_eval_images, len(heldout.images))
+        losses = train_classifier(net, diffusion, images, labels, guide, device=device)
+        count = min(guide.classifier_eval_images, len(heldout_images))
         accuracy = accuracy_by_t(
-            net, diffusion, heldout.images[:count], heldout.labels[:count], bins=guide.classifier_eval_bins,
+            net, diffusion, heldout_images[:count], heldout_labels[:count], bins=guide.classifier_eval_bins,
             batch_size=guide.classifier_batch_size, seed=guide.classifier_seed,
         )
         save_checkpoint(CLASSIFIER, classifier_state(net.cpu(), process=process))

@@ -4,7 +4,8 @@ Dhariwal & Nichol 2021, §4.1: the classifier p_φ(y | x_t, t) is trained on ima
 the diffusion model's own forward process, at every t, so that its gradient guides every
 step of sampling. One step:
 
-1. a batch x_0 of the uint8 images (scaled to [-1, 1]) and their labels, indices drawn with
+1. a batch x_0 of the uint8 images (scaled to [-1, 1]), or of the latents of a latent
+   model (:func:`~diffusion.training.loop.model_input`), and their labels, indices drawn with
    replacement;
 2. t uniform over the process's T timesteps and x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε (DDPM eq. 4) by
    the diffusion model's own process (:meth:`~diffusion.process.gaussian.GaussianDiffusion.q_sample`);
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 
 from diffusion.models.classifier import NoiseAwareClassifier
 from diffusion.training.devices import batch_memory
-from diffusion.training.loop import to_model_range
+from diffusion.training.loop import model_input
 
 if TYPE_CHECKING:
     from diffusion.config import GuidanceParams
@@ -50,7 +51,7 @@ def train_classifier(
     progress: bool = True,
 ) -> list[tuple[int, float]]:
     """Train ``net`` in place on ``device`` for ``cfg.classifier_steps`` steps (the module doc's
-    step) on uint8 ``images`` [N, C, H, W] and their ``labels`` [N]. Returns the loss curve,
+    step) on uint8 ``images`` [N, C, H, W] (or latents) and their ``labels`` [N]. Returns the loss curve,
     (step, mean cross-entropy of the steps since the last point), one point every
     ``cfg.classifier_log_every`` steps and at the last; ``log(step, {"loss": ...})`` gets each."""
     if len(labels) != len(images) or not 0 <= int(labels.min()) <= int(labels.max()) < net.num_classes:
@@ -66,7 +67,7 @@ def train_classifier(
         noise = torch.randn((batch, *images.shape[1:]), generator=generator)
         idx, t, noise = idx.to(device), t.to(device), noise.to(device)
         with batch_memory("guidance.classifier_batch_size", batch, device):
-            x_t = diffusion.q_sample(to_model_range(images[idx]), t, noise)
+            x_t = diffusion.q_sample(model_input(images[idx]), t, noise)
             loss = F.cross_entropy(net(x_t, diffusion.timestep_map.to(device)[t]), labels[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -92,7 +93,7 @@ def accuracy_by_t(
     seed: int,
 ) -> list[tuple[int, int, float]]:
     """(t_lo, t_hi, accuracy) for ``bins`` equal ranges t_lo <= t <= t_hi of the T timesteps:
-    each of the uint8 ``images`` noised once in each range, at a t drawn uniformly in it
+    each of the uint8 ``images`` (or latents) noised once in each range, at a t drawn uniformly in it
     (x_t and t from a generator seeded with ``seed``), and the fraction whose most probable
     class is its label. Accuracy falls from the clean-image accuracy at t = 0 towards chance
     (the largest class's share) where x_t is nearly pure noise."""
@@ -109,7 +110,7 @@ def accuracy_by_t(
             t = torch.randint(int(lo), int(hi), (len(x0),), generator=generator)
             noise = torch.randn(x0.shape, generator=generator)
             x0, y, t, noise = x0.to(device), y.to(device), t.to(device), noise.to(device)
-            logits = net(diffusion.q_sample(to_model_range(x0), t, noise), diffusion.timestep_map.to(device)[t])
+            logits = net(diffusion.q_sample(model_input(x0), t, noise), diffusion.timestep_map.to(device)[t])
             correct += int((logits.argmax(1) == y).sum())
         rows.append((int(lo), int(hi) - 1, correct / len(images)))
     net.train(was_training)

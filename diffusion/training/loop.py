@@ -3,7 +3,8 @@
 One step (Ho et al. 2020, Algorithm 1; Nichol & Dhariwal 2021 for importance-
 sampled timesteps and the hybrid loss):
 
-1. draw a batch x0 from the uint8 images (scaled to [-1, 1]), flipped left-right
+1. draw a batch x0 from the uint8 images (scaled to [-1, 1]) or the latents
+   (:func:`model_input`), flipped left-right
    with probability 1/2 if ``hflip``; for class-conditional training each label is
    replaced by the null class with probability ``train.p_uncond``
    (classifier-free guidance training, Ho & Salimans 2022, Algorithm 1);
@@ -109,6 +110,12 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1.0
 
 
+def model_input(data: torch.Tensor) -> torch.Tensor:
+    """What the network is trained on: uint8 images scaled to [-1, 1] (:func:`to_model_range`),
+    or latents (floating, already scaled to unit variance: :mod:`diffusion.data.latents`) as float32."""
+    return to_model_range(data) if data.dtype == torch.uint8 else data.float()
+
+
 def draw_batch(
     images: torch.Tensor,
     labels: torch.Tensor | None,
@@ -127,7 +134,7 @@ def draw_batch(
     """
     device = images.device
     idx = torch.randint(len(images), (batch_size,), generator=generator)
-    x = to_model_range(images[idx.to(device)])
+    x = model_input(images[idx.to(device)])
     if hflip:
         flip = torch.rand(batch_size, generator=generator) < 0.5
         x = torch.where(flip.to(device)[:, None, None, None], x.flip(3), x)
@@ -156,9 +163,10 @@ def seeded_init(seed: int) -> Iterator[None]:
 
 
 def _check_data(images: torch.Tensor, labels: torch.Tensor | None, class_conditional: bool) -> None:
-    if images.dtype != torch.uint8 or images.ndim != 4:
+    if not (images.dtype == torch.uint8 or images.is_floating_point()) or images.ndim != 4:
         raise ValueError(
-            f"train: images must be a uint8 tensor [N, C, H, W]; got {images.dtype} {tuple(images.shape)}"
+            f"train: images must be a uint8 (images) or float (latents) tensor [N, C, H, W]; got {images.dtype} "
+            f"{tuple(images.shape)}"
         )
     if class_conditional:
         if labels is None or labels.shape != (len(images),):
@@ -311,12 +319,14 @@ def train(
     loss, mse (and vb) and grad_norm, plus lr and img_per_s; log points do not
     depend on where runs were stopped and resumed, so neither does the loss
     curve. The final loss is that of the last full window (of the steps so far
-    when there are fewer than ``log_every``). If ``heldout_images`` (uint8) are
+    when there are fewer than ``log_every``). If ``heldout_images`` (uint8, or latents) are
     given, the EMA model's :func:`~diffusion.training.reference_loss.reference_loss` on the
     first ``cfg.val_images`` of them is logged as ``val_loss`` at every multiple of
     ``cfg.val_every`` (it draws no random number of the run, so the trajectory is the
-    same with or without it), and its bits/dim on the first ``cfg.bpd_images`` is
-    returned (:func:`heldout_bpd`).
+    same with or without it), and for uint8 images their bits/dim on the first
+    ``cfg.bpd_images`` is returned (:func:`heldout_bpd`). Latents have no bits/dim (the bound's
+    last term is the likelihood of discrete pixel values): for them ``val_loss`` is the
+    held-out figure, and ``bpd`` is None.
     """
     _check_data(images, labels, class_conditional)
     checkpoint_dir = Path(checkpoint_dir)
@@ -327,7 +337,7 @@ def train(
         step, loss_curve, val_curve, window = 0, [], [], []
         val_images = None  # scaled once, scored every val_every steps
         if heldout_images is not None and cfg.val_images:
-            val_images = to_model_range(heldout_images[: cfg.val_images])
+            val_images = model_input(heldout_images[: cfg.val_images])
         last_ckpt = None
         newest = load_newest(checkpoint_dir)
         if newest is not None:
@@ -373,7 +383,7 @@ def train(
                     prune_checkpoints(checkpoint_dir, KEEP_CHECKPOINTS, last_ckpt)
 
         bpd = None
-        if heldout_images is not None and cfg.bpd_images > 0:
+        if heldout_images is not None and heldout_images.dtype == torch.uint8 and cfg.bpd_images > 0:
             bpd = heldout_bpd(
                 run.ema.model, diffusion, heldout_images[: cfg.bpd_images],
                 batch_size=cfg.batch_size, seed=cfg.seed, memory_format=run.memory_format,

@@ -1,0 +1,151 @@
+"""Pixel-space U-Net against latent U-Net, DiT and latent DiffiT, after the same training minutes.
+
+The embedded default (MNIST-5k, 28 px, params.yaml's recipe). First the autoencoder of
+params.yaml's ``vae`` section trains as the train_vae stage trains it (``vae.steps``; its
+minutes are reported apart: one autoencoder serves every latent model and every sweep
+trial), and the training split is encoded as the encode stage encodes it (7 x 7 x 4
+latents, scaled to unit std). Then every network trains in ONE process with the pipeline's
+:class:`~diffusion.training.loop.Trainer`, the steps interleaved so that each gets the same
+``--minutes`` of training (as :mod:`bench_backbones`), samples ``--samples`` images with
+params.yaml's sample section (a latent model decodes them; the timing includes the
+decoder), and is scored as :mod:`bench_default` scores: FID and KID against ``--reference``
+training digits, and the share of clear digits.
+
+Results: ``benchmarks/results/latent.json`` and ``latent_grid_<name>.png``.
+
+    python benchmarks/bench_latent.py                       # ~15 minutes on 2 cores
+    python benchmarks/bench_latent.py --minutes 0.1 --vae-steps 20 --samples 50 --classifier-steps 50   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_backbones import train_interleaved
+from bench_default import RESULTS, pipeline_samples, pipeline_trainer, reference_and_judge, scores
+from bench_networks import machine
+
+from diffusion.config import parse_params
+from diffusion.data.dataset import split
+from diffusion.data.latents import latent_scale_factor
+from diffusion.data.sources import load_source
+from diffusion.images import image_grid
+from diffusion.models.configs import VAE_CONFIGS
+from diffusion.models.vae import KLAutoencoder
+from diffusion.stages.encode import encode_images
+from diffusion.training.autoencoder import mean_image_error, reconstruction_error, train_autoencoder
+from diffusion.training.loop import seeded_init
+from flows.commands import apply_overrides
+
+# (space, model.name, model.overrides): about unet-small's 1.2M parameters each; on 7 x 7
+# latents the transformers take patches of 1 (49 tokens) and the U-Net keeps one level.
+RUNS = {
+    "pixel-unet": ("pixel", "unet-small", {}),
+    "latent-unet": ("latent", "unet-small", {"channel_mult": [1], "base_channels": 64, "num_res_blocks": 2}),
+    "latent-dit": ("latent", "dit-cpu", {"patch_size": 1}),
+    "latent-diffit": ("latent", "latent-diffit-cpu", {"patch_size": 1}),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    parser.add_argument("--runs", nargs="*", default=list(RUNS))
+    parser.add_argument("--minutes", type=float, default=2.5, help="training minutes of each network")
+    parser.add_argument("--vae-steps", type=int, default=None, help="default: params.yaml's vae.steps")
+    parser.add_argument("--samples", type=int, default=500)
+    parser.add_argument("--reference", type=int, default=1000, help="digits drawn at random from the training split")
+    parser.add_argument("--classifier-steps", type=int, default=1500, help="the digit classifier's training")
+    parser.add_argument("--out", default="latent", help="results/<out>.json and results/<out>_grid_<run>.png")
+    args = parser.parse_args()
+
+    base = yaml.safe_load(args.params.read_text())
+    if args.vae_steps is not None:
+        base = apply_overrides(base, {"vae.steps": args.vae_steps})
+    params = parse_params(base, str(args.params))
+    splits = split(load_source(params.data), params.data)
+    train_set = splits.train
+    print(machine(), flush=True)
+
+    vae = params.vae
+    with seeded_init(vae.seed):
+        autoencoder = KLAutoencoder(in_channels=train_set.images.shape[1], **VAE_CONFIGS[vae.name])
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        trained = train_autoencoder(autoencoder, train_set.images, vae, checkpoint_dir=tmp)
+    vae_s = time.perf_counter() - start
+    autoencoder = trained.model.cpu().eval()
+    start = time.perf_counter()
+    latents = encode_images(autoencoder, train_set.images, posterior=vae.posterior, seed=vae.seed,
+                            batch_size=vae.encode_batch_size, device="cpu")
+    encode_s = time.perf_counter() - start
+    scale = latent_scale_factor(latents)
+    vae_result = {
+        "name": vae.name, "parameters": sum(p.numel() for p in autoencoder.parameters()), "steps": trained.step,
+        "train_s": vae_s, "encode_s": encode_s, "latent_shape": list(latents.shape[1:]), "scale_factor": scale,
+        "heldout_mse": reconstruction_error(autoencoder, splits.heldout.images, batch_size=vae.batch_size),
+        "mean_image_mse": mean_image_error(train_set.images, splits.heldout.images),
+    }
+    print("vae", json.dumps(vae_result), flush=True)
+    spec_of_autoencoder = {"config": autoencoder.config, "scale_factor": scale}
+
+    runs = {}
+    for name in args.runs:
+        space, model, overrides = RUNS[name]
+        run_params = parse_params(
+            apply_overrides(base, {"model.space": space, "model.name": model, "model.overrides": overrides}), name,
+        )
+        images = None if space == "pixel" else latents * scale
+        spec, trainer = pipeline_trainer(run_params, train_set, images)
+        runs[name] = {"params": run_params, "spec": spec, "trainer": trainer, "seconds": [], "steps": 0, "space": space}
+        print(f"{name}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters", flush=True)
+
+    torch.manual_seed(params.train.seed)
+    train_interleaved(runs, 60 * args.minutes)
+
+    reference, classifier, classifier_accuracy = reference_and_judge(splits, args.reference, 0, args.classifier_steps)
+    result = {
+        "machine": machine(), "minutes": args.minutes, "samples": args.samples, "reference": args.reference,
+        "classifier_heldout_accuracy": classifier_accuracy, "vae": vae_result,
+        "recipe": params.model_dump(include={"diffusion", "train", "sample", "vae"}),
+    }
+    from PIL import Image
+
+    for name, run in runs.items():
+        latent = run["space"] == "latent"
+        start = time.perf_counter()
+        images, sampling = pipeline_samples(
+            run["params"], run["spec"], run["trainer"], args.samples,
+            autoencoder=spec_of_autoencoder if latent else None, decoder=autoencoder if latent else None,
+        )
+        sample_s = time.perf_counter() - start
+        batch = run["params"].train.batch_size
+        result[name] = {
+            "model": RUNS[name][1], "overrides": RUNS[name][2],
+            "parameters": sum(p.numel() for p in run["trainer"].model.parameters()),
+            "train_steps": run["steps"], "train_s": sum(run["seconds"]),
+            "train_img_per_s": batch / statistics.median(run["seconds"]),
+            "sample_s": sample_s, "sample_img_per_s": args.samples / sample_s, "sampling": sampling,
+            **scores(images, reference, classifier),
+        }
+        print(name, json.dumps({k: v for k, v in result[name].items() if k != "sampling"}), flush=True)
+        RESULTS.mkdir(exist_ok=True)
+        Image.fromarray(image_grid(images[:100], run["params"].sample.grid_rows)).save(RESULTS / f"{args.out}_grid_{name}.png")
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""The KL-regularised autoencoder of latent diffusion (Rombach et al. 2022, §3 and App. G).
+
+An encoder maps an image x in [-1, 1] to the posterior q(z|x) = N(μ, diag σ²) of a
+``latent_channels``-channel latent at 1/f resolution (f = 2^(levels - 1)); a decoder maps z
+back to pixels. Trained on reconstruction + β KL(q(z|x) || N(0, I)) (:func:`autoencoder_loss`),
+the latents stay close to a unit Gaussian and smooth enough for a diffusion model.
+
+The layout and the state-dict names are diffusers' ``AutoencoderKL`` (the layout of LDM's
+and Stable Diffusion's VAEs): per level ``layers_per_block`` ResNet blocks and a stride-2
+convolution; a middle of ResNet, single-head self-attention, ResNet; the decoder mirrored with
+one block more a level and nearest up-sampling; 1x1 ``quant_conv``/``post_quant_conv``. So a
+diffusers checkpoint loads as it is (:func:`load_diffusers_autoencoder`, tested for equal
+outputs), with no diffusers code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffusion.errors import UserError
+
+LOGVAR_RANGE = (-30.0, 20.0)  # LDM's clamp of the posterior's log-variance
+NORM_EPS = 1e-6
+
+
+class DiagonalGaussian:
+    """q(z|x) = N(mean, diag(exp(logvar))), per example."""
+
+    def __init__(self, mean: torch.Tensor, logvar: torch.Tensor) -> None:
+        self.mean = mean
+        self.logvar = logvar.clamp(*LOGVAR_RANGE)
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z = μ + σ ε (the reparameterisation, Kingma & Welling 2014, eq. 10), ε drawn with ``generator``."""
+        device = generator.device if generator is not None else self.mean.device
+        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps.to(self.mean.device)
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)) = ½ Σ (μ² + σ² − 1 − log σ²) over the latent (Kingma & Welling 2014, App. B), shape [N]."""
+        return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).flatten(1).sum(1)
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm, SiLU, 3x3 conv, twice, plus the input (1x1-projected when the width changes)."""
+
+    def __init__(self, cin: int, cout: int, groups: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=NORM_EPS)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=NORM_EPS)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over the H·W positions, with a residual."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, channels, eps=NORM_EPS)
+        self.to_q, self.to_k, self.to_v = (nn.Linear(channels, channels) for _ in range(3))
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.group_norm(x).flatten(2).transpose(1, 2)
+        out = F.scaled_dot_product_attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens))
+        return x + self.to_out[0](out).transpose(1, 2).reshape(b, c, h, w)
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups), ResnetBlock(channels, channels, groups)])
+        self.attentions = nn.ModuleList([Attention(channels, groups)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class Downsample(nn.Module):
+    """A stride-2 3x3 conv after zero padding of one row and column at the bottom and right."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2, then a 3x3 conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution: ResNet blocks, then a resampler (none at the last level)."""
+
+    def __init__(self, cin: int, cout: int, blocks: int, groups: int, resample: type[nn.Module] | None) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(blocks)])
+        name = "downsamplers" if resample is Downsample else "upsamplers"
+        if resample is not None:
+            setattr(self, name, nn.ModuleList([resample(cout)]))
+        self.resample = name if resample is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.resnets:
+            x = block(x)
+        return x if self.resample is None else getattr(self, self.resample)[0](x)
+
+
+class Coder(nn.Module):
+    """conv_in, the levels and the middle (in the encoder's or the decoder's order), then
+    GroupNorm, SiLU and conv_out."""
+
+    def __init__(self, cin: int, cout: int, widths: list[int], blocks: int, groups: int, *, decoder: bool) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.conv_in = nn.Conv2d(cin, widths[0], 3, padding=1)
+        self.mid_block = MidBlock(widths[-1] if not decoder else widths[0], groups)
+        levels = []
+        for i, width in enumerate(widths):
+            last = i == len(widths) - 1
+            previous = widths[max(i - 1, 0)]
+            resample = None if last else (Upsample if decoder else Downsample)
+            levels.append(Level(previous, width, blocks, groups, resample))
+        setattr(self, "up_blocks" if decoder else "down_blocks", nn.ModuleList(levels))
+        self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=NORM_EPS)
+        self.conv_out = nn.Conv2d(widths[-1], cout, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
+        if self.decoder:
+            x = self.mid_block(x)
+        for level in self.up_blocks if self.decoder else self.down_blocks:
+            x = level(x)
+        if not self.decoder:
+            x = self.mid_block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class KLAutoencoder(nn.Module):
+    """Encoder to q(z|x) and decoder back (the module doc); ``.config`` rebuilds it."""
+
+    def __init__(
+        self, in_channels: int, latent_channels: int, block_out_channels: tuple[int, ...], layers_per_block: int,
+        norm_num_groups: int,
+    ) -> None:
+        super().__init__()
+        self.config = {
+            "in_channels": in_channels, "latent_channels": latent_channels,
+            "block_out_channels": list(block_out_channels), "layers_per_block": layers_per_block,
+            "norm_num_groups": norm_num_groups,
+        }
+        widths = list(block_out_channels)
+        self.encoder = Coder(in_channels, 2 * latent_channels, widths, layers_per_block, norm_num_groups, decoder=False)
+        self.decoder = Coder(latent_channels, in_channels, widths[::-1], layers_per_block + 1, norm_num_groups, decoder=True)
+        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.config["block_out_channels"]) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config["latent_channels"]
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        return DiagonalGaussian(mean, logvar)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
+        posterior = self.encode(x)
+        return self.decode(posterior.sample(generator)), posterior
+
+
+def autoencoder_loss(recon: torch.Tensor, x: torch.Tensor, posterior: DiagonalGaussian, kl_weight: float) -> dict[str, torch.Tensor]:
+    """The β-VAE objective (Higgins et al. 2017) in LDM's KL-regularised form, per pixel value:
+    ``recon`` = the batch mean of ||x − x̂||² / D, ``kl`` = that of KL(q(z|x) || N(0, I)) / D
+    (D = C·H·W), ``loss = recon + kl_weight · kl``."""
+    values = x[0].numel()
+    terms = {"recon": (recon.float() - x).pow(2).flatten(1).mean(1).mean(), "kl": posterior.kl().float().mean() / values}
+    return {"loss": terms["recon"] + kl_weight * terms["kl"], **terms}
+
+
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def load_diffusers_autoencoder(folder: str | Path) -> KLAutoencoder:
+    """A diffusers ``AutoencoderKL`` folder (``save_pretrained``): the arguments from config.json
+    (:func:`~diffusion.models.configs.diffusers_autoencoder_config`), the weights from safetensors
+    or else the .bin read weights-only; no code runs. One-line :class:`UserError` otherwise."""
+    from diffusion.models.configs import diffusers_autoencoder_config
+
+    folder = Path(folder)
+    try:
+        config = diffusers_autoencoder_config(str(folder))
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    found = [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
+    if not found:
+        raise UserError(f"vae.pretrained: {folder} holds no weights; allowed: {' or '.join(WEIGHT_FILES)}")
+    weights = found[0]
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(weights))
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:  # a damaged file, or a pickle that would run code
+        raise UserError(f"vae.pretrained: {weights} cannot be read safely ({err.__class__.__name__})") from None
+    model = KLAutoencoder(**config)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise UserError(f"vae.pretrained: {weights} does not fit its config.json ({first})") from None
+    return model.eval()
