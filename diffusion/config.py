@@ -248,12 +248,12 @@ def autoencoder_config(vae: VaeParams) -> dict[str, Any]:
     return dict(VAE_CONFIGS[vae.name])
 
 
-def diffusion_shape(params: Params) -> tuple[int | None, int]:
-    """(channels, size) of what the diffusion model sees: the images (channels None: the
-    data's) or, with ``model.space: latent``, their latents."""
+def diffusion_size(params: Params) -> int:
+    """The side of what the diffusion model sees: the images or, with ``model.space: latent``,
+    their latents."""
     if params.model.space == "pixel":
-        return None, params.data.image_size
-    return latent_shape(params.data.image_size, **autoencoder_config(params.vae))
+        return params.data.image_size
+    return latent_shape(params.data.image_size, **autoencoder_config(params.vae))[1]
 
 
 def _check_network(params: Params) -> None:
@@ -263,7 +263,7 @@ def _check_network(params: Params) -> None:
     if model.space == "pixel":
         check_model(model.name, params.data.image_size, model.overrides)
         return
-    _, size = diffusion_shape(params)
+    size = diffusion_size(params)
     try:
         check_model(model.name, size, model.overrides)
     except ValueError as err:
@@ -308,7 +308,7 @@ def _check_classifier(params: Params) -> None:
     no more t bins than timesteps."""
     guide = params.guidance
     try:
-        check_unet(diffusion_shape(params)[1], **CLASSIFIER_CONFIGS[guide.classifier_model])
+        check_unet(diffusion_size(params), **CLASSIFIER_CONFIGS[guide.classifier_model])
     except ValueError as err:
         raise ValueError(f"guidance.classifier_model: '{guide.classifier_model}' does not fit: {err}") from None
     if params.data.holdout < 1:

@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 import yaml
-from conftest import TINY_PARAMS, full_params, make_pipeline_repo, run_in
+from conftest import TINY_PARAMS, full_params, make_pipeline_repo, pipeline_env, run_in
+from mlflow import MlflowClient
 
 from diffusion.config import ConfigError, merge_params, parse_params
 from diffusion.data.latents import Latents, latent_scale_factor, load_latents, save_latents
@@ -189,6 +190,11 @@ def test_latent_pipeline_through_dvc_repro(tmp_path):
         assert json.loads(str(samples["sampling"]))["clip_denoised"] is False
     assert math.isfinite(json.loads((repo / "metrics/evaluate.json").read_text())["fid"])
     assert "bpd" not in json.loads((repo / "metrics/train.json").read_text())
+    client = MlflowClient(pipeline_env(repo)["MLFLOW_TRACKING_URI"])
+    vae_run = client.get_run(json.loads((repo / "models/vae_run.json").read_text())["run_id"])
+    assert vae_run.data.metrics["heldout_mse"] == pytest.approx(vae["heldout_mse"]) and "vae_loss" in vae_run.data.metrics
+    (version,) = client.search_model_versions("name = 'autoencoder'")
+    assert version.run_id == vae_run.info.run_id and float(version.tags["heldout_mse"]) == pytest.approx(vae["heldout_mse"], rel=1e-4)
 
     changed = yaml.safe_load((repo / "params.yaml").read_text())
     changed["diffusion"]["schedule"] = "linear"

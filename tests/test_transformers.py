@@ -269,17 +269,16 @@ def test_each_family_overfits_one_batch(name):
 
 
 @pytest.mark.integration
-def test_dit_and_diffit_train_through_dvc_exp_run(tmp_path):
-    """``dvc exp run -S model.name=...`` on the tiny pipeline for DiT and image-space DiffiT
-    (the prepared data reused): trained, sampled, evaluated and tracked. Latent DiffiT runs the
-    pipeline and is registered and loaded from ``models:/`` in tests/test_registry.py."""
+def test_diffit_trains_through_dvc_exp_run(tmp_path):
+    """``dvc exp run -S model.name=diffit-tiny`` on the tiny pipeline: image-space DiffiT trained,
+    sampled, evaluated and tracked. DiT runs the pipeline on latents in tests/test_latent.py, and
+    latent DiffiT is registered and loaded from ``models:/`` in tests/test_registry.py."""
     repo = make_pipeline_repo(tmp_path / "repo")
     client = MlflowClient(pipeline_env(repo)["MLFLOW_TRACKING_URI"])
-    for i, (name, network) in enumerate((("dit-tiny", "DiT"), ("diffit-tiny", "DiffiT"))):
-        out = run_in(repo, "dvc", "exp", "run", "-S", f"model.name={name}")
-        assert "Running stage 'train'" in out.stdout and ("Running stage 'prepare'" in out.stdout) == (i == 0)
-        packaged = PackagedDiffusion.load(repo / "models/model.pt")
-        assert type(packaged.net).__name__ == network and packaged.model_spec["name"] == name
-        assert math.isfinite(json.loads((repo / "metrics/evaluate.json").read_text())["fid"])
-        model_run = client.get_run(json.loads((repo / "models/run.json").read_text())["run_id"])
-        assert model_run.data.params["model.name"] == name and model_run.info.status == "FINISHED"
+    out = run_in(repo, "dvc", "exp", "run", "-S", "model.name=diffit-tiny")
+    assert "Running stage 'train'" in out.stdout
+    packaged = PackagedDiffusion.load(repo / "models/model.pt")
+    assert type(packaged.net).__name__ == "DiffiT" and packaged.model_spec["name"] == "diffit-tiny"
+    assert math.isfinite(json.loads((repo / "metrics/evaluate.json").read_text())["fid"])
+    model_run = client.get_run(json.loads((repo / "models/run.json").read_text())["run_id"])
+    assert model_run.data.params["model.name"] == "diffit-tiny" and model_run.info.status == "FINISHED"

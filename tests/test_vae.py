@@ -15,6 +15,7 @@ from diffusion.models.configs import VAE_CONFIGS, latent_shape
 from diffusion.models.vae import DiagonalGaussian, KLAutoencoder, autoencoder_loss, load_diffusers_autoencoder
 from diffusion.packaged import load_autoencoder, save_autoencoder
 from diffusion.training.autoencoder import mean_image_error, reconstruction_error, train_autoencoder
+from diffusion.training.loop import NonFiniteLossError
 
 
 def test_kl_matches_its_closed_form():
@@ -50,6 +51,12 @@ def test_latents_are_one_f_th_of_the_image(name, factor):
     channels, size = latent_shape(16, **VAE_CONFIGS[name])
     assert q.mean.shape == (2, channels, size, size) == (2, VAE_CONFIGS[name]["latent_channels"], 16 // factor, 16 // factor)
     assert model.downsampling_factor == factor
+
+
+def test_encode_refuses_sides_the_down_sampling_does_not_divide():
+    model = KLAutoencoder(in_channels=1, **VAE_CONFIGS["vae-f4-cpu"])
+    with pytest.raises(ValueError, match=r"^encode: images of 16x18 px; allowed: sides divisible by 4"):
+        model.encode(torch.zeros(1, 1, 16, 18))
 
 
 # ---------------------------------------------------------------- diffusers' AutoencoderKL
@@ -90,6 +97,57 @@ def test_a_saved_diffusers_folder_loads_without_diffusers_code(tmp_path):
         load_diffusers_autoencoder(tmp_path)
 
 
+def test_old_attention_names_in_a_bin_file_load_the_same(tmp_path):
+    """The .bin fallback, read weights-only, with the query/key/value/proj_attn names of files
+    that older diffusers wrote: renamed as diffusers renames them, the same outputs."""
+    theirs = diffusers_autoencoder()
+    theirs.save_pretrained(tmp_path, safe_serialization=False)
+    old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    state = {}
+    for name, tensor in theirs.state_dict().items():
+        for new, deprecated in old.items():
+            name = name.replace(f".{new}.", f".{deprecated}.")
+        state[name] = tensor
+    assert "encoder.mid_block.attentions.0.proj_attn.weight" in state
+    torch.save(state, tmp_path / "diffusion_pytorch_model.bin")
+    assert not (tmp_path / "diffusion_pytorch_model.safetensors").exists()
+    assert_same_outputs(load_diffusers_autoencoder(tmp_path), theirs)
+
+
+DIFFUSERS_CONFIG = {"_class_name": "AutoencoderKL", "in_channels": 1, "out_channels": 1, "block_out_channels": [32],
+                    "down_block_types": ["DownEncoderBlock2D"], "up_block_types": ["UpDecoderBlock2D"]}
+
+
+@pytest.mark.parametrize("key, value, allowed", [
+    ("act_fn", "gelu", "'silu'"),
+    ("mid_block_add_attention", False, "True"),
+    ("use_quant_conv", False, "True"),
+    ("use_post_quant_conv", False, "True"),
+    ("up_block_types", ["AttnUpDecoderBlock2D"], "UpDecoderBlock2D for every level"),
+    ("down_block_types", ["DownEncoderBlock2D", "DownEncoderBlock2D"], "DownEncoderBlock2D for every level"),
+])
+def test_an_unsupported_config_value_is_one_line_naming_the_key(tmp_path, key, value, allowed):
+    (tmp_path / "config.json").write_text(json.dumps(DIFFUSERS_CONFIG | {key: value}))
+    with pytest.raises(UserError) as caught:
+        load_diffusers_autoencoder(tmp_path)
+    message = str(caught.value)
+    assert "\n" not in message and str(tmp_path / "config.json") in message
+    assert f"{key} is {value!r}; allowed: {allowed}" in message
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def test_a_bin_file_that_would_run_code_is_refused_unrun(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(DIFFUSERS_CONFIG))
+    torch.save({"encoder.conv_in.weight": RunsCode()}, tmp_path / "diffusion_pytorch_model.bin")
+    with pytest.raises(UserError, match=r"diffusion_pytorch_model.bin cannot be read safely \(UnpicklingError\)$"):
+        load_diffusers_autoencoder(tmp_path)
+    assert "this ran" not in capsys.readouterr().out
+
+
 def test_a_folder_without_weights_is_one_line(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "block_out_channels": [32],
                                                        "down_block_types": ["DownEncoderBlock2D"],
@@ -128,10 +186,13 @@ def tiny_vae() -> KLAutoencoder:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    result = train_autoencoder(tiny_vae(), blob_images(512, 0), vae_cfg(), checkpoint_dir=tmp_path_factory.mktemp("vae"),
-                               progress=False)
-    return result
+    try:
+        return train_autoencoder(tiny_vae(), blob_images(512, 0), vae_cfg(), checkpoint_dir=tmp_path_factory.mktemp("vae"),
+                                 progress=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_short_training_reconstructs_far_better_than_the_mean_image(trained):
@@ -170,3 +231,20 @@ def test_resume_continues_the_same_trajectory(tmp_path, single_thread):
     assert resumed.curve == straight.curve
     for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_non_finite_loss_stops_before_the_weights_and_saves_nothing(tmp_path, single_thread):
+    model = tiny_vae()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NonFiniteLossError, match=r"^vae step 1: non-finite loss terms .*last good checkpoint: none written yet$"):
+        train_autoencoder(model, blob_images(8, 4), vae_cfg(steps=3, kl_weight=float("nan")), checkpoint_dir=tmp_path,
+                          progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_training_refuses_images_it_cannot_encode(tmp_path):
+    with pytest.raises(ValueError, match=r"uint8 \[N, C, H, W\] with H and W divisible by 2; got torch.float32"):
+        train_autoencoder(tiny_vae(), blob_images(8, 4).float(), vae_cfg(), checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"divisible by 2; got torch.uint8 \(8, 1, 15, 15\)"):
+        train_autoencoder(tiny_vae(), blob_images(8, 4)[..., :15, :15], vae_cfg(), checkpoint_dir=tmp_path, progress=False)

@@ -28,11 +28,13 @@ NORM_EPS = 1e-6
 
 
 class DiagonalGaussian:
-    """q(z|x) = N(mean, diag(exp(logvar))), per example."""
+    """q(z|x) = N(mean, diag(exp(logvar))), per example (Kingma & Welling 2014, §3). Held in
+    float32 whatever the encoder's autocast dtype, so the KL's sum over the latent keeps its
+    precision; logvar clamped to [-30, 20] as LDM's ``DiagonalGaussianDistribution``."""
 
     def __init__(self, mean: torch.Tensor, logvar: torch.Tensor) -> None:
-        self.mean = mean
-        self.logvar = logvar.clamp(*LOGVAR_RANGE)
+        self.mean = mean.float()
+        self.logvar = logvar.float().clamp(*LOGVAR_RANGE)
         self.std = torch.exp(0.5 * self.logvar)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -50,7 +52,8 @@ class DiagonalGaussian:
 
 
 class ResnetBlock(nn.Module):
-    """GroupNorm, SiLU, 3x3 conv, twice, plus the input (1x1-projected when the width changes)."""
+    """A pre-activation residual block (He et al. 2016) as LDM's ``ResnetBlock`` without a time
+    input: GroupNorm, SiLU, 3x3 conv, twice, plus the input (1x1-projected when the width changes)."""
 
     def __init__(self, cin: int, cout: int, groups: int) -> None:
         super().__init__()
@@ -67,7 +70,8 @@ class ResnetBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Single-head self-attention over the H·W positions, with a residual."""
+    """LDM's ``AttnBlock``: single-head self-attention (Vaswani et al. 2017) over the H·W
+    positions of the GroupNorm'd input, ``softmax(QK^T / sqrt(C)) V`` projected, plus the input."""
 
     def __init__(self, channels: int, groups: int) -> None:
         super().__init__()
@@ -83,6 +87,8 @@ class Attention(nn.Module):
 
 
 class MidBlock(nn.Module):
+    """The middle at the lowest resolution: ResNet block, self-attention, ResNet block."""
+
     def __init__(self, channels: int, groups: int) -> None:
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups), ResnetBlock(channels, channels, groups)])
@@ -189,13 +195,22 @@ class KLAutoencoder(nn.Module):
         return self.config["latent_channels"]
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        """q(z|x) of images x [N, C, H, W] in [-1, 1]; H and W multiples of :attr:`downsampling_factor`."""
+        factor = self.downsampling_factor
+        if x.shape[-2] % factor or x.shape[-1] % factor:
+            raise ValueError(
+                f"encode: images of {x.shape[-2]}x{x.shape[-1]} px; allowed: sides divisible by {factor}, "
+                "the autoencoder's down-sampling"
+            )
         mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
         return DiagonalGaussian(mean, logvar)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Images (unclamped, as LDM's) of latents z [N, latent_channels, H/f, W/f]."""
         return self.decoder(self.post_quant_conv(z))
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
+        """(decode(z), q(z|x)) for z ~ q(z|x) drawn with ``generator``: what training needs."""
         posterior = self.encode(x)
         return self.decode(posterior.sample(generator)), posterior
 
@@ -210,6 +225,21 @@ def autoencoder_loss(recon: torch.Tensor, x: torch.Tensor, posterior: DiagonalGa
 
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+DEPRECATED_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+"""The attention layers' names in files written by older diffusers versions (many still on the
+Hub), renamed as diffusers' own ``_convert_deprecated_attention_blocks`` does on load."""
+
+
+def _current_attention_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``...attentions.0.query.weight`` -> ``...attentions.0.to_q.weight`` (and key, value, proj_attn)."""
+    renamed = {}
+    for name, tensor in state.items():
+        path, _, leaf = name.rpartition(".")  # leaf: weight or bias
+        parent, _, layer = path.rpartition(".")
+        if ".attentions." in name and layer in DEPRECATED_ATTENTION_NAMES:
+            name = f"{parent}.{DEPRECATED_ATTENTION_NAMES[layer]}.{leaf}"
+        renamed[name] = tensor
+    return renamed
 
 
 def load_diffusers_autoencoder(folder: str | Path) -> KLAutoencoder:
@@ -238,8 +268,9 @@ def load_diffusers_autoencoder(folder: str | Path) -> KLAutoencoder:
         raise UserError(f"vae.pretrained: {weights} cannot be read safely ({err.__class__.__name__})") from None
     model = KLAutoencoder(**config)
     try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise UserError(f"vae.pretrained: {weights} does not fit its config.json ({first})") from None
+        model.load_state_dict(_current_attention_names(state))
+    except RuntimeError as err:  # "Error(s) in loading state_dict for ...:" then a line a kind of misfit
+        lines = str(err).strip().splitlines()
+        first = lines[1].strip() if len(lines) > 1 else lines[0]
+        raise UserError(f"vae.pretrained: {weights} does not fit its config.json ({first[:300]})") from None
     return model.eval()
