@@ -60,6 +60,27 @@ def train_interleaved(runs: dict[str, dict], seconds: float) -> None:
             print(f"{name}: step {run['steps']}, {sum(run['seconds']):.0f} s", flush=True)
 
 
+def run_figures(name: str, run: dict, images, sampling: dict, sample_s: float, judges, out: str) -> dict:
+    """A trained and sampled run's figures (parameters, steps, img/s, FID, KID, clear digits),
+    printed; its grid written to ``results/<out>_grid_<name>.png``."""
+    from PIL import Image
+
+    figures = {
+        "parameters": sum(p.numel() for p in run["trainer"].model.parameters()),
+        "train_steps": run["steps"],
+        "train_s": sum(run["seconds"]),
+        "train_img_per_s": run["params"].train.batch_size / statistics.median(run["seconds"]),
+        "sample_s": sample_s,
+        "sample_img_per_s": len(images) / sample_s,
+        "sampling": sampling,
+        **scores(images, *judges),
+    }
+    print(name, json.dumps({k: v for k, v in figures.items() if k != "sampling"}), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    Image.fromarray(image_grid(images[:100], run["params"].sample.grid_rows)).save(RESULTS / f"{out}_grid_{name}.png")
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
@@ -95,26 +116,11 @@ def main() -> None:
         "classifier_heldout_accuracy": classifier_accuracy,
         "recipe": params.model_dump(include={"diffusion", "train", "sample"}),
     }
-    from PIL import Image
-
     for name, run in runs.items():
         start = time.perf_counter()
         images, sampling = pipeline_samples(run["params"], run["spec"], run["trainer"], args.samples)
         sample_s = time.perf_counter() - start
-        batch = run["params"].train.batch_size
-        result[name] = {
-            "parameters": sum(p.numel() for p in run["trainer"].model.parameters()),
-            "train_steps": run["steps"],
-            "train_s": sum(run["seconds"]),
-            "train_img_per_s": batch / statistics.median(run["seconds"]),
-            "sample_s": sample_s,
-            "sample_img_per_s": args.samples / sample_s,
-            "sampling": sampling,
-            **scores(images, reference, classifier),
-        }
-        print(name, json.dumps({k: v for k, v in result[name].items() if k != "sampling"}), flush=True)
-        RESULTS.mkdir(exist_ok=True)
-        Image.fromarray(image_grid(images[:100], run["params"].sample.grid_rows)).save(RESULTS / f"{args.out}_grid_{name}.png")
+        result[name] = run_figures(name, run, images, sampling, sample_s, (reference, classifier), args.out)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
 
 

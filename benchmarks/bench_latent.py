@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -34,15 +33,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_backbones import train_interleaved
-from bench_default import RESULTS, pipeline_samples, pipeline_trainer, reference_and_judge, scores
+from bench_backbones import run_figures, train_interleaved
+from bench_default import RESULTS, pipeline_samples, pipeline_trainer, reference_and_judge
 from bench_networks import machine
 
 from diffusion.config import parse_params
 from diffusion.data.dataset import split
 from diffusion.data.latents import latent_scale_factor
 from diffusion.data.sources import load_source
-from diffusion.images import image_grid
 from diffusion.models.configs import VAE_CONFIGS
 from diffusion.models.vae import KLAutoencoder
 from diffusion.stages.encode import encode_images
@@ -122,8 +120,6 @@ def main() -> None:
         "classifier_heldout_accuracy": classifier_accuracy, "vae": vae_result,
         "recipe": params.model_dump(include={"diffusion", "train", "sample", "vae"}),
     }
-    from PIL import Image
-
     for name, run in runs.items():
         latent = run["space"] == "latent"
         start = time.perf_counter()
@@ -132,18 +128,8 @@ def main() -> None:
             autoencoder=spec_of_autoencoder if latent else None, decoder=autoencoder if latent else None,
         )
         sample_s = time.perf_counter() - start
-        batch = run["params"].train.batch_size
-        result[name] = {
-            "model": RUNS[name][1], "overrides": RUNS[name][2],
-            "parameters": sum(p.numel() for p in run["trainer"].model.parameters()),
-            "train_steps": run["steps"], "train_s": sum(run["seconds"]),
-            "train_img_per_s": batch / statistics.median(run["seconds"]),
-            "sample_s": sample_s, "sample_img_per_s": args.samples / sample_s, "sampling": sampling,
-            **scores(images, reference, classifier),
-        }
-        print(name, json.dumps({k: v for k, v in result[name].items() if k != "sampling"}), flush=True)
-        RESULTS.mkdir(exist_ok=True)
-        Image.fromarray(image_grid(images[:100], run["params"].sample.grid_rows)).save(RESULTS / f"{args.out}_grid_{name}.png")
+        figures = run_figures(name, run, images, sampling, sample_s, (reference, classifier), args.out)
+        result[name] = {"model": RUNS[name][1], "overrides": RUNS[name][2], **figures}
     (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusion.errors import UserError
+from diffusion.models.layers import Upsample  # nearest x2, then a 3x3 conv: diffusers' Upsample2D
 
 LOGVAR_RANGE = (-30.0, 20.0)  # LDM's clamp of the posterior's log-variance
 NORM_EPS = 1e-6
@@ -107,17 +108,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour x2, then a 3x3 conv."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Level(nn.Module):
