@@ -76,7 +76,9 @@ class PackagedDiffusion(nn.Module):
             raise ValueError(f"sampling: unknown {', '.join(unknown)}; allowed {', '.join(DEFAULT_SAMPLER)}")
         self.model_spec = dict(model_spec)
         self.process = dict(process)
-        self.sampling = {**DEFAULT_SAMPLER, **(sampling or {})}
+        # Latents are not bounded: a latent model's default is to sample unclipped.
+        unclipped = {"clip_denoised": False} if autoencoder is not None else {}
+        self.sampling = {**DEFAULT_SAMPLER, **unclipped, **(sampling or {})}
         spec = dict(model_spec)
         self.net = net if net is not None else create_model(
             spec.pop("name"), **spec.pop("overrides", {}), **spec
@@ -87,13 +89,18 @@ class PackagedDiffusion(nn.Module):
             variance=process["variance"],
             loss=process["loss"],
         )
-        self.autoencoder_spec = None if autoencoder is None else {
-            "config": dict(autoencoder["config"]), "scale_factor": float(autoencoder["scale_factor"]),
-        }
-        self.autoencoder = None
+        self.autoencoder, self.latent_scale = None, None
         if autoencoder is not None:
             self.autoencoder = decoder if decoder is not None else KLAutoencoder(**autoencoder["config"])
             self.autoencoder.requires_grad_(False).eval()
+            self.latent_scale = float(autoencoder["scale_factor"])
+
+    @property
+    def autoencoder_spec(self) -> dict[str, Any] | None:
+        """``{"config", "scale_factor"}`` of a latent model (what rebuilds its decoder), else None."""
+        if self.autoencoder is None:
+            return None
+        return {"config": self.autoencoder.config, "scale_factor": self.latent_scale}
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -111,7 +118,7 @@ class PackagedDiffusion(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] of scaled latents: ``D(z / scale_factor)``, clamped."""
-        return self.autoencoder.decode(latents / self.autoencoder_spec["scale_factor"]).clamp(-1, 1)
+        return self.autoencoder.decode(latents / self.latent_scale).clamp(-1, 1)
 
     def forward(self, noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """x_T -> x_0 in [-1, 1] with :attr:`sampling`; a class-conditional model draws image k

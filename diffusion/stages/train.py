@@ -167,7 +167,6 @@ def _train(params: Params, packaged: PackagedDiffusion, dataset, data: TrainingD
             # The outputs first: they do not depend on the store.
             final = PackagedDiffusion(
                 spec, params.diffusion.model_dump(), net=result.ema_model,
-                sampling={"clip_denoised": False} if data.autoencoder is not None else None,
                 autoencoder=data.autoencoder, decoder=data.decoder,
             )
             final.save(MODEL)
