@@ -120,6 +120,7 @@ class TrainParams(_Section):
     val_images: int = Field(ge=0)
     p_uncond: float = Field(ge=0, lt=1)  # classifier-free guidance: labels dropped to the null class
     min_snr_gamma: float | None = Field(gt=0)  # min-SNR-γ loss weighting (Hang et al. 2023); null: none
+    distributed: int = Field(ge=1)  # DistributedDataParallel processes (one per GPU); 1: this process alone
 
 
 class SampleParams(_Section):
@@ -137,6 +138,7 @@ class SampleParams(_Section):
     threshold: float | None = Field(gt=0.5, le=1.0)
     seed: int = Field(ge=0)  # image k is drawn from its own seed (seed, k): see diffusion.sampling.noise
     device: Device
+    distributed: int = Field(ge=1)  # processes the images are sharded over (one per GPU); 1: this process alone
     grid_rows: int = Field(ge=1)
 
 
