@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import os
 import sys
 
 STAGES = {
@@ -26,6 +27,8 @@ STAGES = {
     "sample": "diffusion.stages.sample",
     "evaluate": "diffusion.stages.evaluate",
 }
+# Stages that run as ``<stage>.distributed`` processes (diffusion.training.launch), one per GPU.
+DISTRIBUTED = ("train", "sample")
 TOOLS = {
     "promote": "diffusion.promote",
     "unlock": "diffusion.dvc_locks",
@@ -51,11 +54,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"diffusion {args.stage}: error: {err}", file=sys.stderr)
         return 2
+    processes = getattr(params, args.stage).distributed if args.stage in DISTRIBUTED else 1
+    if processes > 1 and "WORLD_SIZE" not in os.environ:  # launch the ranks (not under torchrun already)
+        from diffusion.training.launch import launch
+
+        return launch([sys.executable, "-m", "diffusion.cli", *argv], processes, key=f"{args.stage}.distributed")
     stage = importlib.import_module(STAGES[args.stage])
     try:
         stage.run(params)
     except UserError as err:
-        print(f"diffusion {args.stage}: error: {err}", file=sys.stderr)
+        # In a distributed job an error is said once: by rank 0 when every rank raises it, else by the
+        # rank that failed (or the launcher, for a rank that died).
+        main = os.environ.get("RANK", "0") == "0"
+        if not getattr(err, "said_elsewhere", False) and (main or not getattr(err, "every_rank", False)):
+            print(f"diffusion {args.stage}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"diffusion {args.stage}: interrupted; run it again to resume", file=sys.stderr)

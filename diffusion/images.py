@@ -55,11 +55,13 @@ def generate_images(
     name: Callable[[str], str],
     classifier: Classifier | None = None,
     classifier_scale: float = 0.0,
+    first_index: int = 0,
 ) -> torch.Tensor:
     """``len(labels)`` uint8 images ``[N, C, H, W]`` sampled with ``sampling`` (the keys of
     :data:`diffusion.packaged.DEFAULT_SAMPLER`) in batches of ``batch_size``. Image k is image
-    k of ``seed`` (its own generator, :mod:`diffusion.sampling.noise`), so the images do not
-    depend on the batch size; a class-conditional model draws image k for ``labels[k]``, and so
+    ``first_index + k`` of ``seed`` (its own generator, :mod:`diffusion.sampling.noise`), so the
+    images depend neither on the batch size nor on which process draws them (a rank's shard
+    starts at its ``first_index``); a class-conditional model draws image k for ``labels[k]``, and so
     does a ``classifier`` guiding at ``classifier_scale`` (:mod:`diffusion.sampling.guidance`).
 
     ``name(key)`` is the option that set ``key`` (``batch_size``, ``sampler``, ``steps``):
@@ -75,7 +77,7 @@ def generate_images(
         with batch_memory(name("batch_size"), batch_size, device):
             x = packaged.sample(
                 count, **sampling, labels=batch_labels, classifier=classifier, classifier_scale=classifier_scale,
-                seed=seed, first_index=start, device=device, progress=True,
+                seed=seed, first_index=first_index + start, device=device, progress=True,
             )
         non_finite += int((~torch.isfinite(x)).flatten(1).any(1).sum())
         batches.append(to_uint8(x).cpu())

@@ -9,6 +9,10 @@ protocol), ``samples/grid.png`` and ``samples/run.json``: the MLflow run, nested
 under the model's run, that the evaluate stage logs FID into.
 
 Images with NaN or inf (black once made uint8) are refused, and nothing is written.
+
+Distributed (``sample.distributed`` > 1, launched by ``diffusion sample``, or under torchrun):
+each rank draws its contiguous shard of the images, image k always from its own seed, so the
+samples are the same for any number of processes; rank 0 gathers them, logs and writes.
 A latent model samples latents and decodes them (:class:`~diffusion.packaged.PackagedDiffusion`):
 the images and everything after them are the same as in pixel space.
 
@@ -33,6 +37,7 @@ from diffusion.images import generate_images, image_grid, sampling_labels
 from diffusion.models.classifier import NoiseAwareClassifier, classifier_from_state
 from diffusion.packaged import DEFAULT_SAMPLER, PackagedDiffusion
 from diffusion.stages.paths import CLASSIFIER, CLASSIFIER_DISABLED, GRID, MODEL, MODEL_RUN, SAMPLE_RUN, SAMPLES
+from diffusion.training import distributed
 from diffusion.training.checkpoint import load_checkpoint
 from diffusion.training.devices import precision_name, resolve_device, resolve_precision
 from diffusion.errors import UserError
@@ -85,10 +90,12 @@ def sampling_settings(params: Params, device: torch.device) -> dict:
 
 def generate(
     packaged: PackagedDiffusion, params: Params, device: torch.device, classifier: NoiseAwareClassifier | None = None,
+    part: range | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sample.num_samples`` uint8 images and their labels, drawn with the ``sample`` params
-    in batches of ``sample.batch_size`` (:func:`diffusion.images.generate_images`: image k is
-    image k of ``sample.seed``, whatever the batch size).
+    """``sample.num_samples`` uint8 images and their labels (or those of ``part`` of them),
+    drawn with the ``sample`` params in batches of ``sample.batch_size``
+    (:func:`diffusion.images.generate_images`: image k is image k of ``sample.seed``, whatever
+    the batch size or the part).
 
     Class-conditional models get ``sample.labels`` cycled over the images, or by default
     labels cycling through the classes (balanced, and each grid row shows every class). A
@@ -97,27 +104,47 @@ def generate(
     """
     cfg = params.sample
     num_classes = packaged.model_spec.get("num_classes") or (classifier.num_classes if classifier is not None else None)
-    labels = sampling_labels(cfg.labels, cfg.num_samples, num_classes)
+    part = part if part is not None else range(cfg.num_samples)
+    labels = sampling_labels(cfg.labels, cfg.num_samples, num_classes)[part.start : part.stop]
     images = generate_images(
         packaged, sampling_settings(params, device), labels=labels, batch_size=cfg.batch_size, seed=cfg.seed, device=device,
         name=lambda key: f"sample.{key}", classifier=classifier, classifier_scale=params.guidance.classifier_scale,
+        first_index=part.start,
     )
     return images, labels
 
 
 def run(params: Params) -> None:
-    tracking.check_store()  # in seconds, before any work: a store that does not answer is one line
+    current = distributed.world()
+    if current.main:
+        tracking.check_store()  # in seconds, before any work: a store that does not answer is one line
     device = resolve_device(params.sample.device)
     packaged = PackagedDiffusion.load(MODEL, map_location=device)
     guided = params.guidance.classifier and params.guidance.classifier_scale > 0
     classifier = load_classifier(packaged, device) if guided else None
+    with distributed.process_group(current):
+        if not current.main:
+            _generate_shards(packaged, params, device, classifier, current)
+            return
+        _sample_and_write(params, packaged, device, classifier, current)
+
+
+def _generate_shards(packaged, params: Params, device, classifier, current) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank draws its shard (:func:`diffusion.training.distributed.shard`); rank 0 gets them all, in order."""
+    shards = distributed.agreed(
+        lambda: generate(packaged, params, device, classifier, part=distributed.shard(params.sample.num_samples, current))
+    )
+    return torch.cat([images for images, _ in shards]), torch.cat([labels for _, labels in shards])
+
+
+def _sample_and_write(params: Params, packaged, device, classifier, current) -> None:
     model_run = tracking.read_run_id(MODEL_RUN)
     with tracking.stage_run(
         "sample", params.tracking.experiment, parent_run_id=model_run,
         run_name=f"sample-{params.sample.sampler}{params.sample.steps}",
     ) as active:
         tracking.log_params(params.model_dump(include={"sample", "guidance", "evaluate"}))
-        images, labels = generate(packaged, params, device, classifier)
+        images, labels = _generate_shards(packaged, params, device, classifier, current)
         sampling = sampling_settings(params, device)
         sampling["classifier_scale"] = params.guidance.classifier_scale if classifier is not None else 0.0
         sampling["classifier_md5"] = tracking.file_md5(CLASSIFIER) if classifier is not None else None

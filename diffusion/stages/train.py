@@ -29,6 +29,11 @@ of the config sends the metrics and logs the model. A run id in the folder's
 ``run.json`` that the store lacks (or a ``run.json`` that is not one) gives a new run,
 tagged with the checkpoint it continues. Each step's metrics reach a run once, and the
 model is logged into a run once for each version of its weights (tag ``model.md5``).
+
+Distributed (``train.distributed`` > 1, which ``diffusion train`` launches as that many
+processes, or any run under torchrun): every rank trains its slice of each batch
+(:mod:`diffusion.training.loop`); rank 0 alone checks the store, holds the checkpoint
+folder's lock, logs to MLflow and writes checkpoints and the DVC outputs.
 """
 
 from __future__ import annotations
@@ -54,12 +59,15 @@ from diffusion.stages.paths import (
     AUTOENCODER, AUTOENCODER_RUN, HELDOUT_SET, LATENTS, LOSS_CURVE, MODEL, MODEL_RUN, TRAIN_METRICS, TRAIN_SET, VAL_CURVE,
     checkpoints_dir,
 )
+from diffusion.training import distributed
 from diffusion.training.loop import seeded_init, train
 
 MODEL_MD5_TAG = "model.md5"  # the md5 of models/model.pt (DVC's hash) the run's model was logged from
 
 # Params that do not change the trajectory: a checkpoint stays valid when they change.
-RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "bpd_images", "val_every", "val_images", "device"}
+RESUMABLE_CHANGES = {
+    "steps", "log_every", "checkpoint_every", "bpd_images", "val_every", "val_images", "device", "distributed",
+}
 
 
 def checkpoint_key(params: Params, data_md5: str) -> str:
@@ -111,7 +119,9 @@ def training_data(params: Params, dataset) -> TrainingData:
 
 
 def run(params: Params) -> None:
-    tracking.check_store()  # in seconds, before any work: a store that does not answer is one line
+    current = distributed.world()
+    if current.main:
+        tracking.check_store()  # in seconds, before any work: a store that does not answer is one line
     dataset = load_dataset(TRAIN_SET)
     data = training_data(params, dataset)
     _, channels, height, _ = data.images.shape
@@ -119,18 +129,25 @@ def run(params: Params) -> None:
     with seeded_init(params.train.seed):
         packaged = PackagedDiffusion(spec, params.diffusion.model_dump())
     ckpt_dir = checkpoints_dir() / checkpoint_key(params, tracking.file_md5(data.file))
+    with distributed.process_group(current):
+        if not current.main:  # its slice of every batch; rank 0 writes and logs
+            train(
+                packaged.net, packaged.diffusion, data.images, data.labels, params.train, checkpoint_dir=ckpt_dir,
+                heldout_images=data.heldout, class_conditional=params.model.class_conditional, world=current,
+            )
+            return
 
-    def waiting(holder: str) -> None:
-        print(f"train: {ckpt_dir} is in use by another training ({holder}); waiting for it", flush=True)
+        def waiting(holder: str) -> None:
+            print(f"train: {ckpt_dir} is in use by another training ({holder}); waiting for it", flush=True)
 
-    with exclusive_lock(ckpt_dir / ".lock", on_wait=waiting):
-        stale = remove_stale_temps(ckpt_dir)  # every writer of the folder holds this lock
-        if stale:
-            print(f"train: removed the temp files of killed writes: {', '.join(p.name for p in stale)}", flush=True)
-        _train(params, packaged, dataset, data, ckpt_dir)
+        with exclusive_lock(ckpt_dir / ".lock", on_wait=waiting):
+            stale = remove_stale_temps(ckpt_dir)  # every writer of the folder holds this lock
+            if stale:
+                print(f"train: removed the temp files of killed writes: {', '.join(p.name for p in stale)}", flush=True)
+            _train(params, packaged, dataset, data, ckpt_dir, current)
 
 
-def _train(params: Params, packaged: PackagedDiffusion, dataset, data: TrainingData, ckpt_dir) -> None:
+def _train(params: Params, packaged: PackagedDiffusion, dataset, data: TrainingData, ckpt_dir, current) -> None:
     spec = packaged.model_spec
     diffusion: GaussianDiffusion = packaged.diffusion
     resume_run = _checkpoint_run(ckpt_dir)
@@ -163,6 +180,7 @@ def _train(params: Params, packaged: PackagedDiffusion, dataset, data: TrainingD
                 log=log,
                 heldout_images=data.heldout,
                 class_conditional=params.model.class_conditional,
+                world=current,
             )
             # The outputs first: they do not depend on the store.
             final = PackagedDiffusion(

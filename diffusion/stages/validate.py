@@ -6,7 +6,8 @@ Every stage depends on this stage's one output, ``data/params.ok``, so ``dvc rep
 runs it first and stops on its error with every previous output in place. The
 ``diffusion`` command has already validated params.yaml (keys, types, ranges and
 combinations) when this runs; here come the checks that depend on the machine: a
-``cuda`` device asked for where there is none. The output's content never changes,
+``cuda`` device asked for where there is none, or more CUDA processes
+(``train.distributed``, ``sample.distributed``) than GPUs. The output's content never changes,
 so a valid change re-runs no stage that its params do not concern.
 """
 
@@ -27,5 +28,23 @@ def run(params: Params) -> None:
         for section, device in sections.items():
             if device == "cuda":
                 resolve_device(device, key=f"{section}.device")
+    for section, cfg in {"train": params.train, "sample": params.sample}.items():
+        if cfg.distributed > 1 and cfg.device != "cpu":
+            _check_gpus(cfg.distributed, section)
     with atomic_write(PARAMS_OK) as fh:
         fh.write(OK)
+
+
+def _check_gpus(processes: int, section: str) -> None:
+    """One process per GPU: CUDA processes need as many GPUs (CPU processes, on a machine
+    without CUDA, need none)."""
+    import torch
+
+    from diffusion.errors import UserError
+
+    count = torch.cuda.device_count()
+    if 0 < count < processes:
+        raise UserError(
+            f"{section}.distributed: {processes} processes, one per GPU, but this machine has {count} GPUs; "
+            f"allowed here: 1..{count} (or {section}.device: cpu for gloo processes on the CPU)"
+        )

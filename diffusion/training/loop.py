@@ -27,6 +27,18 @@ CPU ``torch.Generator`` (so they do not depend on the device), and dropout uses
 torch's global RNG, which :func:`train` seeds inside ``torch.random.fork_rng``
 (the caller's RNG state is left untouched) and saves with the checkpoint. On the
 CPU, N steps + resume + M steps equals N + M straight steps bit for bit.
+
+Distributed (``train.distributed``, or torchrun; :mod:`diffusion.training.distributed`): the
+network is wrapped in DistributedDataParallel, one process per GPU. Every rank steps the same
+data generator through the whole global batch of ``train.batch_size`` (indices, flips, label
+drops, timesteps, noise) and trains on its own contiguous slice, so the trajectory does not
+depend on the number of processes: 2 gloo processes give the loss curve of one process
+within float tolerance (tested). Dropout draws from torch's RNG seeded per rank
+(:func:`~diffusion.training.distributed.rank_seed`). The logged loss terms are averaged over
+the ranks, which also makes the non-finite check agree: a NaN on one rank stops every rank at
+the same step. The loss-aware sampler learns from the whole batch's losses (all-gathered), the
+EMA follows the unwrapped module, and rank 0 alone logs, validates and writes checkpoints,
+which carry every rank's RNG state.
 """
 
 from __future__ import annotations
@@ -45,7 +57,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffusion.training.checkpoint import CheckpointError, checkpoint_path, load_newest, prune_checkpoints, save_checkpoint
+from diffusion.training import distributed
+from diffusion.training.checkpoint import (
+    CheckpointError, checkpoint_path, load_checkpoint, load_newest, prune_checkpoints, save_checkpoint,
+)
 from diffusion.training.devices import autocast, batch_memory, resolve_device, resolve_precision
 from diffusion.training.ema import EMA
 from diffusion.errors import UserError
@@ -73,6 +88,8 @@ LogFn = Callable[[int, dict[str, float]], None]
 
 class NonFiniteLossError(UserError, RuntimeError):
     """The loss or gradient went NaN/inf; the message names the step and last good checkpoint."""
+
+    every_rank = True  # the loss terms are averaged over the ranks first: all raise it at once (rank 0 says it)
 
 
 @dataclass(frozen=True)
@@ -125,23 +142,26 @@ def draw_batch(
     hflip: bool,
     null_class: int | None,
     label_drop: float = 0.0,
+    part: slice = slice(None),
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A random batch (indices drawn with replacement) and its labels.
 
     All draws use ``generator`` (on the CPU); the images may live on any device.
     Labels are returned only when ``null_class`` is given, each replaced by it
-    with probability ``label_drop``.
+    with probability ``label_drop``. ``part``: the examples of the batch to return (a
+    rank's slice); the draws are those of the whole batch either way.
     """
     device = images.device
     idx = torch.randint(len(images), (batch_size,), generator=generator)
+    flip = torch.rand(batch_size, generator=generator) < 0.5 if hflip else None
+    drop = torch.rand(batch_size, generator=generator) < label_drop if null_class is not None else None
+    idx = idx[part]
     x = model_input(images[idx.to(device)])
-    if hflip:
-        flip = torch.rand(batch_size, generator=generator) < 0.5
-        x = torch.where(flip.to(device)[:, None, None, None], x.flip(3), x)
-    if null_class is None:
+    if flip is not None:
+        x = torch.where(flip[part].to(device)[:, None, None, None], x.flip(3), x)
+    if drop is None:
         return x, None
-    drop = torch.rand(batch_size, generator=generator) < label_drop
-    y = labels[idx.to(labels.device)].to(device).masked_fill(drop.to(device), null_class)
+    y = labels[idx.to(labels.device)].to(device).masked_fill(drop[part].to(device), null_class)
     return x, y
 
 
@@ -204,11 +224,20 @@ class Trainer:
         cfg: TrainParams,
         *,
         class_conditional: bool,
+        world: distributed.World = distributed.World(),
     ) -> None:
+        self.world = world
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_precision(cfg.precision, self.device)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
         self.model = model.to(device=self.device, memory_format=self.memory_format).train()
+        # What the loss calls: the model itself, or its DDP wrapper (whose backward all-reduces the gradients).
+        self.network = self.model
+        if world.size > 1:
+            ids = [torch.cuda.current_device()] if self.device.type == "cuda" else None  # LOCAL_RANK's GPU
+            self.network = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        mine = distributed.shard(cfg.batch_size, world)  # this rank's examples of every batch
+        self.part = slice(mine.start, mine.stop)
         self.diffusion = diffusion
         self.cfg = cfg
         self.ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
@@ -217,7 +246,8 @@ class Trainer:
         self.null_class = _null_class(model, labels) if class_conditional else None
         self.images = images.to(self.device)
         self.labels = labels.to(self.device) if class_conditional else None
-        data_seed, self.torch_seed, _ = _seeds(cfg.seed)
+        data_seed, torch_seed, _ = _seeds(cfg.seed)
+        self.torch_seed = distributed.rank_seed(torch_seed, world.rank)
         self.generator = torch.Generator().manual_seed(data_seed)
 
     def step(self, step: int, last_good: Path | None) -> dict[str, float]:
@@ -225,29 +255,30 @@ class Trainer:
         batch means of the loss terms and the gradient norm.
 
         Raises :class:`NonFiniteLossError` before touching the weights if one of
-        them is not finite (the check is the step's one host-device sync).
+        them is not finite (the check is the step's one host-device sync), on every rank at once.
         """
-        cfg, device, fmt = self.cfg, self.device, self.memory_format
+        cfg, device, fmt, part = self.cfg, self.device, self.memory_format, self.part
         x0, y = draw_batch(
             self.images, self.labels, cfg.batch_size, self.generator, hflip=cfg.hflip, null_class=self.null_class,
-            label_drop=cfg.p_uncond,
+            label_drop=cfg.p_uncond, part=part,
         )
         x0 = x0.contiguous(memory_format=fmt)
-        t, weights = self.sampler.sample(cfg.batch_size, torch.device("cpu"), generator=self.generator)
-        noise = torch.randn(x0.shape, generator=self.generator).to(device, memory_format=fmt)
-        t, weights = t.to(device), weights.to(device)
+        t_all, weights = self.sampler.sample(cfg.batch_size, torch.device("cpu"), generator=self.generator)
+        noise = torch.randn((cfg.batch_size, *x0.shape[1:]), generator=self.generator)[part].to(device, memory_format=fmt)
+        t, weights = t_all[part].to(device), weights[part].to(device)
 
         self.optimizer.zero_grad(set_to_none=True)
         mse_weight = None if cfg.min_snr_gamma is None else self.diffusion.min_snr_weight(t, cfg.min_snr_gamma)
         with autocast(device, self.dtype):
             losses = self.diffusion.training_losses(
-                self.model, x0, t, model_kwargs=None if y is None else {"y": y}, noise=noise, mse_weight=mse_weight
+                self.network, x0, t, model_kwargs=None if y is None else {"y": y}, noise=noise, mse_weight=mse_weight
             )
         terms = {k: (losses[k].float() * weights).mean() for k in LOGGED_TERMS if k in losses}
         terms["loss"].backward()
         max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
         terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        stats = dict(zip(terms, torch.stack(list(terms.values())).tolist(), strict=True))
+        means = distributed.mean(torch.stack(list(terms.values())).detach().float())
+        stats = dict(zip(terms, means.tolist(), strict=True))
         bad = [k for k, v in stats.items() if not math.isfinite(v)]
         if bad:
             where = last_good if last_good is not None else "none written yet"
@@ -258,22 +289,30 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = warmup_lr(step, cfg.lr, cfg.warmup_steps)
         self.optimizer.step()
-        self.sampler.update(t, losses["loss"].detach())
+        self.sampler.update(t_all, distributed.concat(losses["loss"].detach().float()))
         self.ema.update(self.model)
         return stats
 
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        state = {"rng_cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
     def state_dict(self) -> dict[str, Any]:
-        """Model, EMA, optimiser, sampler and every RNG state: what resume needs."""
+        """Model, EMA, optimiser, sampler and every RNG state: what resume needs. Called on
+        every rank at once: with several, ``rng_ranks`` holds each rank's RNG state."""
+        ranks = distributed.gather(self._rng_state())
         state = {
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "timestep_sampler": self.sampler.state_dict(),
             "data_generator": self.generator.get_state(),
-            "rng_cpu": torch.get_rng_state(),
+            **ranks[0],
         }
-        if self.device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        if len(ranks) > 1:
+            state["rng_ranks"] = ranks
         return state
 
     def load_state_dict(self, state: dict[str, Any], path: Path) -> None:
@@ -289,9 +328,18 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.sampler.load_state_dict(state["timestep_sampler"])
             self.generator.set_state(state["data_generator"])
-            torch.set_rng_state(state["rng_cpu"])
-            if "rng_cuda" in state and self.device.type == "cuda":
-                torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+            rank = self.world.rank
+            ranks = state.get("rng_ranks", [state])
+            if rank < len(ranks):
+                torch.set_rng_state(ranks[rank]["rng_cpu"])
+                if "rng_cuda" in ranks[rank] and self.device.type == "cuda":
+                    torch.cuda.set_rng_state(ranks[rank]["rng_cuda"], self.device)
+            elif rank == len(ranks):  # one line for the ranks the checkpoint did not have
+                print(
+                    f"train: warning: {path} holds the RNG states of {len(ranks)} processes, not {self.world.size}: "
+                    f"ranks {len(ranks)}.. draw dropout afresh from their seeds (the data and noise are unchanged)",
+                    file=sys.stderr, flush=True,
+                )
         except KeyError as err:
             raise CheckpointError(f"{path}: not a training checkpoint (no key {err})") from None
         except (RuntimeError, ValueError) as err:
@@ -311,6 +359,7 @@ def train(
     log: LogFn | None = None,
     class_conditional: bool = False,
     progress: bool = True,
+    world: distributed.World = distributed.World(),
 ) -> TrainResult:
     """Train ``model`` to ``cfg.steps`` steps in total, resuming from ``checkpoint_dir``.
 
@@ -327,10 +376,16 @@ def train(
     ``cfg.bpd_images`` is returned (:func:`heldout_bpd`). Latents have no bits/dim (the bound's
     last term is the likelihood of discrete pixel values): for them ``val_loss`` is the
     held-out figure, and ``bpd`` is None.
+
+    ``world``: this process's rank among those of a distributed job (whose process group is
+    up); every rank calls ``train``, and only rank 0 logs, validates and writes checkpoints.
+    The result's curves and ``bpd`` are rank 0's.
     """
     _check_data(images, labels, class_conditional)
     checkpoint_dir = Path(checkpoint_dir)
-    run = Trainer(model, diffusion, images, labels, cfg, class_conditional=class_conditional)
+    run = Trainer(model, diffusion, images, labels, cfg, class_conditional=class_conditional, world=world)
+    main = world.main
+    log = log if main else None
     rng_devices = [run.device.index] if run.device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(run.torch_seed)
@@ -338,19 +393,16 @@ def train(
         val_images = None  # scaled once, scored every val_every steps
         if heldout_images is not None and cfg.val_images:
             val_images = model_input(heldout_images[: cfg.val_images])
-        last_ckpt = None
-        newest = load_newest(checkpoint_dir)
-        if newest is not None:
-            last_ckpt, state, damaged = newest
-            for err in damaged:
-                print(f"train: warning: {err}; resuming from the older {last_ckpt}", file=sys.stderr, flush=True)
+        last_ckpt, state = _resume_point(checkpoint_dir, main)
+        if state is not None:
             run.load_state_dict(state, last_ckpt)
             step, loss_curve, window = state["step"], state["loss_curve"], state["log_window"]
             val_curve = state["val_curve"]
-            print(f"train: resuming from {last_ckpt} at step {step}", flush=True)
+            if main:
+                print(f"train: resuming from {last_ckpt} at step {step}", flush=True)
 
         timed_s, timed_steps, window_s, window_steps = 0.0, 0, 0.0, 0
-        with tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress) as bar:
+        with tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not (progress and main)) as bar:
             while step < cfg.steps:
                 step += 1
                 start = time.perf_counter()
@@ -364,7 +416,7 @@ def train(
                 if step % cfg.log_every == 0:
                     metrics = {k: sum(s[k] for s in window) / len(window) for k in window[0]}
                     metrics["lr"] = warmup_lr(step, cfg.lr, cfg.warmup_steps)
-                    metrics["img_per_s"] = cfg.batch_size * window_steps / window_s
+                    metrics["img_per_s"] = cfg.batch_size * window_steps / window_s  # of the whole job
                     loss_curve.append((step, metrics["loss"]))
                     # shown at the bar's next refresh: a forced one would ignore TQDM_MININTERVAL
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
@@ -372,18 +424,20 @@ def train(
                         log(step, metrics)
                     window, window_s, window_steps = [], 0.0, 0
 
-                if val_images is not None and step % cfg.val_every == 0:
+                if main and val_images is not None and step % cfg.val_every == 0:
                     val_curve.append((step, reference_loss(run.ema.model, diffusion, val_images, seed=cfg.seed)))
                     if log is not None:
                         log(step, {"val_loss": val_curve[-1][1]})
 
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                     state = run.state_dict() | {"step": step, "loss_curve": loss_curve, "val_curve": val_curve, "log_window": window}
-                    last_ckpt = save_checkpoint(checkpoint_path(checkpoint_dir, step), state)
-                    prune_checkpoints(checkpoint_dir, KEEP_CHECKPOINTS, last_ckpt)
+                    last_ckpt = checkpoint_path(checkpoint_dir, step)
+                    if main:
+                        save_checkpoint(last_ckpt, state)
+                        prune_checkpoints(checkpoint_dir, KEEP_CHECKPOINTS, last_ckpt)
 
         bpd = None
-        if heldout_images is not None and heldout_images.dtype == torch.uint8 and cfg.bpd_images > 0:
+        if main and heldout_images is not None and heldout_images.dtype == torch.uint8 and cfg.bpd_images > 0:
             bpd = heldout_bpd(
                 run.ema.model, diffusion, heldout_images[: cfg.bpd_images],
                 batch_size=cfg.batch_size, seed=cfg.seed, memory_format=run.memory_format,
@@ -399,6 +453,29 @@ def train(
         checkpoint=last_ckpt,
         ema_model=run.ema.model,
     )
+
+
+def _resume_point(checkpoint_dir: Path, main: bool) -> tuple[Path | None, dict[str, Any] | None]:
+    """The newest readable checkpoint and its state, or (None, None) to start afresh. Rank 0
+    chooses (one warning line for each newer damaged one it skips) and every rank loads that
+    file; a folder with no readable checkpoint fails every rank with rank 0's one line."""
+    chosen: dict[str, Any] = {}
+
+    def choose() -> Path | None:
+        if not main:
+            return None
+        newest = load_newest(checkpoint_dir)
+        if newest is None:
+            return None
+        path, chosen["state"], damaged = newest
+        for err in damaged:
+            print(f"train: warning: {err}; resuming from the older {path}", file=sys.stderr, flush=True)
+        return path
+
+    path = distributed.agreed(choose)[0]
+    if path is None:
+        return None, None
+    return path, chosen["state"] if main else load_checkpoint(path)
 
 
 # ---------------------------------------------------------------- held-out likelihood

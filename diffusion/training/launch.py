@@ -1,0 +1,95 @@
+"""The launcher of ``train.distributed`` / ``sample.distributed``: N local processes of one
+``diffusion <stage>`` command, as ranks of one job (torch-free: the launcher stays a small
+process; the ranks use :mod:`diffusion.training.distributed`).
+
+The ranks stay in the launcher's process group (``kill -9`` of a ``dvc repro``'s group takes
+them all), and the kernel kills each rank when the launcher dies (``PR_SET_PDEATHSIG``), so
+no rank outlives the job. When one rank fails, the others are stopped and the job fails with
+one line naming the rank; the next run resumes from the last checkpoint. (torch's elastic
+agent, torchrun, starts each rank in a new session: a killed agent leaves its ranks running.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+STOP_GRACE_S = 10.0
+"""Seconds the other ranks get to stop after SIGTERM before SIGKILL, when one rank failed."""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL when the launcher dies (Linux ``PR_SET_PDEATHSIG``)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+
+
+def _exit_reason(code: int) -> str:
+    return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
+
+
+def launch(command: Sequence[str], processes: int, *, key: str, threads: int | None = None) -> int:
+    """Run ``command`` (a ``diffusion <stage>`` command line) as ``processes`` ranks of one job
+    on this machine and return its exit status: 0 when every rank succeeded, else that of the
+    first rank to fail, after stopping the others (one line naming it and ``key``).
+
+    CPU ranks get ``threads`` threads each (default: the cores shared out).
+    """
+    port = _free_port()
+    threads = threads or max(1, (os.cpu_count() or 1) // processes)
+    ranks = []
+    for rank in range(processes):
+        env = os.environ | {
+            "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(processes),
+            "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+        }
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+        ranks.append(subprocess.Popen(list(command), env=env, preexec_fn=_die_with_parent))
+    try:
+        while True:
+            codes = [proc.poll() for proc in ranks]
+            # A rank killed by a signal first: the others then fail for want of it.
+            failed = sorted(((rank, code) for rank, code in enumerate(codes) if code not in (None, 0)), key=lambda rc: rc[1] > 0)
+            if failed:
+                rank, code = failed[0]
+                _stop(ranks)
+                if code != 1:  # 1: the rank said why itself, in one line
+                    print(
+                        f"{key}: rank {rank} of {processes} (pid {ranks[rank].pid}) {_exit_reason(code)}; the other "
+                        "ranks were stopped; run again to resume from the last checkpoint",
+                        file=sys.stderr, flush=True,
+                    )
+                return code if code > 0 else 128 - code
+            if all(code == 0 for code in codes):
+                return 0
+            time.sleep(0.2)
+    except BaseException:
+        _stop(ranks)
+        raise
+
+
+def _stop(ranks: list[subprocess.Popen]) -> None:
+    """SIGTERM to the ranks still running, SIGKILL to those left after :data:`STOP_GRACE_S`."""
+    for proc in ranks:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for proc in ranks:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
