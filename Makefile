@@ -31,6 +31,7 @@ help:
 	@echo "make services  - Prefect server (http://127.0.0.1:4200) and MLflow server (mlflow/server.env); Ctrl-C stops both"
 	@echo "make worker    - a Prefect process worker on pool gpu; GPU=<index> picks CUDA_VISIBLE_DEVICES"
 	@echo "make deploy    - the deployments in prefect.yaml (train-pipeline, train-sweep, promote)"
+	@echo "make team-server - the shared MLflow server: PostgreSQL, an artifact root, basic auth (mlflow/team-server.env)"
 
 # The venv is (re)installed only when pyproject.toml or constraints.txt change.
 $(STAMP): pyproject.toml constraints.txt
@@ -73,7 +74,7 @@ clean:
 
 # Orchestration (flows/, prefect.yaml): local servers, one worker per GPU, the deployments.
 # Prefect keeps its database in .prefect/; the MLflow server's settings are mlflow/server.env.
-.PHONY: services worker deploy
+.PHONY: services worker deploy team-server
 
 PREFECT := $(VENV)/bin/prefect
 PREFECT_PORT ?= 4200
@@ -104,3 +105,16 @@ worker: $(STAMP)
 deploy: $(STAMP)
 	$(PREFECT_ENV) $(PREFECT) work-pool create $(POOL) --type process --overwrite
 	$(PREFECT_ENV) $(PREFECT) --no-prompt deploy --all
+
+# The shared team server (README, Scale-out): runs in PostgreSQL, artifacts under their
+# own root, MLflow's basic-auth app in front. Its settings are mlflow/team-server.env;
+# the auth app reads an ini file, written here from them. The first start against an
+# empty user store creates the admin from MLFLOW_AUTH_ADMIN_PASSWORD.
+team-server: $(STAMP)
+	set -a && . mlflow/team-server.env && set +a; \
+	printf '[mlflow]\ndefault_permission = %s\ndatabase_uri = %s\nadmin_username = %s\nauthorization_function = %s\n' \
+		"$$MLFLOW_TEAM_DEFAULT_PERMISSION" "$$MLFLOW_TEAM_AUTH_DATABASE_URI" "$$MLFLOW_AUTH_ADMIN_USERNAME" \
+		mlflow.server.auth:authenticate_request_basic_auth > "$$MLFLOW_AUTH_CONFIG_PATH"; \
+	exec $(VENV)/bin/mlflow server --app-name basic-auth --host "$$MLFLOW_TEAM_HOST" --port "$$MLFLOW_TEAM_PORT" \
+		--workers "$$MLFLOW_TEAM_WORKERS" --backend-store-uri "$$MLFLOW_TEAM_BACKEND_STORE_URI" \
+		--artifacts-destination "$$MLFLOW_TEAM_ARTIFACTS_DESTINATION"

@@ -21,7 +21,7 @@ Stages receive these objects; they never parse params.yaml themselves.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -193,7 +193,10 @@ class SweepParams(_Section):
     study_name: str
     storage: str | None  # None: a journal file in .optuna/; or an RDB URL / "journal:<path>"
     n_trials: int = Field(ge=1)
+    max_trials: int | None = Field(ge=1)  # None: no cap; else the study's trials across every worker
     concurrency: int = Field(ge=1)
+    heartbeat_s: int = Field(ge=1)  # an RDB storage's trial heartbeat; stale after 3 of them: FAIL, retried
+    trial_retries: int = Field(ge=0)  # retries of a trial whose worker died (stale heartbeat)
     objectives: list[Literal["fid", "sampling_cost"]]
     pruning: bool
     space: dict[str, SearchDim]
@@ -234,6 +237,11 @@ class Params(_Section):
                 f"use 0, or a sampler that takes eta: {', '.join(k for k, v in SAMPLERS.items() if v.takes_eta)}"
             )
         _check_guidance(self)
+        if self.train.batch_size % self.train.distributed:
+            raise ValueError(
+                f"train.batch_size: {self.train.batch_size} does not split evenly over train.distributed "
+                f"{self.train.distributed} processes; allowed: a multiple of {self.train.distributed}"
+            )
         if self.sample.steps > d.timesteps:
             raise ValueError(
                 f"sample.steps: {self.sample.steps} is more than diffusion.timesteps "
@@ -329,7 +337,7 @@ def _check_swept_model(space: dict[str, SearchDim]) -> None:
     if "model.name" not in space:
         return
     for name in space["model.name"].choices or []:
-        if name not in FAMILY_OF:
+        if not isinstance(name, str) or name not in FAMILY_OF:
             raise ValueError(f"sweep.space.model.name: unknown choice '{name}'; allowed: {', '.join(FAMILY_OF)}")
         for path in space:
             key = path.removeprefix("model.overrides.")
@@ -354,10 +362,11 @@ def _check_param_path(path: str) -> None:
 
 
 def _allowed_keys(loc: tuple) -> list[str]:
-    """Field names of the section at ``loc`` (e.g. ``("train",)``)."""
-    model: type[BaseModel] = Params
+    """Field names of the section at ``loc`` (e.g. ``("train",)``; in a mapping such as
+    ``sweep.space``, the part after it is a key, and the section is its value's)."""
+    model: Any = Params
     for part in loc:
-        model = model.model_fields[part].annotation
+        model = get_args(model)[1] if get_origin(model) is dict else model.model_fields[part].annotation
     return list(model.model_fields)
 
 
@@ -373,7 +382,7 @@ def _one_line(err: ValidationError, source: str) -> str:
         msg = f"got {first['input']!r}; {msg[0].lower()}{msg[1:]}"
     elif "input" in first and first["type"] != "value_error":
         msg = f"{msg} (got {first['input']!r})"
-    if first["type"] == "value_error" and msg.split(":", 1)[0].count(".") == 1:
+    if first["type"] == "value_error" and (not first["loc"] or msg.split(":", 1)[0].count(".") == 1):
         return f"{source}: {msg}"
     return f"{source}: {key}: {msg}"
 
@@ -413,7 +422,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConfigError(f"{path}: no such params file")
     try:
         raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, UnicodeDecodeError) as err:  # a file of another encoding, or bytes
         raise ConfigError(f"{path}: not valid YAML ({err.__class__.__name__})") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")

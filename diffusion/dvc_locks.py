@@ -8,11 +8,17 @@ it is being blocked by: (PID …)". This tool drops exactly the entries of PIDs 
 gone or zombies, under DVC's own guard of that file, and leaves live holders alone:
 unlike deleting the file by hand, it never frees the lock of a run that is still going.
 ``make pipeline`` runs it before ``dvc repro``.
+
+DVC writes ``dvc.lock`` in place, so a kill mid-write can leave it torn, and every later
+``dvc repro`` then fails with "'./dvc.lock' validation failed". A ``dvc.lock`` that is not
+valid YAML or fails DVC's own lockfile schema is moved aside (one line naming where): the
+next ``dvc repro`` finds each stage's outputs in DVC's run cache and restores them.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 
@@ -50,10 +56,33 @@ def release_stale_locks(root: Path) -> list[str]:
     return [f"released the DVC locks of PID {pid} ({cmd}), which no longer runs" for pid, cmd in released.items()]
 
 
+def set_aside_torn_lockfile(root: Path) -> str | None:
+    """Move a ``dvc.lock`` that DVC cannot read to ``dvc.lock.torn-<time>``; the line saying so, or None."""
+    import yaml
+    from dvc.schema import COMPILED_LOCKFILE_SCHEMA
+    from voluptuous import Invalid
+
+    lockfile = root / "dvc.lock"
+    if not lockfile.is_file():
+        return None
+    try:
+        COMPILED_LOCKFILE_SCHEMA(yaml.safe_load(lockfile.read_text()) or {})
+        return None
+    except (yaml.YAMLError, UnicodeDecodeError, Invalid) as err:
+        why = str(err).splitlines()[0]
+    aside = lockfile.with_name(f"dvc.lock.torn-{time.strftime('%Y%m%d-%H%M%S')}")
+    lockfile.rename(aside)
+    return (
+        f"{lockfile} was torn by a killed write ({why}); moved to {aside.name}: the next `dvc repro` restores "
+        "the stages' outputs from DVC's run cache"
+    )
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="diffusion unlock", description=__doc__.splitlines()[0])
     parser.add_argument("--repo", default=".", help="the DVC repository (default: .)")
     args = parser.parse_args(argv)
-    for line in release_stale_locks(Path(args.repo)):
+    torn = set_aside_torn_lockfile(Path(args.repo))
+    for line in release_stale_locks(Path(args.repo)) + ([torn] if torn else []):
         print(f"diffusion unlock: {line}")
     return 0

@@ -1,29 +1,39 @@
 """Atomic file writes (a killed writer leaves the old file or the new one, never a torn
-one), the removal of the temp files that killed writers leave, and exclusive locks on
-files (released by the kernel when their holder dies)."""
+one; a full disk is one line naming the file), the removal of the temp files that killed
+writers leave, and exclusive locks on files (released by the kernel when their holder dies)."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO, TextIO
+
+from diffusion.errors import UserError
 
 _TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 """The name of :func:`atomic_write`'s temp file: ``mkstemp``'s 8 random characters between
 the prefix ``.<name>.`` and the suffix ``.tmp``."""
 
 
+class DiskFullError(UserError, OSError):
+    """A write that found no space left on its filesystem (or quota); one line naming the file."""
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     """Write ``path`` through a temp file in its folder: fsync, ``os.replace``, fsync the folder.
 
-    A writer killed with SIGKILL leaves its temp file behind (:func:`remove_stale_temps`)."""
+    A writer killed with SIGKILL leaves its temp file behind (:func:`remove_stale_temps`).
+    On a full disk the temp file is deleted, ``path`` is left as it was, and the error is
+    a :class:`DiskFullError` naming it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -33,11 +43,30 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
+        full = _disk_full(err)
+        if full is None:
+            raise
+        free = shutil.disk_usage(path.parent).free
+        raise DiskFullError(
+            f"{path}: not written: {os.strerror(full.errno)} ({free} bytes free in {path.parent}); "
+            "the file there is as it was: free some space and run it again"
+        ) from None
     _fsync_directory(path.parent)
+
+
+def _disk_full(err: BaseException) -> OSError | None:
+    """The ENOSPC or EDQUOT error that ``err`` is or was raised while handling (``torch.save``
+    turns its writer's OSError into a RuntimeError), else None."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def remove_stale_temps(directory: str | Path) -> list[Path]:

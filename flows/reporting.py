@@ -51,6 +51,17 @@ def open_parent_run(client: Any, exp_id: str, study: Any, cfg: SweepParams) -> s
     return run.info.run_id
 
 
+def end_stale_run(client: Any, trial: Any, logger: Any) -> None:
+    """The MLflow run of a trial failed for its dead worker (a stale heartbeat): FAILED, tagged why."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    logger.warning(f"trial {trial.number}: its worker stopped sending heartbeats; FAIL, to be retried")
+    if not run_id or client.get_run(run_id).info.status != "RUNNING":
+        return
+    client.set_tag(run_id, "sweep.state", "FAIL")
+    client.set_tag(run_id, "sweep.error", "its worker stopped sending heartbeats (killed, or its host lost)")
+    client.set_terminated(run_id, "FAILED")
+
+
 def log_missing_params(client: Any, run_id: str, params: Params, logged: Mapping[str, str]) -> None:
     """The trial's params that no stage logged (a stage restored from the run cache logs
     nothing), flattened as the stages flatten them, so every trial compares in the UI."""

@@ -22,7 +22,11 @@
   host-wide, waiting while all are held; on a CPU each gets its share of the cores.
   Workers share one study through its storage.
 - **Failures**: a trial that crashes or ends in NaN is FAIL in Optuna and FAILED in
-  MLflow, and the sweep goes on.
+  MLflow, and the sweep goes on. On an RDB storage a trial whose worker died (its
+  heartbeat stopped, :mod:`flows.study`) is FAIL and FAILED too, and is retried.
+- **Many hosts** (:mod:`flows.remote`): with a default DVC remote, each trial pulls the
+  runs it can restore and pushes its own, so hosts share data, run cache and models.
+  ``sweep.max_trials`` caps the study's trials across every worker.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +53,11 @@ from flows.commands import apply_overrides, check, command_env, run_with_lock_re
 from flows.devices import available_cores, cpu_threads, lease_gpu, worker_gpus
 from flows.pipeline import dvc, stage_order
 from flows.pruning import ValLossReporter, pruning
-from flows.reporting import log_missing_params, log_study_plots, mlflow_client, open_parent_run, summarize
-from flows.study import OBJECTIVES, open_study, searched_space, suggest
+from flows.remote import pull_args, push_run_cache
+from flows.reporting import end_stale_run, log_missing_params, log_study_plots, mlflow_client, open_parent_run, summarize
+from flows.study import (
+    OBJECTIVES, Heartbeat, ask, open_study, retried_trial, searched_space, suggest, through_outage,
+)
 
 EVALUATE_METRICS = "metrics/evaluate.json"
 MODEL_RUN_FILE = "models/run.json"
@@ -82,6 +90,7 @@ class Sweep:
     pruning: bool
     concurrency: int  # trials at once in this flow run
     gpus: tuple[str, ...]  # the worker's, leased one per trial; none: the CPU
+    max_trials: int | None = None  # the study's cap across workers (flows.study.trials_counted)
 
 
 @dataclass(frozen=True)
@@ -139,17 +148,21 @@ def run_trial(number: int, trial: Any, overrides: dict[str, Any], sweep: Sweep) 
             "sweep.study": sweep.study_name,
             "sweep.trial": str(number),
             "dvc.experiment": name,
+            "sweep.repo": f"{socket.gethostname()}:{sweep.root}",  # the worker's host and clone
             **{f"sweep.param.{key}": json.dumps(value) for key, value in overrides.items()},
         },
     )
     run_id = run.info.run_id
-    trial.set_user_attr("mlflow_run_id", run_id)
-    trial.set_user_attr("dvc_experiment", name)
+    retry_of = retried_trial(trial)
+    if retry_of is not None:
+        client.set_tag(run_id, "sweep.retry_of", str(retry_of))
+    through_outage(lambda: trial.set_user_attr("mlflow_run_id", run_id), logger.info)
+    through_outage(lambda: trial.set_user_attr("dvc_experiment", name), logger.info)
     logger.info(f"trial {number}: {json.dumps(overrides)} -> MLflow run {run_id}, experiment {name}")
     status, state = "FAILED", "FAIL"
     try:
         params = parse_params(apply_overrides(sweep.raw_params, overrides), f"trial {number}")
-        cmd = ["dvc", "exp", "run", "--temp", "--name", name, *set_args(overrides, sweep.raw_params)]
+        cmd = ["dvc", "exp", "run", "--temp", *pull_args(sweep.root), "--name", name, *set_args(overrides, sweep.raw_params)]
         reporter = ValLossReporter.for_trial(trial, client, run_id, params.train.steps) if sweep.pruning else None
         with lease_gpu(sweep.gpus, holder=f"trial {number} of study {sweep.study_name}", log=logger.info) as gpu:
             env = trial_env(sweep, number, run_id, gpu, logger.info)
@@ -183,6 +196,7 @@ def run_trial(number: int, trial: Any, overrides: dict[str, Any], sweep: Sweep) 
             for key, value in protocol.to_tags(recorded).items():
                 client.set_tag(run_id, key, value)
         log_missing_params(client, run_id, params, logged.params)
+        push_run_cache(sweep.root, env, logger)
         status, state = "FINISHED", "COMPLETE"
         return TrialResult(number, "complete", run_id, values)
     except BaseException as err:
@@ -199,41 +213,52 @@ def run_trial(number: int, trial: Any, overrides: dict[str, Any], sweep: Sweep) 
 
 
 def run_trials(study: Any, sweep: Sweep, space: Mapping[str, SearchDim], n_trials: int) -> dict[int, str]:
-    """Ask, run and tell ``n_trials`` trials, at most ``sweep.concurrency`` at once; their end states."""
+    """Ask, run and tell ``n_trials`` trials, at most ``sweep.concurrency`` at once; their end states.
+
+    Fewer when the study reaches ``sweep.max_trials`` (counted on every worker before each ask).
+    """
     from optuna.trial import TrialState
 
     logger = get_run_logger()
-    running: dict[Any, Any] = {}
+    running: dict[Any, tuple[Any, Heartbeat]] = {}
     states: dict[int, str] = {}
     started = 0
+
+    def tell(trial: Any, heartbeat: Heartbeat, **result: Any) -> str:
+        """The trial's end state in the study; a trial another worker failed (its heartbeat was
+        late) keeps that state."""
+        heartbeat.stop()
+        return through_outage(lambda: study.tell(trial, skip_if_finished=True, **result), logger.info).state.name
+
     while started < n_trials or running:
         while len(running) < sweep.concurrency and started < n_trials:
-            trial = study.ask()
+            trial = ask(study, sweep.max_trials, logger.info)
+            if trial is None:
+                n_trials = started
+                break
+            heartbeat = Heartbeat(trial, logger.info)
             started += 1
             try:
                 overrides = suggest(trial, space)
             except (ValueError, KeyError) as err:  # an enqueued value outside the space
                 logger.error(f"trial {trial.number}: {err}")
-                study.tell(trial, state=TrialState.FAIL)
-                states[trial.number] = "FAIL"
+                states[trial.number] = tell(trial, heartbeat, state=TrialState.FAIL)
                 continue
-            running[run_trial.submit(trial.number, trial, overrides, sweep)] = trial
+            running[run_trial.submit(trial.number, trial, overrides, sweep)] = (trial, heartbeat)
         if not running:
             continue
         future = next(as_completed(list(running)))
         future.wait()  # sets the final state; before it, .state may still be the API's "Running"
-        trial = running.pop(future)
+        trial, heartbeat = running.pop(future)
         if future.state.is_completed():
             result: TrialResult = future.result()
             if result.state == "pruned":
-                study.tell(trial, state=TrialState.PRUNED)
+                states[trial.number] = tell(trial, heartbeat, state=TrialState.PRUNED)
             else:
-                study.tell(trial, result.values)
-            states[trial.number] = result.state.upper()
+                states[trial.number] = tell(trial, heartbeat, values=result.values)
         else:
             logger.warning(f"trial {trial.number} failed: {future.state.message}; the sweep goes on")
-            study.tell(trial, state=TrialState.FAIL)
-            states[trial.number] = "FAIL"
+            states[trial.number] = tell(trial, heartbeat, state=TrialState.FAIL)
     return states
 
 
@@ -266,12 +291,13 @@ def train_sweep(
     n_trials = n_trials or cfg.n_trials
     concurrency = max(1, min(concurrency or cfg.concurrency, n_trials))
     study_name = study_name or cfg.study_name
-    study = open_study(cfg, root, study_name, storage or cfg.storage, concurrency)
-    for fixed in enqueue or []:
-        study.enqueue_trial(fixed)
-
     uri = tracking_uri(root)
     client = mlflow_client(uri)
+    study = open_study(cfg, root, study_name, storage or cfg.storage, concurrency,
+                       on_stale=lambda study, trial: end_stale_run(client, trial, logger))
+    for fixed in enqueue or []:
+        through_outage(lambda: study.enqueue_trial(fixed), logger.info)
+
     exp_id = tracking.experiment_id(params.tracking.experiment, uri)
     parent = open_parent_run(client, exp_id, study, cfg)
     logger.info(f"study {study_name!r}: {n_trials} trials, {concurrency} at once; MLflow parent run {parent}")
@@ -283,7 +309,7 @@ def train_sweep(
             stages = stage_order(root)
             for stage, section in SHARED_STAGES.items():
                 if stage in stages and not any(key.split(".")[0] == section for key in cfg.space):
-                    dvc(f"dvc repro {stage}", ["repro", stage], str(root))
+                    dvc(f"dvc repro {stage}", ["repro", *pull_args(root), stage], str(root))
         sweep = Sweep(
             root=root,
             study_name=study_name,
@@ -295,6 +321,7 @@ def train_sweep(
             pruning=pruning(cfg),
             concurrency=concurrency,
             gpus=tuple(worker_gpus()),
+            max_trials=cfg.max_trials,
         )
         states = run_trials(study, sweep, cfg.space, n_trials)
         summary = summarize(study, client, parent, sweep.objectives, states)

@@ -2,13 +2,14 @@
 written, the newest good file found, pruning that keeps the good ones."""
 
 import math
+import re
 
 import pytest
 import torch
-from faults import overwrite_tensor_bytes
+from faults import fill_disk, overwrite_tensor_bytes, small_disk
 from tiny_unet import tiny_unet
 
-from diffusion.training import checkpoint
+from diffusion.files import DiskFullError
 from diffusion.training.checkpoint import (
     CheckpointError,
     checkpoint_path,
@@ -67,26 +68,31 @@ def test_not_a_dict(tmp_path):
         load_checkpoint(path)
 
 
-def test_failed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
-    path = tmp_path / "ckpt.pt"
-    save_checkpoint(path, _state(1))
-    real_save = torch.save
+def test_disk_full_mid_save_leaves_the_previous_checkpoint_readable():
+    """A real ENOSPC, half-way through ``torch.save`` (which turns it into a RuntimeError):
+    one line naming the file, the previous checkpoint loads as saved, no temp file is left,
+    and once there is space again the save succeeds."""
+    states = {step: {"step": step, "model": tiny_unet(seed=step).state_dict()} for step in (10, 20, 30)}
+    with small_disk(4 << 20) as disk:
+        for step in (10, 20):
+            save_checkpoint(checkpoint_path(disk, step), states[step])
+        size = checkpoint_path(disk, 20).stat().st_size
+        filler = fill_disk(disk, leave=size // 2)
+        with pytest.raises(DiskFullError) as err:
+            save_checkpoint(checkpoint_path(disk, 30), states[30])
+        assert re.fullmatch(
+            rf"{checkpoint_path(disk, 30)}: not written: No space left on device \(\d+ bytes free in {disk}\); "
+            "the file there is as it was: free some space and run it again", str(err.value),
+        )
+        assert sorted(p.name for p in disk.iterdir()) == ["ckpt-00000010.pt", "ckpt-00000020.pt", "filler"]
+        path, state, damaged = load_newest(disk)
+        assert path == checkpoint_path(disk, 20) and damaged == [] and state["step"] == 20
+        assert state["model"].keys() == states[20]["model"].keys()
+        assert all(torch.equal(state["model"][k], v) for k, v in states[20]["model"].items())
 
-    def dies_half_way(obj, f, *args, **kwargs):
-        real_save(obj, f, *args, **kwargs)
-        f.seek(f.tell() // 2)
-        f.truncate()
-        raise OSError("disk full")
-
-    monkeypatch.setattr(checkpoint.torch, "save", dies_half_way)
-    with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(path, _state(2))
-    monkeypatch.undo()
-
-    got = load_checkpoint(path)
-    assert got["step"] == 1
-    assert torch.equal(got["w"], _state(1)["w"])
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # the partial temp file is gone
+        filler.unlink()
+        save_checkpoint(checkpoint_path(disk, 30), states[30])
+        assert load_newest(disk)[0] == checkpoint_path(disk, 30)
 
 
 def test_overwritten_bytes_fail_the_crc_check(tmp_path):

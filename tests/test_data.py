@@ -188,6 +188,18 @@ def test_imagefolder_fits_mixed_sizes_and_labels_by_folder(tmp_path: Path) -> No
     assert (ds.images[3] == 128).all()  # grayscale becomes three equal channels
 
 
+def test_imagefolder_scales_16_bit_images_to_8_bits(tmp_path: Path) -> None:
+    """PIL's convert("RGB") clips 16-bit samples to 255: these PNG (mode I;16) and PGM (mode I)
+    files loaded white but for their zeros."""
+    columns = np.array([0, 257, 32896, 65535], dtype=np.uint16).repeat(2)
+    (tmp_path / "deep").mkdir()
+    for name in ("a.png", "b.pgm"):
+        Image.fromarray(np.tile(columns, (8, 1))).save(tmp_path / "deep" / name)
+    ds = sources.load_source(section("data", source="imagefolder", root=str(tmp_path), image_size=8))
+    assert ds.images.shape == (2, 3, 8, 8)
+    assert (ds.images == torch.tensor([0, 1, 128, 255], dtype=torch.uint8).repeat_interleave(2)).all()
+
+
 def test_imagefolder_errors_name_the_root_or_file(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"^data.root: source 'imagefolder' needs a folder"):
         sources.load_source(section("data", source="imagefolder"))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, pipeline_env
+from conftest import BIN, ROOT, pipeline_env
 from test_flows import SWEEP_PARAMS, make_sweep_repo, shared_cache
 
 pytestmark = pytest.mark.integration
@@ -42,6 +42,10 @@ DEPLOY_PARAMS = {
         "space": {"sample.steps": {"type": "categorical", "choices": [3]}},
     },
 }
+
+
+# Make's targets from a test repository, with this checkout's venv, which is installed.
+MAKE = ["make", "-s", "-f", str(ROOT / "Makefile"), f"VENV={ROOT / '.venv'}", "-o", str(ROOT / ".venv" / ".installed")]
 
 
 def free_port() -> int:
@@ -91,6 +95,7 @@ def cli(cmd: list[str], *, env: dict, cwd: Path, timeout: float = 120) -> subpro
 
 
 def test_sweep_deployment_runs_on_a_process_worker(tmp_path_factory):
+    """SQLite stores, one worker, started at the same moment as `make deploy` (which must not race it)."""
     base = tmp_path_factory.mktemp("deployment")
     repo = make_sweep_repo(base / "repo", shared_cache(tmp_path_factory), DEPLOY_PARAMS)
     prefect_port, mlflow_port = free_port(), free_port()
@@ -118,11 +123,11 @@ def test_sweep_deployment_runs_on_a_process_worker(tmp_path_factory):
         wait_http(f"http://127.0.0.1:{prefect_port}/api/health", procs[0], server_log)
         wait_http(f"http://127.0.0.1:{mlflow_port}/health", procs[1], mlflow_log)
 
-        cli([prefect, "work-pool", "create", "gpu", "--type", "process"], env=env, cwd=repo)
-        deployed = cli([prefect, "--no-prompt", "deploy", "--all"], env=env, cwd=repo)
-        assert "train-sweep/train-sweep" in deployed.stdout
+        # The worker (which creates the pool) and `make deploy` at the same moment.
         procs.append(start([prefect, "worker", "start", "--pool", "gpu", "--type", "process", "--limit", "1"],
                            env=env, cwd=repo, log=worker_log))
+        deployed = cli([*MAKE, f"PREFECT_PORT={prefect_port}", "deploy"], env=env, cwd=repo, timeout=180)
+        assert "train-sweep/train-sweep" in deployed.stdout
 
         start_run = time.monotonic()
         run = subprocess.run(

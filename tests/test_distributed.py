@@ -168,3 +168,48 @@ def test_batches_that_do_not_split_over_the_processes_are_one_line():
     params = full_params({**PARAMS, "train": {**PARAMS["train"], "batch_size": 15, "distributed": 2}})
     with pytest.raises(ConfigError, match=r"^params.yaml: train.batch_size: 15 does not split evenly over train.distributed 2 processes; allowed: a multiple of 2$"):
         parse_params(params, "params.yaml")
+
+
+def _train_with_nan_on_rank_1(rank: int, port: int, folder: str, said) -> None:
+    """One rank of a 2-process gloo job whose rank 1 alone trains on NaN latents."""
+    import os
+
+    from conftest import section
+    from diffusion.models.table import create_model
+    from diffusion.process.gaussian import GaussianDiffusion
+    from diffusion.process.schedules import make_betas
+    from diffusion.training import distributed
+    from diffusion.training.loop import NonFiniteLossError, train
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    current = distributed.world()
+    latents = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    if rank == 1:
+        latents[:] = float("nan")
+    cfg = section("train", steps=5, batch_size=4, checkpoint_every=5, log_every=1, device="cpu", precision="fp32", bpd_images=0)
+    with distributed.process_group(current):
+        model = create_model("unet-tiny", in_channels=1, image_size=8, learn_sigma=False, num_classes=None)
+        diffusion = GaussianDiffusion(make_betas("cosine", 20, False), prediction="eps", variance="fixed_small", loss="mse")
+        try:
+            train(model, diffusion, latents, None, cfg, checkpoint_dir=folder, world=current, progress=False)
+            said.put((rank, "trained on"))
+        except NonFiniteLossError as err:
+            said.put((rank, str(err)))
+
+
+def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """The check is agreed: the loss terms are averaged over the ranks before it, so no rank
+    goes on (and hangs in the next all-reduce) while another stops."""
+    import torch.multiprocessing as mp
+
+    from diffusion.training.launch import free_port
+
+    said = mp.get_context("spawn").Queue()
+    mp.start_processes(
+        _train_with_nan_on_rank_1, args=(free_port(), str(tmp_path / "ckpt"), said), nprocs=2, start_method="spawn",
+    )
+    messages = dict(said.get(timeout=10) for _ in range(2))
+    assert messages[0] == messages[1]
+    assert messages[0].startswith("step 1: non-finite loss (nan); training stopped without saving")
+    assert not list((tmp_path / "ckpt").glob("ckpt-*.pt"))

@@ -44,3 +44,29 @@ def test_only_the_locks_of_processes_that_no_longer_run_are_released(tmp_path):
 
 def test_no_lock_file_is_nothing_to_release(tmp_path):
     assert release_stale_locks(tmp_path) == []
+
+
+def test_a_torn_dvc_lock_is_set_aside_and_the_next_repro_restores_from_the_run_cache(tmp_path):
+    """The kill loop (tests/kill_loop.py) once left dvc.lock cut mid-write: every later
+    `dvc repro` failed with "'./dvc.lock' validation failed"."""
+    from conftest import run_in
+
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  count:\n    cmd: python -c \"open('out.txt', 'w').write('1')\" && echo ran >> runs.log\n"
+        "    deps:\n      - in.txt\n    outs:\n      - out.txt\n"
+    )
+    (tmp_path / "in.txt").write_text("0")
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "repro"]):
+        run_in(tmp_path, *cmd)
+    lockfile = tmp_path / "dvc.lock"
+    lockfile.write_text(lockfile.read_text().split("    cmd:")[0])  # as a write killed part-way leaves it
+    assert "validation failed" in run_in(tmp_path, "dvc", "repro", check=False).stderr
+
+    out = run_in(tmp_path, "diffusion", "unlock").stdout
+    (aside,) = tmp_path.glob("dvc.lock.torn-*")
+    assert out.startswith("diffusion unlock: dvc.lock was torn by a killed write (expected a dictionary") and aside.name in out
+    assert out.count("\n") == 1
+    repro = run_in(tmp_path, "dvc", "repro")
+    assert "skipping run, checking out outputs" in repro.stdout  # from DVC's run cache: the command did not run again
+    assert (tmp_path / "runs.log").read_text() == "ran\n" and (tmp_path / "out.txt").read_text() == "1"
+    assert run_in(tmp_path, "diffusion", "unlock").stdout == ""  # a valid dvc.lock stays

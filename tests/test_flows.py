@@ -14,14 +14,13 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY_PARAMS, full_params, make_pipeline_repo, pipeline_env, run_in
+from conftest import ROOT, TINY_PARAMS, full_params, make_pipeline_repo, run_in
 
 STUDY = "tiny"
 # TINY_PARAMS cut further: a trial trains 6 steps (loss logged every 2) and scores 16 samples.

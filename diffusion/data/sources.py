@@ -16,7 +16,10 @@ imports torchvision's datasets and transforms: train, sample and evaluate read t
   not, as the Debian package ``dataset-fashion-mnist`` installs them
   (``data.root: /usr/share/datasets/fashion-mnist``). CIFAR reads
   ``<root>/cifar-10-batches-py/`` or ``<root>/cifar-100-python/``.
-- ``imagefolder``: ``<root>/<class>/<image>`` (torchvision ``ImageFolder``), RGB.
+- ``imagefolder``: ``<root>/<class>/<image>`` (torchvision ``ImageFolder``), RGB. 16-bit
+  images (modes ``I;16``, ``I``) are scaled to 8 bits, where PIL's ``convert`` would clip
+  them to white. A file that PIL cannot decode, or with more pixels than its
+  decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``), is one line naming it.
 
 Every image is resized (shorter side, antialiased bilinear) and centre-cropped to
 ``data.image_size`` unless it already has that size, so MNIST at 28 is untouched.
@@ -27,12 +30,14 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision import datasets, transforms
 from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.transforms.v2 import functional as F
@@ -159,17 +164,28 @@ def _imagefolder(params: DataParams) -> Dataset:
         transforms.PILToTensor(),
     ])
     try:
-        folder = datasets.ImageFolder(str(root), transform=fit)
+        folder = datasets.ImageFolder(str(root), transform=fit, loader=_read_rgb)
     except FileNotFoundError as err:
         raise DatasetError(f"data.root: {err}") from None
-    images = []
-    for i, (file, _) in enumerate(folder.samples):
-        try:
-            images.append(folder[i][0])
-        except OSError as err:
-            raise DatasetError(f"{file}: cannot read image ({quote_error(err)})") from None
+    images = [image for image, _ in folder]
     labels = torch.tensor(folder.targets, dtype=torch.long)
     return Dataset(torch.stack(images), labels, list(folder.classes), "imagefolder", root.resolve().as_uri())
+
+
+def _read_rgb(file: str) -> Image.Image:
+    """One image file as RGB, 16-bit samples scaled to 8 bits; :class:`DatasetError` naming
+    the file if PIL cannot decode it or it passes PIL's decompression-bomb limit."""
+    try:
+        with warnings.catch_warnings():  # PIL only warns up to twice the limit
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(file) as image:
+                image.load()
+                if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+                    samples = np.asarray(image).astype(np.int64)
+                    image = Image.fromarray(((samples.clip(0, 65535) + 128) // 257).astype(np.uint8))
+                return image.convert("RGB")
+    except Exception as err:  # a damaged file makes PIL raise OSError, ValueError, SyntaxError, struct.error, ...
+        raise DatasetError(f"{file}: cannot read image ({quote_error(err)})") from None
 
 
 SOURCES: dict[str, Callable[[DataParams], Dataset]] = {

@@ -25,7 +25,7 @@ STOP_GRACE_S = 10.0
 """Seconds the other ranks get to stop after SIGTERM before SIGKILL, when one rank failed."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -48,7 +48,7 @@ def launch(command: Sequence[str], processes: int, *, key: str, threads: int | N
 
     CPU ranks get ``threads`` threads each (default: the cores shared out).
     """
-    port = _free_port()
+    port = free_port()
     threads = threads or max(1, (os.cpu_count() or 1) // processes)
     ranks = []
     for rank in range(processes):
