@@ -41,15 +41,15 @@ def _exit_reason(code: int) -> str:
     return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
 
 
-def launch(command: Sequence[str], processes: int, *, key: str, threads: int | None = None) -> int:
+def launch(command: Sequence[str], processes: int, *, key: str) -> int:
     """Run ``command`` (a ``diffusion <stage>`` command line) as ``processes`` ranks of one job
     on this machine and return its exit status: 0 when every rank succeeded, else that of the
     first rank to fail, after stopping the others (one line naming it and ``key``).
 
-    CPU ranks get ``threads`` threads each (default: the cores shared out).
+    CPU ranks share the cores out (``OMP_NUM_THREADS``, unless it is set).
     """
     port = free_port()
-    threads = threads or max(1, (os.cpu_count() or 1) // processes)
+    threads = max(1, (os.cpu_count() or 1) // processes)
     ranks = []
     for rank in range(processes):
         env = os.environ | {
