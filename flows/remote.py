@@ -4,18 +4,21 @@ A repository that has a default remote (``dvc remote add -d <name> <url>``, once
 repository; a shared directory or an object store) shares with every other worker's
 clone:
 
-- before a trial, ``dvc exp run --pull`` fetches the remote's run cache (small files)
-  and, for each stage that a run there already ran with the same deps and params, the
-  outputs of that run: a trial on host B that differs from one on host A only in
-  ``sample.*`` restores A's trained model and does not train;
-- after a trial, ``dvc push --run-cache`` sends this host's run cache and the outputs of
-  its runs.
+- before a trial, ``dvc fetch --run-cache`` brings the remote's run cache (small files:
+  which deps and params gave which outputs), and ``dvc exp run --pull`` then downloads,
+  for each stage that a run elsewhere already ran with the same deps and params, the
+  outputs of that run. ``--pull`` alone is not enough: DVC looks a stage up in the local
+  run cache only, and pulls just the outputs of what it found there. So a trial on host
+  B that differs from one on host A only in ``sample.*`` restores A's trained model and
+  does not train;
+- after a trial, :func:`push_runs` sends this host's run cache and the outputs of its runs.
 
 Without a default remote both are skipped: one host's cache is its own run cache.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,18 +39,65 @@ def pull_args(root: Path) -> list[str]:
     return ["--pull"] if default_remote(root) else []
 
 
-def push_run_cache(root: Path, env: Mapping[str, str], logger: Any) -> bool:
-    """``dvc push --run-cache`` to the default remote; whether it pushed.
+def fetch_run_cache(root: Path, env: Mapping[str, str], logger: Any) -> bool:
+    """``dvc fetch --run-cache`` from the default remote, so that ``dvc exp run --pull``
+    finds the other hosts' runs; whether it fetched (nothing to do without a remote).
 
-    A push that fails is one warning line: the trial's result stands, and other hosts
-    train what they cannot restore.
+    A fetch that fails is one warning line: this host trains what it cannot restore.
     """
     remote = default_remote(root)
     if remote is None:
         return False
-    cmd = ["dvc", "push", "--run-cache"]
+    cmd = ["dvc", "fetch", "--run-cache"]
     outcome = run_with_lock_retries(cmd, cwd=root, env=env, log=logger.info)
     if outcome.returncode != 0:
-        logger.warning(f"`{' '.join(cmd)}` to DVC remote {remote!r} exited with {outcome.returncode}; "
-            "other hosts will not restore this trial's runs")
+        logger.warning(f"`{' '.join(cmd)}` from DVC remote {remote!r} exited with {outcome.returncode}; "
+                       "this host trains what it cannot restore")
     return outcome.returncode == 0
+
+
+def push_runs(root: Path, env: Mapping[str, str], logger: Any) -> bool:
+    """Push this host's run cache and every output its entries name to the default remote;
+    whether it pushed.
+
+    Not ``dvc push --run-cache``: that sends the run cache and the *workspace's* outputs,
+    and a ``dvc exp run --temp`` trial leaves the workspace as it was. The outputs must
+    include the uncached ones (metrics and plots, ``cache: false``), which DVC keeps in the
+    cache for its run cache: a host that restores a stage needs every output of it. Only
+    what the remote lacks is sent. It runs as a command in the repository's root (DVC
+    resolves a run cache entry's paths against the working directory), with the retries
+    of a DVC command that finds the repository locked. A push that fails is one warning
+    line: the trial's result stands, and other hosts train what they cannot restore.
+    """
+    remote = default_remote(root)
+    if remote is None:
+        return False
+    cmd = [sys.executable, "-m", "flows.remote"]
+    outcome = run_with_lock_retries(cmd, cwd=root, env=env, log=logger.info)
+    if outcome.returncode != 0:
+        logger.warning(f"pushing runs to DVC remote {remote!r} failed; other hosts will not restore this trial's runs")
+    return outcome.returncode == 0
+
+
+def _push_runs_here() -> int:
+    """:func:`push_runs` in the working directory, as a DVC command: 0, or 1 after an ``ERROR:`` line."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        with Repo(".") as repo, repo.lock:
+            entries = repo.stage_cache.push(None)
+            outputs = set().union(*repo.stage_cache.get_used_objs(entries).values())
+            result = repo.cloud.push(outputs)
+    except DvcException as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        return 1
+    if result.failed:
+        print(f"ERROR: {len(result.failed)} outputs did not reach the remote", file=sys.stderr)
+        return 1
+    print(f"{len(entries)} run cache entries and {len(result.transferred)} new outputs pushed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_push_runs_here())

@@ -24,7 +24,7 @@
 - **Failures**: a trial that crashes or ends in NaN is FAIL in Optuna and FAILED in
   MLflow, and the sweep goes on. On an RDB storage a trial whose worker died (its
   heartbeat stopped, :mod:`flows.study`) is FAIL and FAILED too, and is retried.
-- **Many hosts** (:mod:`flows.remote`): with a default DVC remote, each trial pulls the
+- **Many hosts** (:mod:`flows.remote`): with a default DVC remote, each trial fetches the
   runs it can restore and pushes its own, so hosts share data, run cache and models.
   ``sweep.max_trials`` caps the study's trials across every worker.
 """
@@ -53,7 +53,7 @@ from flows.commands import apply_overrides, check, command_env, run_with_lock_re
 from flows.devices import available_cores, cpu_threads, lease_gpu, worker_gpus
 from flows.pipeline import dvc, stage_order
 from flows.pruning import ValLossReporter, pruning
-from flows.remote import pull_args, push_run_cache
+from flows.remote import fetch_run_cache, pull_args, push_runs
 from flows.reporting import end_stale_run, log_missing_params, log_study_plots, mlflow_client, open_parent_run, summarize
 from flows.study import (
     OBJECTIVES, Heartbeat, ask, open_study, retried_trial, searched_space, suggest, through_outage,
@@ -166,6 +166,7 @@ def run_trial(number: int, trial: Any, overrides: dict[str, Any], sweep: Sweep) 
         reporter = ValLossReporter.for_trial(trial, client, run_id, params.train.steps) if sweep.pruning else None
         with lease_gpu(sweep.gpus, holder=f"trial {number} of study {sweep.study_name}", log=logger.info) as gpu:
             env = trial_env(sweep, number, run_id, gpu, logger.info)
+            fetch_run_cache(sweep.root, env, logger)
             outcome = run_with_lock_retries(cmd, cwd=sweep.root, env=env, log=logger.info, watch=reporter, every=POLL_S)
         if outcome.stopped:
             status, state = "KILLED", "PRUNED"
@@ -196,7 +197,7 @@ def run_trial(number: int, trial: Any, overrides: dict[str, Any], sweep: Sweep) 
             for key, value in protocol.to_tags(recorded).items():
                 client.set_tag(run_id, key, value)
         log_missing_params(client, run_id, params, logged.params)
-        push_run_cache(sweep.root, env, logger)
+        push_runs(sweep.root, env, logger)
         status, state = "FINISHED", "COMPLETE"
         return TrialResult(number, "complete", run_id, values)
     except BaseException as err:
@@ -306,6 +307,7 @@ def train_sweep(
         # Concurrent trials would each run the stages they share; one trial at a time runs
         # them once, and DVC's run cache serves the rest.
         if concurrency > 1:
+            fetch_run_cache(root, command_env(root), logger)
             stages = stage_order(root)
             for stage, section in SHARED_STAGES.items():
                 if stage in stages and not any(key.split(".")[0] == section for key in cfg.space):

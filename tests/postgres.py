@@ -18,6 +18,8 @@ from pathlib import Path
 
 BIN = Path("/usr/lib/postgresql/15/bin")
 PACKAGE = "postgresql"
+# util-linux's runuser lives in /usr/sbin, which a plain user's PATH (and CI's) may leave out.
+RUNUSER = shutil.which("runuser", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
 SERVER_OPTIONS = "-c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
 
 
@@ -25,7 +27,7 @@ def missing() -> str | None:
     """Why PostgreSQL cannot run here (a line naming the Debian package), or None."""
     if not all((BIN / tool).exists() for tool in ("initdb", "pg_ctl", "postgres")):
         return f"PostgreSQL 15 is not installed ({BIN}): install Debian's package `{PACKAGE}` (apt-get install {PACKAGE})"
-    if os.geteuid() == 0 and (shutil.which("runuser") is None or _uid("postgres") is None):
+    if os.geteuid() == 0 and (RUNUSER is None or _uid("postgres") is None):
         return f"running as root needs the user `postgres` and runuser: install Debian's package `{PACKAGE}`"
     return None
 
@@ -56,7 +58,7 @@ class Postgres:
         if os.geteuid() == 0:
             uid = _uid("postgres")
             os.chown(self.root, uid, -1)
-            self.as_owner = ["runuser", "-u", "postgres", "--"]
+            self.as_owner = [RUNUSER, "-u", "postgres", "--"]
 
     def _run(self, tool: str, *args: str) -> None:
         out = subprocess.run([*self.as_owner, str(BIN / tool), *args], capture_output=True, text=True, timeout=120)

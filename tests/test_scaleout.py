@@ -20,7 +20,6 @@ B's trials restored its model from the remote's run cache.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -38,12 +37,6 @@ from test_flows import make_sweep_repo, shared_cache
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(postgres.missing() is not None, reason=str(postgres.missing())),
-    # Issue 18, in progress: this scenario has not yet passed end to end, and it runs over 10
-    # minutes on 2 cores, past the suite's budget. DIFFUSION_SCALEOUT_TEST=1 runs it.
-    pytest.mark.skipif(
-        os.environ.get("DIFFUSION_SCALEOUT_TEST") != "1",
-        reason="in progress (issue 18): over 10 minutes on 2 cores; DIFFUSION_SCALEOUT_TEST=1 runs it",
-    ),
 ]
 
 STUDY = "scaleout"
@@ -70,11 +63,12 @@ def clone(origin: Path, path: Path) -> Path:
     return path
 
 
-def works_in(proc: subprocess.Popen, repo: Path) -> bool:
-    """Whether a process below ``proc`` (a worker) runs in ``repo``: the worker runs a flow run of that clone."""
+def runs_flow(proc: subprocess.Popen, flow_run_id: str) -> bool:
+    """Whether ``proc`` (a worker) executes that flow run: a process below it carries its id,
+    as the process worker passes it (PREFECT__FLOW_RUN_ID)."""
     for child in psutil.Process(proc.pid).children(recursive=True):
         try:
-            if Path(child.cwd()).is_relative_to(repo):
+            if child.environ().get("PREFECT__FLOW_RUN_ID") == flow_run_id:
                 return True
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -192,14 +186,14 @@ def test_a_sweep_across_two_hosts_survives_a_killed_worker_and_restarted_servers
 
         # 3. Two sweeps at once; worker A killed mid-trial; PostgreSQL and MLflow restarted.
         on_b = run("B", MAX_TRIALS + 2, [{"sample.steps": 3}])  # the cap stops it
-        run("A", 2, watch=False).communicate(timeout=120)
+        doomed_run = re.search(r"UUID: ([0-9a-f-]{36})", run("A", 2, watch=False).communicate(timeout=120)[0]).group(1)
         victim = wait_for("a trial running on host A", lambda: [
             r for r in trial_runs(client, exp_id)
             if r.info.status == "RUNNING" and r.data.tags["sweep.repo"].endswith(str(hosts["A"]))
         ])[0]
-        # Either worker may have taken either run: kill the one whose flow run works in host A's clone.
+        # Either worker may have taken either run (one pool): kill the one executing host A's run.
         doomed = wait_for("the worker of host A's run", lambda: [
-            name for name in ("worker-A", "worker-B") if works_in(procs[name], hosts["A"])], timeout=60)[0]
+            name for name in ("worker-A", "worker-B") if runs_flow(procs[name], doomed_run)], timeout=60)[0]
         kill_tree(procs.pop(doomed))
         running_on_b = lambda: [r for r in trial_runs(client, exp_id)  # noqa: E731
                                 if r.info.status == "RUNNING" and r.data.tags["sweep.repo"].endswith(str(hosts["B"]))]
@@ -217,7 +211,8 @@ def test_a_sweep_across_two_hosts_survives_a_killed_worker_and_restarted_servers
         killed = int(victim.data.tags["sweep.trial"])
         assert states[killed] == "FAIL"
         retries = [t for t in study.trials if t.system_attrs.get("failed_trial") is not None]
-        assert [(t.system_attrs["failed_trial"], t.state.name) for t in retries] == [(killed, "COMPLETE")]
+        # Retried once; the retry may itself have started while the MLflow server was down (a FAIL).
+        assert [t.system_attrs["failed_trial"] for t in retries] == [killed]
         # A stage that starts while the MLflow server is down fails at once (a FAIL trial, not a lost one).
         assert list(states.values()).count("COMPLETE") == MAX_TRIALS and set(states.values()) == {"COMPLETE", "FAIL"}, states
 
