@@ -45,15 +45,7 @@ def fetch_run_cache(root: Path, env: Mapping[str, str], logger: Any) -> bool:
 
     A fetch that fails is one warning line: this host trains what it cannot restore.
     """
-    remote = default_remote(root)
-    if remote is None:
-        return False
-    cmd = ["dvc", "fetch", "--run-cache"]
-    outcome = run_with_lock_retries(cmd, cwd=root, env=env, log=logger.info)
-    if outcome.returncode != 0:
-        logger.warning(f"`{' '.join(cmd)}` from DVC remote {remote!r} exited with {outcome.returncode}; "
-                       "this host trains what it cannot restore")
-    return outcome.returncode == 0
+    return _with_remote(root, env, logger, ["dvc", "fetch", "--run-cache"], "this host trains what it cannot restore")
 
 
 def push_runs(root: Path, env: Mapping[str, str], logger: Any) -> bool:
@@ -69,13 +61,20 @@ def push_runs(root: Path, env: Mapping[str, str], logger: Any) -> bool:
     of a DVC command that finds the repository locked. A push that fails is one warning
     line: the trial's result stands, and other hosts train what they cannot restore.
     """
+    return _with_remote(root, env, logger, [sys.executable, "-m", "flows.remote"],
+                        "other hosts will not restore this trial's runs")
+
+
+def _with_remote(root: Path, env: Mapping[str, str], logger: Any, cmd: list[str], consequence: str) -> bool:
+    """Run a transfer command with the default remote, with DVC's lock retries; whether it
+    succeeded. Without a remote it does not run; a failure is one warning line saying
+    what follows from it."""
     remote = default_remote(root)
     if remote is None:
         return False
-    cmd = [sys.executable, "-m", "flows.remote"]
     outcome = run_with_lock_retries(cmd, cwd=root, env=env, log=logger.info)
     if outcome.returncode != 0:
-        logger.warning(f"pushing runs to DVC remote {remote!r} failed; other hosts will not restore this trial's runs")
+        logger.warning(f"`{' '.join(cmd)}` with DVC remote {remote!r} exited with {outcome.returncode}; {consequence}")
     return outcome.returncode == 0
 
 

@@ -164,9 +164,9 @@ def run_trial(number: int, trial: Any, overrides: dict[str, Any], sweep: Sweep) 
         params = parse_params(apply_overrides(sweep.raw_params, overrides), f"trial {number}")
         cmd = ["dvc", "exp", "run", "--temp", *pull_args(sweep.root), "--name", name, *set_args(overrides, sweep.raw_params)]
         reporter = ValLossReporter.for_trial(trial, client, run_id, params.train.steps) if sweep.pruning else None
+        fetch_run_cache(sweep.root, command_env(sweep.root), logger)  # before the lease: it needs no GPU
         with lease_gpu(sweep.gpus, holder=f"trial {number} of study {sweep.study_name}", log=logger.info) as gpu:
             env = trial_env(sweep, number, run_id, gpu, logger.info)
-            fetch_run_cache(sweep.root, env, logger)
             outcome = run_with_lock_retries(cmd, cwd=sweep.root, env=env, log=logger.info, watch=reporter, every=POLL_S)
         if outcome.stopped:
             status, state = "KILLED", "PRUNED"

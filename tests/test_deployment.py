@@ -88,6 +88,12 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120)
     raise AssertionError(f"{url}: not up after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
+def flow_run_id(out: str) -> str | None:
+    """The id of the flow run that ``prefect deployment run`` printed it created, or None."""
+    found = re.search(r"UUID: ([0-9a-f-]{36})", out)
+    return found.group(1) if found else None
+
+
 def cli(cmd: list[str], *, env: dict, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
@@ -136,11 +142,11 @@ def test_sweep_deployment_runs_on_a_process_worker(tmp_path_factory):
             cwd=repo, env=env, capture_output=True, text=True, timeout=540,
         )
         print(f"train-sweep deployment: 2 trials in {time.monotonic() - start_run:.0f} s")
-        flow_run = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout)
+        flow_run = flow_run_id(run.stdout)
         assert run.returncode == 0 and flow_run, (
             f"{run.stdout[-3000:]}\n{run.stderr[-2000:]}\nworker log:\n{worker_log.read_text()[-6000:]}"
         )
-        inspected = cli([prefect, "flow-run", "inspect", flow_run.group(1), "--output", "json"], env=env, cwd=repo)
+        inspected = cli([prefect, "flow-run", "inspect", flow_run, "--output", "json"], env=env, cwd=repo)
         assert json.loads(inspected.stdout)["state"]["type"] == "COMPLETED"
 
         from mlflow import MlflowClient

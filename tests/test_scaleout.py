@@ -20,7 +20,6 @@ B's trials restored its model from the remote's run cache.
 from __future__ import annotations
 
 import json
-import re
 import signal
 import subprocess
 import time
@@ -31,7 +30,7 @@ import pytest
 
 import postgres
 from conftest import BIN, ROOT, pipeline_env, run_in
-from test_deployment import DEPLOY_PARAMS, MAKE, cli, free_port, start, stop, wait_http
+from test_deployment import DEPLOY_PARAMS, MAKE, cli, flow_run_id, free_port, start, stop, wait_http
 from test_flows import make_sweep_repo, shared_cache
 
 pytestmark = [
@@ -63,12 +62,12 @@ def clone(origin: Path, path: Path) -> Path:
     return path
 
 
-def runs_flow(proc: subprocess.Popen, flow_run_id: str) -> bool:
+def runs_flow(proc: subprocess.Popen, run_id: str) -> bool:
     """Whether ``proc`` (a worker) executes that flow run: a process below it carries its id,
     as the process worker passes it (PREFECT__FLOW_RUN_ID)."""
     for child in psutil.Process(proc.pid).children(recursive=True):
         try:
-            if child.environ().get("PREFECT__FLOW_RUN_ID") == flow_run_id:
+            if child.environ().get("PREFECT__FLOW_RUN_ID") == run_id:
                 return True
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -175,7 +174,7 @@ def test_a_sweep_across_two_hosts_survives_a_killed_worker_and_restarted_servers
             out = proc.communicate(timeout=540)[0]
             logs = "\n".join(f"{p.name}:\n{p.read_text()[-4000:]}" for p in sorted(base.glob("worker-*.log")))
             assert proc.returncode == 0 and "finished successfully" in out, f"{out[-3000:]}\n{logs}"
-            return re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
+            return flow_run_id(out)
 
         # 2. Host A trains trial 0 and pushes its runs to the remote.
         start_sweep = time.monotonic()
@@ -186,7 +185,7 @@ def test_a_sweep_across_two_hosts_survives_a_killed_worker_and_restarted_servers
 
         # 3. Two sweeps at once; worker A killed mid-trial; PostgreSQL and MLflow restarted.
         on_b = run("B", MAX_TRIALS + 2, [{"sample.steps": 3}])  # the cap stops it
-        doomed_run = re.search(r"UUID: ([0-9a-f-]{36})", run("A", 2, watch=False).communicate(timeout=120)[0]).group(1)
+        doomed_run = flow_run_id(run("A", 2, watch=False).communicate(timeout=120)[0])
         victim = wait_for("a trial running on host A", lambda: [
             r for r in trial_runs(client, exp_id)
             if r.info.status == "RUNNING" and r.data.tags["sweep.repo"].endswith(str(hosts["A"]))
