@@ -83,7 +83,7 @@ def test_stage_deps_are_its_import_closure(stage: str):
 
 def test_closure_follows_imports_inside_functions():
     """The reader is right: tracking imports nothing of ours at the top, registry does inside a function."""
-    assert "diffusion/tracking.py" in import_closure("diffusion.registry")
+    assert "diffusion/tracking/__init__.py" in import_closure("diffusion.registry")
     assert import_closure("diffusion.errors") == {"diffusion/__init__.py", "diffusion/errors.py"}
 
 
