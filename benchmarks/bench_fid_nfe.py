@@ -2,7 +2,7 @@
 
 For a model the pipeline trained (``models/model.pt``), each sampler draws the same seeded
 images at several NFE (network evaluations per image: the step count that costs at most
-that many, :func:`diffusion.sampling.table.network_evaluations`), and each FID is measured
+that many, :func:`diffusion.sampling.specs.network_evaluations`), and each FID is measured
 against the pipeline's own reference (``data/reference.npz``) with its Inception features.
 For a class-conditional model, ``--guidance`` scans the classifier-free scale w (1: none)
 with one sampler at one NFE. Results go to CSV files that ``dvc plots show`` renders
@@ -28,7 +28,7 @@ import torch
 from diffusion.evaluation.metrics import fid_from_features, inception_features, load_reference
 from diffusion.images import generate_images, sampling_labels
 from diffusion.packaged import PackagedDiffusion
-from diffusion.sampling.table import SAMPLERS, network_evaluations
+from diffusion.sampling.specs import SAMPLER_SPECS, network_evaluations
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -82,9 +82,9 @@ def main() -> None:
     parser.add_argument("--name", default="default", help="suffix of the CSV files in benchmarks/results/")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
     args = parser.parse_args()
-    unknown = [s for s in args.samplers + [args.guidance_sampler] if s not in SAMPLERS]
+    unknown = [s for s in args.samplers + [args.guidance_sampler] if s not in SAMPLER_SPECS]
     if unknown:
-        parser.error(f"--samplers: unknown {', '.join(unknown)}; allowed: {', '.join(SAMPLERS)}")
+        parser.error(f"--samplers: unknown {', '.join(unknown)}; allowed: {', '.join(SAMPLER_SPECS)}")
     schedules = dict(item.split("=", 1) for item in args.schedules)
 
     torch.set_grad_enabled(False)

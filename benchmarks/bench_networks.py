@@ -40,7 +40,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusion.models.configs import FAMILY_OF
-from diffusion.models.table import create_model
+from diffusion.models.factory import create_model
 
 PEERS = ("ours", "diffusers")
 # DiT is class-conditional in diffusers (adaLN-Zero on t + y): both get ImageNet's 1000 classes.
@@ -176,7 +176,7 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--model", default="unet-small", help="a U-Net or DiT name in diffusion.models.table.MODELS")
+    parser.add_argument("--model", default="unet-small", help="a U-Net or DiT name in diffusion.models.factory.MODELS")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--channels", type=int, default=3)

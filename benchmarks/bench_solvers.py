@@ -38,9 +38,9 @@ sys.path.insert(0, str(ROOT))
 from exact_mixture import exact_ode_map  # noqa: E402
 
 from diffusion.process.schedules import make_betas  # noqa: E402
-from diffusion.sampling import table as sampler_table  # noqa: E402
+from diffusion.sampling import specs as sampler_specs  # noqa: E402
 from diffusion.sampling.denoiser import ModelDenoiser, alpha_bar_at  # noqa: E402
-from diffusion.sampling.sample import SAMPLERS  # noqa: E402
+from diffusion.sampling.sample import SAMPLER_FUNCTIONS  # noqa: E402
 from diffusion.sampling.steps import STEP_SCHEDULES, NoiseLevels, make_steps  # noqa: E402
 
 MU, S = 0.5, 0.5
@@ -85,8 +85,8 @@ def steps_for(name: str, nfe: int) -> int:
 
 def ours(name: str, schedule: str, nfe: int, levels: NoiseLevels, x_T: torch.Tensor) -> tuple[int, float]:
     n = steps_for(name, nfe)
-    x = SAMPLERS[name](ModelDenoiser(ExactEps(levels), levels), x_T, make_steps(schedule, levels, n))
-    return sampler_table.network_evaluations(name, n), error(x, x_T, levels.alphas_cumprod[-1])
+    x = SAMPLER_FUNCTIONS[name](ModelDenoiser(ExactEps(levels), levels), x_T, make_steps(schedule, levels, n))
+    return sampler_specs.network_evaluations(name, n), error(x, x_T, levels.alphas_cumprod[-1])
 
 
 def theirs(name: str, variant: str, nfe: int, levels: NoiseLevels, x_T: torch.Tensor) -> tuple[int, float] | None:

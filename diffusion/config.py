@@ -8,7 +8,7 @@ sampler steps vs. T) live in :meth:`Params.check_combinations`.
 
 Names and rules that code also uses come from that code's torch-free tables, never a
 copy: schedules from :data:`diffusion.process.schedules.BETA_SCHEDULES`, samplers from
-:data:`diffusion.sampling.table.SAMPLERS`, and the process options and how they combine
+:data:`diffusion.sampling.specs.SAMPLER_SPECS`, and the process options and how they combine
 from :mod:`diffusion.process.options`.
 
 Every key is required and none has a default here: the committed params.yaml is the
@@ -31,7 +31,7 @@ from diffusion.models.configs import (
 )
 from diffusion.process.options import Loss, Prediction, Variance, check_combination, names
 from diffusion.sampling.steps import STEP_SCHEDULES
-from diffusion.sampling.table import SAMPLERS
+from diffusion.sampling.specs import SAMPLER_SPECS
 from diffusion.process.schedules import BETA_SCHEDULES
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -40,7 +40,7 @@ ScheduleName = Literal[tuple(BETA_SCHEDULES)]
 PredictionName = Literal[names(Prediction)]
 VarianceName = Literal[names(Variance)]
 LossName = Literal[names(Loss)]
-SamplerName = Literal[tuple(SAMPLERS)]
+SamplerName = Literal[tuple(SAMPLER_SPECS)]
 StepScheduleName = Literal[tuple(STEP_SCHEDULES)]
 ClassifierName = Literal[tuple(CLASSIFIER_CONFIGS)]
 VaeName = Literal[tuple(VAE_CONFIGS)]
@@ -231,10 +231,10 @@ class Params(_Section):
             )
         if self.sample.sampler == "ddim" and self.sample.eta > 1:
             raise ValueError(f"sample.eta: {self.sample.eta} is outside DDIM's range; allowed 0..1")
-        if self.sample.eta != 0 and not SAMPLERS[self.sample.sampler].takes_eta:
+        if self.sample.eta != 0 and not SAMPLER_SPECS[self.sample.sampler].takes_eta:
             raise ValueError(
                 f"sample.eta: {self.sample.eta} means nothing to {self.sample.sampler} (an ODE solver); "
-                f"use 0, or a sampler that takes eta: {', '.join(k for k, v in SAMPLERS.items() if v.takes_eta)}"
+                f"use 0, or a sampler that takes eta: {', '.join(k for k, v in SAMPLER_SPECS.items() if v.takes_eta)}"
             )
         _check_guidance(self)
         if self.train.batch_size % self.train.distributed:

@@ -33,7 +33,7 @@ from typing import Any, NoReturn
 
 from diffusion.errors import UserError
 from diffusion.sampling.steps import STEP_SCHEDULES
-from diffusion.sampling.table import SAMPLERS
+from diffusion.sampling.specs import SAMPLER_SPECS
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")  # an MLflow run id: its model is runs:/<id>/model
 IMAGE_NAME = re.compile(r"image-\d{5,}\.png")
@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-n", "--num-images", type=int, default=16, help="how many images (default: 16)")
     parser.add_argument("--labels", type=int, nargs="+", help="class labels, cycled over the images (default: balanced)")
     unset = "(default: the model's)"
-    parser.add_argument("--sampler", choices=list(SAMPLERS), help=f"sampler {unset}")
+    parser.add_argument("--sampler", choices=list(SAMPLER_SPECS), help=f"sampler {unset}")
     parser.add_argument("--steps", type=int, help=f"sampler steps {unset}")
     parser.add_argument("--schedule", choices=list(STEP_SCHEDULES), help=f"where the steps go {unset}")
     parser.add_argument("--eta", type=float, help=f"DDIM's eta {unset}")

@@ -28,7 +28,7 @@ from torch import nn
 from diffusion.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from diffusion.images import sampling_labels
 from diffusion.process.gaussian import GaussianDiffusion
-from diffusion.models.table import create_model
+from diffusion.models.factory import create_model
 from diffusion.models.vae import KLAutoencoder
 from diffusion.sampling.guidance import Classifier, guidance
 from diffusion.sampling.sample import sample as run_sampler

@@ -16,7 +16,7 @@
   dimensions that mean nothing for the config (:func:`searched_space`: guidance for an
   unconditional model, U-Net arguments for a transformer).
 - **Objectives**: ``fid`` (``metrics/evaluate.json``); ``sampling_cost``, the sampler's
-  network evaluations per image (:func:`diffusion.sampling.table.network_evaluations`).
+  network evaluations per image (:func:`diffusion.sampling.specs.network_evaluations`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 from diffusion.config import Params, SearchDim, SweepParams
 from diffusion.models.configs import FAMILY_OF, family
-from diffusion.sampling.table import network_evaluations
+from diffusion.sampling.specs import network_evaluations
 from flows.pruning import make_pruner
 
 STUDY_DIR = Path(".optuna")

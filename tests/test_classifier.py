@@ -25,7 +25,7 @@ from diffusion.data.dataset import Dataset, save_dataset
 from diffusion.errors import UserError
 from diffusion.evaluation import protocol
 from diffusion.models.classifier import NoiseAwareClassifier, classifier_from_state, classifier_state, create_classifier
-from diffusion.models.table import create_model
+from diffusion.models.factory import create_model
 from diffusion.packaged import PackagedDiffusion
 from diffusion.process.gaussian import GaussianDiffusion
 from diffusion.process.schedules import make_betas

@@ -9,7 +9,7 @@ from typing import get_args
 import pytest
 import yaml
 
-from diffusion.sampling import table as sampler_table
+from diffusion.sampling import specs as sampler_specs
 from diffusion.config import ConfigError, DiffusionParams, Params, SampleParams, load_params, parse_params
 from diffusion.process.options import Loss, Prediction, Variance
 from diffusion.process.schedules import BETA_SCHEDULES
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_committed_params_are_valid_and_match_the_defaults_where_documented():
     params = load_params(ROOT / "params.yaml")
     assert params.data.source == "mnist5k"
-    assert params.model.name in __import__("diffusion.models.table", fromlist=["MODELS"]).MODELS
+    assert params.model.name in __import__("diffusion.models.factory", fromlist=["MODELS"]).MODELS
 
 
 def test_empty_or_partial_params_are_an_error_not_a_second_set_of_defaults(tmp_path):
@@ -92,7 +92,7 @@ def test_allowed_names_are_read_from_the_code_that_implements_them():
         "prediction": tuple(m.value for m in Prediction),
         "variance": tuple(m.value for m in Variance),
         "loss": tuple(m.value for m in Loss),
-        "sampler": tuple(sampler_table.SAMPLERS),
+        "sampler": tuple(sampler_specs.SAMPLER_SPECS),
     }
     assert allowed["schedule"] == ("linear", "cosine", "sigmoid") and allowed["sampler"] == ("ddpm", "ddim", "dpm++2m", "dpm++3m", "unipc", "unipc3", "heun")
 

@@ -175,7 +175,7 @@ def _train_with_nan_on_rank_1(rank: int, port: int, folder: str, said) -> None:
     import os
 
     from conftest import section
-    from diffusion.models.table import create_model
+    from diffusion.models.factory import create_model
     from diffusion.process.gaussian import GaussianDiffusion
     from diffusion.process.schedules import make_betas
     from diffusion.training import distributed

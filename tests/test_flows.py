@@ -89,10 +89,10 @@ def test_overrides_use_hydra_syntax_and_add_missing_keys():
 def test_sampling_cost_is_network_evaluations_per_image():
     """The objective is what the sampler table says each sampler costs, not its step count."""
     from diffusion.config import parse_params
-    from diffusion.sampling.table import SAMPLERS
+    from diffusion.sampling.specs import SAMPLER_SPECS
     from flows.study import OBJECTIVES
 
-    for name, spec in SAMPLERS.items():
+    for name, spec in SAMPLER_SPECS.items():
         params = parse_params(full_params({"sample": {"sampler": name, "steps": 7, "guidance_scale": 1.0}}))
         assert OBJECTIVES["sampling_cost"]({}, params) == spec.nfe(7) > 0
     guided = parse_params(full_params({"model": {"class_conditional": True}, "sample": {"steps": 7, "guidance_scale": 3.0}}))

@@ -34,7 +34,7 @@ from diffusion.sampling.denoiser import Denoised
 from diffusion.sampling.guidance import (
     ClassifierFreeGuidance, ClassifierGuidance, classifier_gradient, guidance,
 )
-from diffusion.sampling.table import network_evaluations
+from diffusion.sampling.specs import network_evaluations
 from diffusion.sampling.steps import NoiseLevels, make_steps
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -19,7 +19,7 @@ from diffusion.models.classifier import create_classifier
 from diffusion.models.configs import VAE_CONFIGS
 from diffusion.models.vae import KLAutoencoder
 from diffusion.packaged import PackagedDiffusion, load_autoencoder
-from diffusion.sampling.table import SAMPLERS
+from diffusion.sampling.specs import SAMPLER_SPECS
 from diffusion.stages.encode import encode_images
 
 PROCESS = {"schedule": "cosine", "timesteps": 50, "prediction": "eps", "variance": "fixed_small", "loss": "mse"}
@@ -78,7 +78,7 @@ def test_posterior_samples_are_seeded_per_image():
 # ---------------------------------------------------------------- the packaged latent model
 
 
-@pytest.mark.parametrize("sampler", list(SAMPLERS))
+@pytest.mark.parametrize("sampler", list(SAMPLER_SPECS))
 def test_every_sampler_decodes_latents_to_images(sampler, single_thread):
     """Each sampler draws 2 x 8 x 8 latents and returns the decoded 1 x 16 x 16 images in [-1, 1],
     exactly D(z / scale) of the latents the sampler drew."""

@@ -19,12 +19,12 @@ from device_copies import CrossDeviceOps
 from exact_gaussian import GaussianData, alpha_bar_np
 from tiny_unet import tiny_unet
 
-from diffusion.sampling import table as sampler_table
+from diffusion.sampling import specs as sampler_specs
 from diffusion.process.gaussian import GaussianDiffusion
 from diffusion.sampling.noise import StackedRandomGenerator, image_seed
 from diffusion.sampling.ancestral import ddim_sample, ddpm_sample
 from diffusion.sampling.denoiser import ModelDenoiser, noise_levels
-from diffusion.sampling.sample import SAMPLERS, sample
+from diffusion.sampling.sample import SAMPLER_FUNCTIONS, sample
 from diffusion.sampling.steps import make_steps
 from diffusion.process.schedules import cosine_betas, make_betas, space_timesteps
 
@@ -273,25 +273,25 @@ def test_intermediates_and_original_timesteps():
 def test_callback_sees_every_step():
     d = diffusion_for("fixed_small").respace([0, 500, 999])
     seen = []
-    for fn in SAMPLERS.values():
+    for fn in SAMPLER_FUNCTIONS.values():
         seen.clear()
         fn(ModelDenoiser.for_process(GaussianData(BETAS, MU, S), d), torch.randn(4, 2), make_steps("linspace", noise_levels(d), 3),
            callback=seen.append)
         assert [(info["i"], info["t"]) for info in seen] == [(0, 999), (1, 500), (2, 0)]
         assert set(seen[0]) == {"i", "t", "x", "pred_x0"}
-    assert SAMPLERS["ddpm"] is ddpm_sample and SAMPLERS["ddim"] is ddim_sample
-    assert list(SAMPLERS) == list(sampler_table.SAMPLERS)
+    assert SAMPLER_FUNCTIONS["ddpm"] is ddpm_sample and SAMPLER_FUNCTIONS["ddim"] is ddim_sample
+    assert list(SAMPLER_FUNCTIONS) == list(sampler_specs.SAMPLER_SPECS)
 
 
 @pytest.mark.parametrize("steps", [1, 7, 50])
 def test_network_evaluations_per_image_are_the_calls_made(steps):
-    """sampler_table.network_evaluations (the sweep's sampling_cost) is what each sampler really
+    """sampler_specs.network_evaluations (the sweep's sampling_cost) is what each sampler really
     costs: the images the network is called on, per image of the batch."""
-    for name in SAMPLERS:
+    for name in SAMPLER_FUNCTIONS:
         model = GaussianData(BETAS, MU, S)
         sample(diffusion_for("fixed_small"), model, (6, 2), sampler=name, steps=steps, eta=0.5 * (name == "ddim"),
                seed=0)
-        assert sum(len(t) for t in model.calls) / 6 == sampler_table.network_evaluations(name, steps), name
+        assert sum(len(t) for t in model.calls) / 6 == sampler_specs.network_evaluations(name, steps), name
 
 
 def test_no_host_copy_per_step():

@@ -32,12 +32,12 @@ from exact_mixture import MixtureDenoiser, exact_ode_map
 from diffusion.process.gaussian import GaussianDiffusion
 from diffusion.process.schedules import make_betas
 from diffusion.sampling import dpm_solver
-from diffusion.sampling import table as sampler_table
+from diffusion.sampling import specs as sampler_specs
 from diffusion.sampling.denoiser import ModelDenoiser
 from diffusion.sampling.guidance import guidance
 from diffusion.sampling.heun import heun_sample
 from diffusion.sampling.noise import StackedRandomGenerator
-from diffusion.sampling.sample import SAMPLERS, sample
+from diffusion.sampling.sample import SAMPLER_FUNCTIONS, sample
 from diffusion.sampling.steps import NoiseLevels, Steps, make_steps
 from diffusion.sampling.walk import half_log_snr
 
@@ -62,7 +62,7 @@ def steps_for(name, nfe):
 
 
 def solve(name, denoiser, x_T, schedule, steps, y=None, **options):
-    return SAMPLERS[name](denoiser, x_T, make_steps(schedule, denoiser.levels, steps), y=y, **options)
+    return SAMPLER_FUNCTIONS[name](denoiser, x_T, make_steps(schedule, denoiser.levels, steps), y=y, **options)
 
 
 def gaussian_reference(levels, x_T, mu=MU, s=S):
@@ -104,7 +104,7 @@ def test_error_falls_at_the_solvers_order_on_one_gaussian(name, schedule):
     for nfe in NFES:
         n = steps_for(name, nfe)
         errors.append((solve(name, den, x_T, "karras", n) - reference).abs().mean().item())
-        nfes.append(sampler_table.network_evaluations(name, n))
+        nfes.append(sampler_specs.network_evaluations(name, n))
     assert fitted_order(nfes, errors) == pytest.approx(ORDER[name], abs=0.3), errors
     # the jump σ_min -> 0 is the same for all: against the exact map, the floor is ~1e-4
     floor = (reference - exact_ode_map(x_T, levels.alphas_cumprod[-1], MU, S)).abs().mean().item()
@@ -120,7 +120,7 @@ def test_error_falls_at_the_solvers_order_on_the_mixture(name):
     for nfe in NFES:
         n = steps_for(name, nfe)
         errors.append((solve(name, den, x_T, "karras", n) - reference).abs().mean().item())
-        nfes.append(sampler_table.network_evaluations(name, n))
+        nfes.append(sampler_specs.network_evaluations(name, n))
     assert fitted_order(nfes, errors) == pytest.approx(ORDER[name], abs=0.3), errors
 
 
@@ -202,7 +202,7 @@ def diffusers_run(scheduler, n, x_T, ours, monkeypatch=None):
         x = scheduler.step(net(x, t.repeat(len(x))), t, x).prev_sample
     timesteps = scheduler.timesteps.numpy().astype(np.float64)
     steps = Steps(timesteps, np.append(levels.alpha_bar(timesteps), 1.0), levels)
-    return x, SAMPLERS[ours](ModelDenoiser(net, levels), x_T.clone(), steps)
+    return x, SAMPLER_FUNCTIONS[ours](ModelDenoiser(net, levels), x_T.clone(), steps)
 
 
 # (not n = 1: its one step returns x̂_0 = (x - σ ε̂)/α at t = 999, where 1/α = 157 magnifies the
@@ -278,7 +278,7 @@ def test_error_falls_at_the_solvers_order_under_guidance(name):
         n = steps_for(name, nfe)
         got = solve(name, guidance(scale=3.0, null_class=den.null_class)(den), x_T, "log-snr", n, y=y)
         errors.append((got - reference).abs().mean().item())
-        nfes.append(sampler_table.network_evaluations(name, n))
+        nfes.append(sampler_specs.network_evaluations(name, n))
         assert den.evaluations == 2 * 1000 * nfes[-1]
     assert fitted_order(nfes, errors) == pytest.approx(ORDER[name], abs=0.3), errors
     den = MixtureDenoiser(LEVELS["cosine"], MEANS, 0.3)
@@ -312,7 +312,7 @@ def test_zero_terminal_snr_with_v_prediction(name):
     assert torch.isfinite(x).all()
     assert (x - exact_ode_map(x_T, 0.0, MU, S).float()).abs().mean() < 0.02
     calls = sum(len(t) for t in model.calls) / len(x_T)
-    assert calls == sampler_table.network_evaluations(name, 50) - (name == "heun")  # Heun's first step is Euler's
+    assert calls == sampler_specs.network_evaluations(name, 50) - (name == "heun")  # Heun's first step is Euler's
 
 
 # --- seeds, costs, host copies, errors --------------------------------------------------
@@ -332,7 +332,7 @@ def test_network_evaluations_per_image_are_the_calls_made(steps, schedule):
         den = MixtureDenoiser(LEVELS["linear"], MEANS, 0.3)
         options = {"s_churn": 10.0, "generator": torch.Generator().manual_seed(0)} if name == "heun" else {}
         solve(name, den, noise((6, 4)), schedule, steps, **options)
-        assert den.evaluations / 6 == sampler_table.network_evaluations(name, steps), name
+        assert den.evaluations / 6 == sampler_specs.network_evaluations(name, steps), name
 
 
 def test_no_host_copy_per_step():
@@ -379,8 +379,8 @@ def test_config_rejects_eta_for_an_ode_solver():
 
 
 def test_table_lists_ddpm_and_ddim_first():
-    assert list(sampler_table.SAMPLERS) == ["ddpm", "ddim", *SOLVERS]
-    assert [sampler_table.network_evaluations(name, 10) for name in sampler_table.SAMPLERS] == [10] * 6 + [19]
+    assert list(sampler_specs.SAMPLER_SPECS) == ["ddpm", "ddim", *SOLVERS]
+    assert [sampler_specs.network_evaluations(name, 10) for name in sampler_specs.SAMPLER_SPECS] == [10] * 6 + [19]
 
 
 # --- EDM's Heun and its churn -----------------------------------------------------------
@@ -451,11 +451,11 @@ def test_heun_churn_options_are_checked():
 
 
 def test_every_sampler_module_is_in_the_sample_stages_import_closure():
-    """sample.py resolves table.SAMPLERS' functions by name; it also imports their modules, so
+    """sample.py resolves the functions SAMPLER_SPECS names; it also imports their modules, so
     dvc.yaml's deps (an import closure read from the source) re-run sampling when one changes."""
     from test_dvc_deps import import_closure
 
     closure = import_closure("diffusion.sampling.sample")
-    for spec in sampler_table.SAMPLERS.values():
+    for spec in sampler_specs.SAMPLER_SPECS.values():
         assert f"diffusion/sampling/{spec.function.split('.')[0]}.py" in closure, spec.function
     assert "diffusion/sampling/walk.py" in closure

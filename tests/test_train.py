@@ -15,7 +15,7 @@ from diffusion.config import TrainParams
 from diffusion.training.devices import BatchMemoryError
 from diffusion.packaged import PackagedDiffusion
 from diffusion.process.gaussian import GaussianDiffusion
-from diffusion.models.table import create_model
+from diffusion.models.factory import create_model
 from diffusion.process.schedules import make_betas
 from diffusion.training.devices import native_bf16, precision_name, resolve_device, resolve_precision
 from diffusion.training.reference_loss import reference_loss

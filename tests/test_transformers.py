@@ -19,7 +19,7 @@ from diffusion.models.layers import (
     PatchEmbedding, RelativePositionBias, SelfAttention, TimeDependentSelfAttention, sincos_2d_position_embedding,
     unpatchify,
 )
-from diffusion.models.table import CONSTRUCTORS, MODELS, create_model
+from diffusion.models.factory import CONSTRUCTORS, MODELS, create_model
 from diffusion.packaged import PackagedDiffusion
 from diffusion.process.gaussian import GaussianDiffusion
 from diffusion.process.schedules import make_betas

@@ -1,4 +1,4 @@
-"""The ADM U-Net (diffusion/models/unet.py) and the named configs (diffusion/models/table.py)."""
+"""The ADM U-Net (diffusion/models/unet.py) and the named configs (diffusion/models/factory.py)."""
 
 import inspect
 import subprocess
@@ -9,7 +9,7 @@ import torch
 from tiny_unet import perturb
 
 from diffusion.models.configs import UNET_CONFIGS, UNET_OVERRIDABLE
-from diffusion.models.table import UNet, create_model
+from diffusion.models.factory import UNet, create_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -187,7 +187,7 @@ def test_every_config_builds_and_overrides_apply():
 
 def test_import_loads_only_torch():
     code = (
-        "import sys, torch; before = {m.split('.')[0] for m in sys.modules}; import diffusion.models.table; "
+        "import sys, torch; before = {m.split('.')[0] for m in sys.modules}; import diffusion.models.factory; "
         "print(sorted({m.split('.')[0] for m in sys.modules} - before))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

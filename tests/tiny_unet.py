@@ -4,7 +4,7 @@ layers no longer make a fresh network predict exactly 0."""
 
 import torch
 
-from diffusion.models.table import create_model
+from diffusion.models.factory import create_model
 
 
 @torch.no_grad()

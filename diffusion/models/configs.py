@@ -4,7 +4,7 @@ Networks come in families (:data:`FAMILIES`): the U-Net, DiT, image-space DiffiT
 DiffiT. Each family declares its named configs (one line each: the constructor's arguments,
 as DiT's ``DiT_models`` table), the constructor arguments params.yaml may override
 (``model.overrides``, each with the check of its type and range) and its shape rule on the
-image size. :mod:`diffusion.models.table` builds the networks from these; :mod:`diffusion.config`
+image size. :mod:`diffusion.models.factory` builds the networks from these; :mod:`diffusion.config`
 reads them to reject an unknown name or override, or an image size the network cannot take,
 before any work starts.
 """

@@ -1,4 +1,4 @@
-"""The :func:`sample` front door, and :data:`SAMPLERS`: each sampler name's function.
+"""The :func:`sample` front door, and :data:`SAMPLER_FUNCTIONS`: each sampler name's function.
 
 Every sampler is called as (k-diffusion style)::
 
@@ -9,7 +9,7 @@ around it) and a :class:`~diffusion.sampling.steps.Steps` from a step schedule b
 It draws all noise from ``generator`` through :func:`diffusion.sampling.noise.randn` (a
 :class:`~diffusion.sampling.noise.StackedRandomGenerator` gives each image its own stream)
 and reports each network step to ``callback`` (:mod:`diffusion.sampling.walk`). Adding a
-sampler is one function in this package and one row of :data:`diffusion.sampling.table.SAMPLERS`.
+sampler is one function in this package and one row of :data:`diffusion.sampling.specs.SAMPLER_SPECS`.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from diffusion.process.gaussian import GaussianDiffusion
-# the modules table.SAMPLERS names, imported by name so that each stage's import closure
+# the modules specs.SAMPLER_SPECS names, imported by name so that each stage's import closure
 # (dvc.yaml's deps, tests/test_dvc_deps.py) holds them; _resolve then finds them loaded
 from diffusion.sampling import ancestral, dpm_solver, heun, unipc  # noqa: F401
-from diffusion.sampling import table as sampler_table
+from diffusion.sampling import specs as sampler_specs
 from diffusion.sampling.denoiser import ClippedDenoiser, Denoiser, ModelDenoiser
 from diffusion.sampling.noise import NoiseSource, StackedRandomGenerator, randn
 from diffusion.sampling.steps import make_steps
@@ -36,9 +36,9 @@ def _resolve(path: str) -> Callable[..., torch.Tensor]:
     return getattr(importlib.import_module(f"diffusion.sampling.{module}"), name)
 
 
-# name -> the function sampler_table names for it (the names and costs live there, torch-free)
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
-    name: _resolve(spec.function) for name, spec in sampler_table.SAMPLERS.items()
+# name -> the function sampler_specs names for it (the names and costs live there, torch-free)
+SAMPLER_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
+    name: _resolve(spec.function) for name, spec in sampler_specs.SAMPLER_SPECS.items()
 }
 
 @torch.no_grad()
@@ -67,7 +67,7 @@ def sample(
     **options: Any,
 ):
     """Draw samples of ``shape`` from the network ``model`` trained on ``diffusion``, with the
-    sampler ``sampler`` of :data:`SAMPLERS` on ``steps`` steps of the step schedule
+    sampler ``sampler`` of :data:`SAMPLER_FUNCTIONS` on ``steps`` steps of the step schedule
     ``schedule`` (:data:`~diffusion.sampling.steps.STEP_SCHEDULES`; None: every timestep).
 
     ``labels`` are the class labels of a class-conditional model; ``guidance`` wraps its
@@ -83,8 +83,8 @@ def sample(
     sampler's own arithmetic stays in float32). Returns the samples, or ``(samples, [x̂_0 of
     each network step])`` with ``return_intermediates``.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler: got {sampler!r}; allowed: {', '.join(SAMPLERS)}")
+    if sampler not in SAMPLER_FUNCTIONS:
+        raise ValueError(f"sampler: got {sampler!r}; allowed: {', '.join(SAMPLER_FUNCTIONS)}")
     if seed is not None and generator is not None:
         raise ValueError("seed: give a seed or a generator, not both")
     if first_index < 0:
@@ -106,7 +106,7 @@ def sample(
     if labels is not None:
         labels = labels.to(x_T.device)
     intermediates: list[torch.Tensor] = []
-    samples = SAMPLERS[sampler](
+    samples = SAMPLER_FUNCTIONS[sampler](
         denoiser,
         x_T,
         walk_steps,

@@ -23,7 +23,7 @@ class SamplerSpec:
     """Whether ``sample.eta`` means anything to it (the others solve the probability-flow ODE)."""
 
 
-SAMPLERS: dict[str, SamplerSpec] = {
+SAMPLER_SPECS: dict[str, SamplerSpec] = {
     "ddpm": SamplerSpec("ancestral.ddpm_sample", nfe=lambda steps: steps, takes_eta=True),  # one evaluation a step
     "ddim": SamplerSpec("ancestral.ddim_sample", nfe=lambda steps: steps, takes_eta=True),
     "dpm++2m": SamplerSpec("dpm_solver.dpmpp_2m_sample", nfe=lambda steps: steps),  # multistep: one a step
@@ -39,6 +39,6 @@ def network_evaluations(sampler: str, steps: int, guidance_scale: float = 1.0) -
     classifier-free guidance at a scale other than 0 and 1 runs the conditional and the
     unconditional pass at each evaluation, so it counts twice (with a guidance interval,
     an upper bound)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler: got {sampler!r}; allowed: {', '.join(SAMPLERS)}")
-    return SAMPLERS[sampler].nfe(steps) * (1 if guidance_scale in (0.0, 1.0) else 2)
+    if sampler not in SAMPLER_SPECS:
+        raise ValueError(f"sampler: got {sampler!r}; allowed: {', '.join(SAMPLER_SPECS)}")
+    return SAMPLER_SPECS[sampler].nfe(steps) * (1 if guidance_scale in (0.0, 1.0) else 2)
