@@ -7,6 +7,9 @@ the whole orchestration path: `make services`, `make deploy`, `make worker`, a
 `prefect deployment run` of the sweep, `.venv/bin/dvc exp show`, `.venv/bin/diffusion
 promote`, the Python snippet that loads `models:/diffusion@champion`, and `make ui`.
 Each service runs in its own process group and is stopped in a ``finally``.
+
+The fast test at the end checks that every command README.md and docs/*.md show is run
+by one of the tests in tests/, or is listed, with the reason, as one no test can run.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from test_flows import SWEEP_PARAMS
 pytestmark = pytest.mark.integration
 
 VENV = Path(sys.prefix)
-CLONED = ("Makefile", "pyproject.toml", "constraints.txt", "prefect.yaml", "README.md")
+CLONED = ("Makefile", "pyproject.toml", "constraints.txt", "prefect.yaml", "README.md", "BENCHMARKS.md", "RELIABILITY.md")
 
 
 def newcomer_env(repo: Path, **extra: str) -> dict[str, str]:
@@ -48,6 +51,7 @@ def fresh_clone(path: Path, params: dict) -> Path:
     repo = make_pipeline_repo(path, params)
     shutil.copytree(ROOT / "flows", repo / "flows", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "mlflow", repo / "mlflow", ignore=shutil.ignore_patterns("mlflow.db", "artifacts"))
+    shutil.copytree(ROOT / "docs", repo / "docs")  # the pages whose commands these tests run
     for name in CLONED:
         shutil.copy(ROOT / name, repo / name)
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
@@ -146,3 +150,211 @@ def test_the_readme_orchestration_path(tmp_path: Path):
             stop(proc)
     for name, log in logs.items():
         assert "command not found" not in log.read_text(), f"make {name}:\n{log.read_text()[-3000:]}"
+
+
+# ---- Every command the docs show is run by a test --------------------------------------
+
+# The commands that README.md and docs/*.md show and that no test runs, each with the
+# reason it cannot run in one. A key is the command as `doc_commands` yields it: no `$ `,
+# no trailing comment, no leading `VAR=value`, `.venv/bin/` dropped, quotes resolved.
+NOT_RUN_BY_A_TEST = {
+    "make test": "runs this very suite",
+    "make install": "installs the pinned set from the package registries; the tests run in that venv, installed once",
+    "make worker GPU=0": "needs a GPU (it sets CUDA_VISIBLE_DEVICES); the tests start `make worker` without GPU=",
+    "dvc exp run -S model.name=ddpm-cifar10 -S data.source=cifar10 -S data.image_size=32 -S train.batch_size=128 "
+    "-S train.steps=200000 -S train.channels_last=true": "a GPU run that downloads CIFAR-10 from the internet",
+    "dvc exp run -S train.distributed=8 -S train.batch_size=256": "needs 8 GPUs (tests/test_distributed.py runs 2 gloo ranks)",
+    "torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint host0:29400 -m diffusion.cli train":
+        "needs two nodes of 8 GPUs",
+    # Runs of the default's size, minutes each on 2 cores. No test runs them, nor yet
+    # their settings on a tiny config; the params of each `dvc exp run` are validated below.
+    "dvc exp run -S model.name=diffit-cpu -S ++model.overrides.window_size=14": "about 11 minutes",
+    "dvc exp run -S model.space=latent -S model.name=dit-cpu -S ++model.overrides.patch_size=1": "about 7 minutes",
+    "dvc exp run -S sample.sampler=dpm++2m -S sample.steps=10 -S sample.schedule=log-snr":
+        "re-samples and scores the 500 digits of a trained default",
+    "dvc exp run -S model.class_conditional=false -S sample.guidance_scale=1": "trains the default again, unconditional",
+    "prefect deployment run train-sweep/train-sweep -p study_name=schedules -p concurrency=2":
+        "8 trials of the default, two at a time",
+}
+
+SHELL_BLOCK = re.compile(r"^```(bash|sh|shell|console)[ \t]*\n(.*?)^```", re.M | re.S)
+ANY_BLOCK = re.compile(r"^```.*?^```", re.M | re.S)
+UNKNOWN = "…"  # a value the test computes at run time (a port, a path)
+
+
+def _words(line: str) -> list[str]:
+    """Shell words of one command line: quotes resolved, a trailing comment dropped."""
+    import shlex
+
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lexer.whitespace_split, lexer.commenters = True, "#"
+    return [word for word in lexer if word]  # shlex yields "" for the space before a comment
+
+
+def doc_commands(text: str) -> list[tuple[list[str], list[str]]]:
+    """Each command a page shows: (the variables it sets, its words), in order.
+
+    Commands are the lines of ```bash / ```sh / ```shell blocks, the `$ ` lines of
+    ```console blocks, and `$ ` lines outside any block; `\\` continues a line, and `;`,
+    `&&`, `||` and `|` separate commands.
+    """
+    lines = []
+    for kind, body in SHELL_BLOCK.findall(text):
+        body = body.replace("\\\n", " ")
+        lines += [ln.strip() for ln in body.splitlines() if kind != "console" or ln.strip().startswith("$ ")]
+    lines += [ln.strip() for ln in ANY_BLOCK.sub("", text).splitlines() if ln.strip().startswith("$ ")]
+    commands = []
+    for line in lines:
+        words, current = _words(line.removeprefix("$ ")), []
+        for word in [*words, ";"]:
+            if word not in (";", "&&", "||", "|", "&"):
+                current.append(word)
+                continue
+            env = []
+            if current[:1] == ["export"]:
+                env, current = current[1:], []
+            while current and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", current[0]):
+                env.append(current.pop(0))
+            if current:
+                current[0] = current[0].removeprefix(".venv/bin/")
+            if env or current:
+                commands.append(([e.split("=", 1)[0] for e in env], current))
+            current = []
+    return commands
+
+
+def _test_invocations() -> tuple[list[list[str]], str]:
+    """Every argument list the tests build (list and tuple literals, a call's positional
+    arguments) as words, names and `BIN / "tool"` resolved, with the tests' source."""
+    import ast
+
+    trees = {path: ast.parse(path.read_text()) for path in sorted((ROOT / "tests").glob("*.py"))}
+    values: dict[str, list] = {}
+    for tree in trees.values():  # what each name is bound to, anywhere in the tests
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign) and len(node.targets) == 1:
+                target, value = node.targets[0], node.value
+                pairs = (zip(target.elts, value.elts) if isinstance(target, ast.Tuple) and isinstance(value, ast.Tuple)
+                         and len(target.elts) == len(value.elts) else [(target, value)])
+                for name, expr in pairs:
+                    if isinstance(name, ast.Name):
+                        values.setdefault(name.id, []).append(expr)
+
+    def word(node: ast.AST, depth: int = 0) -> list[str]:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return [node.value]
+        if isinstance(node, ast.JoinedStr):
+            return ["".join(v.value if isinstance(v, ast.Constant) else UNKNOWN for v in node.values)]
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):  # BIN / "prefect"
+            return word(node.right, depth)
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "str" and len(node.args) == 1:
+            return word(node.args[0], depth)
+        if isinstance(node, ast.Name) and len(values.get(node.id, ())) == 1 and depth < 3:
+            bound = values[node.id][0]
+            return word(bound, depth + 1) if not isinstance(bound, (ast.List, ast.Tuple)) else [UNKNOWN]
+        if isinstance(node, ast.Starred):
+            inner = node.value
+            if isinstance(inner, ast.Name) and len(values.get(inner.id, ())) == 1 and depth < 3:
+                inner = values[inner.id][0]
+            if isinstance(inner, (ast.List, ast.Tuple)):
+                return [w for elt in inner.elts for w in word(elt, depth + 1)]
+        return [UNKNOWN]
+
+    invocations = []
+    for tree in trees.values():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.List, ast.Tuple, ast.Call)):
+                args = node.args if isinstance(node, ast.Call) else node.elts
+                words = [w for arg in args for w in word(arg)]
+                if words:
+                    invocations.append([w.removeprefix(".venv/bin/") for w in words])
+    return invocations, "\n".join(path.read_text() for path in trees)
+
+
+def _units(words: list[str]) -> list[tuple[str, ...]]:
+    """Words as units: an option with its value (`-n 64`), or one word."""
+    units, i = [], 0
+    while i < len(words):
+        if words[i].startswith("-") and i + 1 < len(words) and not words[i + 1].startswith("-"):
+            units.append((words[i], words[i + 1]))
+            i += 2
+        else:
+            units.append((words[i],))
+            i += 1
+    return units
+
+
+def _same_word(doc: str, test: str) -> bool:
+    """Equal; or KEY=VALUE of the same KEY (the tests run tiny values); or a value the test computes."""
+    if doc == test or (test == UNKNOWN and not doc.startswith("-")):
+        return True
+    key = re.fullmatch(r"([^=\s]+)=.*", doc, re.S)
+    return bool(key) and (test.startswith(key[1] + "=") or test.startswith(UNKNOWN))
+
+
+def _same_unit(doc: tuple[str, ...], test: tuple[str, ...]) -> bool:
+    if len(doc) != len(test) or not _same_word(doc[0], test[0]):
+        return False
+    if len(doc) == 1:
+        return True
+    # An option's value may differ, but not a KEY=VALUE's key (`-S model.name=...`).
+    return "=" not in doc[1] or _same_word(doc[1], test[1])
+
+
+def runs(doc: list[str], invocation: list[str]) -> bool:
+    """Whether an invocation runs the doc's command: its program, then each of the doc's
+    words or options in order, the test free to add more (`--watch-timeout 480`)."""
+    for start, word in enumerate(invocation):
+        if word != doc[0]:
+            continue
+        units, rest = _units(doc[1:]), iter(_units(invocation[start + 1:]))
+        if all(any(_same_unit(unit, test) for test in rest) for unit in units):
+            return True
+    return False
+
+
+def _set_params(params: dict, words: list[str]) -> None:
+    """`dvc exp run -S key=value ...` applied to a params mapping, as DVC applies it: a
+    key params.yaml lacks needs `++`, and the value is read as YAML."""
+    import yaml
+
+    for option, assignment in zip(words, words[1:]):
+        if option != "-S":
+            continue
+        path, value = assignment.split("=", 1)
+        *parents, leaf = path.removeprefix("++").split(".")
+        node = params
+        for key in parents:
+            node = node.setdefault(key, {})
+        assert path.startswith("++") or leaf in node, f"-S {assignment}: params.yaml has no {path}; DVC needs ++{path}"
+        node[leaf] = yaml.safe_load(value)
+
+
+def test_every_command_the_docs_show_is_run_by_a_test():
+    """Each command in README.md and docs/*.md is run by a test in tests/, or listed in
+    NOT_RUN_BY_A_TEST with its reason; every `dvc exp run -S` shown sets valid params."""
+    import copy
+
+    from conftest import DEFAULT_PARAMS
+    from diffusion.config import parse_params
+
+    invocations, source = _test_invocations()
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    shown, unrun = set(), []
+    for page in pages:
+        for env, words in doc_commands(page.read_text()):
+            for name in env:  # `export X=...` or `X=... cmd`: the tests set X too
+                assert name in source, f"{page.name}: no test sets {name}"
+            if not words:
+                continue
+            command = " ".join(words)
+            shown.add(command)
+            if command not in NOT_RUN_BY_A_TEST and not any(runs(words, inv) for inv in invocations):
+                unrun.append(f"{page.relative_to(ROOT)}: {command}")
+            if words[:3] == ["dvc", "exp", "run"]:
+                params = copy.deepcopy(DEFAULT_PARAMS)
+                _set_params(params, words)
+                parse_params(params, source=f"{page.name}: {command}")
+    assert not unrun, "no test runs these (run them in one, or list them in NOT_RUN_BY_A_TEST with the reason):\n" + "\n".join(unrun)
+    stale = set(NOT_RUN_BY_A_TEST) - shown
+    assert not stale, f"NOT_RUN_BY_A_TEST lists commands no page shows: {sorted(stale)}"
