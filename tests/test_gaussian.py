@@ -20,8 +20,8 @@ from diffusion.config import ConfigError, parse_params
 from diffusion.process.gaussian import (
     GaussianDiffusion,
     Prediction,
+    at_timesteps,
     discretized_gaussian_log_likelihood,
-    gather,
     normal_kl,
 )
 from diffusion.process.options import Loss, Variance, names
@@ -39,7 +39,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def col(values, t, ndim):
-    """values[t] as a float64 column broadcasting over ndim dims (the test's own gather)."""
+    """values[t] as a float64 column broadcasting over ndim dims (the test's own at_timesteps)."""
     return torch.tensor(np.asarray(values)[t.numpy()], dtype=torch.float64).reshape(-1, *(1,) * (ndim - 1))
 
 
@@ -265,14 +265,14 @@ def test_from_config():
 # --- the schedule on the device ---------------------------------------------------
 
 
-def test_gather_reads_float64_tables_and_casts_at_the_end():
+def test_at_timesteps_reads_float64_tables_and_casts_at_the_end():
     d = GaussianDiffusion(cosine_betas(1000))
     cpu = d.tables(torch.device("cpu"))
     assert d.tables(torch.device("cpu")) is cpu  # made once
     assert cpu.sqrt_alphas_cumprod.dtype == torch.float64 and cpu.timestep_map.dtype == torch.long
     np.testing.assert_array_equal(cpu.posterior_mean_coef2.numpy(), d.posterior_mean_coef2)
     t = torch.tensor([0, 17, 999])
-    got = gather(cpu.sqrt_one_minus_alphas_cumprod, t, torch.zeros(3, 2, 5))
+    got = at_timesteps(cpu.sqrt_one_minus_alphas_cumprod, t, torch.zeros(3, 2, 5))
     assert got.dtype == torch.float32 and got.shape == (3, 2, 5)
     want = torch.from_numpy(d.sqrt_one_minus_alphas_cumprod[[0, 17, 999]]).float()  # float64 math, one cast
     assert torch.equal(got[:, 0, 0], want) and torch.equal(got, want.reshape(3, 1, 1).expand(3, 2, 5))

@@ -46,8 +46,8 @@ def test_the_digest_follows_every_field_and_only_the_fields():
 def test_classifier_guidance_is_recorded_beside_the_sampler_settings():
     """The classifier is a network of its own, not a setting of the packaged model's sampler:
     its scale and file hash are fields of the protocol, not of DEFAULT_SAMPLER."""
-    assert protocol.FIELDS == protocol.MEASUREMENT + protocol.SAMPLING + protocol.CLASSIFIER
-    assert not set(protocol.CLASSIFIER) & set(DEFAULT_SAMPLER)
+    assert protocol.FIELDS == protocol.MEASUREMENT + protocol.SAMPLING + protocol.CLASSIFIER_FIELDS
+    assert not set(protocol.CLASSIFIER_FIELDS) & set(DEFAULT_SAMPLER)
     guided = {**MEASURED, "classifier_scale": 2.0, "classifier_md5": "ef" * 16}
     tags = protocol.to_tags(guided)
     assert tags["fid.protocol.classifier_scale"] == "2.0" and tags["fid.protocol.classifier_md5"] == f'"{"ef" * 16}"'

@@ -9,7 +9,7 @@ An FID measures the images as much as the model. It depends on
 - the sampler that drew the images: sampler, steps, schedule, eta, clip_denoised, threshold, guidance
   and the network's precision (the keys of :data:`diffusion.packaged.DEFAULT_SAMPLER`), so two FIDs compare
   models at the same sampling cost;
-- the classifier that guided it (:data:`CLASSIFIER`): ``classifier_scale`` (0.0: none) and
+- the classifier that guided it (:data:`CLASSIFIER_FIELDS`): ``classifier_scale`` (0.0: none) and
   ``classifier_md5``, DVC's hash of ``models/classifier.pt`` (null: none). They are fields
   of their own, not sampler settings: the classifier is a second network, not part of the
   packaged model, so a promoted model's ``sampling`` (:data:`SAMPLING`) cannot hold it.
@@ -35,8 +35,8 @@ MEASUREMENT = ("num_samples", "reference_images", "reference_sha256", "inception
 SAMPLING = (
     "sampler", "steps", "schedule", "eta", "clip_denoised", "threshold", "guidance_scale", "guidance_interval", "precision",
 )
-CLASSIFIER = ("classifier_scale", "classifier_md5")
-FIELDS = MEASUREMENT + SAMPLING + CLASSIFIER
+CLASSIFIER_FIELDS = ("classifier_scale", "classifier_md5")
+FIELDS = MEASUREMENT + SAMPLING + CLASSIFIER_FIELDS
 TEXT_FIELDS = ("reference_sha256", "inception", "sampler", "schedule", "precision")  # tagged as they are, not as JSON
 # Fields added after FIDs were first recorded, and the value every earlier FID had: a run or
 # model version tagged before ``precision`` existed sampled in fp32.

@@ -99,8 +99,10 @@ class MidBlock(nn.Module):
         return self.resnets[1](self.attentions[0](self.resnets[0](x)))
 
 
-class Downsample(nn.Module):
-    """A stride-2 3x3 conv after zero padding of one row and column at the bottom and right."""
+class AsymmetricDownsample(nn.Module):
+    """Halve H and W with a stride-2 3x3 conv after zero padding of one row and column at the
+    bottom and right: diffusers' ``Downsample2D`` with ``padding=0``, as its ``AutoencoderKL``
+    has it. The U-Net's :class:`~diffusion.models.layers.Downsample` pads every side by one."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -116,7 +118,7 @@ class Level(nn.Module):
     def __init__(self, cin: int, cout: int, blocks: int, groups: int, resample: type[nn.Module] | None) -> None:
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(blocks)])
-        name = "downsamplers" if resample is Downsample else "upsamplers"
+        name = "downsamplers" if resample is AsymmetricDownsample else "upsamplers"
         if resample is not None:
             setattr(self, name, nn.ModuleList([resample(cout)]))
         self.resample = name if resample is not None else None
@@ -140,7 +142,7 @@ class Coder(nn.Module):
         for i, width in enumerate(widths):
             last = i == len(widths) - 1
             previous = widths[max(i - 1, 0)]
-            resample = None if last else (Upsample if decoder else Downsample)
+            resample = None if last else (Upsample if decoder else AsymmetricDownsample)
             levels.append(Level(previous, width, blocks, groups, resample))
         setattr(self, "up_blocks" if decoder else "down_blocks", nn.ModuleList(levels))
         self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=NORM_EPS)

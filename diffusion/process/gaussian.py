@@ -3,7 +3,7 @@
 One class, :class:`GaussianDiffusion`, holds the schedule in float64 numpy (computed
 once) and every formula of DDPM (Ho et al. 2020) and improved DDPM (Nichol &
 Dhariwal 2021) that acts on it. The schedule becomes float64 tensors once per device
-(:meth:`GaussianDiffusion.tables`), and :func:`gather` is the one place a per-timestep
+(:meth:`GaussianDiffusion.tables`), and :func:`at_timesteps` is the one place a per-timestep
 quantity is read from them: an index and a cast on the device, never a host copy.
 Timestep index ``t`` runs over 0..T-1 (the papers' 1..T).
 
@@ -40,7 +40,7 @@ HYBRID_LAMBDA = 1e-3
 # ---------------------------------------------------------------------------
 
 
-def gather(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def at_timesteps(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``values[t]`` of a float64 schedule tensor on ``t``'s device (one of
     :meth:`GaussianDiffusion.tables`), indexed in float64 and cast to ``like``'s dtype at
     the end, broadcast from [B, 1, ..., 1] to ``like``'s shape: a pure device op."""
@@ -122,7 +122,7 @@ class GaussianDiffusion:
     for index ``t`` (the identity unless respaced).
     """
 
-    # The float64 arrays per timestep that tables(device) holds as tensors for gather().
+    # The float64 arrays per timestep that tables(device) holds as tensors for at_timesteps().
     _TABLES = (
         "log_betas",
         "alphas_cumprod",
@@ -259,18 +259,21 @@ class GaussianDiffusion:
     def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor):
         """q(x_t | x_0) = N(√ᾱ_t x_0, (1 - ᾱ_t) I) (DDPM eq. 4): (mean, variance, log_variance)."""
         s = self.tables(t.device)
-        mean = gather(s.sqrt_alphas_cumprod, t, x0) * x0
-        return mean, gather(s.one_minus_alphas_cumprod, t, x0), gather(s.log_one_minus_alphas_cumprod, t, x0)
+        mean = at_timesteps(s.sqrt_alphas_cumprod, t, x0) * x0
+        variance = at_timesteps(s.one_minus_alphas_cumprod, t, x0)
+        return mean, variance, at_timesteps(s.log_one_minus_alphas_cumprod, t, x0)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = √ᾱ_t x_0 + √(1 - ᾱ_t) ε (DDPM eq. 4)."""
         s = self.tables(t.device)
-        return gather(s.sqrt_alphas_cumprod, t, x0) * x0 + gather(s.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        sqrt_ab = at_timesteps(s.sqrt_alphas_cumprod, t, x0)
+        sqrt_one_minus_ab = at_timesteps(s.sqrt_one_minus_alphas_cumprod, t, x0)
+        return sqrt_ab * x0 + sqrt_one_minus_ab * noise
 
     def q_posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """μ̃_t(x_t, x_0) = β_t √ᾱ_{t-1}/(1-ᾱ_t) x_0 + (1-ᾱ_{t-1}) √α_t/(1-ᾱ_t) x_t (DDPM eq. 7)."""
         s = self.tables(t.device)
-        return gather(s.posterior_mean_coef1, t, x_t) * x0 + gather(s.posterior_mean_coef2, t, x_t) * x_t
+        return at_timesteps(s.posterior_mean_coef1, t, x_t) * x0 + at_timesteps(s.posterior_mean_coef2, t, x_t) * x_t
 
     def q_posterior_mean_variance(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """q(x_{t-1} | x_t, x_0) = N(μ̃_t, β̃_t I), β̃_t = (1-ᾱ_{t-1})/(1-ᾱ_t) β_t (DDPM eq. 6-7):
@@ -278,8 +281,8 @@ class GaussianDiffusion:
         s = self.tables(t.device)
         return (
             self.q_posterior_mean(x0, x_t, t),
-            gather(s.posterior_variance, t, x_t),
-            gather(s.posterior_log_variance_clipped, t, x_t),
+            at_timesteps(s.posterior_variance, t, x_t),
+            at_timesteps(s.posterior_log_variance_clipped, t, x_t),
         )
 
     # -- parameterisations (Salimans & Ho 2022, §4 and appendix D) -----------
@@ -287,31 +290,37 @@ class GaussianDiffusion:
     def predict_x0_from_eps(self, x_t, t, eps):
         """x_0 = (x_t - √(1-ᾱ_t) ε) / √ᾱ_t."""
         s = self.tables(t.device)
-        sqrt_ab = gather(s.sqrt_alphas_cumprod, t, x_t)
-        sqrt_one_minus_ab = gather(s.sqrt_one_minus_alphas_cumprod, t, x_t)
+        sqrt_ab = at_timesteps(s.sqrt_alphas_cumprod, t, x_t)
+        sqrt_one_minus_ab = at_timesteps(s.sqrt_one_minus_alphas_cumprod, t, x_t)
         return (x_t - sqrt_one_minus_ab * eps) / sqrt_ab
 
     def predict_eps_from_x0(self, x_t, t, x0):
         """ε = (x_t - √ᾱ_t x_0) / √(1-ᾱ_t)."""
         s = self.tables(t.device)
-        sqrt_ab = gather(s.sqrt_alphas_cumprod, t, x_t)
-        sqrt_one_minus_ab = gather(s.sqrt_one_minus_alphas_cumprod, t, x_t)
+        sqrt_ab = at_timesteps(s.sqrt_alphas_cumprod, t, x_t)
+        sqrt_one_minus_ab = at_timesteps(s.sqrt_one_minus_alphas_cumprod, t, x_t)
         return (x_t - sqrt_ab * x0) / sqrt_one_minus_ab
 
     def predict_x0_from_v(self, x_t, t, v):
         """x_0 = √ᾱ_t x_t - √(1-ᾱ_t) v."""
         s = self.tables(t.device)
-        return gather(s.sqrt_alphas_cumprod, t, x_t) * x_t - gather(s.sqrt_one_minus_alphas_cumprod, t, x_t) * v
+        sqrt_ab = at_timesteps(s.sqrt_alphas_cumprod, t, x_t)
+        sqrt_one_minus_ab = at_timesteps(s.sqrt_one_minus_alphas_cumprod, t, x_t)
+        return sqrt_ab * x_t - sqrt_one_minus_ab * v
 
     def predict_eps_from_v(self, x_t, t, v):
         """ε = √(1-ᾱ_t) x_t + √ᾱ_t v."""
         s = self.tables(t.device)
-        return gather(s.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t + gather(s.sqrt_alphas_cumprod, t, x_t) * v
+        sqrt_ab = at_timesteps(s.sqrt_alphas_cumprod, t, x_t)
+        sqrt_one_minus_ab = at_timesteps(s.sqrt_one_minus_alphas_cumprod, t, x_t)
+        return sqrt_one_minus_ab * x_t + sqrt_ab * v
 
     def v_target(self, x0, t, noise):
         """v = √ᾱ_t ε - √(1-ᾱ_t) x_0 (Salimans & Ho 2022, §4)."""
         s = self.tables(t.device)
-        return gather(s.sqrt_alphas_cumprod, t, x0) * noise - gather(s.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+        sqrt_ab = at_timesteps(s.sqrt_alphas_cumprod, t, x0)
+        sqrt_one_minus_ab = at_timesteps(s.sqrt_one_minus_alphas_cumprod, t, x0)
+        return sqrt_ab * noise - sqrt_one_minus_ab * x0
 
     def min_snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
         """Min-SNR-γ weights [B] of L_simple (Hang et al. 2023, "Efficient Diffusion Training via
@@ -328,9 +337,9 @@ class GaussianDiffusion:
         """(pred_x0, pred_eps) from the model's first C channels, per ``prediction``
         (:func:`x0_eps_from_prediction` at ᾱ_t)."""
         s = self.tables(t.device)
-        return x0_eps_from_prediction(
-            self.prediction, output, x_t, gather(s.sqrt_alphas_cumprod, t, x_t), gather(s.sqrt_one_minus_alphas_cumprod, t, x_t)
-        )
+        sqrt_ab = at_timesteps(s.sqrt_alphas_cumprod, t, x_t)
+        sqrt_one_minus_ab = at_timesteps(s.sqrt_one_minus_alphas_cumprod, t, x_t)
+        return x0_eps_from_prediction(self.prediction, output, x_t, sqrt_ab, sqrt_one_minus_ab)
 
     # -- reverse process ----------------------------------------------------
 
@@ -351,9 +360,9 @@ class GaussianDiffusion:
         s = self.tables(t.device)
         if var_values is None:
             variance, log_variance = self._FIXED_VARIANCE[self.variance](s)
-            return gather(variance, t, x_t), gather(log_variance, t, x_t)
+            return at_timesteps(variance, t, x_t), at_timesteps(log_variance, t, x_t)
         frac = (var_values + 1) / 2
-        max_log, min_log = gather(s.log_betas, t, x_t), gather(s.posterior_log_variance_clipped, t, x_t)
+        max_log, min_log = at_timesteps(s.log_betas, t, x_t), at_timesteps(s.posterior_log_variance_clipped, t, x_t)
         log_variance = frac * max_log + (1 - frac) * min_log
         return torch.exp(log_variance), log_variance
 
