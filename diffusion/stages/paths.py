@@ -5,8 +5,11 @@ than in the stage that writes them so that importing one stage does not import
 another's libraries (prepare's torchvision datasets and clean-fid, for one).
 """
 
+import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 # validate
 PARAMS_OK = Path("data/params.ok")  # constant content: every stage depends on it
@@ -50,3 +53,11 @@ def checkpoints_dir() -> Path:
     --temp`` copy, so a killed and retried experiment finds its checkpoints after DVC
     removed the copy; outside DVC, the working directory's."""
     return Path(os.environ.get("DVC_ROOT") or ".") / "checkpoints"
+
+
+def checkpoint_key(data_md5: str, **sections: Any) -> str:
+    """A training's folder name in :func:`checkpoints_dir`: 16 hex digits of the sha256 of the
+    md5 of the data it trains on and ``sections``, the params (plain data) that define its
+    trajectory. A change to any of them starts afresh; any other change resumes."""
+    key = {"data": data_md5, **sections}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

@@ -38,7 +38,6 @@ folder's lock, logs to MLflow and writes checkpoints and the DVC outputs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -57,7 +56,7 @@ from diffusion.process.gaussian import GaussianDiffusion
 from diffusion.packaged import PackagedDiffusion, load_autoencoder
 from diffusion.stages.paths import (
     AUTOENCODER, AUTOENCODER_RUN, HELDOUT_SET, LATENTS, LOSS_CURVE, MODEL, MODEL_RUN, TRAIN_METRICS, TRAIN_SET, VAL_CURVE,
-    checkpoints_dir,
+    checkpoint_key, checkpoints_dir,
 )
 from diffusion.training import distributed
 from diffusion.training.loop import seeded_init, train
@@ -68,17 +67,6 @@ MODEL_MD5_TAG = "model.md5"  # the md5 of models/model.pt (DVC's hash) the run's
 RESUMABLE_CHANGES = {
     "steps", "log_every", "checkpoint_every", "bpd_images", "val_every", "val_images", "device", "distributed",
 }
-
-
-def checkpoint_key(params: Params, data_md5: str) -> str:
-    """Hash of the dataset (the latents, in latent space) and the trajectory-defining params."""
-    key = {
-        "data": data_md5,
-        "model": params.model.model_dump(),
-        "diffusion": params.diffusion.model_dump(),
-        "train": params.train.model_dump(exclude=RESUMABLE_CHANGES),
-    }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def model_spec(params: Params, channels: int, image_size: int, num_classes: int) -> dict:
@@ -128,7 +116,12 @@ def run(params: Params) -> None:
     spec = model_spec(params, channels, height, len(dataset.class_names))
     with seeded_init(params.train.seed):
         packaged = PackagedDiffusion(spec, params.diffusion.model_dump())
-    ckpt_dir = checkpoints_dir() / checkpoint_key(params, tracking.file_md5(data.file))
+    ckpt_dir = checkpoints_dir() / checkpoint_key(
+        tracking.file_md5(data.file),  # the dataset's, or in latent space the latents'
+        model=params.model.model_dump(),
+        diffusion=params.diffusion.model_dump(),
+        train=params.train.model_dump(exclude=RESUMABLE_CHANGES),
+    )
     with distributed.process_group(current):
         if not current.main:  # its slice of every batch; rank 0 writes and logs
             train(

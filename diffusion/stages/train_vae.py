@@ -20,14 +20,13 @@ forms of the rest, which never change, so nothing after it re-runs for a vae par
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 from diffusion.config import Params
 from diffusion.files import atomic_write, write_csv
 from diffusion.stages.paths import (
     AUTOENCODER, AUTOENCODER_CURVE, AUTOENCODER_METRICS, AUTOENCODER_RUN, HELDOUT_SET, PIXEL_SPACE, RECONSTRUCTIONS,
-    TRAIN_SET, checkpoints_dir,
+    TRAIN_SET, checkpoint_key, checkpoints_dir,
 )
 
 CURVE_HEADER = ("step", "loss", "recon", "kl")
@@ -55,12 +54,6 @@ def _write_markers() -> None:
 
     with atomic_write(RECONSTRUCTIONS) as fh:  # a 1 x 1 white PNG: DVC needs every output
         Image.new("L", (1, 1), 255).save(fh, format="png")
-
-
-def checkpoint_key(params: Params, data_md5: str) -> str:
-    """Hash of the dataset and the vae params that define the trajectory."""
-    key = {"data": data_md5, "vae": params.vae.model_dump(exclude=RESUMABLE_CHANGES)}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _train_or_load(params: Params) -> None:
@@ -94,7 +87,8 @@ def _train_or_load(params: Params) -> None:
     else:
         with seeded_init(vae.seed):
             model = KLAutoencoder(in_channels=channels, **VAE_CONFIGS[vae.name])
-        ckpt_dir = checkpoints_dir() / f"vae-{checkpoint_key(params, tracking.file_md5(TRAIN_SET))}"
+        key = checkpoint_key(tracking.file_md5(TRAIN_SET), vae=params.vae.model_dump(exclude=RESUMABLE_CHANGES))
+        ckpt_dir = checkpoints_dir() / f"vae-{key}"
         with exclusive_lock(ckpt_dir / ".lock"):
             result = train_autoencoder(model, dataset.images, vae, checkpoint_dir=ckpt_dir)
         model, curve, img_per_s = result.model, result.curve, result.img_per_s
