@@ -48,7 +48,7 @@ from prefect.futures import as_completed
 from diffusion import tracking
 from diffusion.evaluation import protocol
 from diffusion.config import SearchDim, parse_params
-from diffusion.stages.paths import FID_PROTOCOL
+from diffusion.stages.paths import EVALUATE_METRICS, FID_PROTOCOL, MODEL_RUN
 from flows.commands import apply_overrides, check, command_env, run_with_lock_retries, set_args, tracking_uri
 from flows.devices import available_cores, cpu_threads, lease_gpu, worker_gpus
 from flows.pipeline import dvc, stage_order
@@ -59,8 +59,6 @@ from flows.study import (
     OBJECTIVES, Heartbeat, ask, open_study, retried_trial, searched_space, suggest, through_outage,
 )
 
-EVALUATE_METRICS = "metrics/evaluate.json"
-MODEL_RUN_FILE = "models/run.json"
 POLL_S = 2.0
 # Stages every trial shares unless the space changes their params section: run once,
 # before concurrent trials start.
@@ -120,8 +118,8 @@ def read_experiment(root: Path, name: str) -> tuple[dict[str, float] | None, dic
         except (FileNotFoundError, DvcException):
             return None
 
-    model = read(MODEL_RUN_FILE)
-    return read(EVALUATE_METRICS), read(str(FID_PROTOCOL)), (model or {}).get("run_id")
+    model = read(str(MODEL_RUN))
+    return read(str(EVALUATE_METRICS)), read(str(FID_PROTOCOL)), (model or {}).get("run_id")
 
 
 def trial_env(sweep: Sweep, number: int, run_id: str, gpu: str | None, log: Callable[[str], Any]) -> dict[str, str]:
