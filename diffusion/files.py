@@ -1,12 +1,14 @@
 """Atomic file writes (a killed writer leaves the old file or the new one, never a torn
 one; a full disk is one line naming the file), the removal of the temp files that killed
-writers leave, and exclusive locks on files (released by the kernel when their holder dies)."""
+writers leave, exclusive locks on files (released by the kernel when their holder dies),
+and the hash of a file's bytes."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
 import errno
+import hashlib
 import io
 import os
 import re
@@ -91,6 +93,13 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """The hex digest of a file's bytes by hashlib's ``algorithm``: sha256 for the data
+    manifest, the FID reference and logged weights; md5 is the hash DVC records."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, algorithm).hexdigest()
 
 
 def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence]) -> None:

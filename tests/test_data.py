@@ -20,6 +20,7 @@ from PIL import Image
 from diffusion.data import dataset as data, sources
 from conftest import section
 from diffusion.data.dataset import Dataset, DatasetError
+from diffusion.files import file_digest
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -266,9 +267,9 @@ def test_save_load_round_trip_is_exact_and_deterministic(tmp_path: Path) -> None
     assert torch.equal(back.images, ds.images) and torch.equal(back.labels, ds.labels)
     assert back.images.dtype == torch.uint8 and back.labels.dtype == torch.int64
     assert (back.class_names, back.source, back.source_uri) == (ds.class_names, ds.source, ds.source_uri)
-    first = data.file_sha256(path)
+    first = file_digest(path)
     data.save_dataset(path, ds)
-    assert data.file_sha256(path) == first  # same data, same bytes: DVC sees no change
+    assert file_digest(path) == first  # same data, same bytes: DVC sees no change
     assert [p.name for p in tmp_path.iterdir()] == ["train.npz"]  # no temp files left
 
 

@@ -12,7 +12,6 @@ counts, class names and the sha256 of each file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from diffusion.errors import UserError
-from diffusion.files import atomic_write
+from diffusion.files import atomic_write, file_digest
 
 if TYPE_CHECKING:
     from diffusion.config import DataParams
@@ -146,11 +145,6 @@ def load_dataset(path: str | Path) -> Dataset:
     )
 
 
-def file_sha256(path: str | Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 def write_manifest(path: str | Path, params: DataParams, splits: Splits, files: Mapping[str, str | Path]) -> Path:
     """JSON: source, root, image_size, channels, seed, class names, image counts per split and
     the sha256 of each file in ``files`` (name -> path), written atomically."""
@@ -162,7 +156,7 @@ def write_manifest(path: str | Path, params: DataParams, splits: Splits, files: 
         "seed": params.seed,
         "class_names": splits.train.class_names,
         "counts": {name: len(getattr(splits, name).images) for name in ("train", "heldout", "reference")},
-        "sha256": {name: file_sha256(file) for name, file in files.items()},
+        "sha256": {name: file_digest(file) for name, file in files.items()},
     }
     with atomic_write(path) as fh:
         fh.write((json.dumps(manifest, indent=2) + "\n").encode())

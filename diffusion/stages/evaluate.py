@@ -19,8 +19,8 @@ import numpy as np
 from diffusion import tracking
 from diffusion.evaluation import protocol
 from diffusion.config import Params
-from diffusion.data.dataset import DatasetError, file_sha256, quote_error
-from diffusion.files import write_csv
+from diffusion.data.dataset import DatasetError, quote_error
+from diffusion.files import file_digest, write_csv
 from diffusion.evaluation.metrics import INCEPTION, fid_from_features, inception_features, kid_from_features, load_reference
 from diffusion.stages.paths import EVALUATE_METRICS, FID_CURVE, FID_PROTOCOL, REFERENCE, SAMPLE_RUN, SAMPLES
 
@@ -57,7 +57,7 @@ def run(params: Params) -> None:
     reference = load_reference(REFERENCE)
     measured = protocol.describe(
         num_samples=len(images), reference_images=len(reference["features"]),
-        reference_sha256=file_sha256(REFERENCE), inception=INCEPTION, **sampling,
+        reference_sha256=file_digest(REFERENCE), inception=INCEPTION, **sampling,
     )
     features = inception_features(images, device=cfg.device, batch_size=cfg.batch_size)
     curve = fid_curve(features, reference["features"])

@@ -38,7 +38,6 @@ sidebar toggle, kept per browser (README, "The MLflow UI").
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -52,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusion.errors import UserError
+from diffusion.files import file_digest
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # System metrics (CPU, memory, GPU) every 5 s, each sample logged at once, so short
@@ -252,11 +252,7 @@ def dvc_lock_hashes(root: Path | None = None) -> dict[str, str]:
 
 def file_md5(path: str | Path) -> str:
     """MD5 of a file's bytes: the hash DVC records for a file output."""
-    digest = hashlib.md5()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path, "md5")
 
 
 def read_run_id(path: str | Path) -> str | None:
@@ -711,7 +707,7 @@ def _log_data_model(
             source_run_id=run.info.run_id,
             experiment_id=run.info.experiment_id,
             params=run.data.params,
-            tags={WEIGHTS_SHA256_TAG: _file_sha256(weights)},
+            tags={WEIGHTS_SHA256_TAG: file_digest(weights)},
             model_type=FLAVOR,
         )
         Model.log(
@@ -756,11 +752,6 @@ def _save_data_only_model(
     mlflow_model.save(str(Path(path) / "MLmodel"))
 
 
-def _file_sha256(path: str | Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 def load_packaged_model(model_id: str, *, tracking_uri: str | None = None):
     """The :class:`~diffusion.packaged.PackagedDiffusion` of logged model ``model_id``, from
     its weights-only ``model.pt`` alone (``extra_files/model.pt`` in a model logged with
@@ -785,7 +776,7 @@ def load_packaged_model(model_id: str, *, tracking_uri: str | None = None):
         else:
             return None
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
-        recorded, digest = logged.tags.get(WEIGHTS_SHA256_TAG), _file_sha256(local)
+        recorded, digest = logged.tags.get(WEIGHTS_SHA256_TAG), file_digest(local)
         if recorded and digest != recorded:
             raise CheckpointError(
                 f"{uri}: refused: its sha256 {digest} is not the {recorded} tagged on "
