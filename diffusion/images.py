@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from diffusion.errors import UserError
+from diffusion.packaged import PackagedDiffusion, balanced_labels
 from diffusion.training.devices import batch_memory
 
 if TYPE_CHECKING:
-    from diffusion.packaged import PackagedDiffusion
     from diffusion.sampling.guidance import Classifier
 
 
@@ -34,14 +34,15 @@ def to_uint8(samples: torch.Tensor) -> torch.Tensor:
 def sampling_labels(
     given: list[int] | None, count: int, num_classes: int | None, key: str = "sample.labels"
 ) -> torch.Tensor:
-    """``count`` labels: ``given`` cycled, else 0, 1, ..., num_classes - 1 cycled (balanced);
+    """``count`` labels: ``given`` cycled, else the model's :func:`~diffusion.packaged.balanced_labels`;
     zeros for an unconditional model. A label outside the model's classes is one line naming ``key``."""
     if not num_classes:
         return torch.zeros(count, dtype=torch.long)
-    if given is not None and max(given) >= num_classes:
+    if given is None:
+        return balanced_labels(count, num_classes)
+    if max(given) >= num_classes:
         raise UserError(f"{key}: {max(given)} is not a class of this model; allowed 0..{num_classes - 1}")
-    cycle = torch.tensor(given, dtype=torch.long) if given is not None else torch.arange(num_classes)
-    return cycle[torch.arange(count) % len(cycle)]
+    return torch.tensor(given, dtype=torch.long)[torch.arange(count) % len(given)]
 
 
 def generate_images(

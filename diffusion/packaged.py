@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from diffusion.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from diffusion.images import sampling_labels
 from diffusion.process.gaussian import GaussianDiffusion
 from diffusion.models.factory import create_model
 from diffusion.models.vae import KLAutoencoder
@@ -46,6 +45,18 @@ DEFAULT_SAMPLER = {
     "guidance_interval": None,
     "precision": "fp32",  # the network's: fp32 | bf16 (autocast)
 }
+
+
+def balanced_labels(count: int, num_classes: int) -> torch.Tensor:
+    """0, 1, ..., num_classes - 1 cycled over ``count`` images: the labels a class-conditional
+    model draws for when none are given (as the sample stage draws the FID's images)."""
+    return torch.arange(count) % num_classes
+
+
+def _check_settings(given: dict[str, Any], where: str) -> None:
+    unknown = sorted(set(given) - set(DEFAULT_SAMPLER))
+    if unknown:
+        raise ValueError(f"{where}: unknown {', '.join(unknown)}; allowed {', '.join(DEFAULT_SAMPLER)}")
 
 
 class PackagedDiffusion(nn.Module):
@@ -71,9 +82,7 @@ class PackagedDiffusion(nn.Module):
         decoder: KLAutoencoder | None = None,
     ):
         super().__init__()
-        unknown = sorted(set(sampling or {}) - set(DEFAULT_SAMPLER))
-        if unknown:
-            raise ValueError(f"sampling: unknown {', '.join(unknown)}; allowed {', '.join(DEFAULT_SAMPLER)}")
+        _check_settings(sampling or {}, "sampling")
         self.model_spec = dict(model_spec)
         self.process = dict(process)
         # Latents are not bounded: a latent model's default is to sample unclipped.
@@ -122,27 +131,18 @@ class PackagedDiffusion(nn.Module):
 
     def forward(self, noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """x_T -> x_0 in [-1, 1] with :attr:`sampling`; a class-conditional model draws image k
-        for ``labels[k]``, by default class k mod its classes (balanced, as the sample stage
-        draws the FID's images unless ``sample.labels`` says otherwise)."""
+        for ``labels[k]``, by default :func:`balanced_labels` (as the sample stage draws the
+        FID's images unless ``sample.labels`` says otherwise)."""
         num_classes = self.model_spec.get("num_classes")
         if num_classes and labels is None:
-            labels = sampling_labels(None, noise.shape[0], num_classes)
-        return self.sample(noise.shape[0], noise=noise, labels=labels, device=noise.device, **self.sampling)
+            labels = balanced_labels(noise.shape[0], num_classes)
+        return self.sample(noise.shape[0], noise=noise, labels=labels, device=noise.device)
 
     @torch.no_grad()
     def sample(
         self,
         num_samples: int,
         *,
-        sampler: str = DEFAULT_SAMPLER["sampler"],
-        steps: int | None = DEFAULT_SAMPLER["steps"],
-        schedule: str = DEFAULT_SAMPLER["schedule"],
-        eta: float = DEFAULT_SAMPLER["eta"],
-        clip_denoised: bool = True,
-        threshold: float | None = None,
-        guidance_scale: float = 1.0,
-        guidance_interval: tuple[float, float] | None = None,
-        precision: str = DEFAULT_SAMPLER["precision"],
         labels: torch.Tensor | None = None,
         classifier: Classifier | None = None,
         classifier_scale: float = 0.0,
@@ -151,23 +151,32 @@ class PackagedDiffusion(nn.Module):
         noise: torch.Tensor | None = None,
         device: str | torch.device = "cpu",
         progress: bool = False,
+        **settings: Any,
     ) -> torch.Tensor:
         """Samples in [-1, 1], shape [num_samples, C, H, W]: with ``seed``, images
         ``first_index, ..., first_index + num_samples - 1`` of that seed, each from its own
         generator, so a run split into batches gives the same images (see
-        :func:`diffusion.sampling.sample.sample`). ``guidance_scale`` != 1 guides a
-        class-conditional model towards ``labels`` (classifier-free), ``classifier`` at
-        ``classifier_scale`` adds classifier guidance (:mod:`diffusion.sampling.guidance`).
-        A latent model samples latents, unclipped, and returns them decoded."""
+        :func:`diffusion.sampling.sample.sample`).
+
+        ``settings``: keys of :data:`DEFAULT_SAMPLER` (sampler, steps, schedule, eta,
+        clip_denoised, threshold, guidance_scale, guidance_interval, precision); each one not
+        given is the model's own, :attr:`sampling`, what ``forward`` samples with.
+        ``guidance_scale`` != 1 guides a class-conditional model towards ``labels``
+        (classifier-free), ``classifier`` at ``classifier_scale`` adds classifier guidance
+        (:mod:`diffusion.sampling.guidance`). A latent model samples latents, unclipped, and
+        returns them decoded."""
+        _check_settings(settings, "sample")
+        settings = {**self.sampling, **settings}
+        clip_denoised, threshold = settings["clip_denoised"], settings["threshold"]
         if self.autoencoder is not None and (clip_denoised or threshold is not None):
             raise ValueError(
                 "clip_denoised and threshold clip pixels in [-1, 1]; a latent model samples latents: "
                 "use clip_denoised=False and threshold=None"
             )
         wrap = guidance(
-            scale=guidance_scale,
+            scale=settings["guidance_scale"],
             null_class=self.model_spec.get("num_classes"),
-            interval=guidance_interval,
+            interval=settings["guidance_interval"],
             classifier=classifier,
             classifier_scale=classifier_scale,
         )
@@ -178,10 +187,10 @@ class PackagedDiffusion(nn.Module):
                 self.diffusion,
                 self.net,
                 (num_samples, *self.image_shape),
-                sampler=sampler,
-                steps=steps,
-                schedule=schedule,
-                eta=eta,
+                sampler=settings["sampler"],
+                steps=settings["steps"],
+                schedule=settings["schedule"],
+                eta=settings["eta"],
                 labels=labels,
                 guidance=wrap,
                 clip_denoised=clip_denoised,
@@ -191,7 +200,7 @@ class PackagedDiffusion(nn.Module):
                 device=device,
                 noise=noise,
                 progress=progress,
-                precision=precision,
+                precision=settings["precision"],
             )
         finally:
             self.net.train(was_training)

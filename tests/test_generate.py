@@ -115,7 +115,7 @@ def test_the_registered_model_samples_with_its_fids_settings(store):
     noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     balanced = sampling_labels(None, 4, CLASSES)
     assert torch.equal(model(noise), model.sample(4, noise=noise, labels=balanced, **model.sampling))
-    assert not torch.equal(model(noise), model.sample(4, noise=noise, labels=balanced))
+    assert not torch.equal(model(noise), model.sample(4, noise=noise, labels=balanced, **DEFAULT_SAMPLER))
     assert torch.equal(model(noise, labels=torch.full((4,), 2)), model.sample(4, noise=noise, labels=torch.full((4,), 2), **model.sampling))
 
 

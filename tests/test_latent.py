@@ -108,6 +108,16 @@ def test_classifier_guidance_in_latent_space_changes_the_samples(single_thread):
     assert (guided - plain).abs().max() > 1e-3
 
 
+def test_sample_defaults_to_the_models_own_settings(single_thread):
+    """sample(n) with no settings samples as forward does, with the model's: a latent model's
+    are unclipped, so sample(n) works on it (clip_denoised on latents is refused)."""
+    packaged = latent_model(steps=3)
+    noise = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1])
+    assert torch.equal(packaged.sample(2, noise=noise, labels=labels), packaged(noise, labels))
+    assert packaged.sample(2, seed=0).shape == (2, 1, 16, 16)
+
+
 def test_latent_model_saves_with_its_decoder(tmp_path):
     """model.pt carries the autoencoder and the factor: the loaded model draws the same images;
     clip_denoised or threshold on latents is refused in one line."""

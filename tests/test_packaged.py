@@ -23,7 +23,8 @@ def test_forward_samples_with_its_sampling_settings(packaged):
     noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     images = packaged(noise)
     assert torch.equal(images, packaged.sample(2, noise=noise, **SAMPLING))
-    assert not torch.equal(images, packaged.sample(2, noise=noise))  # the settings matter: sample() defaults differ
+    assert torch.equal(images, packaged.sample(2, noise=noise))  # sample()'s defaults are the model's
+    assert not torch.equal(images, packaged.sample(2, noise=noise, **DEFAULT_SAMPLER))  # the settings matter
 
 
 def test_sampling_survives_save_and_load(packaged, tmp_path):
@@ -38,6 +39,15 @@ def test_a_file_without_sampling_loads_with_the_defaults(packaged, tmp_path):
     loaded = PackagedDiffusion.load(save_checkpoint(tmp_path / "old.pt", state))
     assert loaded.sampling == DEFAULT_SAMPLER
     assert PackagedDiffusion(SPEC, PROCESS, sampling={"steps": 7}).sampling == {**DEFAULT_SAMPLER, "steps": 7}
+
+
+def test_the_packaged_model_imports_none_of_the_helpers_that_use_it():
+    """images.py (the sample stage's and ``diffusion generate``'s batches, labels and grids)
+    sits above the packaged model: packaged.py's import closure holds none of it, so the
+    two do not import each other."""
+    from test_dvc_deps import import_closure
+
+    assert "diffusion/images.py" not in import_closure("diffusion.packaged")
 
 
 def test_an_unknown_sampling_key_fails_with_one_line():

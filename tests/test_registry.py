@@ -23,7 +23,7 @@ from conftest import TINY_PARAMS, make_pipeline_repo, pipeline_env, run_in
 from diffusion import registry, tracking
 from diffusion.evaluation import protocol
 from diffusion.training.checkpoint import CheckpointError
-from diffusion.packaged import PackagedDiffusion
+from diffusion.packaged import DEFAULT_SAMPLER, PackagedDiffusion
 from diffusion.training.devices import precision_name, resolve_precision
 
 SPEC = {"name": "unet-tiny", "in_channels": 1, "image_size": 8, "learn_sigma": False, "num_classes": None, "overrides": {}}
@@ -346,4 +346,4 @@ def test_the_champion_of_a_real_pipeline_samples_with_its_fids_settings(tmp_path
 
     images = seeded(lambda: model(noise))
     assert torch.equal(images, seeded(lambda: model.sample(2, noise=noise, labels=labels, **expected)))
-    assert not torch.equal(images, seeded(lambda: model.sample(2, noise=noise, labels=labels)))  # sample()'s defaults draw other images
+    assert not torch.equal(images, seeded(lambda: model.sample(2, noise=noise, labels=labels, **DEFAULT_SAMPLER)))
