@@ -1,7 +1,7 @@
 """The ``diffusion`` command: one sub-command per pipeline stage, and the tools in :data:`TOOLS`.
 
 params.yaml is validated first (pydantic and PyYAML only, no torch import), so a
-bad key fails in well under two seconds with one line naming it; only then is the
+bad key fails at once with one line naming it; only then is the
 stage module imported and run. A tool (``diffusion promote``, ``diffusion generate``)
 is not a stage: its module parses its own arguments (``main(argv)``) and reads no
 params.yaml. Both tables name modules, imported only when their sub-command runs, so a
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         # The process ends here. Its final garbage collections walk every object that
-        # torch and MLflow created (1 to 1.4 s a stage, every trial pays three); frozen
+        # torch and MLflow created (BENCHMARKS.md measures the cost); frozen
         # objects are skipped, while atexit handlers and file closing still run.
         gc.freeze()
     return 0

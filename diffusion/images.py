@@ -95,7 +95,7 @@ def image_grid(images: torch.Tensor, columns: int, padding: int = 2) -> np.ndarr
 
     ``columns`` images a row with ``padding`` white pixels around each: the layout of
     ``torchvision.utils.make_grid(images, nrow=columns, padding=padding, pad_value=1)``,
-    without importing torchvision (1.5 s, paid by every trial's sample stage).
+    without importing torchvision, whose import every trial's sample stage would pay (BENCHMARKS.md).
     """
     n, c, h, w = images.shape
     columns = min(columns, n)

@@ -4,8 +4,8 @@
 points the ``challenger`` alias at it. ``champion`` moves to it only if its FID was
 measured under the same protocol as the champion's (:mod:`diffusion.evaluation.protocol`, the
 ``fid.protocol.digest`` tag) and is lower; the message says which happened, and
-names the fields in which the protocols differ. Registry stages are deprecated in
-MLflow 3: aliases are all this module uses.
+names the fields in which the protocols differ. MLflow deprecated registry stages:
+aliases are all this module uses.
 
 :func:`load_model` (``load_model("models:/<name>@champion")``) is the loader. Models
 are data only (:func:`diffusion.tracking.log_packaged_model`): it downloads the

@@ -239,7 +239,7 @@ def check(outcome: Outcome, cmd: Sequence[str]) -> None:
 
 # ---------------------------------------------------------------------------
 # DVC's locks: another DVC process holds the repository (dvc/lock.py, after DVC's own
-# 3 s of retries) or an output the command reads or writes (dvc/rwlock.py)
+# retries) or an output the command reads or writes (dvc/rwlock.py)
 # ---------------------------------------------------------------------------
 
 DVC_LOCK_ERROR = re.compile(r"^ERROR: .*(Unable to acquire lock|is busy, it is being blocked by)", re.MULTILINE)

@@ -12,7 +12,7 @@ its process dies, so a killed flow leaves no stale lease.
 
 **CPU share.** Without GPUs, ``concurrency`` trials at once would each start as many
 OpenMP threads as there are cores, and oversubscribed threads wait on each other (a
-training step on 2 cores: 0.75 s alone, 8.6 s beside a second training). Each trial
+training step beside a second training took many times as long as alone). Each trial
 gets ``cores // concurrency`` threads instead (at least one).
 """
 

@@ -13,8 +13,8 @@
 - **MLflow** (:mod:`flows.reporting`): the sweep owns a parent run; each trial owns a
   run nested under it (tag ``mlflow.parentRunId``), tagged with its number and params,
   that its stages log into (``MLFLOW_RUN_ID``). The study's plots go to the parent run.
-  A local SQLite store takes concurrent trials: MLflow gives each session a 20 s busy
-  timeout.
+  A local SQLite store takes concurrent trials: MLflow's sessions wait out each other's
+  writes (SQLite's busy timeout).
 - **Pruning** (:mod:`flows.pruning`): the flow polls the trial's ``val_loss``, reports
   it to Optuna's MedianPruner and stops the experiment when told to prune.
 - **Concurrency** (:mod:`flows.devices`): ``sweep.concurrency`` trials at once, each a

@@ -166,8 +166,8 @@ def _feature_extractor(device: torch.device) -> Callable[[torch.Tensor], torch.T
 
 def inception_features(images: torch.Tensor | np.ndarray, *, device: str = "auto", batch_size: int = 20) -> np.ndarray:
     """float32 ``[N, 2048]`` clean-fid features of uint8 images ``[N, C, H, W]`` (C 1 or 3), in
-    fp32 (bf16 autocast moved an FID by 3.6%, BENCHMARKS.md), ``batch_size`` at a time (20: 18%
-    more images a second than 50 on a 2-core CPU; the features do not depend on it)."""
+    fp32 (bf16 autocast moved an FID past the limit, BENCHMARKS.md), ``batch_size`` at a time
+    (20 ran faster than 50 on a 2-core CPU, BENCHMARKS.md; the features do not depend on it)."""
     from cleanfid.fid import get_batch_features
     from cleanfid.resize import build_resizer
 

@@ -20,7 +20,7 @@ UNET_CONFIGS: dict[str, dict] = {
     # Tests and smoke runs: ~50k parameters, any image size divisible by 2.
     "unet-tiny": dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=None),
     # The CPU default for 28-32 px (MNIST-like): 28 -> 14 -> 7, attention at 7, ~1.2M parameters.
-    # One block a level: 1.6x the img/s of two for about the same loss per step (BENCHMARKS.md).
+    # One block a level: faster than two for about the same loss per step (BENCHMARKS.md).
     "unet-small": dict(
         base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=None, head_channels=32
     ),
@@ -96,8 +96,8 @@ def _positive_float(value: Any) -> float:
 
 
 # Constructor arguments params.yaml may override (model.overrides), each with the check of
-# its type and range; the rest come from the data and the process. tests/test_models.py
-# checks the names against each family's constructor.
+# its type and range; the rest come from the data and the process. tests/test_unet.py and
+# tests/test_transformers.py check the names against each family's constructor.
 UNET_OVERRIDABLE: dict[str, Callable[[Any], Any]] = {
     "base_channels": _positive_int,
     "channel_mult": _levels,

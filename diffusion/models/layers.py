@@ -115,7 +115,7 @@ class RelativePositionBias(nn.Module):
 
     def forward(self) -> torch.Tensor:
         """[1, heads, w^2, w^2]: four dimensions, so that CPU attention takes its flash kernel
-        (a [heads, N, N] mask falls back to the math path, 4.9x slower here)."""
+        (a [heads, N, N] mask falls back to the much slower math path, BENCHMARKS.md)."""
         return self.table[self.index].permute(2, 0, 1)[None]
 
 

@@ -44,7 +44,9 @@ class LossAwareSampler:
     E[L_t²] is the mean over the last ``history_per_term`` losses seen at t. Until every t
     has a full history (or if every loss is 0) p is uniform; after that p is mixed with
     ``uniform_prob`` of the uniform distribution, as improved-diffusion does, so no p_t is 0.
-    Single process: losses from other ranks are not gathered.
+    In distributed training every rank draws the whole batch's timesteps and trains on its
+    slice; the loop gathers every rank's losses (:func:`diffusion.training.distributed.concat`)
+    for :meth:`update`, so each rank learns from the whole batch and all draw from the same p.
     """
 
     def __init__(self, num_timesteps: int, history_per_term: int = 10, uniform_prob: float = 1e-3):

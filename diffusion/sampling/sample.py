@@ -79,7 +79,7 @@ def sample(
     so a run's images do not depend on how it is split into batches. Instead of a seed,
     ``generator`` may be such a stacked generator or one ``torch.Generator`` for the whole
     batch. x_T is ``noise`` if given. ``precision`` bf16 runs the
-    network under bf16 autocast (about 2x the images a second on a CPU with avx512_bf16; the
+    network under bf16 autocast (faster on a CPU with avx512_bf16, BENCHMARKS.md; the
     sampler's own arithmetic stays in float32). Returns the samples, or ``(samples, [x̂_0 of
     each network step])`` with ``return_intermediates``.
     """
