@@ -81,14 +81,6 @@ class Promotion:
     message: str
 
 
-def _client(tracking_uri: str | None):
-    from mlflow import MlflowClient
-
-    if not tracking_uri:
-        tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_tracking_uri()
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-
-
 def best_run(client: Any, experiment: str, study: str | None = None) -> Any:
     """The finished run of ``experiment`` with the lowest FID; with ``study``, among that sweep's trials."""
     exp = client.get_experiment_by_name(experiment)
@@ -246,7 +238,7 @@ def register_version(
     """A new version of registered model ``name`` (created when missing) from logged model ``model_id``."""
     from mlflow.exceptions import MlflowException
 
-    client = _client(tracking_uri)
+    client = tracking.mlflow_client(tracking_uri)
     try:
         client.create_registered_model(name, description=description)
     except MlflowException as err:
@@ -286,7 +278,7 @@ def promote(
     """Register ``run_id``'s model (default: the best run by FID) as ``challenger``; maybe ``champion``."""
     from mlflow.exceptions import MlflowException
 
-    client = _client(tracking_uri)
+    client = tracking.mlflow_client(tracking_uri)
     try:
         run = client.get_run(run_id) if run_id else best_run(client, experiment, study)
     except MlflowException as err:
@@ -354,7 +346,7 @@ def load_model(uri: str, *, tracking_uri: str | None = None, map_location: str =
     model or one without that file; :class:`~diffusion.training.checkpoint.CheckpointError`
     (one line) when the file would run code or was replaced.
     """
-    client = _client(tracking_uri)
+    client = tracking.mlflow_client(tracking_uri)
     model_id = _model_id(client, uri)
     packaged = tracking.load_packaged_model(model_id, tracking_uri=client.tracking_uri)
     if packaged is None:

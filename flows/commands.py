@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from diffusion.tracking import tracking_uri
+
 # The virtual environment's bin: `dvc` and the `diffusion` console script live here.
 BIN = Path(sys.executable).parent
 QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1"}
@@ -32,26 +34,11 @@ class CommandError(RuntimeError):
     """A command exited non-zero; the message names it and its exit code."""
 
 
-def tracking_uri(root: Path) -> str:
-    """``MLFLOW_TRACKING_URI`` (a server) or the repository's SQLite store, as an absolute URI.
-
-    Absolute because ``dvc exp run --temp`` runs the stages in a temporary copy of the
-    repository, where a relative ``sqlite:///mlflow/mlflow.db`` would be a new store.
-    """
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        from diffusion.tracking import default_tracking_uri
-
-        return default_tracking_uri(root.resolve())
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{(root / uri.removeprefix('sqlite:///')).resolve()}"
-    return uri
-
-
 def command_env(
     root: Path, *, run_id: str | None = None, gpu: str | None = None, threads: int | None = None
 ) -> dict[str, str]:
-    """The environment of a pipeline command: our bin first on PATH, the absolute tracking URI.
+    """The environment of a pipeline command: our bin first on PATH, the absolute tracking URI
+    (absolute: ``dvc exp run --temp`` runs the stages in a copy of the repository).
 
     ``run_id`` is the MLflow run the command's stages log into (``MLFLOW_RUN_ID``, see
     :mod:`diffusion.tracking`); ``gpu`` sets ``CUDA_VISIBLE_DEVICES``; ``threads`` the

@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger
 
 from diffusion import registry
 from diffusion.config import load_params
-from flows.commands import tracking_uri
+from diffusion.tracking import tracking_uri
 
 
 @flow(name="promote")

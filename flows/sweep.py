@@ -49,7 +49,7 @@ from diffusion import tracking
 from diffusion.evaluation import protocol
 from diffusion.config import SearchDim, parse_params
 from diffusion.stages.paths import EVALUATE_METRICS, FID_PROTOCOL, MODEL_RUN
-from flows.commands import apply_overrides, check, command_env, run_with_lock_retries, set_args, tracking_uri
+from flows.commands import apply_overrides, check, command_env, run_with_lock_retries, set_args
 from flows.devices import available_cores, cpu_threads, lease_gpu, worker_gpus
 from flows.pipeline import dvc, stage_order
 from flows.pruning import ValLossReporter, pruning
@@ -290,7 +290,7 @@ def train_sweep(
     n_trials = n_trials or cfg.n_trials
     concurrency = max(1, min(concurrency or cfg.concurrency, n_trials))
     study_name = study_name or cfg.study_name
-    uri = tracking_uri(root)
+    uri = tracking.tracking_uri(root)
     client = mlflow_client(uri)
     study = open_study(cfg, root, study_name, storage or cfg.storage, concurrency,
                        on_stale=lambda study, trial: end_stale_run(client, trial, logger))

@@ -103,6 +103,35 @@ def test_a_run_without_a_protocol_is_not_promoted(store):
         registry.promote("no-protocol", run_id=run_id, tracking_uri=store["uri"])
 
 
+def test_tracking_and_the_registry_load_no_mlflow_dvc_prefect_or_optuna_on_import():
+    code = ("import sys, diffusion, diffusion.tracking, diffusion.registry; "
+            "print(sorted(m for m in ('mlflow', 'dvc', 'prefect', 'optuna') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
+def test_a_given_store_is_used_without_setting_mlflow_s_global_uri(store, tmp_path):
+    """Loading a model from a store named by URI, and a metric log's background thread,
+    use a client of that store: MLflow's global URI (and ``MLFLOW_TRACKING_URI``) stay
+    what they were."""
+    from diffusion.tracking.metric_log import MetricLog
+
+    elsewhere = (tmp_path / "elsewhere").as_uri()  # never contacted
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(elsewhere)
+    try:
+        assert registry.load_model(f"runs:/{store['model_run']}/model", tracking_uri=store["uri"]).sampling
+        run_id = MlflowClient(store["uri"]).create_run(tracking.experiment_id("diffusion", store["uri"])).info.run_id
+        with MetricLog(run_id, tmp_path, tracking_uri=store["uri"]) as log:
+            log(1, {"loss": 0.5})
+        assert log.unsent == 0 and [m.value for m in MlflowClient(store["uri"]).get_metric_history(run_id, "loss")] == [0.5]
+        assert mlflow.get_tracking_uri() == os.environ["MLFLOW_TRACKING_URI"] == elsewhere
+    finally:
+        mlflow.set_tracking_uri(None)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        if before is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 # A promotion in its own process. It reads the champion, then sleeps (FID 20 longer than
 # FID 10) before deciding: without the lock both would read "no champion", and FID 20,
 # setting the alias last, would win.

@@ -24,7 +24,8 @@ from tiny_unet import tiny_unet
 
 from diffusion.cli import main
 from diffusion.packaged import PackagedDiffusion
-from diffusion.tracking import PID_START_TAG, PID_TAG, _process_alive, _process_tags, file_md5
+from diffusion.tracking.provenance import file_md5
+from diffusion.tracking.runs import PID_START_TAG, PID_TAG, _process_alive, _process_tags
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,177 @@
+"""The MLflow tracking store: its URI (worked out here and nowhere else), a client of it,
+whether it answers, and the experiment runs go to.
+
+:func:`tracking_uri` is the store of every caller (the stages, the registry, the flows):
+``MLFLOW_TRACKING_URI`` (a server, or a SQLite file: a relative ``sqlite:///`` path is
+made absolute against the repository, since ``dvc exp run --temp`` runs the stages in a
+copy of it), else SQLite in ``mlflow/`` at the repository root (database and artifacts,
+git-ignored). Callers pass the URI, or a client of it (:func:`mlflow_client`), to what
+they call; only a stage's run (:func:`diffusion.tracking.runs.stage_run`, in the stage's
+main thread) points MLflow's global URI at it, for MLflow's fluent API.
+
+A store that does not answer (README, "Tracking"; RELIABILITY.md): a stage checks it
+before any work (:func:`check_store`) and stops in seconds with one line naming the
+URI, where MLflow's own HTTP retries would take about 4 minutes a call.
+
+The experiment carries a saved runs-table view, ``FID`` (:func:`runs_view`): the
+runs sorted by FID, with FID, KID and the final loss as columns. MLflow's UI (3.17)
+lists it under Runs -> Views and opens it from a link with
+``?viewStateShareKey=fid``. No experiment tag or setting makes the UI open an
+experiment on its runs: 3.17 shows GenAI (traces) or model training (runs) by its
+sidebar toggle, kept per browser (README, "The MLflow UI").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from diffusion.errors import UserError
+from diffusion.tracking.provenance import repo_root
+
+URI_ENV = "MLFLOW_TRACKING_URI"
+STORE_DIR = "mlflow"
+# The saved view of the runs table: the UI keeps each as an experiment tag
+# mlflow.sharedViewState.<id> (its js bundle: saved views, share keys).
+RUNS_VIEW_ID = "fid"
+RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW_ID}"
+RUNS_VIEW_METRICS = ("fid", "kid", "final_loss")
+
+
+def load_mlflow():
+    """``mlflow``; imported the first time with its telemetry off unless the environment says
+    otherwise (MLflow reads ``MLFLOW_DISABLE_TELEMETRY`` when it is imported)."""
+    if "mlflow" not in sys.modules:
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    return mlflow
+
+
+def default_tracking_uri(root: Path | None = None) -> str:
+    """The SQLite store in ``mlflow/`` of ``root`` (default: this repository), created if missing."""
+    store = (root or repo_root()) / STORE_DIR
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    """The store runs go to, without contacting it: ``MLFLOW_TRACKING_URI``, a relative
+    ``sqlite:///`` path made absolute against ``root`` (default: this repository), else
+    :func:`default_tracking_uri`."""
+    uri = os.environ.get(URI_ENV)
+    if not uri:
+        return default_tracking_uri(root.resolve() if root else None)
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{((root or repo_root()) / uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
+
+
+def mlflow_client(uri: str | None = None) -> Any:
+    """An ``MlflowClient`` of the tracking and registry store at ``uri`` (default :func:`tracking_uri`)."""
+    uri = uri or tracking_uri()
+    return load_mlflow().MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+# ---------------------------------------------------------------- reaching the store
+
+FAST_FAIL = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+}
+"""MLflow's HTTP limits (it reads them from the environment at every request) where a
+store that is down must cost seconds: the check before a stage, the sending of training
+metrics, the end of a run. MLflow's defaults (7 retries with backoff, 120 s) take about
+4 minutes a call; the model upload keeps them (or the user's)."""
+
+
+class StoreUnreachableError(UserError):
+    """The tracking store does not answer; one line naming its URI and what to do."""
+
+
+@contextlib.contextmanager
+def fail_fast() -> Iterator[None]:
+    """:data:`FAST_FAIL` in the environment for the block (every thread sees it), then back."""
+    saved = {key: os.environ.get(key) for key in FAST_FAIL}
+    os.environ.update(FAST_FAIL)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def reason(err: BaseException) -> str:
+    """The gist of a failed store call, one line: ``[Errno 111] Connection refused`` out of
+    MLflow's paragraph about urllib3's retries, else the exception's first line."""
+    text = str(err)
+    found = re.search(r"\[Errno -?\d+\] [^'\")\]]+", text) or re.search(r"[\w ]*timed out", text)
+    if found:
+        return found.group(0).strip()
+    first = text.strip().splitlines()[0][:200] if text.strip() else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def check_store(uri: str | None = None) -> str:
+    """Check, within seconds, that the tracking store at ``uri`` (default :func:`tracking_uri`)
+    answers, and return its URI. Stages call it before they load anything:
+    :class:`StoreUnreachableError` names the URI and what to do."""
+    uri = uri or tracking_uri()
+    try:
+        with fail_fast():
+            mlflow_client(uri).search_experiments(max_results=1)
+    except Exception as err:  # any failure means the stage cannot track: say so and stop
+        raise StoreUnreachableError(
+            f"the MLflow tracking store {uri} does not answer ({reason(err)}): start it, or point "
+            "MLFLOW_TRACKING_URI at one that runs (unset, runs go to mlflow/ in the repository)"
+        ) from None
+    return uri
+
+
+def store_answers(uri: str | None = None) -> bool:
+    """Does the tracking store answer now (:func:`check_store`, without raising)?"""
+    try:
+        check_store(uri)
+    except StoreUnreachableError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- the experiment
+
+def runs_view() -> str:
+    """The ``FID`` view of the runs table as the MLflow UI saves a view: a JSON envelope
+    (name, createdAt in ms, state) whose state is the JSON of the table's sort and columns."""
+    state = {
+        "orderByKey": "metrics.`fid`",
+        "orderByAsc": True,
+        "selectedColumns": [f"metrics.`{metric}`" for metric in RUNS_VIEW_METRICS],
+    }
+    return json.dumps({"name": "FID", "createdAt": int(time.time() * 1000), "state": json.dumps(state)})
+
+
+def experiment_id(name: str, tracking_uri: str | None = None) -> str:
+    """The experiment ``name`` of the store at ``tracking_uri`` (default :func:`tracking_uri`),
+    created with its artifacts beside a local SQLite store; it has the ``FID`` runs view
+    (one created before that gets it)."""
+    client = mlflow_client(tracking_uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if RUNS_VIEW_TAG not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, RUNS_VIEW_TAG, runs_view())
+        return exp.experiment_id
+    location = None
+    if client.tracking_uri.startswith("sqlite:///"):
+        location = (Path(client.tracking_uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location, tags={RUNS_VIEW_TAG: runs_view()})
