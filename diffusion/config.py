@@ -31,7 +31,7 @@ from diffusion.models.configs import (
 )
 from diffusion.process.options import Loss, Prediction, Variance, check_combination, names
 from diffusion.sampling.steps import STEP_SCHEDULES
-from diffusion.sampling.specs import SAMPLER_SPECS
+from diffusion.sampling.specs import SAMPLER_SPECS, eta_refused
 from diffusion.process.schedules import BETA_SCHEDULES
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -231,11 +231,8 @@ class Params(_Section):
             )
         if self.sample.sampler == "ddim" and self.sample.eta > 1:
             raise ValueError(f"sample.eta: {self.sample.eta} is outside DDIM's range; allowed 0..1")
-        if self.sample.eta != 0 and not SAMPLER_SPECS[self.sample.sampler].takes_eta:
-            raise ValueError(
-                f"sample.eta: {self.sample.eta} means nothing to {self.sample.sampler} (an ODE solver); "
-                f"use 0, or a sampler that takes eta: {', '.join(k for k, v in SAMPLER_SPECS.items() if v.takes_eta)}"
-            )
+        if why := eta_refused(self.sample.sampler, self.sample.eta):
+            raise ValueError(f"sample.eta: {why}")
         _check_guidance(self)
         if self.train.batch_size % self.train.distributed:
             raise ValueError(

@@ -33,7 +33,7 @@ from typing import Any, NoReturn
 
 from diffusion.errors import UserError
 from diffusion.sampling.steps import STEP_SCHEDULES
-from diffusion.sampling.specs import SAMPLER_SPECS
+from diffusion.sampling.specs import SAMPLER_SPECS, eta_refused
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")  # an MLflow run id: its model is runs:/<id>/model
 IMAGE_NAME = re.compile(r"image-\d{5,}\.png")
@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sampler", choices=list(SAMPLER_SPECS), help=f"sampler {unset}")
     parser.add_argument("--steps", type=int, help=f"sampler steps {unset}")
     parser.add_argument("--schedule", choices=list(STEP_SCHEDULES), help=f"where the steps go {unset}")
-    parser.add_argument("--eta", type=float, help=f"DDIM's eta {unset}")
+    parser.add_argument("--eta", type=float, help=f"DDIM's eta, 0 for every other sampler {unset}")
     parser.add_argument("--guidance-scale", type=float, help=f"classifier-free guidance, 1 = off {unset}")
     parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
                         help=f"guide only for model timesteps LO <= t <= HI {unset}")
@@ -124,6 +124,8 @@ def settings(packaged, args: argparse.Namespace) -> dict[str, Any]:
         )
     if args.labels is not None and not conditional:
         raise GenerateError("--labels: this model is unconditional (it has no classes); leave --labels out")
+    if args.eta is not None and (why := eta_refused(sampling["sampler"], args.eta)):
+        raise GenerateError(f"--eta: {why}")
     if sampling["steps"] is not None and sampling["steps"] > timesteps:
         raise GenerateError(f"--steps: {sampling['steps']} is more than the model's {timesteps} timesteps; allowed 1..{timesteps}")
     interval = sampling["guidance_interval"]

@@ -48,6 +48,7 @@ def test_empty_or_partial_params_are_an_error_not_a_second_set_of_defaults(tmp_p
         ({"diffusion": {"loss": "hybrid"}}, "diffusion.loss: 'hybrid' trains a learned variance"),
         ({"sample": {"steps": 2000}}, "sample.steps: 2000 is more than diffusion.timesteps (1000)"),
         ({"sample": {"sampler": "ddim", "eta": 1.5}}, "sample.eta: 1.5 is outside DDIM's range"),
+        ({"sample": {"sampler": "ddpm", "eta": 5.0}}, "sample.eta: 5.0 means nothing to ddpm; use 0, or a sampler that takes eta: ddim"),
         ({"sample": {"use_ema": False}}, "sample.use_ema: unknown key; allowed: num_samples"),
         ({"sample": {"sampler": "euler"}}, "sample.sampler: got 'euler'; input should be 'ddpm', 'ddim', 'dpm++2m', 'dpm++3m', 'unipc', 'unipc3' or 'heun'"),
         ({"diffusion": {"zero_terminal_snr": True, "prediction": "eps"}}, "diffusion.prediction: 'eps' cannot recover x0"),

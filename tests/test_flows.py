@@ -104,16 +104,37 @@ def test_guidance_is_not_searched_for_an_unconditional_model():
     from diffusion.config import parse_params
     from flows.study import searched_space
 
-    unconditional = parse_params(full_params({"model": {"class_conditional": False}, "sample": {"guidance_scale": 1.0}}))
+    unconditional = parse_params(full_params(
+        {"model": {"class_conditional": False}, "sample": {"sampler": "ddim", "guidance_scale": 1.0}}
+    ))
     assert "sample.guidance_scale" in unconditional.sweep.space and not unconditional.model.class_conditional
     space, dropped = searched_space(unconditional)
     assert dropped == {"sample.guidance_scale": "classifier-free guidance needs a class-conditional model, "
                                                 "and model.class_conditional is false"}
     assert set(space) == set(unconditional.sweep.space) - {"sample.guidance_scale"}
-    conditional = parse_params(full_params({"model": {"class_conditional": True}}))
+    conditional = parse_params(full_params({"model": {"class_conditional": True}, "sample": {"sampler": "ddim"}}))
     assert searched_space(conditional) == (dict(conditional.sweep.space), {})
     either = {"model.class_conditional": {"type": "categorical", "choices": [False, True]},
               "sample.guidance_scale": {"type": "float", "low": 1.0, "high": 4.0}}
+    assert set(searched_space(parse_params(full_params({"sweep": {"space": either}})))[0]) == set(either)
+
+
+def test_eta_is_not_searched_for_a_sampler_that_does_not_take_it():
+    """The committed space searches sample.eta while the committed sampler is ddpm, which
+    ignores eta: the sweep drops it (one reason). A ddim config keeps it, and so does a space
+    that searches the sampler too."""
+    from diffusion.config import parse_params
+    from flows.study import searched_space
+
+    committed = parse_params(full_params())
+    assert committed.sample.sampler == "ddpm" and "sample.eta" in committed.sweep.space
+    space, dropped = searched_space(committed)
+    assert dropped == {"sample.eta": "the samplers that take eta are ddim, and sample.sampler is not one of them"}
+    assert set(space) == set(committed.sweep.space) - {"sample.eta"}
+    ddim = parse_params(full_params({"sample": {"sampler": "ddim"}}))
+    assert searched_space(ddim) == (dict(ddim.sweep.space), {})
+    either = {"sample.sampler": {"type": "categorical", "choices": ["ddpm", "ddim"]},
+              "sample.eta": {"type": "float", "low": 0.0, "high": 1.0}}
     assert set(searched_space(parse_params(full_params({"sweep": {"space": either}})))[0]) == set(either)
 
 
@@ -123,7 +144,7 @@ def test_unet_arguments_are_not_searched_for_a_transformer():
     from diffusion.config import ConfigError, parse_params
     from flows.study import searched_space
 
-    dit = parse_params(full_params({"model": {"name": "dit-cpu"}}))
+    dit = parse_params(full_params({"model": {"name": "dit-cpu"}, "sample": {"sampler": "ddim"}}))
     space, dropped = searched_space(dit)
     assert dropped == {"model.overrides.num_res_blocks": "dit-cpu (a dit) has no such argument; it takes "
                                                          "depth, hidden_size, patch_size, num_heads, mlp_ratio"}

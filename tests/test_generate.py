@@ -150,6 +150,7 @@ def unconditional_file(tmp_path_factory) -> Path:
         ("conditional", ["--labels", "3"], 1, "--labels: 3 is not a class of this model; allowed 0..2"),
         ("conditional", ["--steps", "51"], 1, "--steps: 51 is more than the model's 50 timesteps; allowed 1..50"),
         ("conditional", ["--guidance-interval", "5", "2"], 1, "--guidance-interval: got [5.0, 2.0]; allowed: LO HI with 0 <= LO <= HI"),
+        ("conditional", ["--sampler", "ddpm", "--eta", "0.5"], 1, "--eta: 0.5 means nothing to ddpm; use 0, or a sampler that takes eta: ddim"),
         ("unconditional", ["--guidance-scale", "3"], 1,
          "--guidance-scale: 3.0 guides a class-conditional model, and this one is unconditional; allowed: 1 (no guidance)"),
         ("unconditional", ["--labels", "1"], 1, "--labels: this model is unconditional (it has no classes); leave --labels out"),

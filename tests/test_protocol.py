@@ -43,6 +43,16 @@ def test_the_digest_follows_every_field_and_only_the_fields():
         assert protocol.digest({**MEASURED, field: other}) != protocol.digest(MEASURED), field
 
 
+def test_eta_is_no_part_of_the_protocol_of_a_sampler_that_does_not_take_it():
+    """ddpm draws the same images at any eta: its protocol records eta 0, so a run recorded
+    with another eta (before validation refused one) compares equal to one at 0."""
+    ddpm = {**MEASURED, "sampler": "ddpm"}
+    assert protocol.describe(**{**ddpm, "eta": 0.7}) == protocol.describe(**ddpm) and protocol.describe(**ddpm)["eta"] == 0.0
+    recorded = {**protocol.to_tags(ddpm), "fid.protocol.eta": "0.7"}
+    assert protocol.differences(protocol.describe(**ddpm), protocol.from_tags(recorded)) == []
+    assert protocol.describe(**{**MEASURED, "eta": 0.7})["eta"] == 0.7  # ddim takes it
+
+
 def test_classifier_guidance_is_recorded_beside_the_sampler_settings():
     """The classifier is a network of its own, not a setting of the packaged model's sampler:
     its scale and file hash are fields of the protocol, not of DEFAULT_SAMPLER."""

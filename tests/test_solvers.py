@@ -373,8 +373,7 @@ def test_config_rejects_eta_for_an_ode_solver():
             parse_params(full_params({"sample": {"sampler": name, "eta": 0.5}}), "params.yaml")
         message = str(err.value)
         assert "\n" not in message
-        assert message.startswith(f"params.yaml: sample.eta: 0.5 means nothing to {name} (an ODE solver); use 0")
-        assert message.endswith("a sampler that takes eta: ddpm, ddim")
+        assert message == f"params.yaml: sample.eta: 0.5 means nothing to {name}; use 0, or a sampler that takes eta: ddim"
         assert parse_params(full_params({"sample": {"sampler": name, "eta": 0.0}})).sample.sampler == name
 
 

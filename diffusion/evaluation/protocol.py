@@ -8,7 +8,8 @@ An FID measures the images as much as the model. It depends on
   :data:`diffusion.evaluation.metrics.INCEPTION`);
 - the sampler that drew the images: sampler, steps, schedule, eta, clip_denoised, threshold, guidance
   and the network's precision (the keys of :data:`diffusion.packaged.DEFAULT_SAMPLER`), so two FIDs compare
-  models at the same sampling cost;
+  models at the same sampling cost. ``eta`` is 0 for a sampler that does not take it
+  (:func:`diffusion.sampling.specs.eta_refused`): it draws the same images at any eta;
 - the classifier that guided it (:data:`CLASSIFIER_FIELDS`): ``classifier_scale`` (0.0: none) and
   ``classifier_md5``, DVC's hash of ``models/classifier.pt`` (null: none). They are fields
   of their own, not sampler settings: the classifier is a second network, not part of the
@@ -30,6 +31,8 @@ import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any
+
+from diffusion.sampling.specs import SAMPLER_SPECS
 
 MEASUREMENT = ("num_samples", "reference_images", "reference_sha256", "inception")
 SAMPLING = (
@@ -68,7 +71,9 @@ def describe(
     classifier_md5: str | None,
 ) -> dict[str, Any]:
     """The protocol as a dict of :data:`FIELDS`, each value in one canonical type
-    (``eta`` 0 and 0.0 give the same digest)."""
+    (``eta`` 0 and 0.0 give the same digest); ``eta`` 0.0 for a sampler that does not take
+    it, so a record from before validation refused another eta compares equal."""
+    spec = SAMPLER_SPECS.get(str(sampler))  # None: a sampler since removed, its eta kept
     return {
         "num_samples": int(num_samples),
         "reference_images": int(reference_images),
@@ -76,7 +81,7 @@ def describe(
         "inception": str(inception),
         "sampler": str(sampler),
         "steps": None if steps is None else int(steps),
-        "eta": float(eta),
+        "eta": float(eta) if spec is None or spec.takes_eta else 0.0,
         "clip_denoised": bool(clip_denoised),
         "threshold": None if threshold is None else float(threshold),
         "schedule": str(schedule),

@@ -20,11 +20,12 @@ class SamplerSpec:
     nfe: Callable[[int], int]
     """Network evaluations per image for ``steps`` sampler steps."""
     takes_eta: bool = False
-    """Whether ``sample.eta`` means anything to it (the others solve the probability-flow ODE)."""
+    """Whether ``sample.eta`` means anything to it: DDIM's stochasticity. Ancestral DDPM draws
+    with the denoiser's own variance, and the others solve the probability-flow ODE."""
 
 
 SAMPLER_SPECS: dict[str, SamplerSpec] = {
-    "ddpm": SamplerSpec("ancestral.ddpm_sample", nfe=lambda steps: steps, takes_eta=True),  # one evaluation a step
+    "ddpm": SamplerSpec("ancestral.ddpm_sample", nfe=lambda steps: steps),  # one evaluation a step
     "ddim": SamplerSpec("ancestral.ddim_sample", nfe=lambda steps: steps, takes_eta=True),
     "dpm++2m": SamplerSpec("dpm_solver.dpmpp_2m_sample", nfe=lambda steps: steps),  # multistep: one a step
     "dpm++3m": SamplerSpec("dpm_solver.dpmpp_3m_sample", nfe=lambda steps: steps),
@@ -32,6 +33,17 @@ SAMPLER_SPECS: dict[str, SamplerSpec] = {
     "unipc3": SamplerSpec("unipc.unipc3_sample", nfe=lambda steps: steps),
     "heun": SamplerSpec("heun.heun_sample", nfe=lambda steps: 2 * steps - 1),  # two a step, one on the last (to σ = 0)
 }
+
+
+def eta_refused(sampler: str, eta: float) -> str | None:
+    """Why ``eta`` does not fit ``sampler`` (None: it does): a sampler that does not take eta
+    draws the same images at any eta, so it takes none but 0. The validation of params.yaml
+    and of ``diffusion generate`` both ask here; the FID protocol records eta 0 for such a
+    sampler (:func:`diffusion.evaluation.protocol.describe`)."""
+    if eta == 0 or SAMPLER_SPECS[sampler].takes_eta:
+        return None
+    takers = ", ".join(name for name, spec in SAMPLER_SPECS.items() if spec.takes_eta)
+    return f"{eta} means nothing to {sampler}; use 0, or a sampler that takes eta: {takers}"
 
 
 def network_evaluations(sampler: str, steps: int, guidance_scale: float = 1.0) -> int:
