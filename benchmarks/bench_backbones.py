@@ -35,11 +35,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_default import RESULTS, pipeline_samples, pipeline_trainer, reference_and_judge, scores
 from bench_networks import machine
 
-from diffusion.config import parse_params
+from diffusion.config import merge_params, parse_params
 from diffusion.data.dataset import split
 from diffusion.data.sources import load_source
 from diffusion.images import image_grid
-from flows.commands import apply_overrides
 
 # About unet-small's 1.19M parameters each (diffusion/models/configs.py).
 MODELS = ("unet-small", "dit-cpu", "diffit-cpu", "latent-diffit-cpu")
@@ -98,7 +97,7 @@ def main() -> None:
     train_set = splits.train
     runs = {}
     for name in args.models:
-        run_params = parse_params(apply_overrides(base, {"model.name": name, "model.overrides": {}}), name)
+        run_params = parse_params(merge_params(base, {"model.name": name, "model.overrides": {}}), name)
         spec, trainer = pipeline_trainer(run_params, train_set)
         runs[name] = {"params": run_params, "spec": spec, "trainer": trainer, "seconds": [], "steps": 0}
         print(f"{name}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters", flush=True)

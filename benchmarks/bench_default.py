@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_networks import machine
 from digit_classifier import accuracy, digit_scores, train_classifier
 
-from diffusion.config import parse_params
+from diffusion.config import merge_params, parse_params
 from diffusion.data.dataset import split
 from diffusion.data.sources import load_source
 from diffusion.evaluation.metrics import fid_from_features, inception_features, kid_from_features
@@ -58,7 +58,6 @@ from diffusion.packaged import PackagedDiffusion
 from diffusion.stages.sample import sampling_settings
 from diffusion.stages.train import model_spec
 from diffusion.training.loop import Trainer, seeded_init, to_model_range
-from flows.commands import apply_overrides
 
 RESULTS = Path(__file__).parent / "results"
 PEER_STEPS = 50  # DDIM steps of the peer's sampler
@@ -199,7 +198,7 @@ def main() -> None:
     args = parser.parse_args()
 
     changes = dict(change.split("=", 1) for change in args.set)
-    raw = apply_overrides(yaml.safe_load(args.params.read_text()), {k: yaml.safe_load(v) for k, v in changes.items()})
+    raw = merge_params(yaml.safe_load(args.params.read_text()), {k: yaml.safe_load(v) for k, v in changes.items()})
     params = parse_params(raw, str(args.params))
     splits = split(load_source(params.data), params.data)
     train_set = splits.train

@@ -37,7 +37,7 @@ from bench_backbones import run_figures, train_interleaved
 from bench_default import RESULTS, pipeline_samples, pipeline_trainer, reference_and_judge
 from bench_networks import machine
 
-from diffusion.config import parse_params
+from diffusion.config import merge_params, parse_params
 from diffusion.data.dataset import split
 from diffusion.data.latents import latent_scale_factor
 from diffusion.data.sources import load_source
@@ -46,7 +46,6 @@ from diffusion.models.vae import KLAutoencoder
 from diffusion.stages.encode import encode_images
 from diffusion.training.autoencoder import mean_image_error, reconstruction_error, train_autoencoder
 from diffusion.training.loop import seeded_init
-from flows.commands import apply_overrides
 
 # (space, model.name, model.overrides): about unet-small's 1.2M parameters each; on 7 x 7
 # latents the transformers take patches of 1 (49 tokens) and the U-Net keeps one level.
@@ -72,7 +71,7 @@ def main() -> None:
 
     base = yaml.safe_load(args.params.read_text())
     if args.vae_steps is not None:
-        base = apply_overrides(base, {"vae.steps": args.vae_steps})
+        base = merge_params(base, {"vae.steps": args.vae_steps})
     params = parse_params(base, str(args.params))
     splits = split(load_source(params.data), params.data)
     train_set = splits.train
@@ -104,7 +103,7 @@ def main() -> None:
     for name in args.runs:
         space, model, overrides = RUNS[name]
         run_params = parse_params(
-            apply_overrides(base, {"model.space": space, "model.name": model, "model.overrides": overrides}), name,
+            merge_params(base, {"model.space": space, "model.name": model, "model.overrides": overrides}), name,
         )
         images = None if space == "pixel" else latents * scale
         spec, trainer = pipeline_trainer(run_params, train_set, images)

@@ -20,6 +20,7 @@ Stages receive these objects; they never parse params.yaml themselves.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -388,17 +389,27 @@ WHOLE_VALUES = ("overrides", "space")
 """Keys whose mapping is one value: merged over, it replaces the old mapping whole."""
 
 
-def merge_params(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+def merge_params(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
     """``base`` (a params mapping) with ``changes`` merged in, section by section and key by
-    key; ``model.overrides`` and ``sweep.space`` are replaced whole. ``base`` is not changed."""
+    key; ``model.overrides`` and ``sweep.space`` are replaced whole. A dotted key of
+    ``changes`` (``train.lr``, as ``dvc exp run -S`` takes it) names the value it changes,
+    in sections created where ``base`` lacks them. ``base`` is not changed."""
     import copy
 
-    merged = copy.deepcopy(base)
+    merged = copy.deepcopy(dict(base))
     for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in WHOLE_VALUES:
-            merged[key] = merge_params(merged[key], value)
+        *sections, leaf = key.split(".")
+        node = merged
+        for part in sections:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise ConfigError(f"{key}: '{part}' is not a section")
+            node = node[part]
+        if isinstance(value, Mapping) and isinstance(node.get(leaf), dict) and leaf not in WHOLE_VALUES:
+            node[leaf] = merge_params(node[leaf], value)
         else:
-            merged[key] = value
+            node[leaf] = copy.deepcopy(value)
     return merged
 
 

@@ -102,24 +102,6 @@ def set_args(overrides: Mapping[str, Any], raw_params: Mapping[str, Any]) -> lis
     return args
 
 
-def apply_overrides(raw_params: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """params.yaml as a trial sees it: a deep copy with the dotted keys set."""
-    import copy
-
-    merged = copy.deepcopy(dict(raw_params))
-    for key, value in overrides.items():
-        node = merged
-        *parents, leaf = key.split(".")
-        for part in parents:
-            if node.get(part) is None:
-                node[part] = {}
-            if not isinstance(node[part], dict):
-                raise ValueError(f"{key}: '{part}' is not a section")
-            node = node[part]
-        node[leaf] = value
-    return merged
-
-
 # ---------------------------------------------------------------------------
 # Running a command with its log streamed
 # ---------------------------------------------------------------------------

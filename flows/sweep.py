@@ -47,9 +47,9 @@ from prefect.futures import as_completed
 
 from diffusion import tracking
 from diffusion.evaluation import protocol
-from diffusion.config import SearchDim, parse_params
+from diffusion.config import SearchDim, merge_params, parse_params
 from diffusion.stages.paths import EVALUATE_METRICS, FID_PROTOCOL, MODEL_RUN
-from flows.commands import apply_overrides, check, command_env, run_with_lock_retries, set_args
+from flows.commands import check, command_env, run_with_lock_retries, set_args
 from flows.devices import available_cores, cpu_threads, lease_gpu, worker_gpus
 from flows.pipeline import dvc, stage_order
 from flows.pruning import ValLossReporter, pruning
@@ -159,7 +159,7 @@ def run_trial(number: int, trial: Any, overrides: dict[str, Any], sweep: Sweep) 
     logger.info(f"trial {number}: {json.dumps(overrides)} -> MLflow run {run_id}, experiment {name}")
     status, state = "FAILED", "FAIL"
     try:
-        params = parse_params(apply_overrides(sweep.raw_params, overrides), f"trial {number}")
+        params = parse_params(merge_params(sweep.raw_params, overrides), f"trial {number}")
         cmd = ["dvc", "exp", "run", "--temp", *pull_args(sweep.root), "--name", name, *set_args(overrides, sweep.raw_params)]
         reporter = ValLossReporter.for_trial(trial, client, run_id, params.train.steps) if sweep.pruning else None
         fetch_run_cache(sweep.root, command_env(sweep.root), logger)  # before the lease: it needs no GPU

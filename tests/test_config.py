@@ -192,3 +192,18 @@ def test_a_conditional_model_takes_guidance_an_interval_and_labels():
     }))
     assert params.sample.guidance_scale == 4.0 and params.sample.guidance_interval == (100.0, 800.0)
     assert params.sample.labels == [3, 7] and params.sample.schedule == "karras"
+
+
+def test_one_merge_takes_sections_and_dotted_keys():
+    """merge_params is the one merge: tests' sections and a sweep trial's dotted keys alike."""
+    from diffusion.config import merge_params
+
+    base = {"train": {"lr": 0.002, "steps": 10}, "model": {"overrides": {"depth": 2}}}
+    nested = merge_params(base, {"train": {"lr": 0.001}, "model": {"overrides": {"width": 3}}})
+    dotted = merge_params(base, {"train.lr": 0.001, "model.overrides": {"width": 3}})
+    assert nested == dotted == {"train": {"lr": 0.001, "steps": 10}, "model": {"overrides": {"width": 3}}}
+    assert merge_params(base, {"model.overrides.width": 3})["model"]["overrides"] == {"depth": 2, "width": 3}
+    assert merge_params(base, {"sample.steps": 5})["sample"] == {"steps": 5}
+    assert base == {"train": {"lr": 0.002, "steps": 10}, "model": {"overrides": {"depth": 2}}}
+    with pytest.raises(ConfigError, match="^train.lr.x: 'lr' is not a section$"):
+        merge_params(base, {"train.lr.x": 1})

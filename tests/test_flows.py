@@ -77,12 +77,13 @@ def experiment_names(repo: Path) -> set[str]:
 
 
 def test_overrides_use_hydra_syntax_and_add_missing_keys():
-    from flows.commands import apply_overrides, set_args
+    from diffusion.config import merge_params
+    from flows.commands import set_args
 
     raw = {"train": {"lr": 0.002}, "model": {"overrides": {}}}
     args = set_args({"train.lr": 0.001, "model.overrides.channel_mult": [1, 2], "diffusion.schedule": "linear"}, raw)
     assert args == ["-S", "train.lr=0.001", "-S", "++model.overrides.channel_mult=[1,2]", "-S", "++diffusion.schedule=linear"]
-    merged = apply_overrides(raw, {"model.overrides.num_res_blocks": 2})
+    merged = merge_params(raw, {"model.overrides.num_res_blocks": 2})
     assert merged["model"]["overrides"] == {"num_res_blocks": 2} and raw["model"]["overrides"] == {}
 
 
@@ -165,8 +166,7 @@ def log_points(client, run_id: str, key: str, points: dict[int, float]) -> None:
 def test_pruning_compares_val_loss_from_a_quarter_of_the_trials_own_steps(tmp_path):
     """The sweep's study and pruner, a real MLflow store: val_loss (not loss) decides, and
     the warm-up is a quarter of the trial's own train.steps (8 here), not the base config's (400)."""
-    from diffusion.config import parse_params
-    from flows.commands import apply_overrides
+    from diffusion.config import merge_params, parse_params
     from flows.pruning import VAL_LOSS_METRIC, ValLossReporter
     from flows.reporting import mlflow_client
     from flows.study import open_study
@@ -178,7 +178,7 @@ def test_pruning_compares_val_loss_from_a_quarter_of_the_trials_own_steps(tmp_pa
 
     def reporter_of(trial, steps: int) -> tuple[ValLossReporter, str]:
         run_id = client.create_run(exp).info.run_id
-        train_steps = parse_params(apply_overrides(raw, {"train.steps": steps})).train.steps
+        train_steps = parse_params(merge_params(raw, {"train.steps": steps})).train.steps
         return ValLossReporter.for_trial(trial, client, run_id, train_steps), run_id
 
     for _ in range(2):  # the pruner's startup trials, val_loss 1.0 at every step
