@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from diffusion import registry
+from diffusion.errors import UserError
 
 
 def main(argv: list[str]) -> int:
@@ -22,7 +23,7 @@ def main(argv: list[str]) -> int:
 
     try:
         result = registry.promote(args.name, run_id=args.run_id, study=args.study, experiment=args.experiment)
-    except registry.RegistryError as err:
+    except UserError as err:  # a RegistryError, or a store that does not answer: one line
         print(f"diffusion promote: error: {err}", file=sys.stderr)
         return 1
     print(result.message)

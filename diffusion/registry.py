@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from diffusion import tracking
+from diffusion.errors import UserError
 from diffusion.evaluation import protocol
 
 CHALLENGER = "challenger"
@@ -64,8 +65,9 @@ LOCK_WAIT_S = 600.0  # how long a promotion waits for a live one to finish
 LOCK_POLL_S = 0.2
 
 
-class RegistryError(RuntimeError):
-    """No run, metric or model to promote; the message is one line."""
+class RegistryError(UserError, RuntimeError):
+    """No run, metric or model to promote, a model URI that names none, a promotion lock
+    held too long; the message is one line."""
 
 
 @dataclass(frozen=True)

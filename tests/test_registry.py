@@ -103,6 +103,27 @@ def test_a_run_without_a_protocol_is_not_promoted(store):
         registry.promote("no-protocol", run_id=run_id, tracking_uri=store["uri"])
 
 
+def test_a_registry_error_is_one_line_from_the_diffusion_command(tmp_path, monkeypatch, capsys):
+    """A RegistryError that reaches the ``diffusion`` command (a stage registering its model,
+    say) is a UserError like every other: one line, no traceback, exit 1."""
+    from conftest import full_params
+    from diffusion.cli import main
+    from diffusion.errors import UserError
+    from diffusion.stages import validate
+
+    def refused(params):
+        raise registry.RegistryError("registered model 'autoencoder': held by another promotion; try again later")
+
+    monkeypatch.setattr(validate, "run", refused)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(full_params()))
+    assert main(["validate"]) == 1
+    assert capsys.readouterr().err == (
+        "diffusion validate: error: registered model 'autoencoder': held by another promotion; try again later\n"
+    )
+    assert issubclass(registry.RegistryError, UserError)
+
+
 def test_tracking_and_the_registry_load_no_mlflow_dvc_prefect_or_optuna_on_import():
     code = ("import sys, diffusion, diffusion.tracking, diffusion.registry; "
             "print(sorted(m for m in ('mlflow', 'dvc', 'prefect', 'optuna') if m in sys.modules))")
