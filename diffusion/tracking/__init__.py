@@ -10,8 +10,9 @@
   ``model.pt`` and an ``MLmodel``), logged and read back;
 - :mod:`~diffusion.tracking.provenance`: the repository, its git commit and DVC's hashes.
 
-The names the stages and flows use are importable from here. Importing these modules
-loads no MLflow: each function imports it when it runs.
+The names the stages and flows use are importable from here. None of these modules can
+change a stage's numbers, so none is among dvc.yaml's deps (tests/test_dvc_deps.py,
+``INERT``). Importing them loads no MLflow: each function imports it when it runs.
 """
 
 from diffusion.tracking.metric_log import MetricLog
