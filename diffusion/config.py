@@ -30,7 +30,7 @@ from diffusion.errors import UserError
 from diffusion.models.configs import (
     CLASSIFIER_CONFIGS, FAMILY_OF, VAE_CONFIGS, check_model, check_unet, diffusers_autoencoder_config, family, latent_shape,
 )
-from diffusion.process.options import Loss, Prediction, Variance, check_combination, names
+from diffusion.process.options import Loss, Prediction, Variance, check_combination, check_threshold, names
 from diffusion.sampling.steps import STEP_SCHEDULES
 from diffusion.sampling.specs import SAMPLER_SPECS, eta_refused
 from diffusion.process.schedules import BETA_SCHEDULES
@@ -136,7 +136,7 @@ class SampleParams(_Section):
     precision: Literal["auto", "fp32", "bf16"]  # the network's (autocast); the protocol records what auto resolved to
     labels: list[int] | None  # class labels of the images, cycled; None: balanced over the classes
     clip_denoised: bool
-    threshold: float | None = Field(gt=0.5, le=1.0)
+    threshold: float | None  # dynamic thresholding's percentile p (diffusion.process.options.check_threshold)
     seed: int = Field(ge=0)  # image k is drawn from its own seed (seed, k): see diffusion.sampling.noise
     device: Device
     distributed: int = Field(ge=1)  # processes the images are sharded over (one per GPU); 1: this process alone
@@ -234,6 +234,7 @@ class Params(_Section):
             raise ValueError(f"sample.eta: {self.sample.eta} is outside DDIM's range; allowed 0..1")
         if why := eta_refused(self.sample.sampler, self.sample.eta):
             raise ValueError(f"sample.eta: {why}")
+        check_threshold(self.sample.threshold, key="sample.threshold")
         _check_guidance(self)
         if self.train.batch_size % self.train.distributed:
             raise ValueError(

@@ -212,6 +212,29 @@ def test_other_errors():
         d.p_mean_variance(constant_model(0.0, var_value=0.0), x, t, threshold=0)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.5, 0.6, 0.995, 1.0, 1.2])
+def test_config_process_and_denoiser_accept_the_same_thresholds(p):
+    """One rule (diffusion.process.options.check_threshold) behind params.yaml, the process and
+    the samplers' denoiser: Imagen's percentile p with 0.5 < p <= 1, the same message for each."""
+    from diffusion.sampling.denoiser import ClippedDenoiser, ModelDenoiser
+
+    d = GaussianDiffusion(linear_betas(100))
+    x, t = torch.randn(2, 3, 4), torch.tensor([1, 2])
+    errors = []
+    for check in (
+        lambda: parse_params(full_params({"sample": {"threshold": p}})),
+        lambda: d.p_mean_variance(constant_model(0.0), x, t, threshold=p),
+        lambda: ClippedDenoiser(ModelDenoiser.for_process(constant_model(0.0), d), threshold=p),
+    ):
+        try:
+            check()
+            errors.append(None)
+        except ValueError as err:
+            errors.append(str(err).removeprefix("params: ").removeprefix("sample."))
+    want = None if 0.5 < p <= 1 else f"threshold: got {p!r}; allowed: a percentile p with 0.5 < p <= 1, or none"
+    assert errors == [want] * 3
+
+
 def test_config_and_process_accept_the_same_combinations():
     """One rule (diffusion.process.options.check_combination) behind both: every combination of
     prediction, variance, loss and zero terminal SNR is valid in params.yaml exactly when

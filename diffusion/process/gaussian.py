@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from diffusion.process.options import Loss, Prediction, Variance, check_combination, parse
+from diffusion.process.options import Loss, Prediction, Variance, check_combination, check_threshold, parse
 from diffusion.process.schedules import make_betas, respace_betas
 
 Model = Callable[..., torch.Tensor]
@@ -102,7 +102,8 @@ def x0_eps_from_prediction(
 
 def dynamic_threshold(x0: torch.Tensor, percentile: float) -> torch.Tensor:
     """Imagen's dynamic thresholding (Saharia et al. 2022, §2.3): per sample,
-    s = max(percentile_p(|x0|), 1); clip x0 to [-s, s] and divide by s."""
+    s = max(percentile_p(|x0|), 1); clip x0 to [-s, s] and divide by s. Which p are valid, and
+    why: :func:`~diffusion.process.options.check_threshold`."""
     s = torch.quantile(x0.abs().reshape(x0.shape[0], -1).float(), percentile, dim=1)
     s = s.clamp(min=1.0).to(x0.dtype).reshape(-1, *(1,) * (x0.ndim - 1))
     return torch.maximum(torch.minimum(x0, s), -s) / s
@@ -397,8 +398,7 @@ class GaussianDiffusion:
         ``clip_denoised`` clamps x̂_0 to [-1, 1]; ``threshold=p`` applies
         :func:`dynamic_threshold` instead. Either way ε̂ is recomputed from the clipped x̂_0.
         """
-        if threshold is not None and not 0 < threshold <= 1:
-            raise ValueError(f"threshold: got {threshold!r}; allowed: a percentile in (0, 1] or None")
+        check_threshold(threshold)
         output = model(x_t, self.tables(t.device).timestep_map[t], **(model_kwargs or {}))
         return self._p_from_output(output, x_t, t, clip_denoised=clip_denoised, threshold=threshold)
 

@@ -49,6 +49,22 @@ def parse(kind: type[enum.Enum], value: Any, name: str) -> Any:
         raise ValueError(f"{name}: got {value!r}; allowed: {allowed}") from None
 
 
+def check_threshold(percentile: float | None, key: str = "threshold") -> None:
+    """A one-line ValueError naming ``key`` unless ``percentile`` is None (no thresholding) or
+    a p with 0.5 < p <= 1, the percentile of dynamic thresholding (Saharia et al. 2022, §2.3;
+    :func:`diffusion.process.gaussian.dynamic_threshold`).
+
+    That method sets s to the p-th percentile of |x̂_0| (at least 1), clips x̂_0 to [-s, s]
+    and divides by s: the values beyond the percentile, a fraction 1 - p of them, saturate at
+    ±1, and the rest are scaled down instead of clipped. At p <= 0.5, s is at most the median
+    |x̂_0|, so whenever s > 1 at least half the values saturate, the failure of static clipping
+    the method is there to prevent; p = 1 (s = max |x̂_0|) saturates none and only rescales.
+    diffusers' default is 0.995.
+    """
+    if percentile is not None and not 0.5 < percentile <= 1:
+        raise ValueError(f"{key}: got {percentile!r}; allowed: a percentile p with 0.5 < p <= 1, or none")
+
+
 def check_combination(prediction: str, variance: str, loss: str, *, zero_terminal_snr: bool, prefix: str = "") -> None:
     """Raise a one-line ValueError, its keys prefixed with ``prefix`` (``"diffusion."`` in
     params.yaml), for options that cannot train or sample together:

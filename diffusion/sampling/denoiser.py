@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from diffusion.process.gaussian import dynamic_threshold, x0_eps_from_prediction
-from diffusion.process.options import Prediction, Variance, parse
+from diffusion.process.options import Prediction, Variance, check_threshold, parse
 from diffusion.sampling.steps import NoiseLevels
 from diffusion.training.devices import autocast
 
@@ -168,8 +168,7 @@ class ClippedDenoiser:
     :func:`~diffusion.process.gaussian.dynamic_threshold`), and ε̂ recomputed from it."""
 
     def __init__(self, inner: Denoiser, *, clip: bool = True, threshold: float | None = None):
-        if threshold is not None and not 0 < threshold <= 1:
-            raise ValueError(f"threshold: got {threshold!r}; allowed: a percentile in (0, 1] or None")
+        check_threshold(threshold)
         self.inner, self.levels, self.clip, self.threshold = inner, inner.levels, clip, threshold
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> Denoised:
