@@ -122,6 +122,7 @@ class TrainParams(_Section):
     p_uncond: float = Field(ge=0, lt=1)  # classifier-free guidance: labels dropped to the null class
     min_snr_gamma: float | None = Field(gt=0)  # min-SNR-γ loss weighting (Hang et al. 2023); null: none
     distributed: int = Field(ge=1)  # DistributedDataParallel processes (one per GPU); 1: this process alone
+    micro_batch_size: int | None = Field(ge=1)  # examples a process computes at once (gradient accumulation); null: its share
 
 
 class SampleParams(_Section):
@@ -240,6 +241,12 @@ class Params(_Section):
             raise ValueError(
                 f"train.batch_size: {self.train.batch_size} does not split evenly over train.distributed "
                 f"{self.train.distributed} processes; allowed: a multiple of {self.train.distributed}"
+            )
+        share = self.train.batch_size // self.train.distributed
+        if self.train.micro_batch_size is not None and share % self.train.micro_batch_size:
+            raise ValueError(
+                f"train.micro_batch_size: {self.train.micro_batch_size} does not split the {share} examples each "
+                f"process computes a step (train.batch_size / train.distributed); allowed: a divisor of {share}, or null"
             )
         if self.sample.steps > d.timesteps:
             raise ValueError(

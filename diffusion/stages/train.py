@@ -65,7 +65,7 @@ MODEL_MD5_TAG = "model.md5"  # the md5 of models/model.pt (DVC's hash) the run's
 
 # Params that do not change the trajectory: a checkpoint stays valid when they change.
 RESUMABLE_CHANGES = {
-    "steps", "log_every", "checkpoint_every", "bpd_images", "val_every", "val_images", "device", "distributed",
+    "steps", "log_every", "checkpoint_every", "bpd_images", "val_every", "val_images", "device", "distributed", "micro_batch_size",
 }
 
 

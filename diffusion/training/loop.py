@@ -133,6 +133,14 @@ def model_input(data: torch.Tensor) -> torch.Tensor:
     return to_model_range(data) if data.dtype == torch.uint8 else data.float()
 
 
+def micro_batches(share: range, size: int | None) -> list[slice]:
+    """The slices of a rank's ``share`` of the batch (positions within it) that one forward and
+    backward pass computes: ``size`` examples each, or the whole share when ``size`` is None.
+    Their gradients accumulate into the step's, as the ranks' do (gradient accumulation)."""
+    size = size or len(share)
+    return [slice(start, min(start + size, len(share))) for start in range(0, len(share), size)]
+
+
 def draw_batch(
     images: torch.Tensor,
     labels: torch.Tensor | None,
@@ -238,6 +246,8 @@ class Trainer:
             self.network = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         mine = distributed.shard(cfg.batch_size, world)  # this rank's examples of every batch
         self.part = slice(mine.start, mine.stop)
+        # ...computed micro_batch_size at a time, their gradients accumulated (micro_batches).
+        self.micro_parts = micro_batches(mine, cfg.micro_batch_size)
         self.diffusion = diffusion
         self.cfg = cfg
         self.ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
@@ -269,15 +279,28 @@ class Trainer:
 
         self.optimizer.zero_grad(set_to_none=True)
         mse_weight = None if cfg.min_snr_gamma is None else self.diffusion.min_snr_weight(t, cfg.min_snr_gamma)
-        with autocast(device, self.dtype):
-            losses = self.diffusion.training_losses(
-                self.network, x0, t, model_kwargs=None if y is None else {"y": y}, noise=noise, mse_weight=mse_weight
-            )
-        terms = {k: (losses[k].float() * weights).mean() for k in LOGGED_TERMS if k in losses}
-        terms["loss"].backward()
+        kwargs = {} if y is None else {"y": y}
+        sums: dict[str, torch.Tensor] = {}
+        per_example = []
+        for i, micro in enumerate(self.micro_parts):
+            # DDP all-reduces the gradients at the last micro-batch's backward only.
+            last = i == len(self.micro_parts) - 1
+            with contextlib.nullcontext() if last or self.network is self.model else self.network.no_sync():
+                with autocast(device, self.dtype):
+                    losses = self.diffusion.training_losses(
+                        self.network, x0[micro], t[micro], model_kwargs={k: v[micro] for k, v in kwargs.items()},
+                        noise=noise[micro], mse_weight=None if mse_weight is None else mse_weight[micro],
+                    )
+                terms = {k: (losses[k].float() * weights[micro]).mean() for k in LOGGED_TERMS if k in losses}
+                # Each micro-batch's mean over 1/count: the gradients sum to the mean over the rank's share
+                # (a power-of-two scale is exact, so 2 micro-batches equal 2 processes bit for bit).
+                (terms["loss"] / len(self.micro_parts)).backward()
+            sums = {k: sums.get(k, 0) + v.detach() for k, v in terms.items()}
+            per_example.append(losses["loss"].detach().float())
+        terms = {k: v / len(self.micro_parts) for k, v in sums.items()}
         max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
         terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        means = distributed.mean(torch.stack(list(terms.values())).detach().float())
+        means = distributed.mean(torch.stack(list(terms.values())).float())
         stats = dict(zip(terms, means.tolist(), strict=True))
         bad = [k for k, v in stats.items() if not math.isfinite(v)]
         if bad:
@@ -289,7 +312,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = warmup_lr(step, cfg.lr, cfg.warmup_steps)
         self.optimizer.step()
-        self.sampler.update(t_all, distributed.concat(losses["loss"].detach().float()))
+        self.sampler.update(t_all, distributed.concat(torch.cat(per_example)))
         self.ema.update(self.model)
         return stats
 
