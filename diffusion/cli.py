@@ -5,8 +5,8 @@ bad key fails at once with one line naming it; only then is the
 stage module imported and run. A tool (``diffusion promote``, ``diffusion generate``)
 is not a stage: its module parses its own arguments (``main(argv)``) and reads no
 params.yaml. Both tables name modules, imported only when their sub-command runs, so a
-stage's process loads what that stage needs and nothing else (dvc.yaml's deps are
-exactly that, a test checks).
+stage's process loads what that stage needs and nothing else (dvc.yaml's deps are that,
+less the modules that cannot change the stage's numbers; tests/test_dvc_deps.py checks).
 """
 
 from __future__ import annotations
