@@ -28,6 +28,7 @@ help:
 	@echo "make test      - set up .venv when missing, then run the test suite"
 	@echo "make ui        - MLflow UI on http://localhost:5000 (UI_PORT=...) over the local store in mlflow/"
 	@echo "make bench     - benchmarks/ side by side with their peers (see BENCHMARKS.md; bench_default, bench_backbones and bench_latent write benchmarks/results/)"
+	@echo "make gpu-check - the CUDA path end to end on one GPU in at most 8 minutes (GPU_CHECK=--tiny: seconds on the CPU; PY=python3 without the venv; docs/gpu.md)"
 	@echo "make services  - Prefect server (http://127.0.0.1:4200) and MLflow server (mlflow/server.env); Ctrl-C stops both"
 	@echo "make worker    - a Prefect process worker on pool gpu; GPU=<index> picks CUDA_VISIBLE_DEVICES"
 	@echo "make deploy    - the deployments in prefect.yaml (train-pipeline, train-sweep, promote)"
@@ -68,6 +69,12 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_default.py
 	$(PY) benchmarks/bench_backbones.py
 	$(PY) benchmarks/bench_latent.py
+
+# The CUDA path end to end (benchmarks/gpu_check.py; docs/gpu.md, "Checking the GPU path"). With
+# PY=python3 (a GPU machine's own Python, torch alone) the venv is not installed first.
+.PHONY: gpu-check
+gpu-check: $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP))
+	$(PY) benchmarks/gpu_check.py $(GPU_CHECK)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
