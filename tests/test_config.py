@@ -165,6 +165,30 @@ def test_validate_stage_refuses_cuda_without_cuda(tmp_path):
     assert (tmp_path / "data" / "params.ok").read_text() == "params.yaml is valid on this machine\n"
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"model": {"space": "latent", "name": "unet-tiny"}, "vae": {"name": "vae-tiny", "device": "cuda"},
+          "train": {"hflip": False}}, "vae.device"),
+        ({"guidance": {"classifier": True, "classifier_device": "cuda"}}, "guidance.classifier_device"),
+    ],
+)
+def test_validate_checks_the_autoencoders_and_the_classifiers_device(tmp_path, monkeypatch, raw, key):
+    """The stages that use them (train_vae and encode, train_classifier) are refused up front too;
+    where nothing uses the device (pixel space, no classifier), it is not checked."""
+    from diffusion.errors import UserError
+    from diffusion.stages import validate
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=rf"^{key}: 'cuda' was asked for but CUDA is not available on this machine"):
+        validate.run(parse_params(full_params(raw)))
+    assert not (tmp_path / "data").exists()
+    unused = {"vae.device": {"vae": {"device": "cuda"}}, "guidance.classifier_device": {"guidance": {"classifier_device": "cuda"}}}
+    validate.run(parse_params(full_params(unused[key])))
+    assert (tmp_path / "data" / "params.ok").is_file()
+
+
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [

@@ -6,9 +6,11 @@ Every stage depends on this stage's one output, ``data/params.ok``, so ``dvc rep
 runs it first and stops on its error with every previous output in place. The
 ``diffusion`` command has already validated params.yaml (keys, types, ranges and
 combinations) when this runs; here come the checks that depend on the machine: a
-``cuda`` device asked for where there is none, or more CUDA processes
-(``train.distributed``, ``sample.distributed``) than GPUs. The output's content never changes,
-so a valid change re-runs no stage that its params do not concern.
+``cuda`` device asked for where there is none (each device a stage will use: the
+autoencoder's with ``model.space: latent``, the classifier's with ``guidance.classifier``),
+or more CUDA processes (``train.distributed``, ``sample.distributed``) than GPUs. The
+output's content never changes, so a valid change re-runs no stage that its params do not
+concern.
 """
 
 from __future__ import annotations
@@ -21,13 +23,18 @@ OK = b"params.yaml is valid on this machine\n"
 
 
 def run(params: Params) -> None:
-    sections = {"train": params.train.device, "sample": params.sample.device, "evaluate": params.evaluate.device}
-    if "cuda" in sections.values():
+    devices = {"train.device": params.train.device, "sample.device": params.sample.device}
+    if params.model.space == "latent":  # train_vae and encode
+        devices["vae.device"] = params.vae.device
+    if params.guidance.classifier:  # train_classifier
+        devices["guidance.classifier_device"] = params.guidance.classifier_device
+    devices["evaluate.device"] = params.evaluate.device
+    if "cuda" in devices.values():
         from diffusion.training.devices import resolve_device
 
-        for section, device in sections.items():
+        for key, device in devices.items():
             if device == "cuda":
-                resolve_device(device, key=f"{section}.device")
+                resolve_device(device, key=key)
     for section, cfg in {"train": params.train, "sample": params.sample}.items():
         if cfg.distributed > 1 and cfg.device != "cpu":
             _check_gpus(cfg.distributed, section)
