@@ -8,6 +8,12 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # tiny stages last seconds
 
+# `make test` runs the suite on pytest-xdist's workers, one a core: each worker, and every process
+# a test starts, computes on its share of the cores. torch's default, a thread per core in every
+# process, has two workers' kernels wait on each other's threads (many times slower, not 2x).
+if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // int(workers))))
+
 import shutil
 import subprocess
 import sys
@@ -59,8 +65,9 @@ def pipeline_env(repo: Path) -> dict[str, str]:
     return env
 
 
-def run_in(repo: Path, *cmd: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
-    out = subprocess.run(cmd, cwd=repo, env=pipeline_env(repo), capture_output=True, text=True, timeout=timeout)
+def run_in(repo: Path, *cmd: str, check: bool = True, timeout: float = 900, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``cmd`` in ``repo`` with :func:`pipeline_env` (and ``env`` over it)."""
+    out = subprocess.run(cmd, cwd=repo, env=pipeline_env(repo) | (env or {}), capture_output=True, text=True, timeout=timeout)
     if check and out.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
     return out
@@ -83,6 +90,47 @@ def make_pipeline_repo(path: Path, params: dict | None = None) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def prepared_repo(tmp_path_factory) -> Path:
+    """The repository of TINY_PARAMS after `dvc repro prepare` (validate, prepare), built once a
+    session (by the first xdist worker that asks; the others wait for it and share it): a test
+    that needs prepared data takes a :func:`copy_repo` of it, whose DVC cache and run cache
+    already hold the data, instead of preparing it again. Nothing writes to it."""
+    from filelock import FileLock
+
+    session = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        session = session.parent  # each worker's basetemp lies in the session's
+    repo = session / "prepared" / "repo"
+    with FileLock(session / "prepared.lock"):
+        if not (repo.parent / "ready").is_file():
+            shutil.rmtree(repo.parent, ignore_errors=True)
+            make_pipeline_repo(repo)
+            run_in(repo, "dvc", "repro", "prepare")
+            (repo.parent / "ready").touch()
+    return repo
+
+
+@pytest.fixture(scope="session")
+def shared_cache(prepared_repo: Path, tmp_path_factory) -> Path:
+    """One DVC cache (with its run cache) for every orchestration test of the session, holding
+    :func:`prepared_repo`'s data from the start: a repository of the same data params restores
+    prepare from it, and a later one with the same params restores train, whichever test runs first."""
+    path = tmp_path_factory.mktemp("orchestration-dvc-cache")
+    shutil.copytree(prepared_repo / ".dvc" / "cache", path, dirs_exist_ok=True)
+    return path
+
+
+def copy_repo(template: Path, path: Path, params: dict | None = None) -> Path:
+    """A copy of the repository ``template`` at ``path`` (git, DVC cache and run cache, outputs,
+    dvc.lock), with ``params`` merged over the committed params.yaml and committed, if given."""
+    shutil.copytree(template, path, symlinks=True)
+    if params is not None:
+        (path / "params.yaml").write_text(yaml.safe_dump(full_params(params)))
+        run_in(path, "git", "commit", "-q", "--allow-empty", "-am", "params under test")
+    return path
+
+
 @pytest.fixture
 def single_thread():
     """One intra-op thread for tests of small tensors: faster, and steady on a shared CPU."""
@@ -92,8 +140,3 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def pipeline_repo(tmp_path: Path) -> Path:
-    return make_pipeline_repo(tmp_path / "repo")

@@ -39,17 +39,6 @@ SWEEP_PARAMS = {
 FIRST_RUN = [{"sample.steps": 2}, {"sample.steps": 1000}, {"sample.steps": 4}]  # 1000 > timesteps: fails
 
 
-def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One DVC cache (with its run cache) for every orchestration test of the session.
-
-    The first sweep trains; a later repository with the same params restores train
-    from the run cache, whichever test file runs first.
-    """
-    path = tmp_path_factory.getbasetemp() / "orchestration-dvc-cache"
-    path.mkdir(exist_ok=True)
-    return path
-
-
 def make_sweep_repo(path: Path, cache: Path, params: dict | None = None) -> Path:
     """The shared pipeline repo plus flows/ and prefect.yaml, on a shared DVC cache."""
     repo = make_pipeline_repo(path, params or SWEEP_PARAMS)
@@ -401,9 +390,9 @@ def prefect_harness(prefect_home):
 
 
 @pytest.fixture(scope="module")
-def swept(prefect_harness, tmp_path_factory):
+def swept(prefect_harness, tmp_path_factory, shared_cache):
     """Two runs of train-sweep: trials 0-2 (one fails), then trial 3 continues the study."""
-    repo = make_sweep_repo(tmp_path_factory.mktemp("sweep") / "repo", shared_cache(tmp_path_factory))
+    repo = make_sweep_repo(tmp_path_factory.mktemp("sweep") / "repo", shared_cache)
     uri = f"sqlite:///{repo / 'mlflow' / 'mlflow.db'}"
     patch = pytest.MonkeyPatch()
     patch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -527,7 +516,7 @@ def test_promotion_follows_fid_under_one_protocol(swept):
     assert samples.shape == (1, 1, 28, 28) and torch.isfinite(samples).all()
 
 
-def test_a_sweep_over_the_guidance_scale_of_a_class_conditional_model(prefect_harness, tmp_path_factory):
+def test_a_sweep_over_the_guidance_scale_of_a_class_conditional_model(prefect_harness, tmp_path_factory, shared_cache):
     """train-sweep of the tiny config made class-conditional (labels dropped to the null class
     with train.p_uncond): trials at guidance scales 1 and 3, the second restoring train from
     DVC's run cache, each FID recorded with the scale that drew its images."""
@@ -543,7 +532,7 @@ def test_a_sweep_over_the_guidance_scale_of_a_class_conditional_model(prefect_ha
               "sweep": {**SWEEP_PARAMS["sweep"], "study_name": "guided",
                         "space": {scale: {"type": "float", "low": 1.0, "high": 6.0}}}}
     root = tmp_path_factory.mktemp("guided")
-    repo = make_sweep_repo(root / "repo", shared_cache(tmp_path_factory), params)
+    repo = make_sweep_repo(root / "repo", shared_cache, params)
     uri = f"sqlite:///{repo / 'mlflow' / 'mlflow.db'}"
     patch = pytest.MonkeyPatch()
     patch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -571,11 +560,11 @@ def test_a_sweep_over_the_guidance_scale_of_a_class_conditional_model(prefect_ha
     assert PackagedDiffusion.load(model_file).model_spec["num_classes"] == 10  # MNIST's digits, and a null class
 
 
-def test_train_pipeline_runs_each_stage_as_a_task(prefect_harness, tmp_path_factory):
+def test_train_pipeline_runs_each_stage_as_a_task(prefect_harness, tmp_path_factory, shared_cache):
     """train-pipeline in a repo whose stages all restore from the shared run cache."""
     from flows.pipeline import train_pipeline
 
-    repo = make_sweep_repo(tmp_path_factory.mktemp("pipeline") / "repo", shared_cache(tmp_path_factory))
+    repo = make_sweep_repo(tmp_path_factory.mktemp("pipeline") / "repo", shared_cache)
     patch = pytest.MonkeyPatch()
     patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow' / 'mlflow.db'}")
     try:

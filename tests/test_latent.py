@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import yaml
-from conftest import TINY_PARAMS, full_params, make_pipeline_repo, pipeline_env, run_in
+from conftest import TINY_PARAMS, copy_repo, full_params, pipeline_env, run_in
 from mlflow import MlflowClient
 
 from diffusion.config import ConfigError, merge_params, parse_params
@@ -169,7 +169,7 @@ def test_pretrained_autoencoder_folder_is_checked_before_any_work(tmp_path):
 
 
 @pytest.mark.integration
-def test_latent_pipeline_through_dvc_repro(tmp_path):
+def test_latent_pipeline_through_dvc_repro(tmp_path, prepared_repo):
     """model.space: latent on the tiny pipeline: train_vae, encode, train (with a latent
     classifier for guidance), sample and evaluate; then a diffusion and network change re-runs
     train, sample and evaluate, not train_vae or encode."""
@@ -179,7 +179,7 @@ def test_latent_pipeline_through_dvc_repro(tmp_path):
         "guidance": {"classifier": True, "classifier_model": "classifier-tiny", "classifier_steps": 10,
                      "classifier_batch_size": 16, "classifier_eval_images": 16, "classifier_eval_bins": 2},
     })
-    repo = make_pipeline_repo(tmp_path / "repo", params)
+    repo = copy_repo(prepared_repo, tmp_path / "repo", params)
     out = run_in(repo, "dvc", "repro")
     for stage in ("train_vae", "encode", "train", "train_classifier", "sample", "evaluate"):
         assert f"Running stage '{stage}'" in out.stdout

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TINY_PARAMS, full_params, make_pipeline_repo, pipeline_env, run_in
+from conftest import TINY_PARAMS, copy_repo, full_params, pipeline_env, run_in
 from faults import kill_mid_write, overwrite_tensor_bytes
 from kill_loop import equal, kill_and_recover, model_tensors
 
@@ -33,41 +33,44 @@ def ran_stages(output: str) -> list[str]:
     return [s for s in STAGES if f"Running stage '{s}'" in output]
 
 
-def test_dvc_repro_tracks_everything_and_reruns_only_what_changed(pipeline_repo: Path):
-    out = run_in(pipeline_repo, "dvc", "repro")
-    assert ran_stages(out.stdout) == list(STAGES)
-
-    lock = yaml.safe_load((pipeline_repo / "dvc.lock").read_text())
+def assert_tracked_everything(repo: Path, out: str) -> None:
+    """What a whole `dvc repro` of TINY_PARAMS (printed ``out``) left in ``repo``: every stage ran
+    and wrote its files, and the repository's own MLflow store holds the model run with its
+    curves, system metrics, git and DVC provenance and data-only model, and its nested sample
+    run with the FID and grid. The README's pipeline test (tests/test_readme.py) runs it after
+    `make pipeline` in a fresh clone, then re-runs what a changed param affects."""
+    assert ran_stages(out) == list(STAGES)
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
-    evaluation = json.loads((pipeline_repo / "metrics/evaluate.json").read_text())
+    evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
     assert math.isfinite(evaluation["fid"]) and evaluation["fid"] > 0
     assert evaluation["num_samples"] == TINY_PARAMS["sample"]["num_samples"]
     assert 0 < evaluation["kid"] < 10
-    train_metrics = json.loads((pipeline_repo / "metrics/train.json").read_text())
+    train_metrics = json.loads((repo / "metrics/train.json").read_text())
     assert train_metrics["step"] == TINY_PARAMS["train"]["steps"]
     assert math.isfinite(train_metrics["bpd"])
-    manifest = json.loads((pipeline_repo / "data/manifest.json").read_text())
+    manifest = json.loads((repo / "data/manifest.json").read_text())
     assert manifest["counts"] == {"train": 5000 - 16, "heldout": 16, "reference": 48}
-    curve = (pipeline_repo / "plots/fid_vs_samples.csv").read_text().splitlines()
+    curve = (repo / "plots/fid_vs_samples.csv").read_text().splitlines()
     assert curve[0] == "num_samples,fid" and curve[-1].startswith("48,")
 
     # MLflow: the model run and its nested sample run, in the repo's own store.
-    mlflow.set_tracking_uri(pipeline_env(pipeline_repo)["MLFLOW_TRACKING_URI"])
-    model_run_id = json.loads((pipeline_repo / "models/run.json").read_text())["run_id"]
-    sample_run_id = json.loads((pipeline_repo / "samples/run.json").read_text())["run_id"]
+    mlflow.set_tracking_uri(pipeline_env(repo)["MLFLOW_TRACKING_URI"])
+    model_run_id = json.loads((repo / "models/run.json").read_text())["run_id"]
+    sample_run_id = json.loads((repo / "samples/run.json").read_text())["run_id"]
     client = mlflow.MlflowClient()
     model_run, sample_run = client.get_run(model_run_id), client.get_run(sample_run_id)
     assert model_run.info.status == sample_run.info.status == "FINISHED"
     assert sample_run.data.tags["mlflow.parentRunId"] == model_run_id
     assert model_run.data.params["train.steps"] == str(TINY_PARAMS["train"]["steps"])
     assert model_run.data.params["model.name"] == "unet-tiny"
-    assert sample_run.data.params["sample.steps"] == "5"
+    assert sample_run.data.params["sample.steps"] == str(TINY_PARAMS["sample"]["steps"])
     losses = client.get_metric_history(model_run_id, "loss")
     assert [m.step for m in losses] == list(range(5, 31, 5))
     for key in ("grad_norm", "lr", "img_per_s"):
         assert client.get_metric_history(model_run_id, key)
     assert any(k.startswith("system/") for k in model_run.data.metrics)
-    assert model_run.data.tags["git_commit"] == run_in(pipeline_repo, "git", "rev-parse", "HEAD").stdout.strip()
+    assert model_run.data.tags["git_commit"] == run_in(repo, "git", "rev-parse", "HEAD").stdout.strip()
     train_md5 = next(o["md5"] for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/train.npz")
     assert model_run.data.tags["dvc.prepare.data/train.npz"] == train_md5
     dataset_input = model_run.inputs.dataset_inputs[0]
@@ -80,48 +83,50 @@ def test_dvc_repro_tracks_everything_and_reruns_only_what_changed(pipeline_repo:
     # The logged model is data only (weights-only model.pt, MLmodel), and loads and samples back.
     model_id = registry._logged_model_id(client, model_run_id)
     assert {a.path for a in client.list_logged_model_artifacts(model_id)} == {"MLmodel", "model.pt"}
-    model = registry.load_model(f"runs:/{model_run_id}/model", tracking_uri=pipeline_env(pipeline_repo)["MLFLOW_TRACKING_URI"])
+    model = registry.load_model(f"runs:/{model_run_id}/model", tracking_uri=pipeline_env(repo)["MLFLOW_TRACKING_URI"])
     images = model.sample(3, steps=4, seed=1)
     assert images.shape == (3, 1, 28, 28)
     assert images.min() >= -1 and images.max() <= 1
     assert torch.equal(images, model.sample(3, steps=4, seed=1))
 
-    # Only a sampling param changes: sample and evaluate re-run, train does not.
-    params = yaml.safe_load((pipeline_repo / "params.yaml").read_text())
-    params["sample"]["steps"] = 4
-    (pipeline_repo / "params.yaml").write_text(yaml.safe_dump(params))
-    out = run_in(pipeline_repo, "dvc", "repro")
-    assert ran_stages(out.stdout) == ["validate", "sample", "evaluate"]  # validate checks every param change
-    assert json.loads((pipeline_repo / "models/run.json").read_text())["run_id"] == model_run_id
-    new_sample_run = json.loads((pipeline_repo / "samples/run.json").read_text())["run_id"]
-    assert new_sample_run != sample_run_id
-    assert client.get_run(new_sample_run).data.tags["mlflow.parentRunId"] == model_run_id
-    assert run_in(pipeline_repo, "dvc", "status").stdout.strip() == "Data and pipelines are up to date."
 
-    # A bad param stops `dvc repro` before DVC removes any output; fixing it costs nothing.
+def assert_only_sampling_reran(repo: Path, out: str, model_run_id: str, sample_run_id: str) -> None:
+    """After a change of sampling params alone (printed ``out``): sample and evaluate re-ran, train
+    did not, and the new sample run is nested under the same model run."""
+    assert ran_stages(out) == ["validate", "sample", "evaluate"]  # validate checks every param change
+    assert json.loads((repo / "models/run.json").read_text())["run_id"] == model_run_id
+    new_sample_run = json.loads((repo / "samples/run.json").read_text())["run_id"]
+    assert new_sample_run != sample_run_id
+    client = mlflow.MlflowClient(pipeline_env(repo)["MLFLOW_TRACKING_URI"])
+    assert client.get_run(new_sample_run).data.tags["mlflow.parentRunId"] == model_run_id
+    assert run_in(repo, "dvc", "status").stdout.strip() == "Data and pipelines are up to date."
+
+
+def assert_bad_param_stops_before_outputs_go(repo: Path) -> None:
+    """A bad param stops `dvc repro` before DVC removes any output; fixing it costs nothing."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
     outputs = ("models/model.pt", "metrics/train.json", "plots/train_loss.csv", "samples/samples.npz")
-    before = {path: (pipeline_repo / path).read_bytes() for path in outputs}
+    before = {path: (repo / path).read_bytes() for path in outputs}
     lr, params["train"]["lr"] = params["train"]["lr"], -1
-    (pipeline_repo / "params.yaml").write_text(yaml.safe_dump(params))
-    out = run_in(pipeline_repo, "dvc", "repro", check=False)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    out = run_in(repo, "dvc", "repro", check=False)
     assert out.returncode != 0 and ran_stages(out.stdout) == ["validate"]
     assert "diffusion validate: error: params.yaml: train.lr: Input should be greater than 0 (got -1)" in out.stderr
-    assert {path: (pipeline_repo / path).read_bytes() for path in outputs} == before
+    assert {path: (repo / path).read_bytes() for path in outputs} == before
     params["train"]["lr"] = lr
-    (pipeline_repo / "params.yaml").write_text(yaml.safe_dump(params))
-    out = run_in(pipeline_repo, "dvc", "repro")  # DVC removed data/params.ok; its run cache has it
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    out = run_in(repo, "dvc", "repro")  # DVC removed data/params.ok; its run cache has it
     assert ran_stages(out.stdout) in ([], ["validate"])
-    assert run_in(pipeline_repo, "dvc", "status").stdout.strip() == "Data and pipelines are up to date."
+    assert run_in(repo, "dvc", "status").stdout.strip() == "Data and pipelines are up to date."
 
 
-def test_killed_training_resumes_from_its_checkpoint(tmp_path: Path):
+def test_killed_training_resumes_from_its_checkpoint(tmp_path: Path, prepared_repo: Path):
     """kill -9 of the whole `dvc repro` at a seeded step of train (tests/kill_loop.py kills at
     random moments of every stage): `diffusion unlock` and `dvc repro` finish from the last
     checkpoint, and the model equals an uninterrupted training's bit for bit."""
     params = json.loads(json.dumps(TINY_PARAMS))
     params["train"].update(steps=40, checkpoint_every=10, bpd_images=0)
-    repo = make_pipeline_repo(tmp_path / "repo", params)
-    run_in(repo, "dvc", "repro", "prepare")
+    repo = copy_repo(prepared_repo, tmp_path / "repo", params)
 
     outcome = kill_and_recover(repo, "train", at_step=random.Random(18).randint(11, 39))
     assert outcome.stage == "train" and outcome.error is None and outcome.outputs
@@ -140,26 +145,26 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path: Path):
     assert equal(outcome.model, model_tensors(repo))
 
 
-def test_missing_or_corrupt_dataset_gets_a_clear_error_and_keeps_outputs(pipeline_repo: Path):
-    run_in(pipeline_repo, "dvc", "repro", "prepare")
-    train_file = pipeline_repo / "data/train.npz"
+def test_missing_or_corrupt_dataset_gets_a_clear_error_and_keeps_outputs(tmp_path: Path, prepared_repo: Path):
+    repo = copy_repo(prepared_repo, tmp_path / "repo")
+    train_file = repo / "data/train.npz"
     data = train_file.read_bytes()
     train_file.write_bytes(data[: len(data) // 2])
-    out = run_in(pipeline_repo, "diffusion", "train", check=False)
+    out = run_in(repo, "diffusion", "train", check=False)
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1].startswith(
         "diffusion train: error: data/train.npz: truncated or corrupt dataset file"
     )
-    assert (pipeline_repo / "data/heldout.npz").exists()
-    assert np.load(pipeline_repo / "data/reference.npz")["features"].shape == (48, 2048)
+    assert (repo / "data/heldout.npz").exists()
+    assert np.load(repo / "data/reference.npz")["features"].shape == (48, 2048)
 
 
-def test_killed_temp_experiment_resumes_when_retried(tmp_path: Path):
+def test_killed_temp_experiment_resumes_when_retried(tmp_path: Path, prepared_repo: Path):
     """`dvc exp run --temp` (a sweep trial, train-pipeline with params) trains in a copy that DVC
     removes; its checkpoints live in the repository's checkpoints/, so a retry resumes."""
     params = json.loads(json.dumps(TINY_PARAMS))
-    params["train"].update(steps=200, checkpoint_every=10, bpd_images=0)
-    repo = make_pipeline_repo(tmp_path / "repo", params)
+    params["train"].update(steps=80, checkpoint_every=10, bpd_images=0)
+    repo = copy_repo(prepared_repo, tmp_path / "repo", params)
     cmd = ["dvc", "exp", "run", "--temp", "--name", "retried", "-S", "train.warmup_steps=6"]
     proc = subprocess.Popen(cmd, cwd=repo, env=pipeline_env(repo), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -181,14 +186,14 @@ def test_killed_temp_experiment_resumes_when_retried(tmp_path: Path):
     assert json.loads(run_in(repo, "dvc", "exp", "show", "--json").stdout)  # the experiment is listed
 
 
-def test_damaged_checkpoint_and_killed_write_are_recovered_by_the_next_run(tmp_path: Path):
+def test_damaged_checkpoint_and_killed_write_are_recovered_by_the_next_run(tmp_path: Path, prepared_repo: Path):
     """As seen on main: 64 bytes overwritten inside the newest checkpoint trained on silently
     into NaN weights, black samples and FID 482.5, and a writer killed mid-write left its
     temp file for good. Now the next `dvc repro` warns in one line, resumes from the previous
     good checkpoint, deletes the temp file, and samples real images."""
     params = json.loads(json.dumps(TINY_PARAMS))
     params["train"].update(steps=20, checkpoint_every=10, bpd_images=0)
-    repo = make_pipeline_repo(tmp_path / "repo", params)
+    repo = copy_repo(prepared_repo, tmp_path / "repo", params)
     run_in(repo, "dvc", "repro", "train")
     (ckpt_dir,) = (repo / "checkpoints").iterdir()
     overwrite_tensor_bytes(ckpt_dir / "ckpt-00000020.pt", b"\xff" * 64)
@@ -212,14 +217,13 @@ def test_damaged_checkpoint_and_killed_write_are_recovered_by_the_next_run(tmp_p
     assert math.isfinite(json.loads((repo / "metrics/evaluate.json").read_text())["fid"])
 
 
-def test_locks_of_a_killed_unreaped_dvc_repro_are_released(tmp_path: Path):
+def test_locks_of_a_killed_unreaped_dvc_repro_are_released(tmp_path: Path, prepared_repo: Path):
     """kill -9 of the whole `dvc repro` while its parent has not reaped it (a zombie keeps its
     PID): DVC refuses the next run; `diffusion unlock` (run by `make pipeline`) frees exactly
     the dead holder's locks, and the next `dvc repro` resumes."""
     params = json.loads(json.dumps(TINY_PARAMS))
-    params["train"].update(steps=200, checkpoint_every=10, bpd_images=0)
-    repo = make_pipeline_repo(tmp_path / "repo", params)
-    run_in(repo, "dvc", "repro", "prepare")
+    params["train"].update(steps=60, checkpoint_every=10, bpd_images=0)
+    repo = copy_repo(prepared_repo, tmp_path / "repo", params)
     proc = subprocess.Popen(["dvc", "repro", "train"], cwd=repo, env=pipeline_env(repo), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:

@@ -23,9 +23,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
 from conftest import BIN, ROOT, TINY_PARAMS, make_pipeline_repo
-from test_deployment import free_port, start, stop, wait_http
+from services import flow_run_id, free_port, start, stop, wait_http
+from test_pipeline import assert_bad_param_stops_before_outputs_go, assert_only_sampling_reran, assert_tracked_everything
 from test_flows import SWEEP_PARAMS
 
 pytestmark = pytest.mark.integration
@@ -70,15 +72,15 @@ def sh(repo: Path, *cmd: str, env: dict, timeout: float = 900) -> subprocess.Com
     return out
 
 
-def test_make_pipeline_and_dvc_commands_work_without_an_activated_venv(tmp_path: Path):
+def test_make_pipeline_tracks_everything_and_the_readme_commands_work_without_a_venv(tmp_path: Path):
     assert str(BIN) not in "/usr/bin:/bin"
     repo = fresh_clone(tmp_path / "clone", TINY_PARAMS)
     env = newcomer_env(repo)
     out = sh(repo, "make", "pipeline", env=env)
     assert "command not found" not in out.stdout + out.stderr
-    for stage in ("validate", "prepare", "train_vae", "encode", "train", "train_classifier", "sample", "evaluate"):
-        assert f"Running stage '{stage}'" in out.stdout
-    assert json.loads((repo / "metrics/evaluate.json").read_text())["fid"] > 0
+    assert_tracked_everything(repo, out.stdout)  # every stage ran, its files and MLflow runs
+    model_run_id = json.loads((repo / "models/run.json").read_text())["run_id"]
+    sample_run_id = json.loads((repo / "samples/run.json").read_text())["run_id"]
 
     # The README's "Generating images": from the model file, and from the champion of the local store.
     sh(repo, ".venv/bin/diffusion", "generate", "models/model.pt", "-n", "64", "--out", "generated", env=env)
@@ -93,17 +95,26 @@ def test_make_pipeline_and_dvc_commands_work_without_an_activated_venv(tmp_path:
 
     # The README's `.venv/bin/dvc exp run -S ...`: in the workspace, and in a temporary copy.
     out = sh(repo, ".venv/bin/dvc", "exp", "run", "-S", "sample.steps=4", env=env)
-    assert "Running stage 'sample'" in out.stdout and "Running stage 'train'" not in out.stdout
+    assert_only_sampling_reran(repo, out.stdout, model_run_id, sample_run_id)
+    assert_bad_param_stops_before_outputs_go(repo)
     out = sh(repo, ".venv/bin/dvc", "exp", "run", "--temp", "--name", "temp-copy", "-S", "sample.steps=3", env=env)
     shown = sh(repo, ".venv/bin/dvc", "exp", "show", "--json", env=env).stdout
     assert "temp-copy" in shown
 
 
-def test_the_readme_orchestration_path(tmp_path: Path):
-    """make services / deploy / worker, a deployment run, exp show, promote, load the champion, make ui."""
-    params = {**SWEEP_PARAMS, "sweep": {**SWEEP_PARAMS["sweep"], "study_name": "readme", "n_trials": 1,
+def test_the_readme_orchestration_path(tmp_path: Path, prepared_repo: Path):
+    """make services / deploy / worker, a deployment run, exp show, promote, load the champion, make ui.
+
+    The worker starts at the same moment as `make deploy` (which must not race it). The sweep's
+    space is one point: trial 0 runs the pipeline, trial 1 is the same experiment again and comes
+    whole from DVC's run cache, its FID from the experiment's metrics; both are nested MLflow runs
+    under the sweep's parent run, on the SQLite store of `make services`' MLflow server.
+    """
+    params = {**SWEEP_PARAMS, "sweep": {**SWEEP_PARAMS["sweep"], "study_name": "readme", "n_trials": 2,
                                          "space": {"sample.steps": {"type": "categorical", "choices": [3]}}}}
     repo = fresh_clone(tmp_path / "clone", params)
+    # The session's prepared data in the clone's DVC cache: the first trial restores prepare.
+    shutil.copytree(prepared_repo / ".dvc" / "cache", repo / ".dvc" / "cache", dirs_exist_ok=True)
     prefect_port, mlflow_port, ui_port = free_port(), free_port(), free_port()
     uri = f"http://127.0.0.1:{mlflow_port}"
     env = newcomer_env(repo, PREFECT_PORT=str(prefect_port), MLFLOW_PORT=str(mlflow_port))
@@ -117,12 +128,26 @@ def test_the_readme_orchestration_path(tmp_path: Path):
         procs.append(start(["make", "worker"], env=env, cwd=repo, log=logs["worker"]))
         sh(repo, "make", "deploy", env=env, timeout=300)
 
-        run = sh(repo, ".venv/bin/prefect", "deployment", "run", "train-sweep/train-sweep", "-p", "n_trials=1",
-                 "--watch", "--watch-interval", "5", "--watch-timeout", "480", env=env | api, timeout=540)
-        assert re.search(r"UUID: [0-9a-f-]{36}", run.stdout), run.stdout[-2000:]
-        assert "readme-0" in sh(repo, ".venv/bin/dvc", "exp", "show", env=env).stdout
+        watch = ["--watch", "--watch-interval", "2", "--watch-timeout", "480"]
+        run = sh(repo, ".venv/bin/prefect", "deployment", "run", "train-sweep/train-sweep", "-p", "n_trials=2",
+                 *watch, env=env | api, timeout=540)
+        flow_run = flow_run_id(run.stdout)
+        assert flow_run, run.stdout[-2000:]
+        inspected = sh(repo, ".venv/bin/prefect", "flow-run", "inspect", flow_run, "--output", "json", env=env | api)
+        assert json.loads(inspected.stdout)["state"]["type"] == "COMPLETED"
+        assert {"readme-0", "readme-1"} <= set(re.findall(r"readme-\d+", sh(repo, ".venv/bin/dvc", "exp", "show", env=env).stdout))
+        client = MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("diffusion").experiment_id], "tags.`sweep.study` = 'readme'")
+        parents = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
+        trials = [r for r in runs if "sweep.trial" in r.data.tags]
+        assert len(parents) == 1 and len(trials) == 2
+        assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in trials)
+        assert all(r.info.status == "FINISHED" and r.data.metrics["fid"] > 0 for r in trials)
+        first, second = sorted(trials, key=lambda r: int(r.data.tags["sweep.trial"]))
+        assert second.data.tags["train.model_run_id"] == first.info.run_id  # the run cache's model
+        assert second.data.metrics["fid"] == first.data.metrics["fid"]
+
         # The README's other deployment runs: the pipeline as one experiment, and promotion.
-        watch = ["--watch", "--watch-interval", "5", "--watch-timeout", "480"]
         run = sh(repo, ".venv/bin/prefect", "deployment", "run", "train-pipeline/train-pipeline",
                  "-p", 'params={"sample.steps": 2}', "-p", "name=readme-pipeline", *watch, env=env | api, timeout=540)
         assert "Completed" in run.stdout, run.stdout[-2000:]

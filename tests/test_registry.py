@@ -19,7 +19,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from conftest import TINY_PARAMS, make_pipeline_repo, pipeline_env, run_in
+from conftest import TINY_PARAMS, copy_repo, pipeline_env, run_in
 from diffusion import registry, tracking
 from diffusion.evaluation import protocol
 from diffusion.training.checkpoint import CheckpointError
@@ -341,13 +341,13 @@ def test_a_weights_file_that_would_run_code_is_refused_in_one_line(store, tmp_pa
 
 
 @pytest.mark.integration
-def test_the_champion_of_a_real_pipeline_samples_with_its_fids_settings(tmp_path):
+def test_the_champion_of_a_real_pipeline_samples_with_its_fids_settings(tmp_path, prepared_repo):
     """dvc repro of the tiny pipeline, then promote: the FID's protocol is recorded and the
     registered model samples with the sample params behind that FID. The network is a
     transformer, latent DiffiT (the registry holds any family; tests/test_transformers.py
     runs the other two through the pipeline)."""
     sample = {**TINY_PARAMS["sample"], "eta": 0.0, "clip_denoised": False}
-    repo = make_pipeline_repo(tmp_path / "repo", {**TINY_PARAMS, "sample": sample, "model": {"name": "latent-diffit-tiny"}})
+    repo = copy_repo(prepared_repo, tmp_path / "repo", {**TINY_PARAMS, "sample": sample, "model": {"name": "latent-diffit-tiny"}})
     run_in(repo, "dvc", "repro")
     uri = pipeline_env(repo)["MLFLOW_TRACKING_URI"]
     client = MlflowClient(uri)

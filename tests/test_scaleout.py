@@ -30,8 +30,8 @@ import pytest
 
 import postgres
 from conftest import BIN, ROOT, pipeline_env, run_in
-from test_deployment import DEPLOY_PARAMS, MAKE, cli, flow_run_id, free_port, start, stop, wait_http
-from test_flows import make_sweep_repo, shared_cache
+from services import MAKE, cli, flow_run_id, free_port, start, stop, wait_http
+from test_flows import SWEEP_PARAMS, make_sweep_repo
 
 pytestmark = [
     pytest.mark.integration,
@@ -44,12 +44,15 @@ PASSWORD = "scale-out-test"  # the team server's admin, created at its first sta
 
 
 def scaleout_params(storage: str) -> dict:
-    """The deployment test's tiny config, its study on PostgreSQL: every trial differs from
-    trial 0 only in sample.steps, so only trial 0 trains."""
+    """test_flows's tiny config with another training seed and no model logged (prepare comes
+    from the session's shared run cache, train runs here), its study on PostgreSQL: every trial
+    differs from trial 0 only in sample.steps, so only trial 0 trains."""
     return {
-        **DEPLOY_PARAMS,
+        **SWEEP_PARAMS,
+        "train": {**SWEEP_PARAMS["train"], "seed": 1},
+        "tracking": {"log_model": False},
         "sweep": {
-            **DEPLOY_PARAMS["sweep"], "study_name": STUDY, "storage": storage, "max_trials": MAX_TRIALS,
+            "study_name": STUDY, "n_trials": 4, "concurrency": 1, "storage": storage, "max_trials": MAX_TRIALS,
             "heartbeat_s": 1, "trial_retries": 1, "pruning": False,
             "space": {"sample.steps": {"type": "categorical", "choices": [2, 3]}},
         },
@@ -98,7 +101,7 @@ def wait_for(what: str, check, timeout: float = 300, every: float = 0.5):
     raise AssertionError(f"not within {timeout:.0f} s: {what}")
 
 
-def test_a_sweep_across_two_hosts_survives_a_killed_worker_and_restarted_servers(tmp_path_factory, monkeypatch):
+def test_a_sweep_across_two_hosts_survives_a_killed_worker_and_restarted_servers(tmp_path_factory, monkeypatch, shared_cache):
     import optuna
     from mlflow import MlflowClient
 
@@ -107,7 +110,7 @@ def test_a_sweep_across_two_hosts_survives_a_killed_worker_and_restarted_servers
     procs: dict[str, subprocess.Popen] = {}
     try:
         optuna_url = pg.create_database("optuna")
-        origin = make_sweep_repo(base / "origin", shared_cache(tmp_path_factory), scaleout_params(optuna_url))
+        origin = make_sweep_repo(base / "origin", shared_cache, scaleout_params(optuna_url))
         remote = base / "dvc-remote"
         for _ in range(2):  # once per repository; again, it changes nothing
             run_in(origin, "dvc", "remote", "add", "-d", "-f", "shared", str(remote))

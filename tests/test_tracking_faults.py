@@ -38,12 +38,10 @@ def tiny(**train) -> dict:
     return params
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    """data/ of TINY_PARAMS, prepared once for the module's repositories."""
-    repo = make_pipeline_repo(tmp_path_factory.mktemp("prepared") / "repo")
-    run_in(repo, "diffusion", "prepare")
-    return repo / "data"
+@pytest.fixture
+def prepared(prepared_repo) -> Path:
+    """data/ of TINY_PARAMS, prepared once a session (conftest's prepared_repo)."""
+    return prepared_repo / "data"
 
 
 def repo_with_data(path: Path, prepared: Path, params: dict) -> Path:

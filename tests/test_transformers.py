@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_pipeline_repo, pipeline_env, run_in
+from conftest import copy_repo, pipeline_env, run_in
 from mlflow import MlflowClient
 from tiny_unet import perturb
 
@@ -269,11 +269,11 @@ def test_each_family_overfits_one_batch(name):
 
 
 @pytest.mark.integration
-def test_diffit_trains_through_dvc_exp_run(tmp_path):
+def test_diffit_trains_through_dvc_exp_run(tmp_path, prepared_repo):
     """``dvc exp run -S model.name=diffit-tiny`` on the tiny pipeline: image-space DiffiT trained,
     sampled, evaluated and tracked. DiT runs the pipeline on latents in tests/test_latent.py, and
     latent DiffiT is registered and loaded from ``models:/`` in tests/test_registry.py."""
-    repo = make_pipeline_repo(tmp_path / "repo")
+    repo = copy_repo(prepared_repo, tmp_path / "repo")
     client = MlflowClient(pipeline_env(repo)["MLFLOW_TRACKING_URI"])
     out = run_in(repo, "dvc", "exp", "run", "-S", "model.name=diffit-tiny")
     assert "Running stage 'train'" in out.stdout

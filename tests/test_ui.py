@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 
 from conftest import BIN
 from diffusion import tracking
-from test_deployment import free_port, start, stop, wait_http
+from services import free_port, start, stop, wait_http
 
 pytestmark = pytest.mark.integration
 
