@@ -117,7 +117,7 @@ deploy: $(STAMP)
 	$(PREFECT_ENV) $(PREFECT) work-pool create $(POOL) --type process --overwrite
 	$(PREFECT_ENV) $(PREFECT) --no-prompt deploy --all
 
-# The shared team server (README, Scale-out): runs in PostgreSQL, artifacts under their
+# The shared team server (docs/scale-out.md): runs in PostgreSQL, artifacts under their
 # own root, MLflow's basic-auth app in front. Its settings are mlflow/team-server.env;
 # the auth app reads an ini file, written here from them. The first start against an
 # empty user store creates the admin from MLFLOW_AUTH_ADMIN_PASSWORD.

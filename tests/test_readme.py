@@ -30,8 +30,6 @@ from services import flow_run_id, free_port, start, stop, wait_http
 from test_pipeline import assert_bad_param_stops_before_outputs_go, assert_only_sampling_reran, assert_tracked_everything
 from test_flows import SWEEP_PARAMS
 
-pytestmark = pytest.mark.integration
-
 VENV = Path(sys.prefix)
 CLONED = ("Makefile", "pyproject.toml", "constraints.txt", "prefect.yaml", "README.md", "BENCHMARKS.md", "RELIABILITY.md")
 
@@ -72,6 +70,7 @@ def sh(repo: Path, *cmd: str, env: dict, timeout: float = 900) -> subprocess.Com
     return out
 
 
+@pytest.mark.integration
 def test_make_pipeline_tracks_everything_and_the_readme_commands_work_without_a_venv(tmp_path: Path):
     assert str(BIN) not in "/usr/bin:/bin"
     repo = fresh_clone(tmp_path / "clone", TINY_PARAMS)
@@ -82,7 +81,7 @@ def test_make_pipeline_tracks_everything_and_the_readme_commands_work_without_a_
     model_run_id = json.loads((repo / "models/run.json").read_text())["run_id"]
     sample_run_id = json.loads((repo / "samples/run.json").read_text())["run_id"]
 
-    # The README's "Generating images": from the model file, and from the champion of the local store.
+    # docs/sampling.md's "Generating images": from the model file, and from the champion of the local store.
     sh(repo, ".venv/bin/diffusion", "generate", "models/model.pt", "-n", "64", "--out", "generated", env=env)
     assert len(list((repo / "generated").glob("image-*.png"))) == 64 and (repo / "generated/grid.png").is_file()
     sh(repo, ".venv/bin/diffusion", "promote", env=env)
@@ -93,7 +92,7 @@ def test_make_pipeline_tracks_everything_and_the_readme_commands_work_without_a_
     sh(repo, ".venv/bin/diffusion", "generate", "models/model.pt", "-n", "16", "--sampler", "ddpm", "--steps", "100",
        "--seed", "1", "--batch-size", "8", env=env)
 
-    # The README's `.venv/bin/dvc exp run -S ...`: in the workspace, and in a temporary copy.
+    # docs/pipeline.md's `.venv/bin/dvc exp run -S ...`: in the workspace, and in a temporary copy.
     out = sh(repo, ".venv/bin/dvc", "exp", "run", "-S", "sample.steps=4", env=env)
     assert_only_sampling_reran(repo, out.stdout, model_run_id, sample_run_id)
     assert_bad_param_stops_before_outputs_go(repo)
@@ -102,6 +101,7 @@ def test_make_pipeline_tracks_everything_and_the_readme_commands_work_without_a_
     assert "temp-copy" in shown
 
 
+@pytest.mark.integration
 def test_the_readme_orchestration_path(tmp_path: Path, prepared_repo: Path):
     """make services / deploy / worker, a deployment run, exp show, promote, load the champion, make ui.
 
@@ -147,7 +147,7 @@ def test_the_readme_orchestration_path(tmp_path: Path, prepared_repo: Path):
         assert second.data.tags["train.model_run_id"] == first.info.run_id  # the run cache's model
         assert second.data.metrics["fid"] == first.data.metrics["fid"]
 
-        # The README's other deployment runs: the pipeline as one experiment, and promotion.
+        # docs/sweeps.md's other deployment runs: the pipeline as one experiment, and promotion.
         run = sh(repo, ".venv/bin/prefect", "deployment", "run", "train-pipeline/train-pipeline",
                  "-p", 'params={"sample.steps": 2}', "-p", "name=readme-pipeline", *watch, env=env | api, timeout=540)
         assert "Completed" in run.stdout, run.stdout[-2000:]

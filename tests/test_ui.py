@@ -5,7 +5,7 @@ holds three runs. Chromium renders three pages and the test reads the DOM they e
 with; it also saves a screenshot of the FID view next to the test's tmp files:
 
 - the experiment, fresh browser: MLflow 3.17 opens its GenAI overview (the sidebar
-  toggle decides, not the experiment), as README's MLflow UI section says;
+  toggle decides, not the experiment), as docs/tracking.md's MLflow UI section says;
 - the experiment after the toggle's one click (``workflowType=machine_learning``,
   what the toggle sets): the runs table;
 - the ``FID`` view (Runs -> Views -> FID): sorted by FID, with FID, KID and final loss.

@@ -1,6 +1,6 @@
 """The MLflow run a stage logs into, the process that holds it open, and what goes into it.
 
-Runs follow DVC's data lineage (README, "Tracking"):
+Runs follow DVC's data lineage (docs/tracking.md, "Tracking"):
 
 - ``train`` opens a run (the *model run*): params of data/model/diffusion/train,
   the dataset, per-step metrics, system metrics, the model. Its id is written to

@@ -9,7 +9,7 @@ git-ignored). Callers pass the URI, or a client of it (:func:`mlflow_client`), t
 they call; only a stage's run (:func:`diffusion.tracking.runs.stage_run`, in the stage's
 main thread) points MLflow's global URI at it, for MLflow's fluent API.
 
-A store that does not answer (README, "Tracking"; RELIABILITY.md): a stage checks it
+A store that does not answer (docs/tracking.md; RELIABILITY.md): a stage checks it
 before any work (:func:`check_store`) and stops in seconds with one line naming the
 URI, where MLflow's own HTTP retries would take about 4 minutes a call.
 
@@ -18,7 +18,7 @@ runs sorted by FID, with FID, KID and the final loss as columns. MLflow's UI (3.
 lists it under Runs -> Views and opens it from a link with
 ``?viewStateShareKey=fid``. No experiment tag or setting makes the UI open an
 experiment on its runs: 3.17 shows GenAI (traces) or model training (runs) by its
-sidebar toggle, kept per browser (README, "The MLflow UI").
+sidebar toggle, kept per browser (docs/tracking.md, "The MLflow UI").
 """
 
 from __future__ import annotations
