@@ -17,6 +17,10 @@ import importlib
 import os
 import sys
 
+from diffusion import interrupt
+
+PARENT = os.getppid()  # at start: a stage run by DVC stops when DVC dies (diffusion.interrupt)
+
 STAGES = {
     "validate": "diffusion.stages.validate",
     "prepare": "diffusion.stages.prepare",
@@ -46,32 +50,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
 
+    # SIGINT and SIGTERM stop every stage the same way, whatever its parent ignores; under DVC,
+    # so does DVC's death (SIGTERM kills DVC outright, which would leave the stage running).
+    main = os.environ.get("RANK", "0") == "0"
+    try:
+        with interrupt.handled():
+            if "DVC_STAGE" in os.environ and "WORLD_SIZE" not in os.environ:  # ranks die with their launcher
+                interrupt.stop_with_parent(PARENT)
+            return _run_stage(args.stage, args.params, argv, main)
+    except interrupt.Stopped as stop:
+        if main:
+            print(f"diffusion {args.stage}: {stop}" + ("" if stop.detail else "; run it again"), file=sys.stderr, flush=True)
+        return stop.exit_code
+
+
+def _run_stage(name: str, params_file: str, argv: list[str], main: bool) -> int:
     from diffusion.config import ConfigError, load_params
     from diffusion.errors import UserError
 
     try:
-        params = load_params(args.params)
+        params = load_params(params_file)
     except ConfigError as err:
-        print(f"diffusion {args.stage}: error: {err}", file=sys.stderr)
+        print(f"diffusion {name}: error: {err}", file=sys.stderr)
         return 2
-    processes = getattr(params, args.stage).distributed if args.stage in DISTRIBUTED else 1
+    processes = getattr(params, name).distributed if name in DISTRIBUTED else 1
     if processes > 1 and "WORLD_SIZE" not in os.environ:  # launch the ranks (not under torchrun already)
         from diffusion.training.launch import launch
 
-        return launch([sys.executable, "-m", "diffusion.cli", *argv], processes, key=f"{args.stage}.distributed")
-    stage = importlib.import_module(STAGES[args.stage])
+        try:
+            return launch([sys.executable, "-m", "diffusion.cli", *argv], processes, key=f"{name}.distributed")
+        except interrupt.Stopped as stop:
+            return stop.exit_code  # the ranks were stopped too; rank 0 says where
+    stage = importlib.import_module(STAGES[name])
     try:
         stage.run(params)
     except UserError as err:
+        if interrupt.requested():  # a rank that stopped left the others' collectives: they stop too
+            raise interrupt.Stopped(interrupt.requested()) from None
         # In a distributed job an error is said once: by rank 0 when every rank raises it, else by the
         # rank that failed (or the launcher, for a rank that died).
-        main = os.environ.get("RANK", "0") == "0"
         if not getattr(err, "said_elsewhere", False) and (main or not getattr(err, "every_rank", False)):
-            print(f"diffusion {args.stage}: error: {err}", file=sys.stderr)
+            print(f"diffusion {name}: error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"diffusion {args.stage}: interrupted; run it again to resume", file=sys.stderr)
-        return 130
     finally:
         # The process ends here. Its final garbage collections walk every object that
         # torch and MLflow created (BENCHMARKS.md measures the cost); frozen

@@ -2,7 +2,8 @@
 
 A flow never imports a stage. It runs ``dvc`` (whose stages are ``diffusion <stage>``)
 as a subprocess in the repository, streams the output line by line into the Prefect
-run's log, and can stop the whole process tree (a pruned trial).
+run's log, and can stop the whole process tree (a pruned trial); each command starts,
+stops and ends with the flow as :mod:`flows.processes` says.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusion.tracking import tracking_uri
+from flows import processes
 
 # The virtual environment's bin: `dvc` and the `diffusion` console script live here.
 BIN = Path(sys.executable).parent
@@ -119,36 +120,14 @@ class Outcome:
 
 
 def stop_tree(proc: subprocess.Popen, grace: float = 30.0) -> None:
-    """SIGINT to the process and its children (DVC and the stage it runs), SIGKILL after ``grace``.
+    """SIGINT to the command's process group (DVC and the stage it runs), SIGTERM after
+    ``grace``, then SIGKILL (:func:`flows.processes.stop`).
 
-    DVC ignores SIGINT while a stage runs and leaves it to the stage, which is in the
-    same tree: ``diffusion train`` stops at once, and DVC then removes its temporary
-    copy of the repository. The process itself is reaped by ``proc`` (so its exit
-    code stays known), its children by psutil.
+    DVC ignores SIGINT while a stage runs and leaves it to the stage: ``diffusion train``
+    writes a checkpoint at its step, marks its run and exits, and DVC then removes its
+    temporary copy of the repository.
     """
-    import psutil
-
-    try:
-        children = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        children = []
-    for target in [proc, *children]:
-        try:
-            target.send_signal(signal.SIGINT)
-        except (psutil.NoSuchProcess, ProcessLookupError):
-            pass
-    deadline = time.monotonic() + grace
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    _, alive = psutil.wait_procs(children, timeout=max(0.0, deadline - time.monotonic()))
-    for child in alive:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait()
+    processes.stop([proc], grace)
 
 
 def run_command(
@@ -161,13 +140,15 @@ def run_command(
     every: float = 2.0,
     grace: float = 30.0,
 ) -> Outcome:
-    """Run ``cmd``, sending each output line to ``log``.
+    """Run ``cmd``, sending each output line to ``log``; it starts and stops as
+    :mod:`flows.processes` says (SIGINT at its default, whatever the flow ignores).
 
     While it runs, ``watch()`` is called every ``every`` seconds; when it returns True
-    the process tree is stopped (:func:`stop_tree`) and the outcome says so.
+    the process tree is stopped (:func:`stop_tree`) and the outcome says so. When the flow
+    stops, so does the command, and :class:`flows.processes.Interrupted` is raised.
     """
     log(f"$ {' '.join(cmd)}")
-    proc = subprocess.Popen(
+    proc = processes.spawn(
         list(cmd), cwd=cwd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, errors="replace", bufsize=1,
     )
@@ -194,10 +175,13 @@ def run_command(
                     stop_tree(proc, grace)
     except BaseException:
         # The flow itself was interrupted or cancelled: take the command down with it.
-        stop_tree(proc, grace=5.0)
+        stop_tree(proc, grace=processes.INTERRUPTED_GRACE_S)
         raise
     finally:
         reader.join(timeout=10)
+        by_flow = processes.release(proc)
+    if by_flow:
+        raise processes.Interrupted(f"`{' '.join(cmd)}` was stopped (exit {proc.returncode}): the flow is stopping")
     return Outcome(proc.returncode, stopped, "\n".join(tail))
 
 

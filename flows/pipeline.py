@@ -21,6 +21,7 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows import processes
 from flows.commands import check, command_env, run_command, set_args
 
 RETRIES = 2
@@ -73,4 +74,4 @@ def train_pipeline(
 
 
 if __name__ == "__main__":
-    train_pipeline()
+    processes.run_main(train_pipeline)

@@ -49,6 +49,7 @@ from diffusion import tracking
 from diffusion.evaluation import protocol
 from diffusion.config import SearchDim, merge_params, parse_params
 from diffusion.stages.paths import EVALUATE_METRICS, FID_PROTOCOL, MODEL_RUN
+from flows import processes
 from flows.commands import check, command_env, run_with_lock_retries, set_args
 from flows.devices import available_cores, cpu_threads, lease_gpu, worker_gpus
 from flows.pipeline import dvc, stage_order
@@ -200,6 +201,8 @@ def run_trial(number: int, trial: Any, overrides: dict[str, Any], sweep: Sweep) 
         return TrialResult(number, "complete", run_id, values)
     except BaseException as err:
         client.set_tag(run_id, "sweep.error", f"{type(err).__name__}: {err}"[:5000])
+        if processes.interrupted(err):  # the flow was stopped (SIGINT, SIGTERM, cancelled)
+            status = "KILLED"
         raise
     finally:
         client.set_tag(run_id, "sweep.state", state)
@@ -215,11 +218,31 @@ def run_trials(study: Any, sweep: Sweep, space: Mapping[str, SearchDim], n_trial
     """Ask, run and tell ``n_trials`` trials, at most ``sweep.concurrency`` at once; their end states.
 
     Fewer when the study reaches ``sweep.max_trials`` (counted on every worker before each ask).
+    When the flow is stopped (SIGINT, SIGTERM, cancelled), the trials' commands are stopped
+    (:func:`flows.processes.stop_all`) and the trials still running are FAIL, as Optuna's own
+    ``optimize`` leaves an interrupted trial.
     """
     from optuna.trial import TrialState
 
-    logger = get_run_logger()
     running: dict[Any, tuple[Any, Heartbeat]] = {}
+    try:
+        return _run_trials(study, sweep, space, n_trials, running)
+    except BaseException as err:
+        if processes.interrupted(err):
+            processes.stop_all()
+            for trial, heartbeat in running.values():
+                heartbeat.stop()
+                through_outage(lambda trial=trial: study.tell(trial, state=TrialState.FAIL, skip_if_finished=True),
+                               get_run_logger().info)
+        raise
+
+
+def _run_trials(
+    study: Any, sweep: Sweep, space: Mapping[str, SearchDim], n_trials: int, running: dict[Any, tuple[Any, Heartbeat]]
+) -> dict[int, str]:
+    from optuna.trial import TrialState
+
+    logger = get_run_logger()
     states: dict[int, str] = {}
     started = 0
 
@@ -327,6 +350,10 @@ def train_sweep(
         summary = summarize(study, client, parent, sweep.objectives, states)
         log_study_plots(study, client, parent, sweep.objectives)
         status = "FINISHED"
+    except BaseException as err:
+        if processes.interrupted(err):
+            status = "KILLED"
+        raise
     finally:
         client.set_terminated(parent, status)
     if "COMPLETE" not in states.values() and "FAIL" in states.values():
@@ -335,4 +362,4 @@ def train_sweep(
 
 
 if __name__ == "__main__":
-    train_sweep()
+    processes.run_main(train_sweep)

@@ -75,6 +75,8 @@ def dep_files(deps: list[str]) -> set[str]:
 INERT = {
     "diffusion/cli.py": "the command line: it hands the stage the params config.py validated (a dep) and runs it",
     "diffusion/errors.py": "UserError: how a refusal is said, not what a stage computes",
+    "diffusion/interrupt.py": "how SIGINT and SIGTERM stop a stage; a checkpoint it has written resumes the same "
+                              "trajectory bit for bit",
     "diffusion/files.py": "atomic writes, stale temp files, file locks: they write the bytes they are given; file "
                           "hashes are named by their algorithm (md5, sha256), so their values cannot change",
     "diffusion/registry.py": "train_vae registers its autoencoder after writing its outputs; no stage loads a model "

@@ -7,7 +7,8 @@ constant learning rate on :func:`~diffusion.models.vae.autoencoder_loss` (recons
 before a NaN or inf loss reaches the weights. Batch indices and the posterior's noise come from one CPU
 generator seeded from ``seed``, saved in every checkpoint, so a killed run resumes on the
 same trajectory (bit for bit on the CPU). Checkpoints are ``ckpt-<step>.pt`` as the
-diffusion model's (:mod:`diffusion.training.checkpoint`); the newest three are kept.
+diffusion model's (:mod:`diffusion.training.checkpoint`), also at the step where SIGINT or
+SIGTERM stopped it (:mod:`diffusion.interrupt`); the newest three are kept.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from diffusion import interrupt
 from diffusion.models.vae import KLAutoencoder, autoencoder_loss
 from diffusion.training.checkpoint import CheckpointError, checkpoint_path, load_newest, prune_checkpoints, save_checkpoint
 from diffusion.training.devices import autocast, batch_memory, resolve_device, resolve_precision
@@ -76,8 +78,19 @@ def train_autoencoder(
             raise CheckpointError(f"{last_good}: not a checkpoint of this autoencoder ({str(err).splitlines()[0]})") from None
         print(f"train_vae: resuming from {last_good} at step {step}", flush=True)
 
+    def write_checkpoint() -> Path:
+        state = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+            "step": step, "curve": curve, "window": window,
+        }
+        path = save_checkpoint(checkpoint_path(checkpoint_dir, step), state)
+        prune_checkpoints(checkpoint_dir, KEEP_CHECKPOINTS, path)
+        return path
+
     timed_s, timed_steps = 0.0, 0
-    with tqdm(total=cfg.steps, initial=step, desc="train_vae", unit="step", disable=not progress) as bar:
+    bar = tqdm(total=cfg.steps, initial=step, desc="train_vae", unit="step", disable=not progress)
+    # SIGINT or SIGTERM: the step under way ends, then a checkpoint at it (diffusion.interrupt).
+    with interrupt.deferred(), bar:
         while step < cfg.steps:
             step += 1
             start = time.perf_counter()
@@ -107,12 +120,11 @@ def train_autoencoder(
                 if log is not None:
                     log(step, {f"vae_{k}": mean for k, mean in zip(TERMS, means)})
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                state = {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                    "step": step, "curve": curve, "window": window,
-                }
-                last_good = save_checkpoint(checkpoint_path(checkpoint_dir, step), state)
-                prune_checkpoints(checkpoint_dir, KEEP_CHECKPOINTS, last_good)
+                last_good = write_checkpoint()
+            if interrupt.requested():
+                if last_good != checkpoint_path(checkpoint_dir, step):
+                    last_good = write_checkpoint()
+                raise interrupt.Stopped(interrupt.requested(), f"at step {step}; checkpoint written; run it again to resume")
     return AutoencoderResult(
         step=step, curve=curve, img_per_s=cfg.batch_size * timed_steps / timed_s if timed_steps else None,
         model=model.eval(),

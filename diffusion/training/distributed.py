@@ -101,6 +101,15 @@ def mean(values: torch.Tensor) -> torch.Tensor:
     return total / dist.get_world_size()
 
 
+def highest(value: int) -> int:
+    """The largest of the ranks' ``value`` (itself for one process)."""
+    if not active():
+        return value
+    total = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(total, op=dist.ReduceOp.MAX)
+    return int(total.item())
+
+
 def concat(tensor: torch.Tensor) -> torch.Tensor:
     """The ranks' ``tensor`` s (equal shapes) concatenated along dim 0 in rank order."""
     if not active():

@@ -5,14 +5,14 @@ process; the ranks use :mod:`diffusion.training.distributed`).
 The ranks stay in the launcher's process group (``kill -9`` of a ``dvc repro``'s group takes
 them all), and the kernel kills each rank when the launcher dies (``PR_SET_PDEATHSIG``), so
 no rank outlives the job. When one rank fails, the others are stopped and the job fails with
-one line naming the rank; the next run resumes from the last checkpoint. (torch's elastic
-agent, torchrun, starts each rank in a new session: a killed agent leaves its ranks running.)
+one line naming the rank; the next run resumes from the last checkpoint. SIGINT or SIGTERM
+to the launcher goes on to the ranks, which stop together at one step, checkpointed
+(:mod:`diffusion.interrupt`). (torch's elastic agent, torchrun, starts each rank in a new
+session: a killed agent leaves its ranks running.)
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import signal
 import socket
@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+
+from diffusion.interrupt import die_with_parent
 
 STOP_GRACE_S = 10.0
 """Seconds the other ranks get to stop after SIGTERM before SIGKILL, when one rank failed."""
@@ -29,12 +31,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGKILL when the launcher dies (Linux ``PR_SET_PDEATHSIG``)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
 
 
 def _exit_reason(code: int) -> str:
@@ -57,7 +53,7 @@ def launch(command: Sequence[str], processes: int, *, key: str) -> int:
             "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
         }
         env.setdefault("OMP_NUM_THREADS", str(threads))
-        ranks.append(subprocess.Popen(list(command), env=env, preexec_fn=_die_with_parent))
+        ranks.append(subprocess.Popen(list(command), env=env, preexec_fn=die_with_parent))  # SIGKILL when the launcher dies
     try:
         while True:
             codes = [proc.poll() for proc in ranks]
@@ -76,16 +72,16 @@ def launch(command: Sequence[str], processes: int, *, key: str) -> int:
             if all(code == 0 for code in codes):
                 return 0
             time.sleep(0.2)
-    except BaseException:
-        _stop(ranks)
+    except BaseException as err:
+        _stop(ranks, getattr(err, "signum", signal.SIGTERM))  # stopped by a signal (diffusion.interrupt): that one
         raise
 
 
-def _stop(ranks: list[subprocess.Popen]) -> None:
-    """SIGTERM to the ranks still running, SIGKILL to those left after :data:`STOP_GRACE_S`."""
+def _stop(ranks: list[subprocess.Popen], signum: int = signal.SIGTERM) -> None:
+    """``signum`` to the ranks still running, SIGKILL to those left after :data:`STOP_GRACE_S`."""
     for proc in ranks:
         if proc.poll() is None:
-            proc.terminate()
+            proc.send_signal(signum)
     deadline = time.monotonic() + STOP_GRACE_S
     for proc in ranks:
         try:

@@ -16,7 +16,8 @@ sampled timesteps and the hybrid loss):
    measured), then an EMA update of the weights (:mod:`diffusion.training.ema`).
 
 Checkpoints are ``<checkpoint_dir>/ckpt-<step>.pt`` (zero-padded step), written
-atomically every ``checkpoint_every`` steps and at the end; the newest
+atomically every ``checkpoint_every`` steps, at the end, and at the step where SIGINT or
+SIGTERM stopped the loop (:mod:`diffusion.interrupt`: the step under way ends first); the newest
 :data:`KEEP_CHECKPOINTS` are kept; there is no separate ``last.pt``. Resume reads
 the newest one that is not damaged (:func:`diffusion.training.checkpoint.load_newest`: CRC and
 finite weights checked), with a one-line warning for each newer one it skips.
@@ -57,6 +58,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffusion import interrupt
 from diffusion.training import distributed
 from diffusion.training.checkpoint import (
     CheckpointError, checkpoint_path, load_checkpoint, load_newest, prune_checkpoints, save_checkpoint,
@@ -424,8 +426,18 @@ def train(
             if main:
                 print(f"train: resuming from {last_ckpt} at step {step}", flush=True)
 
+        def write_checkpoint() -> Path:
+            state = run.state_dict() | {"step": step, "loss_curve": loss_curve, "val_curve": val_curve, "log_window": window}
+            path = checkpoint_path(checkpoint_dir, step)
+            if main:
+                save_checkpoint(path, state)
+                prune_checkpoints(checkpoint_dir, KEEP_CHECKPOINTS, path)
+            return path
+
         timed_s, timed_steps, window_s, window_steps = 0.0, 0, 0.0, 0
-        with tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not (progress and main)) as bar:
+        bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not (progress and main))
+        # SIGINT or SIGTERM: the step under way ends, then a checkpoint at it (diffusion.interrupt).
+        with interrupt.deferred(), bar:
             while step < cfg.steps:
                 step += 1
                 start = time.perf_counter()
@@ -453,11 +465,12 @@ def train(
                         log(step, {"val_loss": val_curve[-1][1]})
 
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                    state = run.state_dict() | {"step": step, "loss_curve": loss_curve, "val_curve": val_curve, "log_window": window}
-                    last_ckpt = checkpoint_path(checkpoint_dir, step)
-                    if main:
-                        save_checkpoint(last_ckpt, state)
-                        prune_checkpoints(checkpoint_dir, KEEP_CHECKPOINTS, last_ckpt)
+                    last_ckpt = write_checkpoint()
+                stop = distributed.highest(interrupt.requested() or 0)  # every rank stops at the same step
+                if stop:
+                    if last_ckpt != checkpoint_path(checkpoint_dir, step):
+                        last_ckpt = write_checkpoint()
+                    raise interrupt.Stopped(stop, f"at step {step}; checkpoint written; run it again to resume")
 
         bpd = None
         if main and heldout_images is not None and heldout_images.dtype == torch.uint8 and cfg.bpd_images > 0:
