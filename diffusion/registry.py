@@ -229,9 +229,7 @@ def _version_for(client: Any, name: str, run: Any, model_id: str, measured: dict
         autoencoder=trained.autoencoder_spec, decoder=trained.autoencoder,
     )
     promoted_id = tracking.log_packaged_model(packaged, PROMOTED_NAME, run_id=run.info.run_id, tracking_uri=client.tracking_uri)
-    return client.create_model_version(
-        name, f"models:/{promoted_id}", run_id=run.info.run_id, tags=tags, model_id=promoted_id
-    )
+    return _create_version(client, name, promoted_id, run_id=run.info.run_id, tags=tags)
 
 
 def register_version(
@@ -246,10 +244,14 @@ def register_version(
     except MlflowException as err:
         if err.error_code not in ALREADY_EXISTS:
             raise
-    logged = client.get_logged_model(model_id)
-    return client.create_model_version(
-        name, f"models:/{model_id}", run_id=logged.source_run_id, tags=tags, model_id=model_id
-    )
+    return _create_version(client, name, model_id, run_id=client.get_logged_model(model_id).source_run_id, tags=tags)
+
+
+def _create_version(client: Any, name: str, model_id: str, *, run_id: str, tags: dict[str, str]) -> Any:
+    """A version of ``name`` from logged model ``model_id`` in the store of ``client`` (MLflow's
+    SQL registry looks the model up in the global URI's store: :func:`tracking.global_tracking_uri`)."""
+    with tracking.global_tracking_uri(client.tracking_uri):
+        return client.create_model_version(name, f"models:/{model_id}", run_id=run_id, tags=tags, model_id=model_id)
 
 
 def champion(client: Any, name: str) -> Any | None:

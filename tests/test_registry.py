@@ -153,6 +153,21 @@ def test_a_given_store_is_used_without_setting_mlflow_s_global_uri(store, tmp_pa
             os.environ["MLFLOW_TRACKING_URI"] = before
 
 
+def test_a_version_is_registered_in_the_store_named_by_uri_whatever_the_global_one(store, tmp_path, monkeypatch):
+    """As seen through `diffusion promote` in a fresh clone: with no MLFLOW_TRACKING_URI, MLflow's
+    SQL registry looked the promoted model up in the default store (./mlflow.db) and refused it,
+    'Logged model with ID ... not found'. Promotion registers in the store it is given, and MLflow's
+    global URI and MLFLOW_TRACKING_URI are as they were after."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(None)
+    run_id = fid_run(store, 25.0)
+    result = registry.promote("given-store", run_id=run_id, tracking_uri=store["uri"])
+    version = MlflowClient(store["uri"]).get_model_version_by_alias("given-store", registry.CHAMPION)
+    assert result.champion and result.version == version.version and version.run_id == run_id
+    assert "MLFLOW_TRACKING_URI" not in os.environ and not (tmp_path / "mlflow.db").exists()
+
+
 # A promotion in its own process. It reads the champion, then sleeps (FID 20 longer than
 # FID 10) before deciding: without the lock both would read "no champion", and FID 20,
 # setting the alias last, would win.

@@ -45,6 +45,7 @@ from diffusion.tracking.store import (
     check_store,
     default_tracking_uri,
     experiment_id,
+    global_tracking_uri,
     mlflow_client,
     store_answers,
     tracking_uri,

@@ -74,6 +74,27 @@ def tracking_uri(root: Path | None = None) -> str:
     return uri
 
 
+@contextlib.contextmanager
+def global_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI (and so ``MLFLOW_TRACKING_URI``) is ``uri`` while the block
+    runs, both as they were after. For the MLflow calls that reach a store through a client of
+    the global URI whatever client they were called on: the SQL registry store's
+    ``create_model_version`` looks a ``models:/<id>`` source up with ``MlflowClient()`` (a TODO
+    in MLflow's code), so without this a version registered in a store named by URI is refused
+    as not found, or registered from another store's model of that id."""
+    from mlflow.tracking._tracking_service import utils
+
+    mlflow = load_mlflow()
+    variable, explicit = os.environ.get(URI_ENV), utils._tracking_uri  # set_tracking_uri(None) unsets both
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(explicit)
+        if variable is not None:
+            os.environ[URI_ENV] = variable
+
+
 def mlflow_client(uri: str | None = None) -> Any:
     """An ``MlflowClient`` of the tracking and registry store at ``uri`` (default :func:`tracking_uri`)."""
     uri = uri or tracking_uri()
