@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with interrupt.handled():
             if "DVC_STAGE" in os.environ and "WORLD_SIZE" not in os.environ:  # ranks die with their launcher
-                interrupt.stop_with_parent(PARENT)
+                interrupt.stop_with_dvc(PARENT)
             return _run_stage(args.stage, args.params, argv, main)
     except interrupt.Stopped as stop:
         if main:

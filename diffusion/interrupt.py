@@ -15,7 +15,7 @@ whatever it inherited:
 - once a stop is under way, later signals are recorded and nothing more, so the
   checkpoint and the run's end are never cut short (SIGKILL still is).
 
-A stage run by ``dvc repro`` also stops when DVC dies (:func:`stop_with_parent`): DVC
+A stage run by ``dvc repro`` also stops when DVC dies (:func:`stop_with_dvc`): DVC
 ignores SIGINT while its stage runs, but SIGTERM kills it outright, and the stage would go
 on as an orphan.
 """
@@ -27,7 +27,9 @@ import ctypes
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -109,9 +111,38 @@ def die_with_parent(signum: int = signal.SIGKILL) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(signum))
 
 
-def stop_with_parent(parent: int) -> None:
-    """SIGTERM to this process when ``parent``, its parent when it started, dies, or now if it
-    already has (the kernel's parent-death signal only covers a death after it is set)."""
+SHELLS = {"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish"}
+
+
+def _parent_of(pid: int) -> int | None:
+    """The parent pid of ``pid`` (``/proc``), or None when it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def stop_with_dvc(parent: int) -> None:
+    """SIGTERM to this stage when the DVC that runs it dies, or now if it has. DVC runs a stage's
+    command with ``$SHELL -c`` (``/bin/sh`` when unset): bash execs the command, so DVC is
+    ``parent``, the parent this process started with, and the kernel's parent-death signal does
+    it (:func:`die_with_parent`); dash, Debian's ``/bin/sh``, stays between them and outlives DVC,
+    so a thread checks each second that the shell's parent is still DVC."""
     die_with_parent(signal.SIGTERM)
     if os.getppid() != parent:
         os.kill(os.getpid(), signal.SIGTERM)
+        return
+    try:
+        name = Path(f"/proc/{parent}/comm").read_text().strip()
+    except OSError:
+        return
+    dvc = _parent_of(parent)
+    if name not in SHELLS or dvc is None:
+        return
+
+    def watch() -> None:
+        while _parent_of(parent) == dvc:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="stop-with-dvc", daemon=True).start()
