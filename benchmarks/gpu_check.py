@@ -243,6 +243,11 @@ def mfu(img_per_s: float, flops_per_image: float | None, peak: float | None) -> 
     return img_per_s * flops_per_image / peak
 
 
+def mfu_text(value: float | None) -> str:
+    """``", MFU 12.3%"``, or nothing where MFU is not measured (the CPU)."""
+    return f", MFU {value:.1%}" if value is not None else ""
+
+
 def counted_flops(step: Callable[[], Any]) -> float:
     """Model FLOPs of one call of ``step`` (forward and backward: matrix products, convolutions, attention)."""
     with FlopCounterMode(display=False) as counter:
@@ -401,9 +406,8 @@ def section_train(setup: Setup, record: dict) -> None:
             entry["variants"][variant] = result
             if role == "default" and variant == "bf16":
                 setup.trained["default"] = trainer.ema.model
-            share = f", MFU {result['mfu']:.1%}" if result["mfu"] is not None else ""
             print(
-                f"{work.model:<11} {variant:<27} {img_per_s:>9.1f} img/s{share} ({steps} steps in {seconds:.1f} s; "
+                f"{work.model:<11} {variant:<27} {img_per_s:>9.1f} img/s{mfu_text(result['mfu'])} ({steps} steps in {seconds:.1f} s; "
                 f"warm-up {warm_s:.1f} s; loss {result['loss']:.4f})", flush=True,
             )
             del trainer, step
@@ -474,7 +478,7 @@ def section_fid(setup: Setup, record: dict) -> None:
     from diffusion.evaluation import metrics  # clean-fid itself is imported by its functions
 
     if importlib.util.find_spec("cleanfid") is None:
-        raise Skipped("clean-fid is not installed (carry its wheel: docs/gpu.md)")
+        raise Skipped("clean-fid is not installed (carry its wheel: benchmarks/GPU_CHECK.md)")
     try:
         metrics.inception_weights()
     except metrics.MetricsError as err:
@@ -534,17 +538,16 @@ def section_peers(setup: Setup, record: dict) -> None:
         for peer in steps:
             rate = statistics.median(work.batch / s for s in seconds[peer])
             entry[peer].update(img_per_s=rate, steps=len(seconds[peer]), mfu=mfu(rate, entry[peer]["flops_per_image"], peak))
-            share = f", MFU {entry[peer]['mfu']:.1%}" if entry[peer]["mfu"] is not None else ""
             name = work.model if peer == "ours" else entry["diffusers_class"]
             print(
                 f"{name:<22} {entry[peer]['params']:>12,} params {entry[peer]['flops_per_image'] / 1e9:>7.2f} GFLOP/img "
-                f"{rate:>9.1f} img/s{share}", flush=True,
+                f"{rate:>9.1f} img/s{mfu_text(entry[peer]['mfu'])}", flush=True,
             )
         del models, steps
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if "diffusers" not in peers:
-        raise Skipped("diffusers is not installed: ours alone was measured (carry its wheel: docs/gpu.md)")
+        raise Skipped("diffusers is not installed: ours alone was measured (carry its wheel: benchmarks/GPU_CHECK.md)")
 
 
 def section_oom(setup: Setup, record: dict) -> None:
