@@ -52,8 +52,7 @@ class ConfigError(UserError, ValueError):
 
 
 class _Section(BaseModel):
-    # allow_inf_nan: YAML's .inf and .nan pass every range (inf > 0) and fail only in a stage.
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class DataParams(_Section):
@@ -127,7 +126,7 @@ class TrainParams(_Section):
 
 
 class SampleParams(_Section):
-    num_samples: int = Field(ge=2)  # evaluate's FID needs a covariance, KID pairs of images: N >= 2
+    num_samples: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     sampler: SamplerName
     steps: int = Field(ge=1)
@@ -232,8 +231,6 @@ class Params(_Section):
                 f"diffusion.timesteps: the linear schedule scales its last beta by 1000/T, reaching 1 below "
                 f"T=20; got {d.timesteps}, allowed 20..100000 (or another schedule)"
             )
-        if self.sample.sampler == "ddim" and self.sample.eta > 1:
-            raise ValueError(f"sample.eta: {self.sample.eta} is outside DDIM's range; allowed 0..1")
         if why := eta_refused(self.sample.sampler, self.sample.eta):
             raise ValueError(f"sample.eta: {why}")
         check_threshold(self.sample.threshold, key="sample.threshold")

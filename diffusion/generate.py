@@ -17,8 +17,9 @@ Written into ``--out``, each file atomically: ``image-00000.png`` ... (one per i
 an earlier, larger run in the folder are removed.
 
 Bad arguments are one line, before anything is sampled: a value out of range, an unknown
-sampler or step schedule, a missing model file or URI, labels outside the model's classes,
-labels or guidance for an unconditional model, more steps than the model's timesteps.
+sampler or step schedule, an eta the sampler does not take, a missing model file or URI,
+labels outside the model's classes, labels or guidance for an unconditional model, more
+steps than the model's timesteps, an ``--out`` that is a file or cannot be written.
 """
 
 from __future__ import annotations
@@ -91,6 +92,23 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise GenerateError(f"--labels: got {min(args.labels)}; allowed: class indices >= 0")
     if args.guidance_interval is not None and not 0 <= args.guidance_interval[0] <= args.guidance_interval[1]:
         raise GenerateError(f"--guidance-interval: got {args.guidance_interval}; allowed: LO HI with 0 <= LO <= HI")
+    if args.sampler is not None and args.eta is not None and (why := eta_refused(args.sampler, args.eta)):
+        raise GenerateError(f"--eta: {why}")
+
+
+def check_out(out: Path) -> None:
+    """Create ``out`` and write and remove a nameless file in it, before anything is sampled:
+    :class:`GenerateError` when it is a file, or a folder that cannot be made or written."""
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        raise GenerateError(f"--out: {out}: is a file, not a folder; name a folder to write the images in")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise GenerateError(f"--out: {out}: cannot write there ({err.strerror or err}); allowed: a folder you can write") from None
 
 
 def load(model: str, tracking_uri: str | None):
@@ -172,6 +190,7 @@ def main(argv: list[str]) -> int:
         packaged = load(args.model, args.tracking_uri).to(device)
         sampling = settings(packaged, args)
         labels = sampling_labels(args.labels, args.num_images, packaged.model_spec.get("num_classes"), key="--labels")
+        check_out(Path(args.out))
         images = generate_images(
             packaged, sampling, labels=labels, batch_size=args.batch_size, seed=args.seed, device=device, name=option
         )

@@ -155,15 +155,29 @@ def unconditional_file(tmp_path_factory) -> Path:
          "--guidance-scale: 3.0 guides a class-conditional model, and this one is unconditional; allowed: 1 (no guidance)"),
         ("unconditional", ["--labels", "1"], 1, "--labels: this model is unconditional (it has no classes); leave --labels out"),
         ("missing.pt", [], 1, f"model: missing.pt: no such file, and not a run id or a model URI ({registry.URI_FORMS})"),
+        ("conditional", ["--sampler", "ddim", "--eta", "5"], 1, "--eta: 5.0 is outside DDIM's range; allowed 0..1"),
+        ("conditional", ["--eta", "1.5"], 1, "--eta: 1.5 is outside DDIM's range; allowed 0..1"),  # the model's DDIM
+        ("conditional", ["--sampler", "dpm++2m", "--eta", "0.5"], 1,
+         "--eta: 0.5 means nothing to dpm++2m; use 0, or a sampler that takes eta: ddim"),
+        # <tmp>/afile is a regular file: root, who ignores permissions, cannot make a folder in it either.
+        ("conditional", ["--out", "<tmp>/afile"], 1, "--out: <tmp>/afile: is a file, not a folder; name a folder to write the images in"),
+        ("conditional", ["--out", "<tmp>/afile/out"], 1,
+         "--out: <tmp>/afile/out: cannot write there (Not a directory); allowed: a folder you can write"),
     ],
 )
 def test_bad_arguments_are_one_line_before_anything_is_written(
-    model_file, unconditional_file, tmp_path, capsys, model, args, code, message
+    model_file, unconditional_file, tmp_path, capsys, monkeypatch, model, args, code, message
 ):
+    def sampled(*args, **kwargs):
+        raise AssertionError("sampled images for bad arguments")
+
+    monkeypatch.setattr("diffusion.images.generate_images", sampled)
+    (tmp_path / "afile").write_text("not a folder")
     source = {"conditional": model_file, "unconditional": unconditional_file}.get(model, model)
-    assert generate(source, *args, "--out", tmp_path / "out") == code
-    assert capsys.readouterr().err == f"diffusion generate: error: {message}\n"
-    assert not (tmp_path / "out").exists()
+    args = [arg.replace("<tmp>", str(tmp_path)) for arg in args]
+    assert generate(source, "--out", tmp_path / "out", *args) == code  # the last --out counts
+    assert capsys.readouterr().err == f"diffusion generate: error: {message.replace('<tmp>', str(tmp_path))}\n"
+    assert [path.name for path in tmp_path.iterdir()] == ["afile"] and (tmp_path / "afile").read_text() == "not a folder"
 
 
 def test_a_model_uri_the_store_lacks_is_one_line(store, tmp_path, capsys):

@@ -19,14 +19,20 @@ class SamplerSpec:
     """The sampler's function as ``module.name`` in the :mod:`diffusion.sampling` package."""
     nfe: Callable[[int], int]
     """Network evaluations per image for ``steps`` sampler steps."""
-    takes_eta: bool = False
-    """Whether ``sample.eta`` means anything to it: DDIM's stochasticity. Ancestral DDPM draws
+    max_eta: float = 0.0
+    """The largest ``sample.eta`` it takes (it takes 0..max_eta): DDIM's stochasticity, 0..1
+    (eq. 16: η = 1 is DDPM's variance). 0: eta means nothing to it; ancestral DDPM draws
     with the denoiser's own variance, and the others solve the probability-flow ODE."""
+
+    @property
+    def takes_eta(self) -> bool:
+        """Whether ``sample.eta`` means anything to it."""
+        return self.max_eta > 0
 
 
 SAMPLER_SPECS: dict[str, SamplerSpec] = {
     "ddpm": SamplerSpec("ancestral.ddpm_sample", nfe=lambda steps: steps),  # one evaluation a step
-    "ddim": SamplerSpec("ancestral.ddim_sample", nfe=lambda steps: steps, takes_eta=True),
+    "ddim": SamplerSpec("ancestral.ddim_sample", nfe=lambda steps: steps, max_eta=1.0),
     "dpm++2m": SamplerSpec("dpm_solver.dpmpp_2m_sample", nfe=lambda steps: steps),  # multistep: one a step
     "dpm++3m": SamplerSpec("dpm_solver.dpmpp_3m_sample", nfe=lambda steps: steps),
     "unipc": SamplerSpec("unipc.unipc_sample", nfe=lambda steps: steps),  # the corrector reuses the next evaluation
@@ -37,10 +43,14 @@ SAMPLER_SPECS: dict[str, SamplerSpec] = {
 
 def eta_refused(sampler: str, eta: float) -> str | None:
     """Why ``eta`` does not fit ``sampler`` (None: it does): a sampler that does not take eta
-    draws the same images at any eta, so it takes none but 0. The validation of params.yaml
-    and of ``diffusion generate`` both ask here; the FID protocol records eta 0 for such a
-    sampler (:func:`diffusion.evaluation.protocol.describe`)."""
-    if eta == 0 or SAMPLER_SPECS[sampler].takes_eta:
+    draws the same images at any eta, so it takes none but 0; one that does takes
+    0..:attr:`SamplerSpec.max_eta`. The validation of params.yaml and of ``diffusion generate``
+    both ask here; the FID protocol records eta 0 for a sampler that takes none
+    (:func:`diffusion.evaluation.protocol.describe`)."""
+    spec = SAMPLER_SPECS[sampler]
+    if spec.takes_eta and not 0 <= eta <= spec.max_eta:
+        return f"{eta} is outside {sampler.upper()}'s range; allowed 0..{spec.max_eta:g}"
+    if eta == 0 or spec.takes_eta:
         return None
     takers = ", ".join(name for name, spec in SAMPLER_SPECS.items() if spec.takes_eta)
     return f"{eta} means nothing to {sampler}; use 0, or a sampler that takes eta: {takers}"
