@@ -6,6 +6,7 @@ digits (A), 12 other digits (B) and 12 uniform-noise images, computed once per m
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -124,6 +125,29 @@ def test_a_cache_owned_by_another_user_is_refused(cache: Path, monkeypatch: pyte
     monkeypatch.setattr(metrics.os, "getuid", lambda: cache.stat().st_uid + 1)
     with pytest.raises(metrics.MetricsError, match=rf"^{cache}: owned by uid \d+, not by you \(uid \d+\): refused .*XDG_CACHE_HOME"):
         metrics.cache_dir()
+
+
+@pytest.mark.parametrize("stage", ["prepare", "evaluate"])
+def test_a_home_that_cannot_be_written_is_one_line_before_any_work(stage: str, tmp_path: Path) -> None:
+    """HOME under a regular file (not even root can create it; /nonexistent root could) and no
+    XDG_CACHE_HOME: the stage that computes Inception features says so in one line, first
+    (evaluate before the store, the samples; prepare before the data), and writes nothing."""
+    import yaml
+
+    from conftest import ROOT, full_params
+
+    (tmp_path / "afile").write_text("a regular file")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(full_params()))
+    env = {key: value for key, value in os.environ.items() if key != "XDG_CACHE_HOME"}
+    env |= {"HOME": str(tmp_path / "afile" / "home"), "PYTHONPATH": str(ROOT),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    done = subprocess.run([sys.executable, "-m", "diffusion.cli", stage], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stderr) == (1, (
+        f"diffusion {stage}: error: {tmp_path}/afile/home/.cache/diffusion: cannot create the cache of the "
+        "Inception weights (Not a directory); set XDG_CACHE_HOME to a writable folder\n"
+    ))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["afile", "params.yaml"]
 
 
 @pytest.mark.parametrize("planted", ["another network", "truncated"])

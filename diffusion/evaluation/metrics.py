@@ -75,9 +75,16 @@ class MetricsError(UserError, RuntimeError):
 def cache_dir() -> Path:
     """The per-user cache, ``$XDG_CACHE_HOME/diffusion`` (default ``~/.cache/diffusion``),
     created 0700 and made 0700 again if group or others have access; :class:`MetricsError`
-    when another user owns it."""
+    when it cannot be created (a ``HOME`` that is not writable) or another user owns it.
+    The stages that compute Inception features call it before any work."""
     folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffusion"
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as err:  # PermissionError, NotADirectoryError, a read-only file system, ...
+        raise MetricsError(
+            f"{folder}: cannot create the cache of the Inception weights ({err.strerror or err}); "
+            "set XDG_CACHE_HOME to a writable folder"
+        ) from None
     if os.name == "posix":
         info = folder.stat()
         if info.st_uid != os.getuid():

@@ -21,7 +21,7 @@ from diffusion.evaluation import protocol
 from diffusion.config import Params
 from diffusion.data.dataset import DatasetError, quote_error
 from diffusion.files import file_digest, write_csv
-from diffusion.evaluation.metrics import INCEPTION, fid_from_features, inception_features, kid_from_features, load_reference
+from diffusion.evaluation.metrics import INCEPTION, cache_dir, fid_from_features, inception_features, kid_from_features, load_reference
 from diffusion.stages.paths import EVALUATE_METRICS, FID_CURVE, FID_PROTOCOL, REFERENCE, SAMPLE_RUN, SAMPLES
 
 CURVE_POINTS = 5
@@ -51,6 +51,7 @@ def fid_curve(features: np.ndarray, reference_features: np.ndarray) -> list[tupl
 
 
 def run(params: Params) -> None:
+    cache_dir()  # the Inception weights' cache, before any work: a HOME that is not writable is one line
     tracking.check_store()  # in seconds, before any work: a store that does not answer is one line
     cfg = params.evaluate
     images, sampling = load_samples(SAMPLES)

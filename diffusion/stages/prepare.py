@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from diffusion.config import Params
 from diffusion.data.dataset import save_dataset, split, write_manifest
-from diffusion.evaluation.metrics import inception_features, save_reference
+from diffusion.evaluation.metrics import cache_dir, inception_features, save_reference
 from diffusion.data.sources import load_source
 from diffusion.stages.paths import HELDOUT_SET, MANIFEST, REFERENCE, TRAIN_SET
 
 
 def run(params: Params) -> None:
+    cache_dir()  # the Inception weights' cache, before any work: a HOME that is not writable is one line
     splits = split(load_source(params.data), params.data)
     TRAIN_SET.parent.mkdir(parents=True, exist_ok=True)
     save_dataset(TRAIN_SET, splits.train)
