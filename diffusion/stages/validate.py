@@ -8,14 +8,17 @@ runs it first and stops on its error with every previous output in place. The
 combinations) when this runs; here come the checks that depend on the machine: a
 ``cuda`` device asked for where there is none (each device a stage will use: the
 autoencoder's with ``model.space: latent``, the classifier's with ``guidance.classifier``),
-or more CUDA processes (``train.distributed``, ``sample.distributed``) than GPUs. The
-output's content never changes, so a valid change re-runs no stage that its params do not
+or more CUDA processes (``train.distributed``, ``sample.distributed``) than GPUs; and the
+checks that depend on the data: ``data.holdout`` and ``data.reference_images`` against the
+number of images the source holds (:mod:`diffusion.data.sizes`, the rule prepare applies to
+the images it reads). The output's content never changes, so a valid change re-runs no stage that its params do not
 concern.
 """
 
 from __future__ import annotations
 
 from diffusion.config import Params
+from diffusion.data.sizes import check_split, source_size
 from diffusion.files import atomic_write
 from diffusion.stages.paths import PARAMS_OK
 
@@ -23,6 +26,9 @@ OK = b"params.yaml is valid on this machine\n"
 
 
 def run(params: Params) -> None:
+    count = source_size(params.data)
+    if count is not None:  # None: a source that cannot be read, which prepare names
+        check_split(count, params.data)
     devices = {"train.device": params.train.device, "sample.device": params.sample.device}
     if params.model.space == "latent":  # train_vae and encode
         devices["vae.device"] = params.vae.device
