@@ -247,6 +247,12 @@ class Params(_Section):
                 f"train.micro_batch_size: {self.train.micro_batch_size} does not split the {share} examples each "
                 f"process computes a step (train.batch_size / train.distributed); allowed: a divisor of {share}, or null"
             )
+        for key in ("bpd_images", "val_images"):  # bits/dim divides by the images it scores: none is 0 / 0
+            if self.data.holdout == 0 and getattr(self.train, key):
+                raise ValueError(
+                    f"train.{key}: {getattr(self.train, key)} held-out images are scored after training, but "
+                    "data.holdout is 0; allowed: 0, or data.holdout >= 1"
+                )
         if self.sample.steps > d.timesteps:
             raise ValueError(
                 f"sample.steps: {self.sample.steps} is more than diffusion.timesteps "
@@ -289,6 +295,10 @@ def _check_network(params: Params) -> None:
         ) from None
     if params.train.hflip:
         raise ValueError("train.hflip: flips pixels; with model.space latent the model trains on latents: use false")
+    if params.data.holdout < 1:
+        raise ValueError(
+            "data.holdout: with model.space latent, train_vae scores and shows the autoencoder on held-out images; allowed: >= 1"
+        )
     if params.sample.threshold is not None:
         raise ValueError(
             "sample.threshold: dynamic thresholding clips pixels; with model.space latent nothing is clipped: use null"

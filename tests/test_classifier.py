@@ -173,7 +173,9 @@ def test_bad_classifier_params_are_one_line_naming_the_key(changes, expected):
 
 
 def test_the_classifier_shape_rules_apply_only_when_it_is_trained():
-    parse_params(full_params({"data": {"image_size": 10, "holdout": 0}, "model": {"name": "unet-tiny"}}))
+    parse_params(full_params({
+        "data": {"image_size": 10, "holdout": 0}, "model": {"name": "unet-tiny"}, "train": {"bpd_images": 0, "val_images": 0},
+    }))
 
 
 # ---------------------------------------------------------------- the stage

