@@ -10,9 +10,11 @@ import csv
 import errno
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -33,6 +35,8 @@ class DiskFullError(UserError, OSError):
 def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     """Write ``path`` through a temp file in its folder: fsync, ``os.replace``, fsync the folder.
 
+    The file gets the mode a plain ``open(path, "w")`` would leave: an existing file's
+    permission bits, else ``0o666`` less the umask (``mkstemp`` alone makes it 0600).
     A writer killed with SIGKILL leaves its temp file behind (:func:`remove_stale_temps`).
     On a full disk the temp file is deleted, ``path`` is left as it was, and the error is
     a :class:`DiskFullError` naming it."""
@@ -43,6 +47,7 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()
+            os.fchmod(fh.fileno(), _new_file_mode(path))
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException as err:
@@ -57,6 +62,37 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
             "the file there is as it was: free some space and run it again"
         ) from None
     _fsync_directory(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """:func:`atomic_write` of ``text`` as UTF-8: metrics, run files, markers."""
+    with atomic_write(path) as fh:
+        fh.write(text.encode())
+
+
+def write_json(path: str | Path, data: object) -> None:
+    """``data`` as indented JSON and a newline, written atomically (the metrics DVC reads)."""
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def _new_file_mode(path: Path) -> int:
+    """The permission bits for ``path``: those of the file there, else ``0o666 & ~umask``."""
+    with contextlib.suppress(FileNotFoundError):
+        return stat.S_IMODE(os.stat(path).st_mode)
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask, read from ``/proc/self/status`` (Linux) without changing it; elsewhere
+    by setting and restoring it (``os.umask`` has no read-only form)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _disk_full(err: BaseException) -> OSError | None:

@@ -63,6 +63,7 @@ LOCK_SUFFIX = ".promotion-lock"  # the registered model that is the lock of a pr
 LOCK_TTL_S = 60.0  # a lock not refreshed for this long belongs to a promotion that died
 LOCK_WAIT_S = 600.0  # how long a promotion waits for a live one to finish
 LOCK_POLL_S = 0.2
+MLFLOW_INF = 1e308  # MLflow stores inf as the largest float (1.797e308): a FID at or past it is no measurement
 
 
 class RegistryError(UserError, RuntimeError):
@@ -92,11 +93,21 @@ def best_run(client: Any, experiment: str, study: str | None = None) -> Any:
     if study:
         query += f" and tags.`sweep.study` = '{study}'"
     runs = client.search_runs([exp.experiment_id], query, order_by=[f"metrics.{METRIC} ASC"], max_results=100)
-    runs = [r for r in runs if math.isfinite(r.data.metrics.get(METRIC, math.nan))]
-    if not runs:
+    usable = [r for r in runs if is_measured_fid(r.data.metrics.get(METRIC))]
+    if not usable:
         scope = f"sweep '{study}'" if study else f"experiment '{experiment}'"
+        if runs:
+            raise RegistryError(
+                f"no candidate in {scope}: its {len(runs)} finished run(s) with a '{METRIC}' metric record "
+                "none that is finite (inf or NaN is a failed measurement): run evaluate again"
+            )
         raise RegistryError(f"no finished run with a '{METRIC}' metric in {scope}: run evaluate (or a sweep) first")
-    return runs[0]
+    return usable[0]
+
+
+def is_measured_fid(fid: float | None) -> bool:
+    """A FID that ranks a model: finite and below :data:`MLFLOW_INF`, MLflow's stand-in for inf."""
+    return fid is not None and math.isfinite(fid) and abs(fid) < MLFLOW_INF
 
 
 def _logged_model_id(client: Any, run_id: str, name: str = MODEL_NAME) -> str | None:
@@ -288,8 +299,8 @@ def promote(
     except MlflowException as err:
         raise RegistryError(f"run {run_id}: {err.message}") from None
     fid = run.data.metrics.get(METRIC)
-    if fid is None or not math.isfinite(fid):
-        raise RegistryError(f"run {run.info.run_id} has no finite '{METRIC}' metric: run evaluate first")
+    if not is_measured_fid(fid):
+        raise RegistryError(f"run {run.info.run_id} has no finite '{METRIC}' metric ({fid}): run evaluate first")
     measured = _recorded_protocol(run.data.tags, f"run {run.info.run_id}")
     if measured is None:
         raise RegistryError(f"run {run.info.run_id} records no FID protocol (tag {protocol.DIGEST_TAG}): run evaluate again")
@@ -309,7 +320,7 @@ def promote(
         elif current.version == version.version:
             wins, message = True, f"{this} is challenger and already champion"
         else:
-            theirs = f"v{current.version} (FID {previous_fid:.3f})"
+            theirs = f"v{current.version} (FID {previous_fid:.3f})" if is_measured_fid(previous_fid) else f"v{current.version} (no FID)"
             differ = protocol.differences(measured, _recorded_protocol(current.tags, f"{name} v{current.version}"))
             wins = not differ and fid < previous_fid
             if differ:
@@ -354,6 +365,12 @@ def load_model(uri: str, *, tracking_uri: str | None = None, map_location: str =
     model_id = _model_id(client, uri)
     packaged = tracking.load_packaged_model(model_id, tracking_uri=client.tracking_uri)
     if packaged is None:
+        logged = client.get_logged_model(model_id)
+        if tracking.WEIGHTS_SHA256_TAG in logged.tags or logged.model_type == tracking.model_format.FLAVOR:
+            raise RegistryError(
+                f"{uri}: {logged.artifact_location}/{tracking.MODEL_FILE} is missing: model {model_id} was logged "
+                "with it by this project, and the file was deleted from the artifact store since"
+            )
         raise RegistryError(f"{uri}: model {model_id} has no weights-only {tracking.MODEL_FILE}: it was not logged by this project")
     return packaged.to(map_location)
 

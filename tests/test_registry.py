@@ -355,6 +355,50 @@ def test_a_weights_file_that_would_run_code_is_refused_in_one_line(store, tmp_pa
     assert not marker.exists()
 
 
+def test_a_logged_model_whose_weights_were_deleted_names_the_missing_file(store, tmp_path):
+    """``model.pt`` deleted from the artifact store was blamed on the model's origin ("it was
+    not logged by this project"); the weights' sha256 tag says it was: the file is missing."""
+    name = "deleted-weights"
+    registry.promote(name, run_id=fid_run(store, 20.0), tracking_uri=store["uri"])
+    client = MlflowClient(store["uri"])
+    model_id = champion_model_id(client, name)
+    (artifact_folder(client, model_id) / tracking.MODEL_FILE).unlink()
+    location = client.get_logged_model(model_id).artifact_location
+    missing = (rf"^models:/{name}@champion: {re.escape(location)}/model\.pt is missing: model {model_id} was logged "
+               r"with it by this project, and the file was deleted from the artifact store since$")
+    with pytest.raises(registry.RegistryError, match=missing):
+        registry.load_model(f"models:/{name}@champion", tracking_uri=store["uri"])
+
+    # A model that another program logged, with no weights-only file ever: its origin is the reason.
+    experiment = tracking.experiment_id("diffusion", store["uri"])
+    foreign = client.create_logged_model(experiment, name="foreign", source_run_id=store["model_run"])
+    (tmp_path / "MLmodel").write_text(yaml.safe_dump({"artifact_path": "model", "flavors": {}}))
+    client.log_model_artifacts(foreign.model_id, str(tmp_path))
+    client.finalize_logged_model(foreign.model_id, "READY")
+    with pytest.raises(registry.RegistryError, match=rf"has no weights-only model\.pt: it was not logged by this project$"):
+        registry.load_model(f"models:/{foreign.model_id}", tracking_uri=store["uri"])
+
+
+def test_a_run_whose_fid_is_infinite_is_no_candidate(store):
+    """MLflow stores ``fid = inf`` as 1.797e308, which is finite: such a run was registered
+    and its FID printed with 309 digits. It is no candidate, named or chosen."""
+    client = MlflowClient(store["uri"])
+    infinite = fid_run(store, float("inf"))
+    assert client.get_run(infinite).data.metrics["fid"] > 1e308  # the stand-in, not inf
+    with pytest.raises(registry.RegistryError, match=rf"^run {infinite} has no finite 'fid' metric \(.*\): run evaluate first$"):
+        registry.promote("infinite", run_id=infinite, tracking_uri=store["uri"])
+
+    client.set_tag(infinite, "sweep.study", "all-infinite")
+    expected = (r"^no candidate in sweep 'all-infinite': its 1 finished run\(s\) with a 'fid' metric record none that "
+                r"is finite \(inf or NaN is a failed measurement\): run evaluate again$")
+    with pytest.raises(registry.RegistryError, match=expected):
+        registry.promote("infinite", study="all-infinite", tracking_uri=store["uri"])
+    finite = fid_run(store, 30.0)
+    client.set_tag(finite, "sweep.study", "all-infinite")
+    promoted = registry.promote("infinite", study="all-infinite", tracking_uri=store["uri"])
+    assert promoted.run_id == finite and "(FID 30.000," in promoted.message
+
+
 @pytest.mark.integration
 def test_the_champion_of_a_real_pipeline_samples_with_its_fids_settings(tmp_path, prepared_repo):
     """dvc repro of the tiny pipeline, then promote: the FID's protocol is recorded and the

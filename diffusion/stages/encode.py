@@ -13,10 +13,8 @@ and an empty metrics file, importing no torch.
 
 from __future__ import annotations
 
-import json
-
 from diffusion.config import Params
-from diffusion.files import atomic_write
+from diffusion.files import atomic_write, write_json
 from diffusion.stages.paths import AUTOENCODER, HELDOUT_SET, LATENTS, LATENTS_METRICS, PIXEL_SPACE, TRAIN_SET
 
 
@@ -78,7 +76,6 @@ def _encode(params: Params) -> None:
         "train": len(train), "heldout": len(encoded["heldout"]), "shape": list(train.shape[1:]),
         "mean": train.mean().item(), "std": train.std().item(), "scale_factor": scale,
     }
-    LATENTS_METRICS.parent.mkdir(parents=True, exist_ok=True)
-    LATENTS_METRICS.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(LATENTS_METRICS, summary)
     print(f"encode: {summary['train']} + {summary['heldout']} latents {tuple(train.shape[1:])}, std {summary['std']:.4g}, "
           f"scale factor {scale:.4g}", flush=True)

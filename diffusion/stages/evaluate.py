@@ -20,7 +20,7 @@ from diffusion import tracking
 from diffusion.evaluation import protocol
 from diffusion.config import Params
 from diffusion.data.dataset import DatasetError, quote_error
-from diffusion.files import file_digest, write_csv
+from diffusion.files import file_digest, write_csv, write_json
 from diffusion.evaluation.metrics import INCEPTION, cache_dir, fid_from_features, inception_features, kid_from_features, load_reference
 from diffusion.stages.paths import EVALUATE_METRICS, FID_CURVE, FID_PROTOCOL, REFERENCE, SAMPLE_RUN, SAMPLES
 
@@ -50,6 +50,12 @@ def fid_curve(features: np.ndarray, reference_features: np.ndarray) -> list[tupl
     return [(size, fid_from_features(features[:size], reference_features)) for size in sizes]
 
 
+def _write_outputs(results: dict, measured: dict, curve: list[tuple[int, float]]) -> None:
+    write_json(EVALUATE_METRICS, results)
+    write_json(FID_PROTOCOL, {**measured, "digest": protocol.digest(measured)})
+    write_csv(FID_CURVE, ["num_samples", "fid"], curve)
+
+
 def run(params: Params) -> None:
     cache_dir()  # the Inception weights' cache, before any work: a HOME that is not writable is one line
     tracking.check_store()  # in seconds, before any work: a store that does not answer is one line
@@ -67,10 +73,7 @@ def run(params: Params) -> None:
         results["kid"] = kid_from_features(features, reference["features"])
     print("evaluate: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
 
-    EVALUATE_METRICS.parent.mkdir(parents=True, exist_ok=True)
-    EVALUATE_METRICS.write_text(json.dumps(results, indent=2) + "\n")
-    FID_PROTOCOL.write_text(json.dumps({**measured, "digest": protocol.digest(measured)}, indent=2) + "\n")
-    write_csv(FID_CURVE, ["num_samples", "fid"], curve)
+    _write_outputs(results, measured, curve)
 
     with tracking.stage_run("evaluate", params.tracking.experiment, resume_run_id=tracking.read_run_id(SAMPLE_RUN)):
         logged = {k: v for k, v in results.items() if k != "num_samples"}

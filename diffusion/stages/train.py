@@ -38,7 +38,6 @@ folder's lock, logs to MLflow and writes checkpoints and the DVC outputs.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +50,7 @@ from diffusion.config import Params
 from diffusion.data.dataset import load_dataset
 from diffusion.data.latents import load_latents
 from diffusion.errors import UserError
-from diffusion.files import exclusive_lock, remove_stale_temps, write_csv
+from diffusion.files import exclusive_lock, remove_stale_temps, write_csv, write_json
 from diffusion.process.gaussian import GaussianDiffusion
 from diffusion.packaged import PackagedDiffusion, load_autoencoder
 from diffusion.stages.paths import (
@@ -236,7 +235,6 @@ def _say_offline(run_id: str, log: tracking.MetricLog, model_missing: bool) -> N
 
 
 def _write_outputs(summary: dict, loss_curve: list[tuple[int, float]], val_curve: list[tuple[int, float]]) -> None:
-    TRAIN_METRICS.parent.mkdir(parents=True, exist_ok=True)
-    TRAIN_METRICS.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(TRAIN_METRICS, summary)
     write_csv(LOSS_CURVE, ["step", "loss"], loss_curve)
     write_csv(VAL_CURVE, ["step", "val_loss"], val_curve)

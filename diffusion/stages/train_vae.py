@@ -20,10 +20,8 @@ forms of the rest, which never change, so nothing after it re-runs for a vae par
 
 from __future__ import annotations
 
-import json
-
 from diffusion.config import Params
-from diffusion.files import atomic_write, write_csv
+from diffusion.files import atomic_write, write_csv, write_json
 from diffusion.stages.paths import (
     AUTOENCODER, AUTOENCODER_CURVE, AUTOENCODER_METRICS, AUTOENCODER_RUN, HELDOUT_SET, PIXEL_SPACE, RECONSTRUCTIONS,
     TRAIN_SET, checkpoint_key, checkpoints_dir,
@@ -104,8 +102,7 @@ def _train_or_load(params: Params) -> None:
           flush=True)
 
     save_autoencoder(AUTOENCODER, model, source=source, heldout_mse=mse)
-    AUTOENCODER_METRICS.parent.mkdir(parents=True, exist_ok=True)
-    AUTOENCODER_METRICS.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(AUTOENCODER_METRICS, metrics)
     write_csv(AUTOENCODER_CURVE, CURVE_HEADER, curve)
     shown = heldout.images[: vae.grid_images]
     with torch.no_grad():

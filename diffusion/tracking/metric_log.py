@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from diffusion.files import atomic_write_text
 from diffusion.tracking.store import fail_fast, mlflow_client, reason
 
 UNSENT_FILE = "unsent-metrics-{run_id}.jsonl"
@@ -126,9 +126,7 @@ class MetricLog:
         if not self._pending:
             self.path.unlink(missing_ok=True)
             return
-        tmp = self.path.with_name(f".{self.path.name}.sending")
-        tmp.write_text("".join(json.dumps(point) + "\n" for point in self._pending))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(json.dumps(point) + "\n" for point in self._pending))
 
     def _send(self) -> bool:
         """Send the pending points in batches; False when the store refused or did not answer."""

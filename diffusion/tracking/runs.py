@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusion.errors import UserError
+from diffusion.files import atomic_write_text
 from diffusion.tracking.provenance import dvc_lock_hashes, file_md5, git_commit
 from diffusion.tracking.store import experiment_id, fail_fast, load_mlflow, mlflow_client, reason, tracking_uri
 
@@ -61,9 +62,7 @@ def read_run_id(path: str | Path) -> str | None:
 
 
 def write_run_id(path: str | Path, run_id: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"run_id": run_id}) + "\n")
+    atomic_write_text(path, json.dumps({"run_id": run_id}) + "\n")
 
 
 # ---------------------------------------------------------------- the process that holds a run
