@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from diffusion.data.sizes import check_labels
 from diffusion.errors import UserError
 from diffusion.packaged import PackagedDiffusion, balanced_labels
 from diffusion.training.devices import batch_memory
@@ -40,8 +41,7 @@ def sampling_labels(
         return torch.zeros(count, dtype=torch.long)
     if given is None:
         return balanced_labels(count, num_classes)
-    if max(given) >= num_classes:
-        raise UserError(f"{key}: {max(given)} is not a class of this model; allowed 0..{num_classes - 1}")
+    check_labels(given, num_classes, key)  # validate's rule for sample.labels on the source's classes
     return torch.tensor(given, dtype=torch.long)[torch.arange(count) % len(given)]
 
 

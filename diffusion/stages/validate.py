@@ -11,14 +11,15 @@ autoencoder's with ``model.space: latent``, the classifier's with ``guidance.cla
 or more CUDA processes (``train.distributed``, ``sample.distributed``) than GPUs; and the
 checks that depend on the data: ``data.holdout`` and ``data.reference_images`` against the
 number of images the source holds (:mod:`diffusion.data.sizes`, the rule prepare applies to
-the images it reads). The output's content never changes, so a valid change re-runs no stage that its params do not
+the images it reads), ``data.root`` as the source takes it, and ``sample.labels`` and
+``guidance.classifier`` against the source's classes (the rules sample and train_classifier apply). The output's content never changes, so a valid change re-runs no stage that its params do not
 concern.
 """
 
 from __future__ import annotations
 
 from diffusion.config import Params
-from diffusion.data.sizes import check_split, source_size
+from diffusion.data.sizes import check_classifier_classes, check_labels, check_split, source_classes, source_size
 from diffusion.files import atomic_write
 from diffusion.stages.paths import PARAMS_OK
 
@@ -29,6 +30,11 @@ def run(params: Params) -> None:
     count = source_size(params.data)
     if count is not None:  # None: a source that cannot be read, which prepare names
         check_split(count, params.data)
+    classes = source_classes(params.data)  # the models' classes: train's, and the classifier's
+    if classes is not None:
+        check_labels(params.sample.labels, classes)
+        if params.guidance.classifier:
+            check_classifier_classes(classes, f"data.source {params.data.source}")
     devices = {"train.device": params.train.device, "sample.device": params.sample.device}
     if params.model.space == "latent":  # train_vae and encode
         devices["vae.device"] = params.vae.device
