@@ -336,3 +336,29 @@ def test_validate_checks_labels_and_the_classifier_against_the_sources_classes(t
         validate.run(parse_params(full_params(changes)))
     assert str(err.value) == expected
     assert not (tmp_path / "data").exists()
+
+
+def test_validate_checks_a_pretrained_autoencoders_channels_against_the_sources(tmp_path, monkeypatch):
+    """train_vae refused an RGB autoencoder for MNIST after DVC removed models/vae.pt; validate
+    applies its rule (diffusion.data.sizes.check_autoencoder_channels) to the source's channels."""
+    import json
+
+    from diffusion.data.dataset import DatasetError
+    from diffusion.stages import validate
+
+    monkeypatch.chdir(tmp_path)
+    config = {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+              "block_out_channels": [32, 64], "down_block_types": ["DownEncoderBlock2D"] * 2,
+              "up_block_types": ["UpDecoderBlock2D"] * 2, "act_fn": "silu"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    latent = {"model": {"space": "latent", "name": "unet-tiny"}, "vae": {"pretrained": str(tmp_path)}}
+    with pytest.raises(DatasetError) as err:
+        validate.run(parse_params(full_params(latent)))
+    assert str(err.value) == (
+        f"vae.pretrained: {tmp_path} encodes 3-channel images, data.source mnist5k holds 1-channel ones; "
+        "use an autoencoder of 1 channels"
+    )
+    assert not (tmp_path / "data").exists()
+    (tmp_path / "config.json").write_text(json.dumps(config | {"in_channels": 1, "out_channels": 1}))
+    validate.run(parse_params(full_params(latent)))
+    assert (tmp_path / "data" / "params.ok").is_file()

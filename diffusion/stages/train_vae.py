@@ -61,7 +61,7 @@ def _train_or_load(params: Params) -> None:
 
     from diffusion import registry, tracking
     from diffusion.data.dataset import load_dataset
-    from diffusion.errors import UserError
+    from diffusion.data.sizes import check_autoencoder_channels
     from diffusion.files import exclusive_lock
     from diffusion.images import image_grid, to_uint8
     from diffusion.models.vae import KLAutoencoder, load_diffusers_autoencoder
@@ -76,11 +76,7 @@ def _train_or_load(params: Params) -> None:
     channels = dataset.images.shape[1]
     if vae.pretrained is not None:
         model, curve, img_per_s = load_diffusers_autoencoder(vae.pretrained), [], None
-        if model.config["in_channels"] != channels:
-            raise UserError(
-                f"vae.pretrained: {vae.pretrained} encodes {model.config['in_channels']}-channel images, "
-                f"{TRAIN_SET} holds {channels}-channel ones; use an autoencoder of {channels} channels"
-            )
+        check_autoencoder_channels(vae.pretrained, model.config["in_channels"], channels, str(TRAIN_SET))  # validate's too
         name, source = "pretrained", f"diffusers:{vae.pretrained}"
     else:
         with seeded_init(vae.seed):

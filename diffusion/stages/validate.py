@@ -12,14 +12,17 @@ or more CUDA processes (``train.distributed``, ``sample.distributed``) than GPUs
 checks that depend on the data: ``data.holdout`` and ``data.reference_images`` against the
 number of images the source holds (:mod:`diffusion.data.sizes`, the rule prepare applies to
 the images it reads), ``data.root`` as the source takes it, and ``sample.labels`` and
-``guidance.classifier`` against the source's classes (the rules sample and train_classifier apply). The output's content never changes, so a valid change re-runs no stage that its params do not
+``guidance.classifier`` against the source's classes (the rules sample and train_classifier apply),
+and a ``vae.pretrained`` autoencoder against the source's channels (train_vae's rule). The output's content never changes, so a valid change re-runs no stage that its params do not
 concern.
 """
 
 from __future__ import annotations
 
-from diffusion.config import Params
-from diffusion.data.sizes import check_classifier_classes, check_labels, check_split, source_classes, source_size
+from diffusion.config import Params, autoencoder_config
+from diffusion.data.sizes import (
+    FIXED_CHANNELS, check_autoencoder_channels, check_classifier_classes, check_labels, check_split, source_classes, source_size,
+)
 from diffusion.files import atomic_write
 from diffusion.stages.paths import PARAMS_OK
 
@@ -27,14 +30,7 @@ OK = b"params.yaml is valid on this machine\n"
 
 
 def run(params: Params) -> None:
-    count = source_size(params.data)
-    if count is not None:  # None: a source that cannot be read, which prepare names
-        check_split(count, params.data)
-    classes = source_classes(params.data)  # the models' classes: train's, and the classifier's
-    if classes is not None:
-        check_labels(params.sample.labels, classes)
-        if params.guidance.classifier:
-            check_classifier_classes(classes, f"data.source {params.data.source}")
+    _check_data(params)
     devices = {"train.device": params.train.device, "sample.device": params.sample.device}
     if params.model.space == "latent":  # train_vae and encode
         devices["vae.device"] = params.vae.device
@@ -52,6 +48,24 @@ def run(params: Params) -> None:
             _check_gpus(cfg.distributed, section)
     with atomic_write(PARAMS_OK) as fh:
         fh.write(OK)
+
+
+def _check_data(params: Params) -> None:
+    """The rules that prepare, sample, train_classifier and train_vae apply to the data they read,
+    applied to what the source holds (:mod:`diffusion.data.sizes`): its root, size, classes and
+    channels. A count that cannot be told without reading the source (None) is left to prepare."""
+    where = f"data.source {params.data.source}"
+    count = source_size(params.data)
+    if count is not None:
+        check_split(count, params.data)
+    classes = source_classes(params.data)  # the models' classes: train's, and the classifier's
+    if classes is not None:
+        check_labels(params.sample.labels, classes)
+        if params.guidance.classifier:
+            check_classifier_classes(classes, where)
+    if params.model.space == "latent" and params.vae.pretrained is not None:
+        encodes = autoencoder_config(params.vae)["in_channels"]
+        check_autoencoder_channels(params.vae.pretrained, encodes, FIXED_CHANNELS[params.data.source], where)
 
 
 def _check_gpus(processes: int, section: str) -> None:
