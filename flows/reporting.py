@@ -20,9 +20,9 @@ from diffusion.config import Params, SweepParams
 
 
 def mlflow_client(uri: str):
-    from mlflow import MlflowClient
+    from diffusion.tracking import mlflow_client as client  # a new SQLite store is created under its lock
 
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return client(uri)
 
 
 def open_parent_run(client: Any, exp_id: str, study: Any, cfg: SweepParams) -> str:

@@ -58,7 +58,7 @@ def _write_outputs(results: dict, measured: dict, curve: list[tuple[int, float]]
 
 def run(params: Params) -> None:
     cache_dir()  # the Inception weights' cache, before any work: a HOME that is not writable is one line
-    tracking.check_store()  # in seconds, before any work: a store that does not answer is one line
+    tracking.check_store(experiment=params.tracking.experiment)  # in seconds, before any work: one line
     cfg = params.evaluate
     images, sampling = load_samples(SAMPLES)
     reference = load_reference(REFERENCE)

@@ -117,7 +117,7 @@ def generate(
 def run(params: Params) -> None:
     current = distributed.world()
     if current.main:
-        tracking.check_store()  # in seconds, before any work: a store that does not answer is one line
+        tracking.check_store(experiment=params.tracking.experiment)  # in seconds, before any work: one line
     device = resolve_device(params.sample.device)
     packaged = PackagedDiffusion.load(MODEL, map_location=device)
     guided = params.guidance.classifier and params.guidance.classifier_scale > 0

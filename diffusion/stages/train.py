@@ -108,7 +108,7 @@ def training_data(params: Params, dataset) -> TrainingData:
 def run(params: Params) -> None:
     current = distributed.world()
     if current.main:
-        tracking.check_store()  # in seconds, before any work: a store that does not answer is one line
+        tracking.check_store(experiment=params.tracking.experiment)  # in seconds, before any work: one line
     dataset = load_dataset(TRAIN_SET)
     data = training_data(params, dataset)
     _, channels, height, _ = data.images.shape

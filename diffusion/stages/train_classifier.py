@@ -55,7 +55,7 @@ def _train(params: Params) -> None:
     from diffusion.training.devices import resolve_device
     from diffusion.training.loop import seeded_init
 
-    tracking.check_store()  # in seconds, before any work: a store that does not answer is one line
+    tracking.check_store(experiment=params.tracking.experiment)  # in seconds, before any work: one line
     guide, d = params.guidance, params.diffusion
     device = resolve_device(guide.classifier_device, key="guidance.classifier_device")
     dataset, heldout = load_dataset(TRAIN_SET), load_dataset(HELDOUT_SET)

@@ -70,7 +70,7 @@ def _train_or_load(params: Params) -> None:
     from diffusion.training.autoencoder import mean_image_error, reconstruction_error, train_autoencoder
     from diffusion.training.loop import seeded_init, to_model_range
 
-    tracking.check_store()  # in seconds, before any work: a store that does not answer is one line
+    tracking.check_store(experiment=params.tracking.experiment)  # in seconds, before any work: one line
     vae = params.vae
     dataset, heldout = load_dataset(TRAIN_SET), load_dataset(HELDOUT_SET)
     channels = dataset.images.shape[1]

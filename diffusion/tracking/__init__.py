@@ -41,12 +41,16 @@ from diffusion.tracking.runs import (
 )
 from diffusion.tracking.store import (
     RUNS_VIEW_ID,
+    ExperimentDeletedError,
+    StoreReadOnlyError,
+    StoreSchemaError,
     StoreUnreachableError,
     check_store,
     default_tracking_uri,
     experiment_id,
     global_tracking_uri,
     mlflow_client,
+    prepare_store,
     store_answers,
     tracking_uri,
 )

@@ -11,7 +11,14 @@ main thread) points MLflow's global URI at it, for MLflow's fluent API.
 
 A store that does not answer (docs/tracking.md; RELIABILITY.md): a stage checks it
 before any work (:func:`check_store`) and stops in seconds with one line naming the
-URI, where MLflow's own HTTP retries would take about 4 minutes a call.
+URI, where MLflow's own HTTP retries would take about 4 minutes a call. The same check
+stops, in one line each, a SQLite store this user cannot write and an experiment in
+MLflow's trash.
+
+A SQLite store is created, and its schema migrated, once, under an exclusive lock
+beside the file (:func:`prepare_store`, in :func:`mlflow_client`): MLflow migrates a new
+file on its first use without one, and two stages that start at once (``dvc queue start
+-j 2``) left it half-migrated for good. A half-migrated file is one line saying what to do.
 
 The experiment carries a saved runs-table view, ``FID`` (:func:`runs_view`): the
 runs sorted by FID, with FID, KID and the final loss as columns. MLflow's UI (3.17)
@@ -24,9 +31,12 @@ sidebar toggle, kept per browser (docs/tracking.md, "The MLflow UI").
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
 import json
 import os
 import re
+import sqlite3
 import sys
 import time
 from collections.abc import Iterator
@@ -96,9 +106,97 @@ def global_tracking_uri(uri: str) -> Iterator[None]:
 
 
 def mlflow_client(uri: str | None = None) -> Any:
-    """An ``MlflowClient`` of the tracking and registry store at ``uri`` (default :func:`tracking_uri`)."""
+    """An ``MlflowClient`` of the tracking and registry store at ``uri`` (default :func:`tracking_uri`),
+    a SQLite store created first if new (:func:`prepare_store`)."""
     uri = uri or tracking_uri()
+    prepare_store(uri)
     return load_mlflow().MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+# ---------------------------------------------------------------- creating a SQLite store
+
+class StoreSchemaError(UserError):
+    """A SQLite store whose schema MLflow cannot use as it is; one line saying what to do."""
+
+
+_prepared: set[str] = set()  # the SQLite URIs this process has found healthy
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, None for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+@functools.cache
+def _schema_head() -> str:
+    """The schema revision this MLflow creates and expects (the head of its alembic migrations)."""
+    load_mlflow()
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    return _get_latest_schema_revision()
+
+
+def _schema_state(db: Path) -> str | None:
+    """``"new"`` for a store MLflow will create (no file, or no table), None for one at this
+    MLflow's schema, else what is wrong with it; read with the stdlib's sqlite3, without MLflow."""
+    if not db.is_file():
+        return "new"
+    with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=60)) as con:
+        tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        revisions = [rev for (rev,) in con.execute("SELECT version_num FROM alembic_version")] \
+            if "alembic_version" in tables else []
+    if not tables - {"alembic_version"} and not revisions:
+        return "new"
+    left = sorted(name for name in tables if name.startswith("_alembic_tmp_"))
+    revision = ", ".join(revisions) or "none"
+    if left:
+        return f"half-migrated: tables {', '.join(left)} of a migration that stopped half-way, revision {revision}"
+    if len(revisions) != 1:
+        return f"half-migrated: tables but schema revision {revision}, its creation stopped half-way"
+    if revisions[0] != _schema_head():
+        return (f"at schema revision {revisions[0]}, where this MLflow's is {_schema_head()}: a migration "
+                "stopped half-way, or another MLflow version made it")
+    return None
+
+
+@contextlib.contextmanager
+def _creation_lock(db: Path) -> Iterator[None]:
+    """Hold the exclusive lock ``<db>.lock`` (flock) for the block: one process creates a store.
+    Where the folder cannot hold the lock (read-only), the block runs without it: nothing can be
+    created there either."""
+    db.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(f"{db}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def prepare_store(uri: str) -> None:
+    """Create and migrate the SQLite store at ``uri`` once, under :func:`_creation_lock`, if it is
+    new; :class:`StoreSchemaError` (one line) for a half-migrated one. Other stores: nothing."""
+    db = sqlite_file(uri)
+    if db is None or uri in _prepared:
+        return
+    if _schema_state(db) is not None:  # new, or half-way: another process may be creating it now
+        with _creation_lock(db):
+            state = _schema_state(db)
+            if state == "new":
+                load_mlflow().MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # MLflow migrates it
+            elif state is not None:
+                raise StoreSchemaError(
+                    f"the MLflow store {db} is {state}. Move it aside (mv {db} {db}.broken) and run again to "
+                    f"start a new store; to keep its runs instead, back it up, drop any _alembic_tmp_* table "
+                    f"and run `mlflow db upgrade {uri}`"
+                )
+    _prepared.add(uri)
 
 
 # ---------------------------------------------------------------- reaching the store
@@ -144,19 +242,63 @@ def reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
-def check_store(uri: str | None = None) -> str:
+class StoreReadOnlyError(UserError):
+    """A SQLite store this user cannot write; one line naming the file and what to do."""
+
+
+class ExperimentDeletedError(UserError):
+    """The stage's experiment is in MLflow's trash; one line saying how to restore it."""
+
+
+def _check_writable(uri: str) -> None:
+    """:class:`StoreReadOnlyError` where a stage could not write the SQLite store at ``uri``: the
+    file, or its folder (SQLite writes its journal beside it), is read-only to this user."""
+    db = sqlite_file(uri)
+    if db is None:
+        return
+    folder = db.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # a store not made yet: the folder it would be made in
+    for path in (db, db.parent) if db.exists() else (folder,):
+        if os.access(path, os.W_OK):
+            continue
+        import pwd
+
+        user = pwd.getpwuid(os.geteuid()).pw_name
+        why = "on a read-only file system" if os.statvfs(path).f_flag & os.ST_RDONLY else f"not writable by {user}"
+        what = "the file" if path == db else "its folder, where SQLite writes its journal,"
+        raise StoreReadOnlyError(
+            f"the MLflow tracking store {db} is read-only: {what} is {why}; a stage writes its runs "
+            "there: make it writable for this user, or point MLFLOW_TRACKING_URI at a store you can write"
+        )
+
+
+def check_store(uri: str | None = None, experiment: str | None = None) -> str:
     """Check, within seconds, that the tracking store at ``uri`` (default :func:`tracking_uri`)
-    answers, and return its URI. Stages call it before they load anything:
-    :class:`StoreUnreachableError` names the URI and what to do."""
+    answers, that a stage can write it (a SQLite file) and that ``experiment``, if given, is
+    not in MLflow's trash, and return its URI. Stages call it before they load anything:
+    :class:`StoreUnreachableError`, :class:`StoreReadOnlyError`, :class:`StoreSchemaError` or
+    :class:`ExperimentDeletedError` names the URI and what to do."""
     uri = uri or tracking_uri()
+    _check_writable(uri)
     try:
         with fail_fast():
-            mlflow_client(uri).search_experiments(max_results=1)
+            client = mlflow_client(uri)
+            client.search_experiments(max_results=1)
+            exp = client.get_experiment_by_name(experiment) if experiment else None
+    except UserError:
+        raise
     except Exception as err:  # any failure means the stage cannot track: say so and stop
         raise StoreUnreachableError(
             f"the MLflow tracking store {uri} does not answer ({reason(err)}): start it, or point "
             "MLFLOW_TRACKING_URI at one that runs (unset, runs go to mlflow/ in the repository)"
         ) from None
+    if exp is not None and exp.lifecycle_stage == "deleted":
+        raise ExperimentDeletedError(
+            f"the MLflow experiment '{experiment}' (id {exp.experiment_id}) of the store {uri} is deleted (in "
+            f"MLflow's trash, with its runs): restore it with `MLFLOW_TRACKING_URI={uri} mlflow experiments "
+            f"restore --experiment-id {exp.experiment_id}`, or set tracking.experiment to another name"
+        )
     return uri
 
 
