@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -409,6 +410,41 @@ def half_migrated_store(db: Path) -> str:
         conn.exec_driver_sql("CREATE TABLE _alembic_tmp_experiments AS SELECT * FROM experiments")
     engine.dispose()
     return RACE_REVISION
+
+
+# A writer of the store killed mid-transaction: its changed pages spill into the file (a cache
+# of one page), so its rollback journal is left hot.
+KILLED_WRITER = """
+import os, signal, sqlite3, sys
+con = sqlite3.connect(sys.argv[1], isolation_level=None)
+con.execute("PRAGMA cache_size = 1")
+con.execute("BEGIN IMMEDIATE")
+con.execute("CREATE TABLE filler (x)")
+con.execute("INSERT INTO filler SELECT randomblob(4096) FROM "
+            "(WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 500) SELECT i FROM n)")
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_store_whose_writer_was_killed_mid_transaction_opens(tmp_path):
+    """As seen in the suite: a `dvc exp run --temp` killed with SIGKILL while its training wrote to
+    the store left mlflow.db's journal hot, and the retry's store check, reading the schema
+    read-only, said the store 'does not answer (OperationalError: attempt to write a readonly
+    database)'. The check reads it as a writer may, which rolls the journal back."""
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    check = "import sys; from diffusion.tracking import check_store; check_store(sys.argv[1])"
+    run_in(tmp_path, sys.executable, "-c", check, uri)  # creates the store
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(db)], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (tmp_path / "mlflow.db-journal").stat().st_size > 0  # hot
+    out = run_in(tmp_path, sys.executable, "-c", check, uri, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "filler" not in {e.name for e in mlflow.MlflowClient(uri).search_experiments()}  # the store answers
+    import sqlite3
+
+    with sqlite3.connect(db) as con:  # the killed transaction was rolled back
+        assert not con.execute("SELECT name FROM sqlite_master WHERE name = 'filler'").fetchall()
 
 
 def test_a_half_migrated_store_is_one_line_saying_what_to_do(tmp_path):

@@ -138,15 +138,26 @@ def _schema_head() -> str:
     return _get_latest_schema_revision()
 
 
+def _tables_and_revisions(db: Path, mode: str) -> tuple[set[str], list[str]]:
+    """The tables of the SQLite file ``db`` and its alembic revisions, opened in ``mode`` (rw, ro)."""
+    with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode={mode}", uri=True, timeout=60)) as con:
+        tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        revisions = [rev for (rev,) in con.execute("SELECT version_num FROM alembic_version")] \
+            if "alembic_version" in tables else []
+    return tables, revisions
+
+
 def _schema_state(db: Path) -> str | None:
     """``"new"`` for a store MLflow will create (no file, or no table), None for one at this
     MLflow's schema, else what is wrong with it; read with the stdlib's sqlite3, without MLflow."""
     if not db.is_file():
         return "new"
-    with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=60)) as con:
-        tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        revisions = [rev for (rev,) in con.execute("SELECT version_num FROM alembic_version")] \
-            if "alembic_version" in tables else []
+    # Read-write where it can be: a writer killed mid-transaction leaves a hot journal, which only a
+    # connection that may write rolls back (read-only, SQLite says "attempt to write a readonly database").
+    try:
+        tables, revisions = _tables_and_revisions(db, "rw")
+    except sqlite3.OperationalError:
+        tables, revisions = _tables_and_revisions(db, "ro")
     if not tables - {"alembic_version"} and not revisions:
         return "new"
     left = sorted(name for name in tables if name.startswith("_alembic_tmp_"))
