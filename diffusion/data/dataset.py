@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from diffusion.data.sizes import DatasetError, check_split
-from diffusion.files import atomic_write, file_digest
+from diffusion.files import atomic_write, file_digest, write_json
 
 if TYPE_CHECKING:
     from diffusion.config import DataParams
@@ -148,8 +148,7 @@ def write_manifest(path: str | Path, params: DataParams, splits: Splits, files: 
         "counts": {name: len(getattr(splits, name).images) for name in ("train", "heldout", "reference")},
         "sha256": {name: file_digest(file) for name, file in files.items()},
     }
-    with atomic_write(path) as fh:
-        fh.write((json.dumps(manifest, indent=2) + "\n").encode())
+    write_json(path, manifest)
     return Path(path)
 
 
