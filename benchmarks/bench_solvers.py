@@ -41,7 +41,8 @@ from diffusion.process.schedules import make_betas  # noqa: E402
 from diffusion.sampling import specs as sampler_specs  # noqa: E402
 from diffusion.sampling.denoiser import ModelDenoiser, alpha_bar_at  # noqa: E402
 from diffusion.sampling.sample import SAMPLER_FUNCTIONS  # noqa: E402
-from diffusion.sampling.steps import STEP_SCHEDULES, NoiseLevels, make_steps  # noqa: E402
+from diffusion.process.discrete import DiscreteChain
+from diffusion.sampling.steps import STEP_SCHEDULES, make_steps  # noqa: E402
 
 MU, S = 0.5, 0.5
 NFES = (10, 20, 50, 100)
@@ -70,11 +71,11 @@ VARIANTS = {
 class ExactEps:
     """The exact eps of N(mu, s²) data at ᾱ(t) of ``levels`` (the table at integer t)."""
 
-    def __init__(self, levels: NoiseLevels):
-        self.levels = levels
+    def __init__(self, levels: DiscreteChain):
+        self.process = levels
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        ab = alpha_bar_at(self.levels, t.reshape(-1).expand(len(x)), x)
+        ab = alpha_bar_at(self.process, t.reshape(-1).expand(len(x)), x)
         x0 = MU + ab.sqrt() * S**2 / (ab * S**2 + 1 - ab) * (x - ab.sqrt() * MU)
         return (x - ab.sqrt() * x0) / (1 - ab).sqrt()
 
@@ -83,13 +84,13 @@ def steps_for(name: str, nfe: int) -> int:
     return (nfe + 1) // 2 if name == "heun" else nfe
 
 
-def ours(name: str, schedule: str, nfe: int, levels: NoiseLevels, x_T: torch.Tensor) -> tuple[int, float]:
+def ours(name: str, schedule: str, nfe: int, levels: DiscreteChain, x_T: torch.Tensor) -> tuple[int, float]:
     n = steps_for(name, nfe)
     x = SAMPLER_FUNCTIONS[name](ModelDenoiser(ExactEps(levels), levels), x_T, make_steps(schedule, levels, n))
     return sampler_specs.network_evaluations(name, n), error(x, x_T, levels.alphas_cumprod[-1])
 
 
-def theirs(name: str, variant: str, nfe: int, levels: NoiseLevels, x_T: torch.Tensor) -> tuple[int, float] | None:
+def theirs(name: str, variant: str, nfe: int, levels: DiscreteChain, x_T: torch.Tensor) -> tuple[int, float] | None:
     import diffusers
 
     cls, options = THEIRS[name]
@@ -126,7 +127,7 @@ def main() -> int:
 
     theirs_betas = diffusers.DDPMScheduler(**LINEAR).betas.double().numpy()
     assert np.allclose(betas, theirs_betas, rtol=1e-6, atol=0), "make_betas('linear', 1000) is not diffusers' linear"
-    levels = NoiseLevels(np.cumprod(1 - betas))
+    levels = DiscreteChain(np.cumprod(1 - betas))
     x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
     grid = {(name, schedule): [ours(name, schedule, nfe, levels, x_T) for nfe in NFES]

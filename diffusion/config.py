@@ -30,19 +30,22 @@ from diffusion.errors import UserError
 from diffusion.models.configs import (
     CLASSIFIER_CONFIGS, FAMILY_OF, VAE_CONFIGS, check_model, check_unet, diffusers_autoencoder_config, family, latent_shape,
 )
-from diffusion.process.options import Loss, Prediction, Variance, check_combination, check_threshold, names
-from diffusion.sampling.steps import STEP_SCHEDULES
-from diffusion.sampling.specs import SAMPLER_SPECS, eta_refused
+from diffusion.process.options import (
+    Loss, Prediction, Process, Variance, check_combination, check_threshold, loss_weighting_name, names,
+    process_option, time_max,
+)
+from diffusion.sampling.specs import CHURN_OPTIONS, SAMPLER_SPECS, STEP_SCHEDULE_NAMES, eta_refused, options_refused
 from diffusion.process.schedules import BETA_SCHEDULES
 
 Device = Literal["auto", "cpu", "cuda"]
 # Literal[("a", "b")] is Literal["a", "b"]: the allowed names, read from their one source.
 ScheduleName = Literal[tuple(BETA_SCHEDULES)]
+ProcessName = Literal[names(Process)]
 PredictionName = Literal[names(Prediction)]
 VarianceName = Literal[names(Variance)]
 LossName = Literal[names(Loss)]
 SamplerName = Literal[tuple(SAMPLER_SPECS)]
-StepScheduleName = Literal[tuple(STEP_SCHEDULES)]
+StepScheduleName = Literal[STEP_SCHEDULE_NAMES]
 ClassifierName = Literal[tuple(CLASSIFIER_CONFIGS)]
 VaeName = Literal[tuple(VAE_CONFIGS)]
 
@@ -92,12 +95,14 @@ class VaeParams(_Section):
 
 
 class DiffusionParams(_Section):
-    schedule: ScheduleName
-    timesteps: int = Field(ge=2, le=100_000)
+    process: ProcessName  # diffusion/process/options.py: PROCESS_OPTIONS says what each allows
+    schedule: ScheduleName | None  # null: the process's own (none for edm and flow)
+    timesteps: int = Field(ge=2, le=100_000)  # the discrete chain's T (process ddpm)
     zero_terminal_snr: bool
-    prediction: PredictionName
+    prediction: PredictionName | None  # null: the process's own
     variance: VarianceName
     loss: LossName
+    sigma_data: float = Field(gt=0)  # EDM's σ_data (Karras et al. 2022, Table 1)
 
 
 class TrainParams(_Section):
@@ -109,7 +114,10 @@ class TrainParams(_Section):
     grad_clip: float | None = Field(gt=0)
     ema_decay: float = Field(ge=0, lt=1)
     ema_warmup: bool
-    timestep_sampler: Literal["uniform", "loss-aware"]
+    timestep_sampler: Literal["uniform", "loss-aware", "log-normal", "logit-normal"] | None  # null: the process's own
+    timestep_mean: float | None  # log-normal's P_mean (null: EDM's -1.2), logit-normal's m (null: SD3's 0)
+    timestep_std: float | None = Field(gt=0)  # log-normal's P_std (null: EDM's 1.2), logit-normal's s (null: 1)
+    loss_weighting: Literal["simple", "min-snr", "edm", "flow"] | None  # null: the process's own
     hflip: bool
     seed: int
     device: Device
@@ -121,7 +129,7 @@ class TrainParams(_Section):
     val_every: int = Field(ge=1)
     val_images: int = Field(ge=0)
     p_uncond: float = Field(ge=0, lt=1)  # classifier-free guidance: labels dropped to the null class
-    min_snr_gamma: float | None = Field(gt=0)  # min-SNR-γ loss weighting (Hang et al. 2023); null: none
+    min_snr_gamma: float | None = Field(gt=0)  # γ of loss_weighting min-snr (Hang et al. 2023); null: none
     distributed: int = Field(ge=1)  # DistributedDataParallel processes (one per GPU); 1: this process alone
     micro_batch_size: int | None = Field(ge=1)  # examples a process computes at once (gradient accumulation); null: its share
 
@@ -137,6 +145,10 @@ class SampleParams(_Section):
     guidance_interval: tuple[float, float] | None  # guide only for model timesteps lo <= t <= hi
     precision: Literal["auto", "fp32", "bf16"]  # the network's (autocast); the protocol records what auto resolved to
     labels: list[int] | None  # class labels of the images, cycled; None: balanced over the classes
+    s_churn: float = Field(ge=0)  # EDM's stochastic sampler (heun): S_churn, 0 = Algorithm 1
+    s_tmin: float = Field(ge=0)  # churn only where S_tmin <= σ <= S_tmax (EDM's σ = e^-λ)
+    s_tmax: float | None = Field(ge=0)  # null: ∞
+    s_noise: float = Field(ge=0)  # the added noise's scale, S_noise
     clip_denoised: bool
     threshold: float | None  # dynamic thresholding's percentile p (diffusion.process.options.check_threshold)
     seed: int = Field(ge=0)  # image k is drawn from its own seed (seed, k): see diffusion.sampling.noise
@@ -224,16 +236,19 @@ class Params(_Section):
         _check_network(self)  # name, overrides, shape (of the images or their latents)
         _check_swept_model(self.sweep.space)
         d = self.diffusion
-        check_combination(
-            d.prediction, d.variance, d.loss, zero_terminal_snr=d.zero_terminal_snr, prefix="diffusion."
-        )
-        if d.schedule == "linear" and d.timesteps < 20:
+        _check_process(self)
+        if d.process == "ddpm" and d.schedule == "linear" and d.timesteps < 20:
             raise ValueError(
                 f"diffusion.timesteps: the linear schedule scales its last beta by 1000/T, reaching 1 below "
                 f"T=20; got {d.timesteps}, allowed 20..100000 (or another schedule)"
             )
         if why := eta_refused(self.sample.sampler, self.sample.eta):
             raise ValueError(f"sample.eta: {why}")
+        churn = {key: getattr(self.sample, key) for key in CHURN_OPTIONS}
+        if why := options_refused(self.sample.sampler, churn, d.process):
+            raise ValueError(f"sample.{why}" if why.startswith("s_") else f"sample.sampler: {why}")
+        if self.sample.s_tmax is not None and self.sample.s_tmin > self.sample.s_tmax:
+            raise ValueError(f"sample.s_tmin: {self.sample.s_tmin} is above sample.s_tmax {self.sample.s_tmax}")
         check_threshold(self.sample.threshold, key="sample.threshold")
         _check_guidance(self)
         if self.train.batch_size % self.train.distributed:
@@ -253,7 +268,7 @@ class Params(_Section):
                     f"train.{key}: {getattr(self.train, key)} held-out images are scored after training, but "
                     "data.holdout is 0; allowed: 0, or data.holdout >= 1"
                 )
-        if self.sample.steps > d.timesteps:
+        if d.process == "ddpm" and self.sample.steps > d.timesteps:
             raise ValueError(
                 f"sample.steps: {self.sample.steps} is more than diffusion.timesteps "
                 f"({d.timesteps}); allowed 1..{d.timesteps}"
@@ -305,6 +320,38 @@ def _check_network(params: Params) -> None:
         )
 
 
+def _check_process(params: Params) -> None:
+    """The options the process allows (:data:`~diffusion.process.options.PROCESS_OPTIONS`), the
+    discrete chain's own options on it alone, and the training distribution's parameters
+    where they mean something."""
+    d, train = params.diffusion, params.train
+    prediction = process_option(d.process, "prediction", d.prediction, "diffusion.")
+    if d.schedule is not None or d.process in ("ddpm", "vp"):
+        process_option(d.process, "schedule", d.schedule, "diffusion.")
+    check_combination(prediction, d.variance, d.loss, zero_terminal_snr=d.zero_terminal_snr, prefix="diffusion.")
+    if d.process != "ddpm":
+        for key, value, allowed in (
+            ("zero_terminal_snr", d.zero_terminal_snr, False),
+            ("variance", d.variance, "fixed_small"),
+        ):
+            if value != allowed and not (key == "variance" and value == "fixed_large"):
+                raise ValueError(
+                    f"diffusion.{key}: {value!r} is an option of the discrete chain (process ddpm); "
+                    f"process {d.process!r} allows {allowed!r}"
+                )
+    if d.sigma_data != 0.5 and d.process != "edm":
+        raise ValueError(f"diffusion.sigma_data: {d.sigma_data} is EDM's σ_data; process {d.process!r} uses none: use 0.5")
+    sampler = process_option(d.process, "timestep_sampler", train.timestep_sampler, "train.")
+    if sampler in ("uniform", "loss-aware"):
+        for key in ("timestep_mean", "timestep_std"):
+            if getattr(train, key) is not None:
+                raise ValueError(
+                    f"train.{key}: {getattr(train, key)} means nothing to the {sampler} timestep sampler; "
+                    "use null, or timestep_sampler log-normal or logit-normal"
+                )
+    loss_weighting_name(d.process, train.loss_weighting, train.min_snr_gamma, "train.")
+
+
 def _check_guidance(params: Params) -> None:
     """Classifier-free guidance and given labels need a class-conditional model; the interval
     lies in the process's timesteps."""
@@ -318,11 +365,11 @@ def _check_guidance(params: Params) -> None:
         raise ValueError("sample.labels: labels need model.class_conditional or guidance.classifier; use null")
     if sample.labels is not None and (not sample.labels or min(sample.labels) < 0):
         raise ValueError(f"sample.labels: got {sample.labels}; allowed: a non-empty list of class indices >= 0, or null")
-    interval = sample.guidance_interval
-    if interval is not None and not 0 <= interval[0] <= interval[1] <= params.diffusion.timesteps - 1:
+    interval, top = sample.guidance_interval, time_max(params.diffusion.process, params.diffusion.timesteps)
+    if interval is not None and not 0 <= interval[0] <= interval[1] <= top:
         raise ValueError(
             f"sample.guidance_interval: got {list(interval)}; allowed: [lo, hi] with "
-            f"0 <= lo <= hi <= {params.diffusion.timesteps - 1} (model timesteps), or null"
+            f"0 <= lo <= hi <= {top:g} (the process's times), or null"
         )
     if params.guidance.classifier:
         _check_classifier(params)
@@ -387,7 +434,9 @@ def _allowed_keys(loc: tuple) -> list[str]:
 
 def _one_line(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    # a key with a space or a control character (a damaged file: "\n") is shown quoted, on one line
+    key = ".".join(repr(str(p)) if any(c.isspace() or not c.isprintable() for c in str(p)) else str(p) for p in first["loc"])
+    key = key or "(top level)"
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "missing":
         msg = "missing; every key must be set (the committed params.yaml sets them all)"

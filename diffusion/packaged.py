@@ -26,12 +26,12 @@ import torch
 from torch import nn
 
 from diffusion.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from diffusion.process.gaussian import GaussianDiffusion
+from diffusion.process.factory import make_diffusion
 from diffusion.models.factory import create_model
 from diffusion.models.vae import KLAutoencoder
 from diffusion.sampling.guidance import Classifier, guidance
 from diffusion.sampling.sample import sample as run_sampler
-from diffusion.process.schedules import make_betas
+from diffusion.sampling.specs import CHURN_DEFAULTS, CHURN_OPTIONS, SAMPLER_SPECS, options_refused
 
 # The sample() arguments that ``sampling`` holds, and their defaults.
 DEFAULT_SAMPLER = {
@@ -44,6 +44,7 @@ DEFAULT_SAMPLER = {
     "guidance_scale": 1.0,
     "guidance_interval": None,
     "precision": "fp32",  # the network's: fp32 | bf16 (autocast)
+    **CHURN_DEFAULTS,  # heun's S_churn, S_tmin, S_tmax, S_noise
 }
 
 
@@ -64,7 +65,9 @@ class PackagedDiffusion(nn.Module):
 
     ``model_spec``: ``create_model`` arguments (name, in_channels, image_size,
     learn_sigma, num_classes, overrides). ``process``: the diffusion section of
-    params.yaml (schedule, timesteps, zero_terminal_snr, prediction, variance, loss).
+    params.yaml (process, schedule, timesteps, zero_terminal_snr, prediction, variance, loss,
+    sigma_data; :func:`~diffusion.process.factory.make_diffusion`: a file without
+    ``process``, written before there were others, holds the discrete chain ``ddpm``).
     ``sampling``: what ``forward`` samples with, the keys of :data:`DEFAULT_SAMPLER`
     (sampler, steps, schedule, eta, clip_denoised, threshold, guidance_scale,
     guidance_interval, precision); those not given keep their default. ``autoencoder``:
@@ -92,12 +95,7 @@ class PackagedDiffusion(nn.Module):
         self.net = net if net is not None else create_model(
             spec.pop("name"), **spec.pop("overrides", {}), **spec
         )
-        self.diffusion = GaussianDiffusion(
-            make_betas(process["schedule"], process["timesteps"], process.get("zero_terminal_snr", False)),
-            prediction=process["prediction"],
-            variance=process["variance"],
-            loss=process["loss"],
-        )
+        self.diffusion = make_diffusion(self.process)
         self.autoencoder, self.latent_scale = None, None
         if autoencoder is not None:
             self.autoencoder = decoder if decoder is not None else KLAutoencoder(**autoencoder["config"])
@@ -167,6 +165,8 @@ class PackagedDiffusion(nn.Module):
         returns them decoded."""
         _check_settings(settings, "sample")
         settings = {**self.sampling, **settings}
+        if why := options_refused(settings["sampler"], {k: settings[k] for k in CHURN_OPTIONS}, self.diffusion.process.name):
+            raise ValueError(why)
         clip_denoised, threshold = settings["clip_denoised"], settings["threshold"]
         if self.autoencoder is not None and (clip_denoised or threshold is not None):
             raise ValueError(
@@ -201,6 +201,7 @@ class PackagedDiffusion(nn.Module):
                 noise=noise,
                 progress=progress,
                 precision=settings["precision"],
+                **{key: settings[key] for key in SAMPLER_SPECS[settings["sampler"]].options},
             )
         finally:
             self.net.train(was_training)

@@ -20,7 +20,7 @@ import math
 import torch
 
 from diffusion.sampling.denoiser import Denoised, alpha_bar_at
-from diffusion.sampling.steps import NoiseLevels
+from diffusion.process.discrete import DiscreteChain
 
 
 class MixtureDenoiser:
@@ -29,8 +29,8 @@ class MixtureDenoiser:
     (labels in 0..K-1, or ``null_class`` = K for "no label") it is class y's Gaussian;
     without y, the mixture. It counts the images it is called on in ``evaluations``."""
 
-    def __init__(self, levels: NoiseLevels, means, s: float, weights=None):
-        self.levels = levels
+    def __init__(self, levels: DiscreteChain, means, s: float, weights=None):
+        self.process = levels
         self.means = torch.as_tensor(means, dtype=torch.float64)
         self.s = s
         k = len(self.means)
@@ -41,7 +41,7 @@ class MixtureDenoiser:
         self.evaluations = 0
 
     def _terms(self, x: torch.Tensor, t: torch.Tensor):
-        ab = alpha_bar_at(self.levels, t, x).double().reshape(-1, 1, 1)  # [B, 1, 1]
+        ab = alpha_bar_at(self.process, t, x).double().reshape(-1, 1, 1)  # [B, 1, 1]
         a, v = ab.sqrt(), ab * self.s**2 + (1 - ab)
         xd = x.double().reshape(x.shape[0], 1, -1)  # [B, 1, D]
         component_x0 = self.means[None] + a * self.s**2 / v * (xd - a * self.means[None])  # [B, K, D]

@@ -126,7 +126,8 @@ def validate(content: bytes, keys: tuple[str, ...] = ()) -> None:
 @example({**DEFAULT_PARAMS, "sweep": {**DEFAULT_PARAMS["sweep"], "space": {"train.lr": {"type": "float", "low": 0.1, "high": 1, "lo": 0}}}})
 @example({**DEFAULT_PARAMS, "sweep": {**DEFAULT_PARAMS["sweep"], "space": {"model.name": {"type": "categorical", "choices": [["unet-tiny"]]}}}})
 def test_mutated_params_validate_or_fail_in_one_line(params: dict) -> None:
-    unknown = tuple(str(key) for key in params if key not in DEFAULT_PARAMS)
+    # an unknown key as it is, or quoted where it holds a space or a control character ("\n")
+    unknown = tuple(form for key in params if key not in DEFAULT_PARAMS for form in (str(key), repr(str(key))))
     content = yaml.dump(params, Dumper=yaml.CSafeDumper, sort_keys=False, allow_unicode=True).encode()
     validate(content, keys=tuple(DEFAULT_PARAMS) + tuple(OVERRIDE_KEYS) + unknown)
 

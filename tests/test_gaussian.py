@@ -11,6 +11,8 @@ import mpmath
 import numpy as np
 import pytest
 import torch
+
+from diffusion.process.weighting import loss_weight
 from device_copies import CrossDeviceOps
 from exact_gaussian import GaussianData, alpha_bar_np
 from torch import nn
@@ -186,7 +188,7 @@ def test_clip_and_dynamic_threshold_then_eps_is_recomputed():
         ({"variance": "learned_range", "loss": "mse"}, "loss: 'mse' does not train a learned variance"),
         ({"variance": "fixed_small", "loss": "hybrid"}, "loss: 'hybrid' trains a learned variance"),
         ({"variance": "fixed_large", "loss": "kl"}, "loss: 'kl' trains a learned variance"),
-        ({"prediction": "noise"}, "prediction: got 'noise'; allowed: 'eps', 'x0', 'v'"),
+        ({"prediction": "noise"}, "prediction: got 'noise'; process 'ddpm' allows 'eps', 'x0', 'v'"),
         ({"variance": "learned"}, "variance: got 'learned'; allowed: 'fixed_small', 'fixed_large', 'learned_range'"),
         ({"loss": "l1"}, "loss: got 'l1'; allowed: 'mse', 'hybrid', 'kl'"),
     ],
@@ -558,7 +560,7 @@ def test_min_snr_weighted_loss_is_the_clamped_snr_times_the_x0_error(prediction)
     eps_hat = (x_t - ab.sqrt() * x0_hat) / (1 - ab).sqrt()
     output = {"eps": eps_hat, "x0": x0_hat, "v": ab.sqrt() * eps_hat - (1 - ab).sqrt() * x0_hat}[prediction]
 
-    terms = d.training_losses(lambda x, s: output, x0, t, noise=noise, mse_weight=d.min_snr_weight(t, gamma))
+    terms = d.training_losses(lambda x, s: output, x0, t, noise=noise, mse_weight=loss_weight("min-snr", d.process, d.prediction, t, gamma=gamma))
     snr = (ab / (1 - ab)).flatten()
     x0_mse = ((x0_hat - x0) ** 2).mean(dim=(1, 2, 3))
     assert torch.allclose(terms["loss"], snr.clamp(max=gamma) * x0_mse, rtol=1e-9, atol=0)

@@ -35,12 +35,13 @@ from diffusion.sampling.guidance import (
     ClassifierFreeGuidance, ClassifierGuidance, classifier_gradient, guidance,
 )
 from diffusion.sampling.specs import network_evaluations
-from diffusion.sampling.steps import NoiseLevels, make_steps
+from diffusion.process.discrete import DiscreteChain
+from diffusion.sampling.steps import make_steps
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 ALPHAS_CUMPROD = np.cumprod(1 - cosine_betas(1000))
-LEVELS = NoiseLevels(ALPHAS_CUMPROD)
+LEVELS = DiscreteChain(ALPHAS_CUMPROD)
 MEANS = torch.tensor([[1.0, 0.0], [-0.5, 0.8], [-0.5, -0.8]], dtype=torch.float64)
 WEIGHTS = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
 S = 0.3
@@ -78,7 +79,7 @@ class Counting:
     """A denoiser that records the rows and labels of every call of ``inner``."""
 
     def __init__(self, inner):
-        self.inner, self.levels, self.calls = inner, inner.levels, []
+        self.inner, self.process, self.calls = inner, inner.process, []
 
     def __call__(self, x, t, y=None):
         self.calls.append((x.shape[0], None if y is None else y.tolist()))
@@ -202,7 +203,7 @@ class LearnedVariance:
     """The mixture with ``learned_range`` variance channels that tell the labels apart: v = y / 10."""
 
     def __init__(self):
-        self.inner, self.levels = mixture(), LEVELS
+        self.inner, self.process = mixture(), LEVELS
 
     def __call__(self, x, t, y=None):
         out = self.inner(x, t, y)

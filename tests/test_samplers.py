@@ -23,7 +23,7 @@ from diffusion.sampling import specs as sampler_specs
 from diffusion.process.gaussian import GaussianDiffusion
 from diffusion.sampling.noise import StackedRandomGenerator, image_seed
 from diffusion.sampling.ancestral import ddim_sample, ddpm_sample
-from diffusion.sampling.denoiser import ModelDenoiser, noise_levels
+from diffusion.sampling.denoiser import ModelDenoiser
 from diffusion.sampling.sample import SAMPLER_FUNCTIONS, sample
 from diffusion.sampling.steps import make_steps
 from diffusion.process.schedules import cosine_betas, make_betas, space_timesteps
@@ -275,7 +275,7 @@ def test_callback_sees_every_step():
     seen = []
     for fn in SAMPLER_FUNCTIONS.values():
         seen.clear()
-        fn(ModelDenoiser.for_process(GaussianData(BETAS, MU, S), d), torch.randn(4, 2), make_steps("linspace", noise_levels(d), 3),
+        fn(ModelDenoiser.for_process(GaussianData(BETAS, MU, S), d), torch.randn(4, 2), make_steps("linspace", d.process, 3),
            callback=seen.append)
         assert [(info["i"], info["t"]) for info in seen] == [(0, 999), (1, 500), (2, 0)]
         assert set(seen[0]) == {"i", "t", "x", "pred_x0"}

@@ -38,13 +38,14 @@ from diffusion.sampling.guidance import guidance
 from diffusion.sampling.heun import heun_sample
 from diffusion.sampling.noise import StackedRandomGenerator
 from diffusion.sampling.sample import SAMPLER_FUNCTIONS, sample
-from diffusion.sampling.steps import NoiseLevels, Steps, make_steps
+from diffusion.process.discrete import DiscreteChain
+from diffusion.sampling.steps import Steps, make_steps
 from diffusion.sampling.walk import half_log_snr
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 BETAS = {name: make_betas(name, 1000) for name in ("linear", "cosine")}
-LEVELS = {name: NoiseLevels(np.cumprod(1 - betas)) for name, betas in BETAS.items()}
+LEVELS = {name: DiscreteChain(np.cumprod(1 - betas)) for name, betas in BETAS.items()}
 SOLVERS = ("dpm++2m", "dpm++3m", "unipc", "unipc3", "heun")
 ORDER = {"ddim": 1, "heun": 2, "dpm++2m": 2, "dpm++3m": 3, "unipc": 3, "unipc3": 4}  # UniC-p raises UniP-p by one
 MU, S = 0.3, 0.5
@@ -62,7 +63,7 @@ def steps_for(name, nfe):
 
 
 def solve(name, denoiser, x_T, schedule, steps, y=None, **options):
-    return SAMPLER_FUNCTIONS[name](denoiser, x_T, make_steps(schedule, denoiser.levels, steps), y=y, **options)
+    return SAMPLER_FUNCTIONS[name](denoiser, x_T, make_steps(schedule, denoiser.process, steps), y=y, **options)
 
 
 def gaussian_reference(levels, x_T, mu=MU, s=S):
@@ -189,7 +190,7 @@ def diffusers_run(scheduler, n, x_T, ours, monkeypatch=None):
     """One loop of a diffusers scheduler and our solver on its timesteps, the exact eps model
     of N(mu, s²) on the scheduler's own (float32) ᾱ table: (theirs, ours)."""
     alphas_cumprod = scheduler.alphas_cumprod.double().numpy()
-    levels = NoiseLevels(alphas_cumprod)
+    levels = DiscreteChain(alphas_cumprod)
 
     def net(x, t):
         ab = torch.from_numpy(alphas_cumprod)[t].reshape(-1, 1)

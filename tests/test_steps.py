@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from diffusion.process.schedules import make_betas, space_timesteps
-from diffusion.sampling.steps import KARRAS_RHO, NoiseLevels, make_steps
+from diffusion.process.discrete import DiscreteChain
+from diffusion.sampling.steps import KARRAS_RHO, make_steps
 
-LEVELS = {name: NoiseLevels(np.cumprod(1 - make_betas(name, 1000))) for name in ("linear", "cosine")}
+LEVELS = {name: DiscreteChain(np.cumprod(1 - make_betas(name, 1000))) for name in ("linear", "cosine")}
 SIGMA_RANGE = {"linear": (0.010000500037502575, 157.40728081040749), "cosine": (0.006425412771142062, 20291.169610019904)}
 
 

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from diffusion.process.options import Loss, Prediction, Variance, check_combination, check_threshold, parse
+from diffusion.process.discrete import DiscreteChain
+from diffusion.process.options import Loss, Prediction, Variance, check_combination, check_threshold, parse, process_option
 from diffusion.process.schedules import make_betas, respace_betas
 
 Model = Callable[..., torch.Tensor]
@@ -168,7 +169,7 @@ class GaussianDiffusion:
         loss: str = "mse",
         timestep_map: Sequence[int] | torch.Tensor | None = None,
     ):
-        self.prediction = parse(Prediction, prediction, "prediction")
+        self.prediction = parse(Prediction, process_option("ddpm", "prediction", getattr(prediction, "value", prediction)), "prediction")
         self.variance = parse(Variance, variance, "variance")
         self.loss = parse(Loss, loss, "loss")
         betas = np.asarray(betas, dtype=np.float64)
@@ -203,6 +204,7 @@ class GaussianDiffusion:
         self.fixed_large_log_variance = np.log(self.fixed_large_variance)
         self._tables: dict[torch.device, SimpleNamespace] = {}
         self._respaced: dict[tuple[int, ...], GaussianDiffusion] = {}
+        self._process: DiscreteChain | None = None
 
     def tables(self, device: torch.device) -> SimpleNamespace:
         """The schedule on ``device`` (a tensor's device): each array of ``_TABLES`` as a
@@ -254,6 +256,14 @@ class GaussianDiffusion:
                 timestep_map=self.timestep_map[list(steps)],
             )
         return self._respaced[steps]
+
+    @property
+    def process(self) -> DiscreteChain:
+        """The chain at its model timesteps as a :class:`~diffusion.process.base.NoiseProcess`
+        (what samplers and step schedules read), made once."""
+        if self._process is None:
+            self._process = DiscreteChain(self.alphas_cumprod, self.timestep_map.numpy())
+        return self._process
 
     # -- forward process ----------------------------------------------------
 
@@ -322,17 +332,6 @@ class GaussianDiffusion:
         sqrt_ab = at_timesteps(s.sqrt_alphas_cumprod, t, x0)
         sqrt_one_minus_ab = at_timesteps(s.sqrt_one_minus_alphas_cumprod, t, x0)
         return sqrt_ab * noise - sqrt_one_minus_ab * x0
-
-    def min_snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
-        """Min-SNR-γ weights [B] of L_simple (Hang et al. 2023, "Efficient Diffusion Training via
-        Min-SNR Weighting Strategy", §3.4): the x_0-MSE weighted by min(SNR_t, γ), SNR_t =
-        ᾱ_t / (1 - ᾱ_t), written on this process's regression target, whose MSE is SNR_t (ε),
-        SNR_t + 1 (v) or 1 (x_0) times the x_0-MSE: min(SNR, γ) / SNR, min(SNR, γ) / (SNR + 1)
-        and min(SNR, γ)."""
-        ab = self.tables(t.device).alphas_cumprod[t]
-        snr = ab / (1 - ab)
-        target_weight = {Prediction.EPS: snr, Prediction.V: snr + 1, Prediction.X0: torch.ones_like(snr)}
-        return snr.clamp(max=gamma) / target_weight[self.prediction]
 
     def x0_eps_from_output(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """(pred_x0, pred_eps) from the model's first C channels, per ``prediction``
@@ -422,7 +421,7 @@ class GaussianDiffusion:
     ) -> dict[str, torch.Tensor]:
         """Per-example training terms [B]: ``mse`` (L_simple, DDPM eq. 14, on the target of
         ``prediction``), ``vb`` (L_t in bits/dim, when the variance is learned) and ``loss``,
-        in which L_simple is multiplied by ``mse_weight`` [B] if given (:meth:`min_snr_weight`;
+        in which L_simple is multiplied by ``mse_weight`` [B] if given (:mod:`~diffusion.process.weighting`;
         ``mse`` itself is reported unweighted):
 
         * mse: L_simple;

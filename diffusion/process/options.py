@@ -11,12 +11,55 @@ import enum
 from typing import Any
 
 
+class Process(str, enum.Enum):
+    """The noise process x_t = α(t) x_0 + σ(t) ε (:mod:`diffusion.process.base`)."""
+
+    DDPM = "ddpm"  # the discrete chain over diffusion.timesteps (Ho et al. 2020; Nichol & Dhariwal 2021)
+    VP = "vp"  # the continuous VP SDE (Song et al. 2021)
+    EDM = "edm"  # σ(t) = t with Table 1's preconditioning (Karras et al. 2022)
+    FLOW = "flow"  # the linear interpolant (1 - t) x_0 + t ε (rectified flow, flow matching)
+
+
 class Prediction(str, enum.Enum):
     """What the network outputs (its first C channels)."""
 
     EPS = "eps"  # the noise ε (DDPM eq. 11)
-    X0 = "x0"  # the clean image x_0
+    X0 = "x0"  # the clean image x_0 (EDM: through its preconditioning)
     V = "v"  # v = √ᾱ ε - √(1-ᾱ) x_0 (Salimans & Ho 2022, §4)
+    VELOCITY = "velocity"  # u = dx_t/dt = α' x_0 + σ' ε (flow matching; ε - x_0 on the linear path)
+
+
+PROCESS_OPTIONS: dict[Process, dict[str, tuple[str, ...]]] = {
+    Process.DDPM: {
+        "prediction": ("eps", "x0", "v"),
+        "schedule": ("linear", "cosine", "sigmoid"),
+        "timestep_sampler": ("uniform", "loss-aware"),
+        "loss_weighting": ("simple", "min-snr", "edm"),
+    },
+    Process.VP: {
+        "prediction": ("eps", "x0", "v"),
+        "schedule": ("linear", "cosine"),
+        "timestep_sampler": ("uniform", "log-normal", "logit-normal"),
+        "loss_weighting": ("simple", "min-snr", "edm", "flow"),
+    },
+    Process.EDM: {
+        "prediction": ("x0",),
+        "schedule": (),
+        "timestep_sampler": ("log-normal", "uniform", "logit-normal"),
+        "loss_weighting": ("edm", "simple", "min-snr", "flow"),
+    },
+    Process.FLOW: {
+        "prediction": ("velocity", "x0"),
+        "schedule": (),
+        "timestep_sampler": ("logit-normal", "uniform", "log-normal"),
+        "loss_weighting": ("flow", "simple", "min-snr", "edm"),
+    },
+}
+"""What each process allows of the options it shares (the first of each: its default when
+params.yaml says null). The discrete chain has no time derivative (no velocity, no flow
+weighting) and the continuous processes no timestep table (no loss-aware sampling); EDM's
+network predicts x_0 through its preconditioning; ε cannot recover x_0 where α reaches 0
+(the flow at t = 1); EDM and the flow have one σ(t) each, so no β schedule."""
 
 
 class Variance(str, enum.Enum):
@@ -63,6 +106,46 @@ def check_threshold(percentile: float | None, key: str = "threshold") -> None:
     """
     if percentile is not None and not 0.5 < percentile <= 1:
         raise ValueError(f"{key}: got {percentile!r}; allowed: a percentile p with 0.5 < p <= 1, or none")
+
+
+CONTINUOUS_TIME_MAX = {Process.VP: 1.0, Process.EDM: 80.0, Process.FLOW: 1.0}
+"""The largest time of each continuous process (EDM's σ_max; the unit interval's end), where
+sampling starts; the discrete chain's is its last timestep, T - 1."""
+
+
+def time_max(process: str, timesteps: int) -> float:
+    """The largest time of ``process`` (with ``timesteps``, the chain's T)."""
+    name = parse(Process, process, "process")
+    return float(timesteps - 1) if name is Process.DDPM else CONTINUOUS_TIME_MAX[name]
+
+
+def process_option(process: str, key: str, value: str | None, prefix: str = "") -> str:
+    """``value`` of option ``key`` on ``process`` (its default when None), or a one-line
+    ValueError naming ``prefix + key`` and what the process allows."""
+    allowed = PROCESS_OPTIONS[parse(Process, process, f"{prefix}process")][key]
+    if value is None:
+        if not allowed:
+            raise ValueError(f"{prefix}{key}: process {process!r} has none")
+        return allowed[0]
+    if value not in allowed:
+        listed = ", ".join(repr(a) for a in allowed) if allowed else "none (null)"
+        raise ValueError(f"{prefix}{key}: got {value!r}; process {process!r} allows {listed}")
+    return value
+
+
+def loss_weighting_name(process: str, weighting: str | None, min_snr_gamma: float | None, prefix: str = "") -> str:
+    """The loss weighting that trains: ``weighting``, or with null ``min-snr`` where
+    ``min_snr_gamma`` is set and else the process's own; a one-line ValueError where the
+    process does not allow it, or where min-snr and its γ do not come together."""
+    if weighting is None and min_snr_gamma is not None:
+        weighting = "min-snr"
+    name = process_option(process, "loss_weighting", weighting, prefix)
+    if (name == "min-snr") != (min_snr_gamma is not None):
+        raise ValueError(
+            f"{prefix}min_snr_gamma: got {min_snr_gamma!r} with loss_weighting {name!r}; "
+            "min-snr needs its γ (e.g. 5) and the other weightings none (null)"
+        )
+    return name
 
 
 def check_combination(prediction: str, variance: str, loss: str, *, zero_terminal_snr: bool, prefix: str = "") -> None:

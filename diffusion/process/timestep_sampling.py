@@ -1,7 +1,12 @@
-"""Which timesteps a training batch uses: uniform, or loss-aware importance sampling.
+"""Which noise levels a training batch uses: a named distribution over the process's times.
 
-A sampler returns ``(t, weights)`` with weights w_t = 1/(T p_t), so the weighted loss
-E_{t~p}[w_t L_t] equals the uniform average E_{t~U}[L_t] (improved DDPM §3.3, eq. 18).
+On the discrete chain: uniform timesteps, or loss-aware importance sampling, whose weights
+w_t = 1/(T p_t) make the weighted loss E_{t~p}[w_t L_t] the uniform average E_{t~U}[L_t]
+(improved DDPM §3.3, eq. 18). On a continuous process (:class:`NoiseLevelSampler`): t
+uniform on [t_min, t_max]; EDM's log-normal, ln σ ~ N(P_mean, P_std²) with σ = e^{-λ}
+mapped to its time (Karras et al. 2022, §5, P_mean = -1.2, P_std = 1.2); or SD3's
+logit-normal, t = t_min + (t_max - t_min) sigmoid(u), u ~ N(m, s²) (Esser et al. 2024, §3.1,
+m = 0, s = 1). These weigh every draw 1: the distribution is part of the objective.
 Its state is tensors only, so a training checkpoint stores it and resumes bit for bit.
 Draws are made on the generator's device (the CPU without one) and moved to ``device``.
 """
@@ -11,6 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from diffusion.process.discrete import DiscreteChain
 
 
 def _draw_device(generator: torch.Generator | None) -> torch.device:
@@ -93,11 +100,58 @@ class LossAwareSampler:
         self.counts.copy_(state["counts"])
 
 
+class NoiseLevelSampler:
+    """t from a continuous distribution over ``process``'s times (module doc), in float64."""
+
+    DEFAULTS = {"uniform": (None, None), "log-normal": (-1.2, 1.2), "logit-normal": (0.0, 1.0)}
+    """name -> (mean, std) of its paper, used where params.yaml gives null."""
+
+    def __init__(self, name: str, process, mean: float | None = None, std: float | None = None):
+        self.name, self.process = name, process
+        default_mean, default_std = self.DEFAULTS[name]
+        self.mean = default_mean if mean is None else float(mean)
+        self.std = default_std if std is None else float(std)
+
+    def times(self, u: torch.Tensor) -> torch.Tensor:
+        """The time of each standard draw ``u`` (uniform on [0, 1) or N(0, 1) per the distribution)."""
+        p = self.process
+        if self.name == "uniform":
+            return p.t_min + (p.t_max - p.t_min) * u
+        if self.name == "logit-normal":
+            return p.t_min + (p.t_max - p.t_min) * torch.sigmoid(self.mean + self.std * u)
+        sigma = torch.exp(self.mean + self.std * u)
+        return torch.from_numpy(p.t_of_sigma(sigma.numpy())).to(u.dtype)
+
+    def sample(self, batch_size: int, device, generator: torch.Generator | None = None):
+        draw = torch.rand if self.name == "uniform" else torch.randn
+        u = draw((batch_size,), generator=generator, dtype=torch.float64)
+        return self.times(u).to(device), torch.ones(batch_size, device=device)
+
+    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        """Nothing to learn from the losses."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"timestep sampler state: got keys {sorted(state)}; {self.name} has none")
+
+
 TIMESTEP_SAMPLERS = {"uniform": UniformSampler, "loss-aware": LossAwareSampler}
+"""The discrete chain's samplers."""
 
 
-def make_timestep_sampler(name: str, diffusion) -> UniformSampler | LossAwareSampler:
-    """The sampler ``name`` of :data:`TIMESTEP_SAMPLERS` over ``diffusion.num_timesteps`` steps."""
-    if name not in TIMESTEP_SAMPLERS:
-        raise ValueError(f"timestep_sampler: got {name!r}; allowed: {', '.join(TIMESTEP_SAMPLERS)}")
+def make_timestep_sampler(
+    name: str, diffusion, mean: float | None = None, std: float | None = None
+) -> UniformSampler | LossAwareSampler | NoiseLevelSampler:
+    """The sampler ``name`` for ``diffusion``: over its timesteps on the discrete chain
+    (:data:`TIMESTEP_SAMPLERS`), else a :class:`NoiseLevelSampler` of its process with
+    ``mean`` and ``std`` (None: the distribution's own)."""
+    continuous = not isinstance(diffusion.process, DiscreteChain)
+    allowed = NoiseLevelSampler.DEFAULTS if continuous else TIMESTEP_SAMPLERS
+    if name not in allowed:
+        raise ValueError(f"timestep_sampler: got {name!r}; allowed: {', '.join(allowed)}")
+    if continuous:
+        return NoiseLevelSampler(name, diffusion.process, mean, std)
     return TIMESTEP_SAMPLERS[name](diffusion.num_timesteps)

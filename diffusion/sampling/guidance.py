@@ -38,7 +38,7 @@ class ClassifierFreeGuidance:
     ):
         if interval is not None and (len(interval) != 2 or interval[0] > interval[1]):
             raise ValueError(f"guidance_interval: got {interval!r}; allowed: [lo, hi] with lo <= hi, or null")
-        self.inner, self.levels = inner, inner.levels
+        self.inner, self.process = inner, inner.process
         self.scale, self.null_class, self.interval = float(scale), null_class, interval
 
     def _guided_at(self, t: torch.Tensor) -> bool:
@@ -91,7 +91,7 @@ class ClassifierGuidance:
     """
 
     def __init__(self, inner: Denoiser, classifier: Classifier, scale: float, *, conditional: bool):
-        self.inner, self.levels, self.classifier, self.scale = inner, inner.levels, classifier, float(scale)
+        self.inner, self.process, self.classifier, self.scale = inner, inner.process, classifier, float(scale)
         self.conditional = conditional
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> Denoised:
@@ -101,8 +101,8 @@ class ClassifierGuidance:
         if self.scale == 0.0:
             return out
         grad = classifier_gradient(self.classifier, x, t, y)
-        eps = out.eps - (1 - alpha_bar_at(self.levels, t, x)).sqrt().to(x.dtype) * self.scale * grad
-        return Denoised(x0_from_eps(self.levels, x, t, eps), eps, out.variance, out.var_values)
+        eps = out.eps - (1 - alpha_bar_at(self.process, t, x)).sqrt().to(x.dtype) * self.scale * grad
+        return Denoised(x0_from_eps(self.process, x, t, eps), eps, out.variance, out.var_values)
 
 
 def guidance(

@@ -6,7 +6,7 @@ takes Heun steps between the σ of the schedule, Euler on the last (to σ = 0, i
 x̂_0): 2n - 1 evaluations for n steps. Algorithm 2 first raises σ_i to σ̂ = σ_i (1 + γ_i),
 γ_i = min(S_churn/n, √2 - 1) where S_tmin <= σ_i <= S_tmax, by adding noise
 √(σ̂² - σ_i²) S_noise z: σ̂ is off the schedule, so the network sees the model timestep of
-σ̂ (:meth:`~diffusion.sampling.steps.NoiseLevels.t_of_sigma`, which stops at the process's
+σ̂ (:meth:`~diffusion.process.base.NoiseProcess.t_of_sigma`, which stops at the process's
 largest σ). S_churn = 0 is Algorithm 1.
 
 Under zero terminal SNR σ_0 = ∞: the first step is then Euler's in its limit,
@@ -20,7 +20,7 @@ import math
 import numpy as np
 import torch
 
-from diffusion.sampling.denoiser import Denoiser, timestep_tensor
+from diffusion.sampling.denoiser import Denoiser
 from diffusion.sampling.noise import NoiseSource, randn
 from diffusion.sampling.steps import Steps
 from diffusion.sampling.walk import Callback, check_deterministic, report, walk
@@ -43,22 +43,23 @@ def heun_sample(
     progress: bool = False,
     s_churn: float = 0.0,
     s_tmin: float = 0.0,
-    s_tmax: float = math.inf,
+    s_tmax: float | None = None,
     s_noise: float = 1.0,
 ) -> torch.Tensor:
     """EDM Algorithm 2 (Algorithm 1 when ``s_churn`` = 0) on the σ of ``steps``; S_tmin and
-    S_tmax bound the σ_i that churn, S_noise scales the added noise."""
+    S_tmax (None: ∞) bound the σ_i that churn, S_noise scales the added noise."""
+    s_tmax = math.inf if s_tmax is None else s_tmax
     check_deterministic(eta, "heun")
     if s_churn < 0 or s_noise < 0 or s_tmin > s_tmax:
         raise ValueError(
             f"s_churn: need s_churn >= 0, s_noise >= 0, s_tmin <= s_tmax; got {s_churn}, {s_noise}, {s_tmin}, {s_tmax}"
         )
-    n, levels = len(steps), steps.levels
+    n, process = len(steps), steps.process
     gamma = min(s_churn / n, math.sqrt(2) - 1)
     if steps.alpha_bar[0] > 0:
         x = x / math.sqrt(steps.alpha_bar[0])  # x̃ = x/α
     for i, t, ab, ab_next in walk(steps, x, progress):
-        t_next = None if i == n - 1 else timestep_tensor(steps.timesteps[i + 1], x.shape[0], x.device)
+        t_next = None if i == n - 1 else process.time_tensor(steps.timesteps[i + 1], x.shape[0], x.device)
         if ab == 0:  # σ_0 = ∞: Euler's step in its limit
             out = denoiser(x, t, y)
             report(callback, steps, i, x, out)
@@ -66,9 +67,9 @@ def heun_sample(
             continue
         sigma, sigma_next, t_hat, ab_hat = edm_sigma(ab), edm_sigma(ab_next), t, ab
         if gamma > 0 and s_tmin <= sigma <= s_tmax:
-            t_hat_value = float(np.float32(levels.t_of_sigma(sigma * (1 + gamma))))  # the t the network sees
-            ab_hat = float(levels.alpha_bar(t_hat_value))
-            t_hat = timestep_tensor(t_hat_value, x.shape[0], x.device)
+            t_hat_value = float(np.float32(process.t_of_sigma(sigma * (1 + gamma))))  # the t the network sees
+            ab_hat = float(process.alpha_bar(t_hat_value))
+            t_hat = process.time_tensor(t_hat_value, x.shape[0], x.device)
             noise = randn(x.shape, generator, device=x.device, dtype=x.dtype)
             x = x + math.sqrt(max(edm_sigma(ab_hat) ** 2 - sigma**2, 0.0)) * s_noise * noise
         sigma_hat = edm_sigma(ab_hat)

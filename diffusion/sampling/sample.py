@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 
+from diffusion.process.continuous import ContinuousDiffusion
 from diffusion.process.gaussian import GaussianDiffusion
 # the modules specs.SAMPLER_SPECS names, imported by name so that each stage's import closure
 # (dvc.yaml's deps, tests/test_dvc_deps.py) holds them; _resolve then finds them loaded
-from diffusion.sampling import ancestral, dpm_solver, heun, unipc  # noqa: F401
+from diffusion.sampling import ancestral, dpm_solver, euler, heun, unipc  # noqa: F401
 from diffusion.sampling import specs as sampler_specs
 from diffusion.sampling.denoiser import ClippedDenoiser, Denoiser, ModelDenoiser
 from diffusion.sampling.noise import NoiseSource, StackedRandomGenerator, randn
@@ -43,7 +44,7 @@ SAMPLER_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
 
 @torch.no_grad()
 def sample(
-    diffusion: GaussianDiffusion,
+    diffusion: GaussianDiffusion | ContinuousDiffusion,
     model,
     shape: Sequence[int],
     *,
@@ -68,7 +69,8 @@ def sample(
 ):
     """Draw samples of ``shape`` from the network ``model`` trained on ``diffusion``, with the
     sampler ``sampler`` of :data:`SAMPLER_FUNCTIONS` on ``steps`` steps of the step schedule
-    ``schedule`` (:data:`~diffusion.sampling.steps.STEP_SCHEDULES`; None: every timestep).
+    ``schedule`` (:data:`~diffusion.sampling.steps.STEP_SCHEDULES`; None: every timestep of
+    the discrete chain).
 
     ``labels`` are the class labels of a class-conditional model; ``guidance`` wraps its
     denoiser (:mod:`diffusion.sampling.guidance`); x̂_0 is then clipped to [-1, 1]
@@ -91,7 +93,9 @@ def sample(
         raise ValueError(f"first_index: got {first_index!r}; allowed: an int >= 0")
     dtype = resolve_precision(precision, torch.device(device))
     denoiser: Denoiser = ModelDenoiser.for_process(model, diffusion, model_kwargs, dtype=dtype)
-    walk_steps = make_steps(schedule, denoiser.levels, diffusion.num_timesteps if steps is None else steps)
+    if steps is None and not hasattr(diffusion, "num_timesteps"):
+        raise ValueError("steps: a continuous process has no timestep count to default to; give a number of steps")
+    walk_steps = make_steps(schedule, denoiser.process, diffusion.num_timesteps if steps is None else steps)
     if guidance is not None:
         denoiser = guidance(denoiser)
     denoiser = ClippedDenoiser(denoiser, clip=clip_denoised, threshold=threshold)

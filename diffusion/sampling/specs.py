@@ -24,11 +24,21 @@ class SamplerSpec:
     (eq. 16: η = 1 is DDPM's variance). 0: eta means nothing to it; ancestral DDPM draws
     with the denoiser's own variance, and the others solve the probability-flow ODE."""
 
+    options: tuple[str, ...] = ()
+    """The ``sample`` params beyond the common ones that it takes (EDM's churn)."""
+    continuous_only: bool = False
+    """It steps in the process's own time, which the discrete chain (process ddpm) does not have."""
+
     @property
     def takes_eta(self) -> bool:
         """Whether ``sample.eta`` means anything to it."""
         return self.max_eta > 0
 
+
+CHURN_OPTIONS = ("s_churn", "s_tmin", "s_tmax", "s_noise")
+"""EDM's stochastic sampler's S_churn, S_tmin, S_tmax, S_noise (Karras et al. 2022, Algorithm 2)."""
+CHURN_DEFAULTS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": None, "s_noise": 1.0}
+"""Their values that change nothing (S_churn = 0: Algorithm 1; S_tmax None: ∞)."""
 
 SAMPLER_SPECS: dict[str, SamplerSpec] = {
     "ddpm": SamplerSpec("ancestral.ddpm_sample", nfe=lambda steps: steps),  # one evaluation a step
@@ -37,8 +47,15 @@ SAMPLER_SPECS: dict[str, SamplerSpec] = {
     "dpm++3m": SamplerSpec("dpm_solver.dpmpp_3m_sample", nfe=lambda steps: steps),
     "unipc": SamplerSpec("unipc.unipc_sample", nfe=lambda steps: steps),  # the corrector reuses the next evaluation
     "unipc3": SamplerSpec("unipc.unipc3_sample", nfe=lambda steps: steps),
-    "heun": SamplerSpec("heun.heun_sample", nfe=lambda steps: 2 * steps - 1),  # two a step, one on the last (to σ = 0)
+    # two a step, one on the last (to σ = 0); EDM's churn (Algorithm 2)
+    "heun": SamplerSpec("heun.heun_sample", nfe=lambda steps: 2 * steps - 1, options=CHURN_OPTIONS),
+    "euler": SamplerSpec("euler.euler_sample", nfe=lambda steps: steps, continuous_only=True),
+    "sde": SamplerSpec("euler.sde_sample", nfe=lambda steps: steps, continuous_only=True),
 }
+
+
+STEP_SCHEDULE_NAMES = ("linspace", "trailing", "log-snr", "karras")
+"""The step schedules params.yaml may name (:data:`diffusion.sampling.steps.STEP_SCHEDULES`, in this order)."""
 
 
 def eta_refused(sampler: str, eta: float) -> str | None:
@@ -54,6 +71,20 @@ def eta_refused(sampler: str, eta: float) -> str | None:
         return None
     takers = ", ".join(name for name, spec in SAMPLER_SPECS.items() if spec.takes_eta)
     return f"{eta} means nothing to {sampler}; use 0, or a sampler that takes eta: {takers}"
+
+
+def options_refused(sampler: str, options: dict[str, object], process: str) -> str | None:
+    """Why ``options`` (sample params of :data:`CHURN_OPTIONS`) or ``process`` do not fit
+    ``sampler`` (None: they do): an option a sampler does not take must keep its default, and
+    a sampler in the process's own time needs a continuous process."""
+    spec = SAMPLER_SPECS[sampler]
+    if spec.continuous_only and process == "ddpm":
+        return f"{sampler} steps in the process's own time; process 'ddpm' is a discrete chain: use vp, edm or flow"
+    for key, value in options.items():
+        if key not in spec.options and value != CHURN_DEFAULTS[key]:
+            takers = ", ".join(name for name, s in SAMPLER_SPECS.items() if key in s.options)
+            return f"{key}: {value} means nothing to {sampler}; use {CHURN_DEFAULTS[key]}, or a sampler that takes it: {takers}"
+    return None
 
 
 def network_evaluations(sampler: str, steps: int, guidance_scale: float = 1.0) -> int:

@@ -17,16 +17,17 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from diffusion.sampling.denoiser import Denoised, timestep_tensor
+from diffusion.sampling.denoiser import Denoised
 from diffusion.sampling.steps import Steps
 
 Callback = Callable[[dict[str, Any]], None]
 
 
 def walk(steps: Steps, x: torch.Tensor, progress: bool) -> Iterator[tuple[int, torch.Tensor, float, float]]:
-    """(i, t [B], ᾱ_i, ᾱ_{i+1}) for each step, ᾱ_n = 1 after the last."""
+    """(i, t [B], ᾱ_i, ᾱ_{i+1}) for each step, ᾱ_n = 1 after the last (t as the process's
+    :meth:`~diffusion.process.base.NoiseProcess.time_tensor`)."""
     for i in tqdm(range(len(steps)), disable=not progress, desc="sampling"):
-        t = timestep_tensor(steps.timesteps[i], x.shape[0], x.device)
+        t = steps.process.time_tensor(steps.timesteps[i], x.shape[0], x.device)
         yield i, t, float(steps.alpha_bar[i]), float(steps.alpha_bar[i + 1])
 
 

@@ -67,7 +67,9 @@ from diffusion.training.devices import autocast, batch_memory, resolve_device, r
 from diffusion.training.ema import EMA
 from diffusion.errors import UserError
 from diffusion.training.reference_loss import reference_loss
+from diffusion.process.options import loss_weighting_name, process_option
 from diffusion.process.timestep_sampling import make_timestep_sampler
+from diffusion.process.weighting import loss_weight
 
 if TYPE_CHECKING:
     from diffusion.config import TrainParams
@@ -254,7 +256,12 @@ class Trainer:
         self.cfg = cfg
         self.ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.sampler = make_timestep_sampler(cfg.timestep_sampler, diffusion)
+        process = diffusion.process
+        self.sampler = make_timestep_sampler(
+            process_option(process.name, "timestep_sampler", cfg.timestep_sampler, "train."), diffusion,
+            cfg.timestep_mean, cfg.timestep_std,
+        )
+        self.loss_weighting = loss_weighting_name(process.name, cfg.loss_weighting, cfg.min_snr_gamma, "train.")
         self.null_class = _null_class(model, labels) if class_conditional else None
         self.images = images.to(self.device)
         self.labels = labels.to(self.device) if class_conditional else None
@@ -280,7 +287,9 @@ class Trainer:
         t, weights = t_all[part].to(device), weights[part].to(device)
 
         self.optimizer.zero_grad(set_to_none=True)
-        mse_weight = None if cfg.min_snr_gamma is None else self.diffusion.min_snr_weight(t, cfg.min_snr_gamma)
+        mse_weight = loss_weight(
+            self.loss_weighting, self.diffusion.process, self.diffusion.prediction, t, gamma=cfg.min_snr_gamma
+        )
         kwargs = {} if y is None else {"y": y}
         sums: dict[str, torch.Tensor] = {}
         per_example = []
