@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion.process.weighting import loss_weight
 from device_copies import CrossDeviceOps
 from exact_gaussian import GaussianData, alpha_bar_np
 from torch import nn
@@ -26,7 +25,9 @@ from diffusion.process.gaussian import (
     discretized_gaussian_log_likelihood,
     normal_kl,
 )
+from diffusion.process.factory import make_diffusion
 from diffusion.process.options import Loss, Variance, names
+from diffusion.process.weighting import loss_weight
 from diffusion.process.schedules import cosine_betas, linear_betas, make_betas, space_timesteps
 from diffusion.process.timestep_sampling import (
     TIMESTEP_SAMPLERS,
@@ -100,13 +101,10 @@ def test_parameterisations_round_trip():
     x0, eps = torch.randn(5, 3, 4, 4, dtype=torch.float64), torch.randn(5, 3, 4, 4, dtype=torch.float64)
     x_t = d.q_sample(x0, t, eps)
     ab = col(alpha_bar_np(betas), t, 4)
-    v = d.v_target(x0, t, eps)
+    v = d.process.target(Prediction.V, x0, t, eps)
     torch.testing.assert_close(v, ab.sqrt() * eps - (1 - ab).sqrt() * x0, rtol=1e-12, atol=1e-12)
     close = {"rtol": 0, "atol": 1e-6}
-    torch.testing.assert_close(d.predict_x0_from_eps(x_t, t, eps), x0, **close)
     torch.testing.assert_close(d.predict_eps_from_x0(x_t, t, x0), eps, **close)
-    torch.testing.assert_close(d.predict_x0_from_v(x_t, t, v), x0, **close)
-    torch.testing.assert_close(d.predict_eps_from_v(x_t, t, v), eps, **close)
     for prediction, output in (("eps", eps), ("x0", x0), ("v", v)):
         pred_x0, pred_eps = GaussianDiffusion(betas, prediction=prediction).x0_eps_from_output(output, x_t, t)
         torch.testing.assert_close(pred_x0, x0, **close)
@@ -278,13 +276,16 @@ def test_respace_keeps_alpha_bar_and_calls_the_model_with_original_timesteps():
     assert model.calls[-1].tolist() == [kept[1], kept[9]]
 
 
-def test_from_config():
-    cfg = section("diffusion", schedule="linear", timesteps=200, prediction="v", variance="learned_range", loss="hybrid")
-    d = GaussianDiffusion.from_config(cfg)
-    assert d.num_timesteps == 200 and d.prediction is Prediction.V
+def test_make_diffusion_builds_the_chain_params_yaml_names():
+    """A diffusion section (params.yaml's, or a model file's) makes the chain it names; one
+    without ``process`` (model files before there were others) is the discrete chain."""
+    d = make_diffusion(dict(section("diffusion", schedule="linear", timesteps=200, prediction="v",
+                                    variance="learned_range", loss="hybrid")))
+    assert d.num_timesteps == 200 and d.prediction is Prediction.V and d.process.name == "ddpm"
     np.testing.assert_array_equal(d.betas, linear_betas(200))
-    d = GaussianDiffusion.from_config(section("diffusion", timesteps=50, zero_terminal_snr=True, prediction="x0"))
-    assert d.alphas_cumprod[-1] == 0
+    old = dict(section("diffusion", timesteps=50, zero_terminal_snr=True, prediction="x0"))
+    old.pop("process")
+    assert make_diffusion(old).alphas_cumprod[-1] == 0
 
 
 # --- the schedule on the device ---------------------------------------------------
@@ -319,7 +320,9 @@ def test_no_host_copy_per_call_after_the_tables_are_made():
             d.training_losses(model, x0, t, noise=torch.zeros_like(x0))
             d.p_mean_variance(model, x0, t, clip_denoised=True)
         copies.append(len(ops.ops))
-    assert copies == [14, 0, 0]  # 13 float64 schedule arrays and the timestep map, once
+    # once: 13 float64 schedule arrays, the timestep map, and the noise levels (timesteps, ᾱ, log σ)
+    # that the one output split reads (diffusion.process.discrete.DiscreteChain)
+    assert copies == [17, 0, 0]
     assert d.tables(meta) is d.tables(meta) and d.tables(meta).log_betas.device == meta
     # the MLflow model pickles the process: as its constructor's arguments, no device tables
     clone = pickle.loads(pickle.dumps(d.respace([0, 50, 99])))

@@ -80,27 +80,6 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, *, means: torch.Tensor,
     return log_b + torch.log(-torch.expm1(torch.special.log_ndtr(a) - log_b))
 
 
-def x0_eps_from_prediction(
-    prediction: Prediction, output: torch.Tensor, x_t: torch.Tensor, sqrt_alpha_bar: torch.Tensor,
-    sqrt_one_minus_alpha_bar: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x̂_0, ε̂) from a network ``output`` that predicts ε, x_0 or v at x_t = √ᾱ x_0 + √(1-ᾱ) ε
-    (Salimans & Ho 2022, §4 and appendix D):
-
-        eps: x̂_0 = (x_t - √(1-ᾱ) ε̂) / √ᾱ;   x0: ε̂ = (x_t - √ᾱ x̂_0) / √(1-ᾱ);
-        v:   x̂_0 = √ᾱ x_t - √(1-ᾱ) v̂,  ε̂ = √(1-ᾱ) x_t + √ᾱ v̂.
-
-    ``sqrt_alpha_bar`` and ``sqrt_one_minus_alpha_bar`` broadcast against ``x_t``; the one
-    place a parameterisation is turned into x̂_0 and ε̂, for training and every sampler.
-    """
-    a, s = sqrt_alpha_bar, sqrt_one_minus_alpha_bar
-    if prediction is Prediction.EPS:
-        return (x_t - s * output) / a, output
-    if prediction is Prediction.X0:
-        return output, (x_t - a * output) / s
-    return a * x_t - s * output, s * x_t + a * output
-
-
 def dynamic_threshold(x0: torch.Tensor, percentile: float) -> torch.Tensor:
     """Imagen's dynamic thresholding (Saharia et al. 2022, §2.3): per sample,
     s = max(percentile_p(|x0|), 1); clip x0 to [-s, s] and divide by s. Which p are valid, and
@@ -146,12 +125,6 @@ class GaussianDiffusion:
         Variance.FIXED_LARGE: lambda s: (s.fixed_large_variance, s.fixed_large_log_variance),
     }
 
-    # prediction -> the regression target of L_simple
-    _TARGETS = {
-        Prediction.EPS: lambda d, x0, t, noise: noise,
-        Prediction.X0: lambda d, x0, t, noise: x0,
-        Prediction.V: lambda d, x0, t, noise: d.v_target(x0, t, noise),
-    }
     # loss -> per-example loss from {"mse", "vb"}; T·vb is the one-sample estimate of
     # L_vlb = Σ_t L_t under uniform t (as improved-diffusion's rescaled losses)
     _LOSSES = {
@@ -235,13 +208,6 @@ class GaussianDiffusion:
             timestep_map=state["timestep_map"],
         )
 
-    @classmethod
-    def from_config(cls, cfg: Any) -> GaussianDiffusion:
-        """From an object with ``schedule, timesteps, zero_terminal_snr, prediction, variance, loss``
-        (``diffusion.config.DiffusionParams``)."""
-        betas = make_betas(cfg.schedule, cfg.timesteps, cfg.zero_terminal_snr)
-        return cls(betas, prediction=cfg.prediction, variance=cfg.variance, loss=cfg.loss)
-
     def respace(self, timesteps: Sequence[int]) -> GaussianDiffusion:
         """The process on the kept indices ``timesteps`` (:func:`diffusion.process.schedules.space_timesteps`),
         with the same ᾱ there and the model still called with its original timesteps.
@@ -296,14 +262,7 @@ class GaussianDiffusion:
             at_timesteps(s.posterior_log_variance_clipped, t, x_t),
         )
 
-    # -- parameterisations (Salimans & Ho 2022, §4 and appendix D) -----------
-
-    def predict_x0_from_eps(self, x_t, t, eps):
-        """x_0 = (x_t - √(1-ᾱ_t) ε) / √ᾱ_t."""
-        s = self.tables(t.device)
-        sqrt_ab = at_timesteps(s.sqrt_alphas_cumprod, t, x_t)
-        sqrt_one_minus_ab = at_timesteps(s.sqrt_one_minus_alphas_cumprod, t, x_t)
-        return (x_t - sqrt_one_minus_ab * eps) / sqrt_ab
+    # -- parameterisations (Salimans & Ho 2022, §4) ---------------------------
 
     def predict_eps_from_x0(self, x_t, t, x0):
         """ε = (x_t - √ᾱ_t x_0) / √(1-ᾱ_t)."""
@@ -312,34 +271,11 @@ class GaussianDiffusion:
         sqrt_one_minus_ab = at_timesteps(s.sqrt_one_minus_alphas_cumprod, t, x_t)
         return (x_t - sqrt_ab * x0) / sqrt_one_minus_ab
 
-    def predict_x0_from_v(self, x_t, t, v):
-        """x_0 = √ᾱ_t x_t - √(1-ᾱ_t) v."""
-        s = self.tables(t.device)
-        sqrt_ab = at_timesteps(s.sqrt_alphas_cumprod, t, x_t)
-        sqrt_one_minus_ab = at_timesteps(s.sqrt_one_minus_alphas_cumprod, t, x_t)
-        return sqrt_ab * x_t - sqrt_one_minus_ab * v
-
-    def predict_eps_from_v(self, x_t, t, v):
-        """ε = √(1-ᾱ_t) x_t + √ᾱ_t v."""
-        s = self.tables(t.device)
-        sqrt_ab = at_timesteps(s.sqrt_alphas_cumprod, t, x_t)
-        sqrt_one_minus_ab = at_timesteps(s.sqrt_one_minus_alphas_cumprod, t, x_t)
-        return sqrt_one_minus_ab * x_t + sqrt_ab * v
-
-    def v_target(self, x0, t, noise):
-        """v = √ᾱ_t ε - √(1-ᾱ_t) x_0 (Salimans & Ho 2022, §4)."""
-        s = self.tables(t.device)
-        sqrt_ab = at_timesteps(s.sqrt_alphas_cumprod, t, x0)
-        sqrt_one_minus_ab = at_timesteps(s.sqrt_one_minus_alphas_cumprod, t, x0)
-        return sqrt_ab * noise - sqrt_one_minus_ab * x0
-
     def x0_eps_from_output(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
-        """(pred_x0, pred_eps) from the model's first C channels, per ``prediction``
-        (:func:`x0_eps_from_prediction` at ᾱ_t)."""
-        s = self.tables(t.device)
-        sqrt_ab = at_timesteps(s.sqrt_alphas_cumprod, t, x_t)
-        sqrt_one_minus_ab = at_timesteps(s.sqrt_one_minus_alphas_cumprod, t, x_t)
-        return x0_eps_from_prediction(self.prediction, output, x_t, sqrt_ab, sqrt_one_minus_ab)
+        """(pred_x0, pred_eps) from the model's first C channels, per ``prediction``: the
+        process's one output split (:meth:`~diffusion.process.base.NoiseProcess.x0_eps`) at
+        the model timestep of index t."""
+        return self.process.x0_eps(self.prediction, output, x_t, self.tables(t.device).timestep_map[t])
 
     # -- reverse process ----------------------------------------------------
 
@@ -436,7 +372,7 @@ class GaussianDiffusion:
         x_t = self.q_sample(x0, t, noise)
         output = model(x_t, self.tables(t.device).timestep_map[t], **(model_kwargs or {}))
         prediction, var_values = self._split_output(output, x_t)
-        target = self._TARGETS[self.prediction](self, x0, t, noise)
+        target = self.process.target(self.prediction, x0, self.tables(t.device).timestep_map[t], noise)
         terms = {"mse": mean_flat((target - prediction) ** 2)}
         weighted = terms if mse_weight is None else {"mse": terms["mse"] * mse_weight}
         if var_values is not None:

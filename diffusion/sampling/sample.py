@@ -87,6 +87,9 @@ def sample(
     """
     if sampler not in SAMPLER_FUNCTIONS:
         raise ValueError(f"sampler: got {sampler!r}; allowed: {', '.join(SAMPLER_FUNCTIONS)}")
+    churn = {key: value for key, value in options.items() if key in sampler_specs.CHURN_OPTIONS}
+    if why := sampler_specs.options_refused(sampler, churn, diffusion.process.name):
+        raise ValueError(f"sampler: {why}")
     if seed is not None and generator is not None:
         raise ValueError("seed: give a seed or a generator, not both")
     if first_index < 0:
