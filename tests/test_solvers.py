@@ -379,8 +379,8 @@ def test_config_rejects_eta_for_an_ode_solver():
 
 
 def test_table_lists_ddpm_and_ddim_first():
-    assert list(sampler_specs.SAMPLER_SPECS) == ["ddpm", "ddim", *SOLVERS]
-    assert [sampler_specs.network_evaluations(name, 10) for name in sampler_specs.SAMPLER_SPECS] == [10] * 6 + [19]
+    assert list(sampler_specs.SAMPLER_SPECS) == ["ddpm", "ddim", *SOLVERS, "euler", "sde"]
+    assert [sampler_specs.network_evaluations(name, 10) for name in sampler_specs.SAMPLER_SPECS] == [10] * 6 + [19, 10, 10]
 
 
 # --- EDM's Heun and its churn -----------------------------------------------------------
