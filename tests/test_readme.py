@@ -200,6 +200,11 @@ NOT_RUN_BY_A_TEST = {
     "dvc exp run -S model.class_conditional=false -S sample.guidance_scale=1": "trains the default again, unconditional",
     "prefect deployment run train-sweep/train-sweep -p study_name=schedules -p concurrency=2":
         "8 trials of the default, two at a time",
+    "dvc exp run -S diffusion.process=flow -S diffusion.schedule=null -S diffusion.prediction=null "
+    "-S train.timestep_sampler=null": "trains the default again, on the flow (BENCHMARKS.md measures it)",
+    "dvc exp run -S diffusion.process=edm -S diffusion.schedule=null -S diffusion.prediction=null "
+    "-S train.timestep_sampler=null -S sample.sampler=heun -S sample.steps=13 -S sample.schedule=karras":
+        "trains the default again, on EDM (BENCHMARKS.md measures it)",
 }
 
 SHELL_BLOCK = re.compile(r"^```(bash|sh|shell|console)[ \t]*\n(.*?)^```", re.M | re.S)
