@@ -62,7 +62,10 @@ class VPProcess(NoiseProcess):
         t = t.to(torch.float64)
         if self.schedule == "linear":
             return -0.25 * t**2 * (self.BETA_MAX - self.BETA_MIN) - 0.5 * t * self.BETA_MIN
-        return torch.log(torch.cos(self._phi(t)).clamp(min=0)) - math.log(math.cos(self._phi(0.0)))
+        # cos φ(t) written as sin((1 - t)/(1 + s) π/2): exactly 0 at t = 1 (cos(π/2) is 6e-17 in floats,
+        # which made σ_max 1.6e16, beyond what t_of_sigma resolves near t = 1)
+        cos_phi = torch.sin((1 - t) / (1 + self.COSINE_S) * (math.pi / 2))
+        return torch.log(cos_phi.clamp(min=0)) - math.log(math.cos(self._phi(0.0)))
 
     def alpha_sigma(self, t):
         log_alpha = self.log_alpha(t)

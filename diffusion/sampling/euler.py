@@ -7,7 +7,10 @@ chain has no time derivative). From t to t' < t, h = t' - t:
 
 * :func:`euler_sample`, rectified flow's sampler (Liu et al. 2023, §2.2; SiT's ODE sampler
   at first order): x' = x + h (α' x̂_0 + σ' ε̂). On the linear path this is DDIM's step,
-  x' = (1 - t') x̂_0 + t' ε̂, and its last step (to t = 0) returns x̂_0.
+  x' = (1 - t') x̂_0 + t' ε̂. Its last step (to t = 0) returns x̂_0, the end of the ODE's
+  path: on the linear path and EDM's that is Euler's step itself, but where σ(t) ~ √t near 0
+  (the VP processes) σ' is infinite at t = 0 and an Euler step there would leave noise
+  σ(t_min) - t_min σ'(t_min) ≈ σ_min/2 in the sample, an error no number of steps removes.
 * :func:`sde_sample`, Euler–Maruyama on the reverse SDE (Song et al. 2021, eq. 6 and the
   "Euler–Maruyama" predictor of their §4.2; SiT's SDE sampler):
   x' = x + h (f x + g² ε̂/σ) + g √(-h) z, z ~ N(0, I), with f = α'/α, g² = 2σσ' - 2fσ².
@@ -50,6 +53,8 @@ def euler_sample(
     for i, t, _, _ in walk(steps, x, progress):
         out = denoiser(x, t, y)
         report(callback, steps, i, x, out)
+        if i == len(steps) - 1:  # to t = 0: the ODE's end is x̂_0 (module doc)
+            return out.x0
         t_next = _next_time(steps, i, x)
         x_own = shaped(process.scale(t), x) * x
         h = shaped(t_next.to(torch.float64) - t.to(torch.float64), x)
