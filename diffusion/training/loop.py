@@ -67,6 +67,8 @@ from diffusion.training.devices import autocast, batch_memory, resolve_device, r
 from diffusion.training.ema import EMA
 from diffusion.errors import UserError
 from diffusion.training.reference_loss import reference_loss
+from diffusion.process.continuous import ContinuousDiffusion
+from diffusion.process.likelihood import ode_bpd
 from diffusion.process.options import loss_weighting_name, process_option
 from diffusion.process.timestep_sampling import make_timestep_sampler
 from diffusion.process.weighting import loss_weight
@@ -407,7 +409,8 @@ def train(
     first ``cfg.val_images`` of them is logged as ``val_loss`` at every multiple of
     ``cfg.val_every`` (it draws no random number of the run, so the trajectory is the
     same with or without it), and for uint8 images their bits/dim on the first
-    ``cfg.bpd_images`` is returned (:func:`heldout_bpd`). Latents have no bits/dim (the bound's
+    ``cfg.bpd_images`` is returned (:func:`heldout_bpd`: the discrete chain's variational bound,
+    a continuous process's probability-flow ODE likelihood). Latents have no bits/dim (the bound's
     last term is the likelihood of discrete pixel values): for them ``val_loss`` is the
     held-out figure, and ``bpd`` is None.
 
@@ -529,15 +532,23 @@ def _resume_point(checkpoint_dir: Path, main: bool) -> tuple[Path | None, dict[s
 @torch.no_grad()
 def heldout_bpd(
     model: nn.Module,
-    diffusion: GaussianDiffusion,
+    diffusion: GaussianDiffusion | ContinuousDiffusion,
     images: torch.Tensor,
     *,
     batch_size: int,
     seed: int = 0,
     memory_format: torch.memory_format = torch.preserve_format,
+    ode_tolerance: float = 1e-5,
 ) -> float:
-    """Mean bits/dim of uint8 ``images`` under ``model``: the variational bound (Ho et al.
-    2020, Eq. 5) by ``diffusion.calc_bpd_loop``, in fp32, its noise drawn from ``seed``.
+    """Mean bits/dim of uint8 ``images`` under ``model``, in fp32, every random draw from ``seed``:
+
+    * the discrete chain: the variational bound (Ho et al. 2020, Eq. 5) by
+      ``diffusion.calc_bpd_loop``, its noise drawn from ``seed``;
+    * a continuous process (:class:`~diffusion.process.continuous.ContinuousDiffusion`): the
+      probability-flow ODE's bits/dim of the dequantized images (Song et al. 2021, appendix
+      D.2) by :func:`~diffusion.process.likelihood.ode_bpd`, with Hutchinson's divergence
+      estimate (a Rademacher probe per batch) and the dequantization noise drawn from ``seed``,
+      the ODE solved to rtol = atol = ``ode_tolerance`` (score-SDE's 1e-5).
 
     The model is called without labels, so a class-conditional model is evaluated
     with its null class, i.e. unconditionally.
@@ -548,6 +559,10 @@ def heldout_bpd(
     model.eval()
     total = 0.0
     for chunk in images.split(batch_size):
+        if isinstance(diffusion, ContinuousDiffusion):
+            bpd, _ = ode_bpd(model, diffusion, chunk.to(device), generator=generator, rtol=ode_tolerance, atol=ode_tolerance)
+            total += bpd.sum().item()
+            continue
         x0 = to_model_range(chunk.to(device)).contiguous(memory_format=memory_format)
         total += diffusion.calc_bpd_loop(model, x0, generator=generator)["total_bpd"].sum().item()
     model.train(was_training)
