@@ -27,7 +27,9 @@ from diffusion.evaluation import protocol
 from diffusion.models.classifier import NoiseAwareClassifier, classifier_from_state, classifier_state, create_classifier
 from diffusion.models.factory import create_model
 from diffusion.packaged import PackagedDiffusion
+from diffusion.process.factory import make_diffusion
 from diffusion.process.gaussian import GaussianDiffusion
+from diffusion.process.options import process_identity
 from diffusion.process.schedules import make_betas
 from diffusion.stages.paths import (
     CLASSIFIER, CLASSIFIER_ACCURACY, CLASSIFIER_DISABLED, HELDOUT_SET, MODEL, SAMPLES, TRAIN_SET,
@@ -220,7 +222,7 @@ def test_the_enabled_stage_trains_writes_the_classifier_and_logs_accuracy_agains
 
     stage.run(parse_params(full_params(TOY_PARAMS)))
     state = load_checkpoint(CLASSIFIER)
-    assert state["process"] == {"schedule": "cosine", "timesteps": 100, "zero_terminal_snr": False}
+    assert state["process"] == {"process": "ddpm", "schedule": "cosine", "timesteps": 100, "zero_terminal_snr": False}
     assert classifier_from_state(state).num_classes == 2
     rows = CLASSIFIER_ACCURACY.read_text().splitlines()
     assert rows[0] == "t_lo,t_hi,accuracy" and len(rows) == 6 and float(rows[1].split(",")[2]) >= 0.98
@@ -295,3 +297,46 @@ def test_a_classifier_that_does_not_fit_the_model_is_one_line(toy_repo: Path):
     conditional = PackagedDiffusion({**packaged.model_spec, "num_classes": 2}, PROCESS, net=tiny_unet(num_classes=2))
     with pytest.raises(UserError, match=r"^guidance.classifier: models/classifier.pt tells 3 classes apart, the model 2: run `dvc repro train_classifier`$"):
         load_classifier(conditional, torch.device("cpu"))
+
+
+# ---------------------------------------------------------------- continuous processes
+
+
+@pytest.mark.parametrize("process", ["flow", "edm", "vp"])
+def test_a_classifier_on_a_continuous_process_trains_on_its_times_and_guides_to_finite_samples(toy_repo: Path, process: str):
+    """On a continuous process the classifier trains at t uniform on [t_min, t_max], its accuracy
+    bins split that range, the stage's check takes it for a model of that process (and one line
+    for a ddpm model), and its gradient, told the process's network time, guides the euler
+    sampler to finite images other than the unguided ones."""
+    section_ = {"process": process, "schedule": None, "timesteps": 100, "prediction": None,
+                "variance": "fixed_small", "loss": "mse", "sigma_data": 0.5}
+    diffusion = make_diffusion(section_)
+    images, labels = toy_images(64, seed=0)
+    with seeded_init(0):
+        net = create_classifier("classifier-tiny", in_channels=1, image_size=8, num_classes=2)
+    cfg = section("guidance", **{**TOY_TRAINING, "classifier_steps": 6, "classifier_log_every": 3})
+    curve = train_classifier(net, diffusion, images, labels, cfg, device=torch.device("cpu"), progress=False)
+    assert [step for step, _ in curve] == [3, 6] and all(np.isfinite(loss) for _, loss in curve)
+    accuracy = accuracy_by_t(net, diffusion, images[:16], labels[:16], bins=2, batch_size=16, seed=0)
+    t_min, t_max = diffusion.process.t_min, diffusion.process.t_max
+    edges = [value for lo, hi, _ in accuracy for value in (lo, hi)]
+    assert edges == pytest.approx([t_min, (t_min + t_max) / 2, (t_min + t_max) / 2, t_max])
+
+    spec = {"name": "unet-tiny", "in_channels": 1, "image_size": 8, "learn_sigma": False, "num_classes": None}
+    packaged = PackagedDiffusion(spec, section_, net=tiny_unet())
+    save_checkpoint(CLASSIFIER, classifier_state(perturb(net.eval(), seed=3), process=process_identity(section_)))
+    classifier = load_classifier(packaged, torch.device("cpu"))
+    told = []
+
+    def recording(x, t):
+        told.append(t)
+        return classifier(x, t)
+
+    settings = dict(sampler="euler", steps=3, seed=0, clip_denoised=False)
+    plain = packaged.sample(2, **settings)
+    guided = packaged.sample(2, **settings, labels=torch.tensor([0, 1]), classifier=recording, classifier_scale=50.0)
+    assert torch.isfinite(guided).all() and not torch.equal(guided, plain)
+    first = packaged.diffusion.process.network_time(torch.full((2,), t_max, dtype=torch.float64))
+    assert len(told) == 3 and torch.equal(told[0], first)  # the first step is at t_max
+    with pytest.raises(UserError, match=r"^guidance.classifier: models/classifier.pt was trained on diffusion \{'process': "):
+        load_classifier(unconditional_model(), torch.device("cpu"))

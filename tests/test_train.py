@@ -438,3 +438,27 @@ def test_seeded_init_gives_each_seed_its_own_weights():
     assert torch.equal(torch.rand(3), before)  # the caller's RNG stream is untouched
     assert torch.equal(first, weights(0))
     assert not torch.equal(first, weights(1))
+
+
+@pytest.mark.parametrize("process", ["vp", "edm", "flow"])
+def test_reference_loss_on_a_continuous_process_asks_at_the_exact_times_of_the_levels(process):
+    """val_loss on a continuous process: each reference level at the time whose log-SNR it is,
+    x_t of the process itself, ε̂ from the prediction; an oracle of the flow scores 0."""
+    import numpy as np
+
+    from diffusion.process.factory import make_diffusion
+    from diffusion.training.reference_loss import reference_log_snr, reference_times
+
+    diffusion = make_diffusion({"process": process, "schedule": None, "prediction": None, "sigma_data": 0.5})
+    p = diffusion.process
+    t = torch.as_tensor(reference_times(p, reference_log_snr()), dtype=torch.float64)
+    alpha, sigma = p.alpha_sigma(t)
+    np.testing.assert_allclose((2 * (alpha / sigma).log()).numpy(), reference_log_snr(), rtol=1e-9, atol=1e-9)
+    x0 = torch.rand(32, 1, SIZE, SIZE) * 2 - 1
+    model = _model()
+    loss = reference_loss(model, diffusion, x0, seed=3)
+    assert math.isfinite(loss) and loss == reference_loss(model, diffusion, x0, seed=3)
+    if process == "flow":  # x_0 = 0: x_t = t ε, so the velocity ε - x_0 is x_t / t, with t = network time / 999
+        oracle = torch.nn.Linear(1, 1)  # only for its parameters' device
+        oracle.forward = lambda x, time: x / (time.double() / 999).view(-1, 1, 1, 1).to(x.dtype)
+        assert reference_loss(oracle, diffusion, torch.zeros(32, 1, SIZE, SIZE)) == pytest.approx(0.0, abs=1e-8)

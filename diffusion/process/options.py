@@ -119,6 +119,20 @@ def time_max(process: str, timesteps: int) -> float:
     return float(timesteps - 1) if name is Process.DDPM else CONTINUOUS_TIME_MAX[name]
 
 
+def process_identity(section: dict[str, Any]) -> dict[str, Any]:
+    """What fixes x_t at each time and the time a network is told, of a diffusion section of
+    params.yaml (or a model file's copy, where no ``process`` is ``ddpm``): the process, its
+    schedule (resolved, where it has one) and, for the discrete chain, T and zero terminal SNR.
+    A noise-aware classifier trained on one is valid for every model of the same."""
+    name = section.get("process") or Process.DDPM.value
+    identity: dict[str, Any] = {"process": name}
+    if PROCESS_OPTIONS[parse(Process, name, "process")]["schedule"]:
+        identity["schedule"] = process_option(name, "schedule", section.get("schedule"), "diffusion.")
+    if name == Process.DDPM.value:
+        identity |= {"timesteps": section["timesteps"], "zero_terminal_snr": section.get("zero_terminal_snr", False)}
+    return identity
+
+
 def process_option(process: str, key: str, value: str | None, prefix: str = "") -> str:
     """``value`` of option ``key`` on ``process`` (its default when None), or a one-line
     ValueError naming ``prefix + key`` and what the process allows."""

@@ -19,7 +19,8 @@ import torch
 from diffusion.sampling.denoiser import Denoised, Denoiser, alpha_bar_at, x0_from_eps
 
 Classifier = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""A noise-aware classifier: (x_t [B, C, H, W], t [B]) -> logits [B, classes]."""
+"""A noise-aware classifier: (x_t [B, C, H, W] in the sampler's variance-preserving view, the
+process's ``network_time(t)`` [B]) -> logits [B, classes] (:mod:`diffusion.training.classifier`)."""
 
 
 class ClassifierFreeGuidance:
@@ -28,7 +29,7 @@ class ClassifierFreeGuidance:
     (DiT's ``forward_with_cfg``); the variance channels come from the conditional half.
 
     ``null_class`` is the label of the unconditional pass (the U-Net's extra class). With
-    ``interval`` = (lo, hi), only steps with lo <= t <= hi (model timesteps) are guided
+    ``interval`` = (lo, hi), only steps with lo <= t <= hi (the process's times) are guided
     (Kynkäänniemi et al. 2024); the others run the conditional model alone (w = 1), as do
     all steps at w = 1; at w = 0 only the unconditional pass runs.
     """
@@ -67,7 +68,8 @@ class ClassifierFreeGuidance:
 
 def classifier_gradient(classifier: Classifier, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """∇_x log p_φ(y | x_t, t), each image's own label's log-softmax differentiated, in at
-    least float32 (half-precision logits are upcast, float64 ones kept)."""
+    least float32 (half-precision logits are upcast, float64 ones kept); ``t`` is what the
+    classifier is told (the process's network time)."""
     with torch.enable_grad():
         x_in = x.detach().requires_grad_(True)
         logits = classifier(x_in, t)
@@ -100,9 +102,13 @@ class ClassifierGuidance:
         out = self.inner(x, t, y if self.conditional else None)
         if self.scale == 0.0:
             return out
-        grad = classifier_gradient(self.classifier, x, t, y)
-        eps = out.eps - (1 - alpha_bar_at(self.process, t, x)).sqrt().to(x.dtype) * self.scale * grad
-        return Denoised(x0_from_eps(self.process, x, t, eps), eps, out.variance, out.var_values)
+        grad = classifier_gradient(self.classifier, x, self.process.network_time(t), y)
+        alpha_bar = alpha_bar_at(self.process, t, x)
+        eps = out.eps - (1 - alpha_bar).sqrt().to(x.dtype) * self.scale * grad
+        # where ᾱ = 0 (pure noise: the flow's t = 1, zero terminal SNR) x̂_0 = (x - ε̃)/√ᾱ has no
+        # guided value, and the model's x̂_0 stays
+        x0 = torch.where(alpha_bar > 0, x0_from_eps(self.process, x, t, eps), out.x0)
+        return Denoised(x0, eps, out.variance, out.var_values)
 
 
 def guidance(

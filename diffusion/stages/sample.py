@@ -19,7 +19,8 @@ the images and everything after them are the same as in pixel space.
 With ``guidance.classifier`` (and ``guidance.classifier_scale`` > 0) the classifier of
 ``models/classifier.pt`` guides (:mod:`diffusion.sampling.guidance`); an unconditional model
 then gets balanced labels over the classifier's classes. The samples record the scale and
-the file's md5 (DVC's hash) for the FID protocol: 0.0 and null when no classifier guided.
+the file's md5 (DVC's hash) for the FID protocol: 0.0 and null when no classifier guided. They
+also record the model's noise process (``process``), which the protocol holds too.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from diffusion.files import atomic_write
 from diffusion.images import generate_images, image_grid, sampling_labels
 from diffusion.models.classifier import NoiseAwareClassifier, classifier_from_state
 from diffusion.packaged import DEFAULT_SAMPLER, PackagedDiffusion
+from diffusion.process.options import process_identity
 from diffusion.stages.paths import CLASSIFIER, CLASSIFIER_DISABLED, GRID, MODEL, MODEL_RUN, SAMPLE_RUN, SAMPLES
 from diffusion.training import distributed
 from diffusion.training.checkpoint import load_checkpoint
@@ -54,7 +56,7 @@ def load_classifier(packaged: PackagedDiffusion, device: torch.device) -> NoiseA
     state = load_checkpoint(CLASSIFIER)
     if not {"config", "state_dict", "process"} <= state.keys():
         raise UserError(f"guidance.classifier: {CLASSIFIER} is not a classifier file (train_classifier writes one)")
-    process = {"zero_terminal_snr": False, **packaged.process}  # PackagedDiffusion's default for older files
+    process = process_identity(packaged.process)  # a file without "process" holds the chain, ddpm
     theirs = {key: value for key, value in state["process"].items() if process.get(key) != value}
     if theirs:
         ours = {key: process.get(key) for key in theirs}
@@ -148,6 +150,7 @@ def _sample_and_write(params: Params, packaged, device, classifier, current) -> 
         sampling = sampling_settings(params, device)
         sampling["classifier_scale"] = params.guidance.classifier_scale if classifier is not None else 0.0
         sampling["classifier_md5"] = tracking.file_md5(CLASSIFIER) if classifier is not None else None
+        sampling["process"] = process_identity(packaged.process)["process"]  # the protocol's: steps differ per process
         with atomic_write(SAMPLES) as fh:
             np.savez(fh, images=images.numpy(), labels=labels.numpy(), sampling=np.array(json.dumps(sampling)))
         rows = params.sample.grid_rows

@@ -51,6 +51,7 @@ from diffusion.data.dataset import load_dataset
 from diffusion.data.latents import load_latents
 from diffusion.errors import UserError
 from diffusion.files import exclusive_lock, remove_stale_temps, write_csv, write_json
+from diffusion.process.continuous import ContinuousDiffusion
 from diffusion.process.gaussian import GaussianDiffusion
 from diffusion.packaged import PackagedDiffusion, load_autoencoder
 from diffusion.stages.paths import (
@@ -141,7 +142,7 @@ def run(params: Params) -> None:
 
 def _train(params: Params, packaged: PackagedDiffusion, dataset, data: TrainingData, ckpt_dir, current) -> None:
     spec = packaged.model_spec
-    diffusion: GaussianDiffusion = packaged.diffusion
+    diffusion: GaussianDiffusion | ContinuousDiffusion = packaged.diffusion  # params.diffusion.process's
     resume_run = _checkpoint_run(ckpt_dir)
     newest = list_checkpoints(ckpt_dir)
     continues = {"resumed_from_checkpoint": str(newest[-1])} if newest else {}

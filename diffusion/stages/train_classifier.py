@@ -2,12 +2,14 @@
 
 Outputs: ``models/classifier.pt``, the classifier as plain data
 (:func:`~diffusion.models.classifier.classifier_state`) with the process it was trained on
-(the sample stage checks it against the diffusion model's), and
+(:func:`~diffusion.process.options.process_identity`; the sample stage checks it against the
+diffusion model's), and
 ``plots/classifier_accuracy.csv``, its held-out accuracy in ``guidance.classifier_eval_bins``
 ranges of t (:func:`~diffusion.training.classifier.accuracy_by_t`). Its MLflow run
 (``classifier-<name>``, not nested: the classifier does not depend on the diffusion model)
 gets the guidance and diffusion params, the dataset, the loss curve (``classifier_loss``),
-the accuracy curve (``accuracy_vs_t``, step = each range's first t), its mean
+the accuracy curve (``accuracy_vs_t``, step = each range's first t on the discrete chain, the
+range's index on a continuous process, whose times are not integers), its mean
 (``classifier_accuracy``) and the csv. The outputs are written before anything is logged.
 
 With ``guidance.classifier`` false the stage does no work: it writes the marker
@@ -26,11 +28,10 @@ from __future__ import annotations
 from diffusion.config import Params
 from diffusion.data.sizes import check_classifier_classes
 from diffusion.files import atomic_write, write_csv
+from diffusion.process.options import process_identity
 from diffusion.stages.paths import CLASSIFIER, CLASSIFIER_ACCURACY, CLASSIFIER_DISABLED, HELDOUT_SET, LATENTS, TRAIN_SET
 
 ACCURACY_HEADER = ("t_lo", "t_hi", "accuracy")
-PROCESS_KEYS = ("schedule", "timesteps", "zero_terminal_snr")
-"""The diffusion params that x_t depends on: the classifier is valid for a model of the same ones."""
 
 
 def run(params: Params) -> None:
@@ -48,8 +49,7 @@ def _train(params: Params) -> None:
     from diffusion.data.dataset import load_dataset
     from diffusion.data.latents import load_latents
     from diffusion.models.classifier import classifier_state, create_classifier
-    from diffusion.process.gaussian import GaussianDiffusion
-    from diffusion.process.schedules import make_betas
+    from diffusion.process.factory import make_diffusion
     from diffusion.training.checkpoint import save_checkpoint
     from diffusion.training.classifier import accuracy_by_t, train_classifier
     from diffusion.training.devices import resolve_device
@@ -67,9 +67,7 @@ def _train(params: Params) -> None:
         images, labels = latents.scaled("train"), latents.train_labels
         heldout_images, heldout_labels = latents.scaled("heldout"), latents.heldout_labels
     _, channels, size, _ = images.shape
-    process = {key: getattr(d, key) for key in PROCESS_KEYS}
-    betas = make_betas(d.schedule, d.timesteps, d.zero_terminal_snr)
-    diffusion = GaussianDiffusion(betas, prediction=d.prediction, variance=d.variance, loss=d.loss)
+    diffusion = make_diffusion(d.model_dump())
     with seeded_init(guide.classifier_seed):
         net = create_classifier(
             guide.classifier_model, in_channels=channels, image_size=size, num_classes=len(dataset.class_names)
@@ -87,15 +85,15 @@ def _train(params: Params) -> None:
             net, diffusion, heldout_images[:count], heldout_labels[:count], bins=guide.classifier_eval_bins,
             batch_size=guide.classifier_batch_size, seed=guide.classifier_seed,
         )
-        save_checkpoint(CLASSIFIER, classifier_state(net.cpu(), process=process))
+        save_checkpoint(CLASSIFIER, classifier_state(net.cpu(), process=process_identity(d.model_dump())))
         write_csv(CLASSIFIER_ACCURACY, ACCURACY_HEADER, accuracy)
         mean_accuracy = sum(row[2] for row in accuracy) / len(accuracy)
         print(f"train_classifier: loss {losses[-1][1]:.4g}, held-out accuracy {accuracy[0][2]:.3f} at t <= "
-              f"{accuracy[0][1]}, {mean_accuracy:.3f} over all t", flush=True)
+              f"{accuracy[0][1]:g}, {mean_accuracy:.3f} over all t", flush=True)
 
         for step, loss in losses:
             tracking.log_metrics({"classifier_loss": loss}, step=step)
-        for t_lo, _, value in accuracy:
-            tracking.log_metrics({"accuracy_vs_t": value}, step=t_lo)
+        for index, (t_lo, _, value) in enumerate(accuracy):
+            tracking.log_metrics({"accuracy_vs_t": value}, step=t_lo if isinstance(t_lo, int) else index)
         tracking.log_metrics({"classifier_accuracy": mean_accuracy})
         tracking.log_artifact(CLASSIFIER_ACCURACY)
