@@ -17,9 +17,12 @@ Written into ``--out``, each file atomically: ``image-00000.png`` ... (one per i
 an earlier, larger run in the folder are removed.
 
 Bad arguments are one line, before anything is sampled: a value out of range, an unknown
-sampler or step schedule, an eta the sampler does not take, a missing model file or URI,
-labels outside the model's classes, labels or guidance for an unconditional model, more
-steps than the model's timesteps, an ``--out`` that is a file or cannot be written.
+sampler or step schedule, an eta or churn the sampler does not take, a sampler in the
+process's own time (euler, sde) on the discrete chain, a missing model file or URI, labels
+outside the model's classes, labels or guidance for an unconditional model, more steps than
+a discrete chain's timesteps, a guidance interval beyond the process's times, an ``--out``
+that is a file or cannot be written. The model samples on its own noise process (the
+``process`` it was trained on, :func:`diffusion.process.factory.make_diffusion`).
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from diffusion.errors import UserError
+from diffusion.process.options import time_max
 from diffusion.sampling.steps import STEP_SCHEDULES
-from diffusion.sampling.specs import SAMPLER_SPECS, eta_refused
+from diffusion.sampling.specs import CHURN_OPTIONS, SAMPLER_SPECS, eta_refused, options_refused
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")  # an MLflow run id: its model is runs:/<id>/model
 IMAGE_NAME = re.compile(r"image-\d{5,}\.png")
@@ -63,7 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--eta", type=float, help=f"DDIM's eta, 0 for every other sampler {unset}")
     parser.add_argument("--guidance-scale", type=float, help=f"classifier-free guidance, 1 = off {unset}")
     parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
-                        help=f"guide only for model timesteps LO <= t <= HI {unset}")
+                        help=f"guide only for the process's times LO <= t <= HI {unset}")
+    churn = ", ".join(name for name, spec in SAMPLER_SPECS.items() if "s_churn" in spec.options)
+    parser.add_argument("--s-churn", type=float, help=f"EDM's S_churn ({churn}), 0 = deterministic {unset}")
+    parser.add_argument("--s-tmin", type=float, help=f"churn only where S_tmin <= sigma {unset}")
+    parser.add_argument("--s-tmax", type=float, help=f"churn only where sigma <= S_tmax {unset}")
+    parser.add_argument("--s-noise", type=float, help=f"EDM's S_noise {unset}")
     parser.add_argument("--precision", choices=["fp32", "bf16"], help=f"the network's, under autocast {unset}")
     parser.add_argument("--seed", type=int, default=0, help="image k is drawn from (seed, k) (default: 0)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: auto)")
@@ -79,7 +88,10 @@ def option(key: str) -> str:
 
 
 # Options that must be at least some value, checked before the model is read.
-AT_LEAST = {"num_images": 1, "batch_size": 1, "steps": 1, "seed": 0, "eta": 0.0, "guidance_scale": 0.0}
+AT_LEAST = {
+    "num_images": 1, "batch_size": 1, "steps": 1, "seed": 0, "eta": 0.0, "guidance_scale": 0.0,
+    **{key: 0.0 for key in CHURN_OPTIONS},
+}
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -133,7 +145,7 @@ def settings(packaged, args: argparse.Namespace) -> dict[str, Any]:
     do not fit the model (guidance or labels without classes, too many steps)."""
     given = {key: getattr(args, key) for key in packaged.sampling if getattr(args, key, None) is not None}
     sampling = {**packaged.sampling, **given}
-    timesteps = packaged.diffusion.num_timesteps
+    process = packaged.diffusion.process
     conditional = bool(packaged.model_spec.get("num_classes"))
     if sampling["guidance_scale"] != 1 and not conditional:
         raise GenerateError(
@@ -144,11 +156,17 @@ def settings(packaged, args: argparse.Namespace) -> dict[str, Any]:
         raise GenerateError("--labels: this model is unconditional (it has no classes); leave --labels out")
     if args.eta is not None and (why := eta_refused(sampling["sampler"], args.eta)):
         raise GenerateError(f"--eta: {why}")
-    if sampling["steps"] is not None and sampling["steps"] > timesteps:
+    if why := options_refused(sampling["sampler"], {key: sampling[key] for key in CHURN_OPTIONS}, process.name):
+        key, _, rest = why.partition(": ")
+        raise GenerateError(f"{option(key)}: {rest}" if key in CHURN_OPTIONS else f"--sampler: {why}")
+    if sampling["s_tmax"] is not None and sampling["s_tmin"] > sampling["s_tmax"]:
+        raise GenerateError(f"--s-tmin: {sampling['s_tmin']} is above --s-tmax {sampling['s_tmax']}")
+    timesteps = getattr(process, "num_timesteps", None)  # the discrete chain's T; a continuous process has none
+    if timesteps is not None and sampling["steps"] is not None and sampling["steps"] > timesteps:
         raise GenerateError(f"--steps: {sampling['steps']} is more than the model's {timesteps} timesteps; allowed 1..{timesteps}")
-    interval = sampling["guidance_interval"]
-    if interval is not None and interval[1] > timesteps - 1:
-        raise GenerateError(f"--guidance-interval: got {list(interval)}; allowed 0 <= LO <= HI <= {timesteps - 1} (model timesteps)")
+    interval, top = sampling["guidance_interval"], time_max(process.name, timesteps or 0)
+    if interval is not None and interval[1] > top:
+        raise GenerateError(f"--guidance-interval: got {list(interval)}; allowed 0 <= LO <= HI <= {top:g} (the process's times)")
     return sampling
 
 

@@ -142,10 +142,44 @@ def unconditional_file(tmp_path_factory) -> Path:
     return conditional(num_classes=None).save(tmp_path_factory.mktemp("unconditional") / "model.pt")
 
 
+FLOW = {"process": "flow", "schedule": None, "timesteps": 50, "prediction": None, "variance": "fixed_small", "loss": "mse"}
+
+
+@pytest.fixture(scope="module")
+def flow_file(tmp_path_factory) -> Path:
+    model = PackagedDiffusion(SPEC, FLOW, net=tiny_unet(num_classes=CLASSES), sampling={**SAMPLING, "sampler": "euler"})
+    return model.save(tmp_path_factory.mktemp("flow") / "model.pt")
+
+
+def test_generate_from_a_flow_model_file(flow_file, tmp_path):
+    """A model of a continuous process samples on it, with its own sampler (euler) or another;
+    its steps have no bound (it has no timestep count), churn goes to heun."""
+    assert generate(flow_file, "-n", 3, "--out", tmp_path / "flow") == 0
+    written = read(tmp_path / "flow")
+    assert written["sampling"] == {**SAMPLING, "sampler": "euler"}
+    packaged = PackagedDiffusion.load(flow_file)
+    assert packaged.diffusion.process.name == "flow"
+    expected = to_uint8(packaged.sample(3, **written["sampling"], labels=torch.tensor([0, 1, 2]), seed=0))
+    np.testing.assert_array_equal(written["images"], expected.numpy())
+    for args in (["--sampler", "sde", "--steps", 60], ["--sampler", "heun", "--s-churn", 10, "--s-tmax", 5]):
+        assert generate(flow_file, "-n", 2, *args, "--out", tmp_path / "more") == 0
+        assert read(tmp_path / "more")["images"].shape == (2, 1, 8, 8)
+
+
 @pytest.mark.parametrize(
     ("model", "args", "code", "message"),
     [
-        ("conditional", ["--sampler", "euler"], 2, "argument --sampler: invalid choice: 'euler' (choose from 'ddpm', 'ddim', 'dpm++2m', 'dpm++3m', 'unipc', 'unipc3', 'heun')"),
+        ("conditional", ["--sampler", "nope"], 2,
+         "argument --sampler: invalid choice: 'nope' (choose from 'ddpm', 'ddim', 'dpm++2m', 'dpm++3m', 'unipc', 'unipc3', 'heun', 'euler', 'sde')"),
+        ("conditional", ["--sampler", "euler"], 1,
+         "--sampler: euler steps in the process's own time; process 'ddpm' is a discrete chain: use vp, edm or flow"),
+        ("conditional", ["--s-churn", "5"], 1, "--s-churn: 5.0 means nothing to ddim; use 0.0, or a sampler that takes it: heun"),
+        ("conditional", ["--s-churn", "-1"], 1, "--s-churn: got -1.0; allowed: 0.0 or more"),
+        ("conditional", ["--sampler", "heun", "--s-tmin", "2", "--s-tmax", "1"], 1, "--s-tmin: 2.0 is above --s-tmax 1.0"),
+        ("conditional", ["--guidance-interval", "0", "50"], 1,
+         "--guidance-interval: got [0.0, 50.0]; allowed 0 <= LO <= HI <= 49 (the process's times)"),
+        ("flow", ["--guidance-interval", "0", "2"], 1,
+         "--guidance-interval: got [0.0, 2.0]; allowed 0 <= LO <= HI <= 1 (the process's times)"),
         ("conditional", ["-n", "0"], 1, "--num-images: got 0; allowed: 1 or more"),
         ("conditional", ["--labels", "3"], 1, "--labels: 3 is not a class of this model; allowed 0..2"),
         ("conditional", ["--steps", "51"], 1, "--steps: 51 is more than the model's 50 timesteps; allowed 1..50"),
@@ -166,14 +200,14 @@ def unconditional_file(tmp_path_factory) -> Path:
     ],
 )
 def test_bad_arguments_are_one_line_before_anything_is_written(
-    model_file, unconditional_file, tmp_path, capsys, monkeypatch, model, args, code, message
+    model_file, unconditional_file, flow_file, tmp_path, capsys, monkeypatch, model, args, code, message
 ):
     def sampled(*args, **kwargs):
         raise AssertionError("sampled images for bad arguments")
 
     monkeypatch.setattr("diffusion.images.generate_images", sampled)
     (tmp_path / "afile").write_text("not a folder")
-    source = {"conditional": model_file, "unconditional": unconditional_file}.get(model, model)
+    source = {"conditional": model_file, "unconditional": unconditional_file, "flow": flow_file}.get(model, model)
     args = [arg.replace("<tmp>", str(tmp_path)) for arg in args]
     assert generate(source, "--out", tmp_path / "out", *args) == code  # the last --out counts
     assert capsys.readouterr().err == f"diffusion generate: error: {message.replace('<tmp>', str(tmp_path))}\n"

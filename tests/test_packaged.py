@@ -41,6 +41,25 @@ def test_a_file_without_sampling_loads_with_the_defaults(packaged, tmp_path):
     assert PackagedDiffusion(SPEC, PROCESS, sampling={"steps": 7}).sampling == {**DEFAULT_SAMPLER, "steps": 7}
 
 
+def test_a_file_from_before_processes_holds_the_discrete_chain_and_samples_as_before(tmp_path, single_thread):
+    """A model file whose process section has no ``process`` (written before there were others)
+    is the ddpm chain: it samples exactly as the same section with ``process: ddpm``; a model of
+    another process keeps it through save and load."""
+    from tiny_unet import tiny_unet
+
+    net = tiny_unet()
+    old = {"model_spec": SPEC, "process": PROCESS, "sampling": SAMPLING, "state_dict": net.state_dict()}
+    loaded = PackagedDiffusion.load(save_checkpoint(tmp_path / "old.pt", old))
+    explicit = PackagedDiffusion(SPEC, {**PROCESS, "process": "ddpm"}, net=net, sampling=SAMPLING)
+    assert loaded.diffusion.process.name == "ddpm" and loaded.diffusion.num_timesteps == 50
+    for sampler in ("ddpm", "ddim", "heun"):
+        assert torch.equal(loaded.sample(2, sampler=sampler, seed=0), explicit.sample(2, sampler=sampler, seed=0))
+    flow = PackagedDiffusion(SPEC, {**PROCESS, "process": "flow", "schedule": None, "prediction": None}, net=net, sampling=SAMPLING)
+    back = PackagedDiffusion.load(flow.save(tmp_path / "flow.pt"))
+    assert back.process["process"] == back.diffusion.process.name == "flow"
+    assert torch.equal(back.sample(2, sampler="euler", seed=0), flow.sample(2, sampler="euler", seed=0))
+
+
 def test_the_packaged_model_imports_none_of_the_helpers_that_use_it():
     """images.py (the sample stage's and ``diffusion generate``'s batches, labels and grids)
     sits above the packaged model: packaged.py's import closure holds none of it, so the
@@ -51,7 +70,7 @@ def test_the_packaged_model_imports_none_of_the_helpers_that_use_it():
 
 
 def test_an_unknown_sampling_key_fails_with_one_line():
-    with pytest.raises(ValueError, match=r"^sampling: unknown seed; allowed sampler, steps, schedule, eta, clip_denoised, threshold, guidance_scale, guidance_interval, precision$"):
+    with pytest.raises(ValueError, match=r"^sampling: unknown seed; allowed sampler, steps, schedule, eta, clip_denoised, threshold, guidance_scale, guidance_interval, precision, s_churn, s_tmin, s_tmax, s_noise$"):
         PackagedDiffusion(SPEC, PROCESS, sampling={"seed": 1})
 
 

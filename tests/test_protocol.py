@@ -56,7 +56,7 @@ def test_eta_is_no_part_of_the_protocol_of_a_sampler_that_does_not_take_it():
 def test_classifier_guidance_is_recorded_beside_the_sampler_settings():
     """The classifier is a network of its own, not a setting of the packaged model's sampler:
     its scale and file hash are fields of the protocol, not of DEFAULT_SAMPLER."""
-    assert protocol.FIELDS == protocol.MEASUREMENT + protocol.SAMPLING + protocol.CLASSIFIER_FIELDS
+    assert protocol.FIELDS == protocol.MEASUREMENT + protocol.SAMPLING + protocol.CLASSIFIER_FIELDS + protocol.MODEL_FIELDS
     assert not set(protocol.CLASSIFIER_FIELDS) & set(DEFAULT_SAMPLER)
     guided = {**MEASURED, "classifier_scale": 2.0, "classifier_md5": "ef" * 16}
     tags = protocol.to_tags(guided)
@@ -87,6 +87,21 @@ def test_tags_from_before_precision_existed_read_as_fp32():
     assert protocol.from_tags(old) == MEASURED
     bf16 = {**MEASURED, "precision": "bf16"}
     assert protocol.differences(bf16, protocol.from_tags(old)) == ["precision bf16 (vs fp32)"]
+
+
+def test_the_process_is_a_field_and_tags_from_before_processes_read_as_ddpm():
+    """The same sampler, steps and schedule are another discretisation on another noise process,
+    so FIDs of two processes are two protocols; every FID recorded before there were processes
+    (or EDM's churn) was drawn on the discrete chain without churn."""
+    assert MEASURED["process"] == "ddpm" and MEASURED["s_churn"] == 0.0 and MEASURED["s_tmax"] is None
+    flow = protocol.describe(**{**MEASURED, "process": "flow"})
+    assert protocol.to_tags(flow)["fid.protocol.process"] == "flow"
+    assert protocol.differences(flow, MEASURED) == ["process flow (vs ddpm)"]
+    assert protocol.digest(flow) != protocol.digest(MEASURED)
+    old = {k: v for k, v in protocol.to_tags(MEASURED).items()
+           if k.removeprefix("fid.protocol.") not in ("process", "s_churn", "s_tmin", "s_tmax", "s_noise")}
+    assert protocol.from_tags(old) == MEASURED
+    assert protocol.differences(flow, protocol.from_tags(old)) == ["process flow (vs ddpm)"]
 
 
 def test_importing_it_loads_neither_torch_nor_mlflow():

@@ -404,9 +404,15 @@ def test_the_champion_of_a_real_pipeline_samples_with_its_fids_settings(tmp_path
     """dvc repro of the tiny pipeline, then promote: the FID's protocol is recorded and the
     registered model samples with the sample params behind that FID. The network is a
     transformer, latent DiffiT (the registry holds any family; tests/test_transformers.py
-    runs the other two through the pipeline)."""
-    sample = {**TINY_PARAMS["sample"], "eta": 0.0, "clip_denoised": False}
-    repo = copy_repo(prepared_repo, tmp_path / "repo", {**TINY_PARAMS, "sample": sample, "model": {"name": "latent-diffit-tiny"}})
+    runs the other two through the pipeline), on the flow-matching process (train, sample with
+    euler, evaluate, promote: the pipeline's run on a continuous process), whose MLflow run,
+    protocol and registered model record it. No bits/dim: that is the ODE's, slow at 28 px."""
+    sample = {**TINY_PARAMS["sample"], "eta": 0.0, "clip_denoised": False, "sampler": "euler"}
+    flow = {**TINY_PARAMS["diffusion"], "process": "flow", "schedule": None, "prediction": None}
+    repo = copy_repo(prepared_repo, tmp_path / "repo", {
+        **TINY_PARAMS, "sample": sample, "model": {"name": "latent-diffit-tiny"}, "diffusion": flow,
+        "train": {**TINY_PARAMS["train"], "bpd_images": 0},
+    })
     run_in(repo, "dvc", "repro")
     uri = pipeline_env(repo)["MLFLOW_TRACKING_URI"]
     client = MlflowClient(uri)
@@ -419,12 +425,15 @@ def test_the_champion_of_a_real_pipeline_samples_with_its_fids_settings(tmp_path
     assert recorded == {
         "num_samples": sample["num_samples"], "reference_images": TINY_PARAMS["data"]["reference_images"],
         "reference_sha256": manifest["sha256"]["reference"], "inception": "clean-fid clean, inception-2015-12-05",
-        "sampler": "ddpm", "steps": sample["steps"], "eta": 0.0, "clip_denoised": False, "threshold": None,
+        "sampler": "euler", "steps": sample["steps"], "eta": 0.0, "clip_denoised": False, "threshold": None,
         "schedule": "linspace", "guidance_scale": 2.0, "guidance_interval": None,  # the default's
         "precision": precision_name(resolve_precision("auto", torch.device("cpu"))),  # what sample.precision auto ran
+        "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": None, "s_noise": 1.0,
         "classifier_scale": 0.0, "classifier_md5": None,  # no classifier guided
+        "process": "flow",
         "digest": recorded["digest"],
     }
+    assert model_run.data.params["diffusion.process"] == "flow" and sample_run.data.tags["fid.protocol.process"] == "flow"
     assert protocol.from_tags(sample_run.data.tags) == {k: v for k, v in recorded.items() if k != "digest"}
     assert sample_run.data.tags["fid.protocol.digest"] == recorded["digest"] == model_run.data.tags["fid.protocol.digest"]
 
@@ -432,19 +441,21 @@ def test_the_champion_of_a_real_pipeline_samples_with_its_fids_settings(tmp_path
     assert "challenger and champion" in result.stdout
     model = registry.load_model("models:/diffusion@champion", tracking_uri=uri)
     assert type(model.net).__name__ == "LatentDiffiT" and model.model_spec["name"] == "latent-diffit-tiny"
+    assert model.process["process"] == model.diffusion.process.name == "flow"  # it samples on its own process
     torch.testing.assert_close(model.net.state_dict(), PackagedDiffusion.load(repo / "models/model.pt").net.state_dict())
     params = sample_run.data.params
     expected = {
         "sampler": params["sample.sampler"], "steps": int(params["sample.steps"]), "eta": float(params["sample.eta"]),
         "clip_denoised": params["sample.clip_denoised"] == "True", "threshold": None, "schedule": params["sample.schedule"],
         "guidance_scale": float(params["sample.guidance_scale"]), "guidance_interval": None,
-        "precision": recorded["precision"],
+        "precision": recorded["precision"], "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": None, "s_noise": 1.0,
     }
     assert params["sample.threshold"] == "None" and params["sample.guidance_interval"] == "None"
     assert model.sampling == expected  # the classifier's fields are the protocol's, not the model's
     assert expected == {
-        "sampler": "ddpm", "steps": sample["steps"], "eta": 0.0, "clip_denoised": False, "threshold": None,
+        "sampler": "euler", "steps": sample["steps"], "eta": 0.0, "clip_denoised": False, "threshold": None,
         "schedule": "linspace", "guidance_scale": 2.0, "guidance_interval": None, "precision": recorded["precision"],
+        "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": None, "s_noise": 1.0,
     }
     noise = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 1])  # forward's balanced labels for two images

@@ -6,10 +6,14 @@ An FID measures the images as much as the model. It depends on
   reference images (the sha256 of ``data/reference.npz`` and how many images it
   holds) and the features (clean-fid's mode and the Inception weights,
   :data:`diffusion.evaluation.metrics.INCEPTION`);
-- the sampler that drew the images: sampler, steps, schedule, eta, clip_denoised, threshold, guidance
-  and the network's precision (the keys of :data:`diffusion.packaged.DEFAULT_SAMPLER`), so two FIDs compare
-  models at the same sampling cost. ``eta`` is 0 for a sampler that does not take it
+- the sampler that drew the images: sampler, steps, schedule, eta, EDM's churn (s_churn, s_tmin,
+  s_tmax, s_noise), clip_denoised, threshold, guidance and the network's precision (the keys of
+  :data:`diffusion.packaged.DEFAULT_SAMPLER`), so two FIDs compare models at the same sampling
+  cost. ``eta`` is 0 for a sampler that does not take it
   (:func:`diffusion.sampling.specs.eta_refused`): it draws the same images at any eta;
+- the model's noise process (``process``: ddpm, vp, edm or flow): a step schedule places its
+  steps in the process's own time, so the same sampler, steps and schedule are another
+  discretisation on another process;
 - the classifier that guided it (:data:`CLASSIFIER_FIELDS`): ``classifier_scale`` (0.0: none) and
   ``classifier_md5``, DVC's hash of ``models/classifier.pt`` (null: none). They are fields
   of their own, not sampler settings: the classifier is a second network, not part of the
@@ -32,18 +36,21 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from diffusion.sampling.specs import SAMPLER_SPECS
+from diffusion.sampling.specs import CHURN_DEFAULTS, SAMPLER_SPECS
 
 MEASUREMENT = ("num_samples", "reference_images", "reference_sha256", "inception")
 SAMPLING = (
     "sampler", "steps", "schedule", "eta", "clip_denoised", "threshold", "guidance_scale", "guidance_interval", "precision",
+    *CHURN_DEFAULTS,
 )
 CLASSIFIER_FIELDS = ("classifier_scale", "classifier_md5")
-FIELDS = MEASUREMENT + SAMPLING + CLASSIFIER_FIELDS
-TEXT_FIELDS = ("reference_sha256", "inception", "sampler", "schedule", "precision")  # tagged as they are, not as JSON
+MODEL_FIELDS = ("process",)
+FIELDS = MEASUREMENT + SAMPLING + CLASSIFIER_FIELDS + MODEL_FIELDS
+TEXT_FIELDS = ("reference_sha256", "inception", "sampler", "schedule", "precision", "process")  # tagged as they are, not as JSON
 # Fields added after FIDs were first recorded, and the value every earlier FID had: a run or
-# model version tagged before ``precision`` existed sampled in fp32.
-ADDED_LATER = {"precision": "fp32"}
+# model version tagged before ``precision`` existed sampled in fp32, before EDM's churn without
+# it, and before there were processes on the discrete chain.
+ADDED_LATER = {"precision": "fp32", **CHURN_DEFAULTS, "process": "ddpm"}
 TAG_PREFIX = "fid.protocol."
 DIGEST_TAG = f"{TAG_PREFIX}digest"
 
@@ -69,10 +76,16 @@ def describe(
     precision: str,
     classifier_scale: float,
     classifier_md5: str | None,
+    s_churn: float = ADDED_LATER["s_churn"],
+    s_tmin: float = ADDED_LATER["s_tmin"],
+    s_tmax: float | None = ADDED_LATER["s_tmax"],
+    s_noise: float = ADDED_LATER["s_noise"],
+    process: str = ADDED_LATER["process"],
 ) -> dict[str, Any]:
     """The protocol as a dict of :data:`FIELDS`, each value in one canonical type
     (``eta`` 0 and 0.0 give the same digest); ``eta`` 0.0 for a sampler that does not take
-    it, so a record from before validation refused another eta compares equal."""
+    it, so a record from before validation refused another eta compares equal. A field of
+    :data:`ADDED_LATER` left out (samples drawn before it existed) is its value then."""
     spec = SAMPLER_SPECS.get(str(sampler))  # None: a sampler since removed, its eta kept
     return {
         "num_samples": int(num_samples),
@@ -88,8 +101,13 @@ def describe(
         "guidance_scale": float(guidance_scale),
         "guidance_interval": None if guidance_interval is None else [float(v) for v in guidance_interval],
         "precision": str(precision),
+        "s_churn": float(s_churn),
+        "s_tmin": float(s_tmin),
+        "s_tmax": None if s_tmax is None else float(s_tmax),
+        "s_noise": float(s_noise),
         "classifier_scale": float(classifier_scale),
         "classifier_md5": None if classifier_md5 is None else str(classifier_md5),
+        "process": str(process),
     }
 
 
@@ -116,7 +134,7 @@ def from_tags(tags: Mapping[str, str]) -> dict[str, Any] | None:
     its value then; :class:`ProtocolError` when another field is missing."""
     if DIGEST_TAG not in tags:
         return None
-    tags = {**{f"{TAG_PREFIX}{field}": value for field, value in ADDED_LATER.items()}, **tags}
+    tags = {**{f"{TAG_PREFIX}{field}": _tag_value(field, value) for field, value in ADDED_LATER.items()}, **tags}
     missing = [field for field in FIELDS if f"{TAG_PREFIX}{field}" not in tags]
     if missing:
         raise ProtocolError(f"tags record an FID protocol without {', '.join(missing)}: run evaluate again")
