@@ -235,6 +235,7 @@ class Params(_Section):
             _check_param_path(path)
         _check_network(self)  # name, overrides, shape (of the images or their latents)
         _check_swept_model(self.sweep.space)
+        _check_swept_process(self)
         d = self.diffusion
         _check_process(self)
         if d.process == "ddpm" and d.schedule == "linear" and d.timesteps < 20:
@@ -376,8 +377,8 @@ def _check_guidance(params: Params) -> None:
 
 
 def _check_classifier(params: Params) -> None:
-    """The classifier's network fits the images, its accuracy curve has held-out images and
-    no more t bins than timesteps."""
+    """The classifier's network fits the images, its accuracy curve has held-out images and,
+    on the discrete chain, no more t bins than timesteps."""
     guide = params.guidance
     try:
         check_unet(diffusion_size(params), **CLASSIFIER_CONFIGS[guide.classifier_model])
@@ -385,7 +386,7 @@ def _check_classifier(params: Params) -> None:
         raise ValueError(f"guidance.classifier_model: '{guide.classifier_model}' does not fit: {err}") from None
     if params.data.holdout < 1:
         raise ValueError("data.holdout: the classifier's accuracy curve needs held-out images; allowed: >= 1")
-    if guide.classifier_eval_bins > params.diffusion.timesteps:
+    if params.diffusion.process == "ddpm" and guide.classifier_eval_bins > params.diffusion.timesteps:
         raise ValueError(
             f"guidance.classifier_eval_bins: {guide.classifier_eval_bins} is more than diffusion.timesteps "
             f"({params.diffusion.timesteps}); allowed 1..{params.diffusion.timesteps}"
@@ -408,6 +409,40 @@ def _check_swept_model(space: dict[str, SearchDim]) -> None:
                     f"sweep.space: '{path}' is not an argument of {name} (a {FAMILY_OF[name]}), a choice of "
                     f"model.name; allowed: {', '.join(family(name).overridable)}"
                 )
+
+
+PER_PROCESS = ("diffusion.schedule", "diffusion.prediction", "train.timestep_sampler", "train.loss_weighting")
+"""The options whose allowed values differ per process, null for each process's own
+(:data:`~diffusion.process.options.PROCESS_OPTIONS`): what a sweep over the process must leave null."""
+
+
+def _check_swept_process(params: Params) -> None:
+    """Where the sweep searches ``diffusion.process``, each choice validates with the other
+    params as they stand (a trial changes only what it searches), and none of
+    :data:`PER_PROCESS` is searched beside it: one line saying what to set otherwise."""
+    dim = params.sweep.space.get("diffusion.process")
+    if dim is None:
+        return
+    advice = (
+        f"where the sweep searches diffusion.process, set {', '.join(PER_PROCESS)} to null "
+        "(each process's own) and search none of them"
+    )
+    searched = [key for key in PER_PROCESS if key in params.sweep.space]
+    if dim.type != "categorical" or searched:
+        why = f"searched beside it: {', '.join(searched)}" if searched else "search it as {type: categorical, choices: [...]}"
+        raise ValueError(f"sweep.space.diffusion.process: {why}; {advice}")
+    base = params.model_dump()
+    base["sweep"]["space"] = {}
+    for choice in dim.choices:
+        if choice not in names(Process):
+            raise ValueError(
+                f"sweep.space.diffusion.process: unknown choice {choice!r}; allowed: {', '.join(names(Process))}"
+            )
+        try:
+            Params.model_validate(merge_params(base, {"diffusion.process": choice}))
+        except ValidationError as err:
+            why = _one_line(err, f"process {choice!r}")
+            raise ValueError(f"sweep.space.diffusion.process: {why}; {advice}") from None
 
 
 def _check_param_path(path: str) -> None:

@@ -14,8 +14,8 @@
   connection for up to :data:`STORE_OUTAGE_S` (:func:`through_outage`).
 - **Search space**: one ``suggest_*`` per dimension of ``sweep.space``, less the
   dimensions that mean nothing for the config (:func:`searched_space`: guidance for an
-  unconditional model, eta for a sampler that does not take it, U-Net arguments for a
-  transformer).
+  unconditional model, eta or EDM's churn for a sampler that does not take it, U-Net
+  arguments for a transformer).
 - **Objectives**: ``fid`` (``metrics/evaluate.json``); ``sampling_cost``, the sampler's
   network evaluations per image (:func:`diffusion.sampling.specs.network_evaluations`).
 """
@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 from diffusion.config import Params, SearchDim, SweepParams
 from diffusion.models.configs import FAMILY_OF, family
-from diffusion.sampling.specs import SAMPLER_SPECS, network_evaluations
+from diffusion.sampling.specs import CHURN_OPTIONS, SAMPLER_SPECS, network_evaluations
 from flows.pruning import make_pruner
 
 STUDY_DIR = Path(".optuna")
@@ -213,6 +213,11 @@ NEEDS: dict[str, tuple[str, Callable[[Params], bool], str]] = {
     "sample.eta": ("sample.sampler", lambda params: SAMPLER_SPECS[params.sample.sampler].takes_eta,
                    f"the samplers that take eta are {', '.join(k for k, v in SAMPLER_SPECS.items() if v.takes_eta)}, "
                    "and sample.sampler is not one of them"),
+} | {
+    f"sample.{key}": ("sample.sampler", lambda params, key=key: key in SAMPLER_SPECS[params.sample.sampler].options,
+                      f"the samplers that take {key} are {', '.join(k for k, v in SAMPLER_SPECS.items() if key in v.options)}, "
+                      "and sample.sampler is not one of them")
+    for key in CHURN_OPTIONS
 }
 
 

@@ -50,7 +50,8 @@ def test_empty_or_partial_params_are_an_error_not_a_second_set_of_defaults(tmp_p
         ({"sample": {"sampler": "ddim", "eta": 1.5}}, "sample.eta: 1.5 is outside DDIM's range"),
         ({"sample": {"sampler": "ddpm", "eta": 5.0}}, "sample.eta: 5.0 means nothing to ddpm; use 0, or a sampler that takes eta: ddim"),
         ({"sample": {"use_ema": False}}, "sample.use_ema: unknown key; allowed: num_samples"),
-        ({"sample": {"sampler": "euler"}}, "sample.sampler: got 'euler'; input should be 'ddpm', 'ddim', 'dpm++2m', 'dpm++3m', 'unipc', 'unipc3' or 'heun'"),
+        ({"sample": {"sampler": "euler2"}}, "sample.sampler: got 'euler2'; input should be 'ddpm', 'ddim', 'dpm++2m', 'dpm++3m', 'unipc', 'unipc3', 'heun', 'euler' or 'sde'"),
+        ({"sample": {"sampler": "euler"}}, "sample.sampler: euler steps in the process's own time; process 'ddpm' is a discrete chain: use vp, edm or flow"),
         ({"diffusion": {"zero_terminal_snr": True, "prediction": "eps"}}, "diffusion.prediction: 'eps' cannot recover x0"),
         ({"diffusion": {"schedule": "linear", "timesteps": 10}, "sample": {"steps": 5}}, "diffusion.timesteps: the linear schedule"),
         ({"data": {"image_size": 30}}, "data.image_size: 30 is not divisible by 4"),
@@ -98,6 +99,31 @@ def test_bad_params_give_one_line_naming_the_key(raw, expected):
     assert expected in message
 
 
+def test_a_sweep_over_the_process_validates_each_choice_or_says_what_to_set():
+    """params.yaml's schedule and prediction are the ddpm chain's; a sweep over
+    ``diffusion.process`` needs them null (each process's own), and one line says so."""
+    processes = {"diffusion.process": {"type": "categorical", "choices": ["ddpm", "flow"]}}
+    advice = ("where the sweep searches diffusion.process, set diffusion.schedule, diffusion.prediction, "
+              "train.timestep_sampler, train.loss_weighting to null (each process's own) and search none of them")
+    with pytest.raises(ConfigError) as err:
+        parse_params(full_params({"sweep": {"space": processes}}), "params.yaml")
+    assert str(err.value) == (
+        "params.yaml: sweep.space.diffusion.process: process 'flow': diffusion.prediction: got 'v'; "
+        f"process 'flow' allows 'velocity', 'x0'; {advice}"
+    )
+    per_process = {"diffusion": {"schedule": None, "prediction": None}}
+    params = parse_params(full_params({**per_process, "sweep": {"space": processes}}))
+    assert params.sweep.space["diffusion.process"].choices == ["ddpm", "flow"]
+    for space, why in [
+        ({**processes, "diffusion.schedule": {"type": "categorical", "choices": ["linear", "cosine"]}},
+         "searched beside it: diffusion.schedule"),
+        ({"diffusion.process": {"type": "categorical", "choices": ["ddpm", "sde"]}}, "unknown choice 'sde'"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            parse_params(full_params({**per_process, "sweep": {"space": space}}), "params.yaml")
+        assert str(err.value).startswith(f"params.yaml: sweep.space.diffusion.process: {why}") and "\n" not in str(err.value)
+
+
 def test_allowed_names_are_read_from_the_code_that_implements_them():
     def names(annotation):  # Literal[...] or Literal[...] | None (null: the process's own)
         args = get_args(annotation)
@@ -115,7 +141,7 @@ def test_allowed_names_are_read_from_the_code_that_implements_them():
         "loss": tuple(m.value for m in Loss),
         "sampler": tuple(sampler_specs.SAMPLER_SPECS),
     }
-    assert allowed["schedule"] == ("linear", "cosine", "sigmoid") and allowed["sampler"] == ("ddpm", "ddim", "dpm++2m", "dpm++3m", "unipc", "unipc3", "heun")
+    assert allowed["schedule"] == ("linear", "cosine", "sigmoid") and allowed["sampler"] == ("ddpm", "ddim", "dpm++2m", "dpm++3m", "unipc", "unipc3", "heun", "euler", "sde")
 
 
 def test_config_loads_without_torch():

@@ -82,8 +82,10 @@ def test_sampling_cost_is_network_evaluations_per_image():
     from diffusion.sampling.specs import SAMPLER_SPECS
     from flows.study import OBJECTIVES
 
+    flow = {"process": "flow", "schedule": None, "prediction": None}  # euler and sde step in its own time
     for name, spec in SAMPLER_SPECS.items():
-        params = parse_params(full_params({"sample": {"sampler": name, "steps": 7, "guidance_scale": 1.0}}))
+        params = parse_params(full_params({"sample": {"sampler": name, "steps": 7, "guidance_scale": 1.0},
+                                           "diffusion": flow if spec.continuous_only else {}}))
         assert OBJECTIVES["sampling_cost"]({}, params) == spec.nfe(7) > 0
     guided = parse_params(full_params({"model": {"class_conditional": True}, "sample": {"steps": 7, "guidance_scale": 3.0}}))
     assert OBJECTIVES["sampling_cost"]({}, guided) == 14  # the conditional and unconditional pass
@@ -126,6 +128,17 @@ def test_eta_is_not_searched_for_a_sampler_that_does_not_take_it():
     either = {"sample.sampler": {"type": "categorical", "choices": ["ddpm", "ddim"]},
               "sample.eta": {"type": "float", "low": 0.0, "high": 1.0}}
     assert set(searched_space(parse_params(full_params({"sweep": {"space": either}})))[0]) == set(either)
+
+
+def test_edm_churn_is_searched_only_for_a_sampler_that_takes_it():
+    from diffusion.config import parse_params
+    from flows.study import searched_space
+
+    churn = {"sample.s_churn": {"type": "float", "low": 0.0, "high": 40.0}}
+    ddpm = parse_params(full_params({"sweep": {"space": churn}}))
+    assert searched_space(ddpm) == ({}, {"sample.s_churn": "the samplers that take s_churn are heun, and sample.sampler is not one of them"})
+    heun = parse_params(full_params({"sample": {"sampler": "heun"}, "sweep": {"space": churn}}))
+    assert searched_space(heun) == (dict(heun.sweep.space), {})
 
 
 def test_unet_arguments_are_not_searched_for_a_transformer():
