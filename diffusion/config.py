@@ -328,7 +328,12 @@ def _check_process(params: Params) -> None:
     d, train = params.diffusion, params.train
     prediction = process_option(d.process, "prediction", d.prediction, "diffusion.")
     if d.schedule is not None or d.process in ("ddpm", "vp"):
-        process_option(d.process, "schedule", d.schedule, "diffusion.")
+        schedule = process_option(d.process, "schedule", d.schedule, "diffusion.")
+        if (d.process, schedule, prediction) == ("vp", "cosine", "eps"):
+            raise ValueError(
+                "diffusion.prediction: 'eps' cannot recover x0 where α reaches 0 (process 'vp' on the cosine "
+                "schedule, at t = 1); allowed 'v' or 'x0', or schedule 'linear'"
+            )
     check_combination(prediction, d.variance, d.loss, zero_terminal_snr=d.zero_terminal_snr, prefix="diffusion.")
     if d.process != "ddpm":
         for key, value, allowed in (

@@ -88,6 +88,17 @@ def test_empty_or_partial_params_are_an_error_not_a_second_set_of_defaults(tmp_p
         ({"model": {"overrides": {"attention_resolutions": [5]}}}, "attention_resolutions: [5] are not feature-map sizes"),
         ({"sweep": {"space": {"train.lrx": {"type": "float", "low": 0.1, "high": 1}}}}, "sweep.space: 'train.lrx': unknown key 'lrx'"),
         ({"extra": {}}, "extra: unknown key; allowed: data, model, diffusion"),
+        ({"diffusion": {"process": "vp", "schedule": "cosine", "prediction": "eps"}},
+         "diffusion.prediction: 'eps' cannot recover x0 where α reaches 0 (process 'vp' on the cosine schedule"),
+        ({"diffusion": {"process": "edm"}}, "diffusion.prediction: got 'v'; process 'edm' allows 'x0'"),
+        ({"diffusion": {"process": "flow", "prediction": None}}, "diffusion.schedule: got 'cosine'; process 'flow' allows none (null)"),
+        ({"diffusion": {"process": "flow", "schedule": None, "prediction": None, "sigma_data": 1.0}},
+         "diffusion.sigma_data: 1.0 is EDM's σ_data; process 'flow' uses none"),
+        ({"train": {"timestep_sampler": "log-normal"}}, "train.timestep_sampler: got 'log-normal'; process 'ddpm' allows 'uniform', 'loss-aware'"),
+        ({"train": {"timestep_mean": 0.5}}, "train.timestep_mean: 0.5 means nothing to the uniform timestep sampler"),
+        ({"train": {"loss_weighting": "min-snr"}}, "train.min_snr_gamma: got None with loss_weighting 'min-snr'"),
+        ({"sample": {"sampler": "euler"}}, "sample.sampler: euler steps in the process's own time; process 'ddpm' is a discrete chain"),
+        ({"sample": {"s_churn": 10.0}}, "sample.s_churn: 10.0 means nothing to ddpm; use 0.0, or a sampler that takes it: heun"),
     ],
 )
 def test_bad_params_give_one_line_naming_the_key(raw, expected):

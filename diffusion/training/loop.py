@@ -8,9 +8,11 @@ sampled timesteps and the hybrid loss):
    with probability 1/2 if ``hflip``; for class-conditional training each label is
    replaced by the null class with probability ``train.p_uncond``
    (classifier-free guidance training, Ho & Salimans 2022, Algorithm 1);
-2. draw timesteps t and importance weights w from the timestep sampler, and the
-   noise; the loss is ``mean(w * L_t)`` from ``diffusion.training_losses``, its
-   L_simple weighted by min-SNR-γ when ``train.min_snr_gamma`` is set (Hang et al. 2023);
+2. draw noise levels t (times of the process) and importance weights w from the named
+   distribution (:mod:`diffusion.process.timestep_sampling`), and the noise; the loss is
+   ``mean(w * L_t)`` from ``diffusion.training_losses`` (the discrete chain's or a continuous
+   process's), its squared error weighted by ``train.loss_weighting``
+   (:mod:`diffusion.process.weighting`: simple, min-SNR-γ, EDM's λ(σ), the flow's);
 3. AdamW (Loshchilov & Hutter 2019) with linear learning-rate warm-up
    (:func:`warmup_lr`), the gradient norm clipped to ``grad_clip`` (always
    measured), then an EMA update of the weights (:mod:`diffusion.training.ema`).
@@ -232,7 +234,7 @@ class Trainer:
     def __init__(
         self,
         model: nn.Module,
-        diffusion: GaussianDiffusion,
+        diffusion: GaussianDiffusion | ContinuousDiffusion,
         images: torch.Tensor,
         labels: torch.Tensor | None,
         cfg: TrainParams,
@@ -385,7 +387,7 @@ class Trainer:
 
 def train(
     model: nn.Module,
-    diffusion: GaussianDiffusion,
+    diffusion: GaussianDiffusion | ContinuousDiffusion,
     images: torch.Tensor,
     labels: torch.Tensor | None,
     cfg: TrainParams,
