@@ -11,7 +11,6 @@ from diffusion.process.schedules import (
     linear_betas,
     make_betas,
     rescale_zero_terminal_snr,
-    respace_betas,
     sigmoid_betas,
     space_timesteps,
 )
@@ -136,21 +135,3 @@ def test_space_timesteps_specs():
 def test_space_timesteps_errors(spec, message):
     with pytest.raises(ValueError, match=f"spec: .*{message}"):
         space_timesteps(1000, spec)
-
-
-@pytest.mark.parametrize("spec", [10, 50, "ddim25", "5,5", "10,10,5", [0, 999], [3, 17, 600]])
-@pytest.mark.parametrize("name", ["linear", "cosine"])
-def test_respaced_alpha_bar_equals_original_at_kept_steps(name, spec):
-    betas = make_betas(name, 1000)
-    steps = space_timesteps(1000, spec)
-    respaced = respace_betas(betas, steps)
-    assert respaced.shape == (len(steps),)
-    # ᾱ near 0 (cosine's last steps) goes through 1 - β with β near 1: float64 keeps ~1e-17 absolute
-    np.testing.assert_allclose(alpha_bar_of(respaced), alpha_bar_of(betas)[steps], rtol=1e-10, atol=1e-15)
-
-
-def test_respacing_to_every_step_gives_back_the_betas():
-    betas = cosine_betas(200)
-    np.testing.assert_allclose(respace_betas(betas, range(200)), betas, rtol=1e-9, atol=1e-15)
-    with pytest.raises(ValueError, match="timesteps: need a non-empty increasing sequence"):
-        respace_betas(betas, [5, 3])

@@ -19,20 +19,16 @@ from diffusion.process.schedules import space_timesteps
 
 
 class DiscreteChain(NoiseProcess):
-    """ᾱ of a trained chain at its model timesteps ``timesteps`` (increasing; 0..T-1 unless the
-    chain was respaced). Its float64 table becomes tensors once per device (:meth:`alpha_bar_tensor`
-    reads them there: an index and a cast, never a host copy)."""
+    """ᾱ of a trained chain at its model timesteps 0..T-1. Its float64 table becomes tensors
+    once per device (:meth:`alpha_bar_tensor` reads them there: an index and a cast, never a
+    host copy)."""
 
     name = "ddpm"
     variance_preserving = True
 
-    def __init__(self, alphas_cumprod: Sequence[float], timesteps: Sequence[float] | None = None):
+    def __init__(self, alphas_cumprod: Sequence[float]):
         self.alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
-        self.timesteps = np.arange(len(self.alphas_cumprod), dtype=np.float64) if timesteps is None else (
-            np.asarray(timesteps, dtype=np.float64)
-        )
-        if self.timesteps.shape != self.alphas_cumprod.shape or np.any(np.diff(self.timesteps) <= 0):
-            raise ValueError("timesteps: need one increasing model timestep per alpha_bar")
+        self.timesteps = np.arange(len(self.alphas_cumprod), dtype=np.float64)
         with np.errstate(divide="ignore"):
             self.log_sigmas = 0.5 * (np.log1p(-self.alphas_cumprod) - np.log(self.alphas_cumprod))
         self.t_min, self.t_max = float(self.timesteps[0]), float(self.timesteps[-1])
@@ -50,10 +46,10 @@ class DiscreteChain(NoiseProcess):
         return self._device_tables[device]
 
     def __getstate__(self):
-        return {"alphas_cumprod": self.alphas_cumprod, "timesteps": self.timesteps}
+        return {"alphas_cumprod": self.alphas_cumprod}
 
     def __setstate__(self, state):
-        self.__init__(state["alphas_cumprod"], state["timesteps"])
+        self.__init__(state["alphas_cumprod"])
 
     def alpha_bar_tensor(self, t: torch.Tensor) -> torch.Tensor:
         """ᾱ(t) in float64 on t's device: exact on a timestep, 1/(1 + σ²) with log σ

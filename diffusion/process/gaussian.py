@@ -10,9 +10,9 @@ Timestep index ``t`` runs over 0..T-1 (the papers' 1..T).
 The options (:class:`Prediction`, :class:`Variance`, :class:`Loss`) and the rules that
 combine them live in :mod:`diffusion.process.options`, shared with the config.
 
-The model is always called as ``model(x_t, timestep_map[t], **model_kwargs)``: a
-respaced process (:meth:`GaussianDiffusion.respace`) hands the model the timestep it
-was trained on.
+The model is called as ``model(x_t, t, **model_kwargs)``; samplers read the chain as a
+:class:`~diffusion.process.discrete.DiscreteChain` (:attr:`GaussianDiffusion.process`), whose
+step schedules pick the timesteps they evaluate.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from tqdm import tqdm
 
 from diffusion.process.discrete import DiscreteChain
 from diffusion.process.options import Loss, Prediction, Variance, check_combination, check_threshold, parse, process_option
-from diffusion.process.schedules import make_betas, respace_betas
 
 Model = Callable[..., torch.Tensor]
 
@@ -99,8 +98,7 @@ class GaussianDiffusion:
 
     ``prediction`` (:class:`Prediction`), ``variance`` (:class:`Variance`) and ``loss``
     (:class:`Loss`) are checked by :func:`~diffusion.process.options.check_combination`,
-    the rule params.yaml is validated with. ``timestep_map[t]`` is the model's timestep
-    for index ``t`` (the identity unless respaced).
+    the rule params.yaml is validated with.
     """
 
     # The float64 arrays per timestep that tables(device) holds as tensors for at_timesteps().
@@ -140,7 +138,6 @@ class GaussianDiffusion:
         prediction: str = "eps",
         variance: str = "fixed_small",
         loss: str = "mse",
-        timestep_map: Sequence[int] | torch.Tensor | None = None,
     ):
         self.prediction = parse(Prediction, process_option("ddpm", "prediction", getattr(prediction, "value", prediction)), "prediction")
         self.variance = parse(Variance, variance, "variance")
@@ -150,11 +147,6 @@ class GaussianDiffusion:
             raise ValueError("betas: need a non-empty 1-D array with 0 < β <= 1")
         self.betas = betas
         self.num_timesteps = T = len(betas)
-        if timestep_map is None:
-            timestep_map = range(T)
-        self.timestep_map = torch.as_tensor(timestep_map, dtype=torch.long)
-        if self.timestep_map.shape != (T,):
-            raise ValueError(f"timestep_map: need {T} entries, one per beta, got {tuple(self.timestep_map.shape)}")
 
         alphas = 1.0 - betas
         self.alphas_cumprod = np.cumprod(alphas)
@@ -176,59 +168,37 @@ class GaussianDiffusion:
         self.fixed_large_variance = np.append(floor, betas[1:])
         self.fixed_large_log_variance = np.log(self.fixed_large_variance)
         self._tables: dict[torch.device, SimpleNamespace] = {}
-        self._respaced: dict[tuple[int, ...], GaussianDiffusion] = {}
         self._process: DiscreteChain | None = None
 
     def tables(self, device: torch.device) -> SimpleNamespace:
         """The schedule on ``device`` (a tensor's device): each array of ``_TABLES`` as a
-        float64 tensor, and ``timestep_map``. Made on the first call for a device and the
-        same objects after, so no step of sampling or training copies from the host."""
+        float64 tensor. Made on the first call for a device and the same objects after, so no
+        step of sampling or training copies from the host."""
         if device not in self._tables:
             self._tables[device] = SimpleNamespace(
-                timestep_map=self.timestep_map.to(device),
                 **{name: torch.from_numpy(getattr(self, name)).to(device) for name in self._TABLES},
             )
         return self._tables[device]
 
-    _STATE = ("betas", "prediction", "variance", "loss", "timestep_map")
+    _STATE = ("betas", "prediction", "variance", "loss")
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (inside the MLflow model, a deepcopy) as its constructor's arguments: no
-        device tables or respaced copies, which are made again on the loader's devices."""
+        device tables, which are made again on the loader's devices."""
         return {name: getattr(self, name) for name in self._STATE}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Rebuilt from the constructor's arguments; a whole ``__dict__`` pickled by an older
-        version holds them too, so models logged before still load."""
-        self.__init__(
-            state["betas"],
-            prediction=state["prediction"],
-            variance=state["variance"],
-            loss=state["loss"],
-            timestep_map=state["timestep_map"],
-        )
-
-    def respace(self, timesteps: Sequence[int]) -> GaussianDiffusion:
-        """The process on the kept indices ``timesteps`` (:func:`diffusion.process.schedules.space_timesteps`),
-        with the same ᾱ there and the model still called with its original timesteps.
-        Made once per ``timesteps`` (so its device tables are too) and reused after."""
-        steps = tuple(timesteps)
-        if steps not in self._respaced:
-            self._respaced[steps] = GaussianDiffusion(
-                respace_betas(self.betas, steps),
-                prediction=self.prediction.value,
-                variance=self.variance.value,
-                loss=self.loss.value,
-                timestep_map=self.timestep_map[list(steps)],
-            )
-        return self._respaced[steps]
+        version holds them too (and an identity ``timestep_map``, ignored), so models logged
+        before still load."""
+        self.__init__(state["betas"], prediction=state["prediction"], variance=state["variance"], loss=state["loss"])
 
     @property
     def process(self) -> DiscreteChain:
         """The chain at its model timesteps as a :class:`~diffusion.process.base.NoiseProcess`
         (what samplers and step schedules read), made once."""
         if self._process is None:
-            self._process = DiscreteChain(self.alphas_cumprod, self.timestep_map.numpy())
+            self._process = DiscreteChain(self.alphas_cumprod)
         return self._process
 
     # -- forward process ----------------------------------------------------
@@ -275,7 +245,7 @@ class GaussianDiffusion:
         """(pred_x0, pred_eps) from the model's first C channels, per ``prediction``: the
         process's one output split (:meth:`~diffusion.process.base.NoiseProcess.x0_eps`) at
         the model timestep of index t."""
-        return self.process.x0_eps(self.prediction, output, x_t, self.tables(t.device).timestep_map[t])
+        return self.process.x0_eps(self.prediction, output, x_t, t)
 
     # -- reverse process ----------------------------------------------------
 
@@ -334,7 +304,7 @@ class GaussianDiffusion:
         :func:`dynamic_threshold` instead. Either way ε̂ is recomputed from the clipped x̂_0.
         """
         check_threshold(threshold)
-        output = model(x_t, self.tables(t.device).timestep_map[t], **(model_kwargs or {}))
+        output = model(x_t, t, **(model_kwargs or {}))
         return self._p_from_output(output, x_t, t, clip_denoised=clip_denoised, threshold=threshold)
 
     # -- losses and the variational bound ------------------------------------
@@ -370,9 +340,9 @@ class GaussianDiffusion:
         """
         noise = torch.randn_like(x0) if noise is None else noise
         x_t = self.q_sample(x0, t, noise)
-        output = model(x_t, self.tables(t.device).timestep_map[t], **(model_kwargs or {}))
+        output = model(x_t, t, **(model_kwargs or {}))
         prediction, var_values = self._split_output(output, x_t)
-        target = self.process.target(self.prediction, x0, self.tables(t.device).timestep_map[t], noise)
+        target = self.process.target(self.prediction, x0, t, noise)
         terms = {"mse": mean_flat((target - prediction) ** 2)}
         weighted = terms if mse_weight is None else {"mse": terms["mse"] * mse_weight}
         if var_values is not None:

@@ -5,8 +5,8 @@ Index ``t`` runs over 0..T-1 (DDPM's t = 1..T). ᾱ_t = ∏_{s<=t} (1 - β_s).
 * :func:`linear_betas`, :func:`cosine_betas`, :func:`sigmoid_betas`: named schedules,
   in :data:`BETA_SCHEDULES` and built by :func:`make_betas`.
 * :func:`rescale_zero_terminal_snr`: Lin et al. 2024, Algorithm 1.
-* :func:`space_timesteps` and :func:`respace_betas`: a shorter process on a subset of
-  the timesteps with the same ᾱ at the kept steps (improved DDPM §4, DDIM §4.2).
+* :func:`space_timesteps`: the timesteps a sampler keeps of the chain's T (improved DDPM
+  §4's respacing, DDIM §4.2), the discrete chain's ``linspace`` step schedule.
 """
 
 from __future__ import annotations
@@ -169,15 +169,3 @@ def space_timesteps(num_timesteps: int, spec: int | str | Sequence[int]) -> list
     if not steps or steps[0] < 0 or steps[-1] >= num_timesteps:
         raise ValueError(f"spec: timesteps {spec!r} must be a non-empty sequence in [0, {num_timesteps})")
     return steps
-
-
-def respace_betas(betas: np.ndarray, timesteps: Sequence[int]) -> np.ndarray:
-    """β of the process on the kept ``timesteps``: β'_i = 1 - ᾱ_{t_i}/ᾱ_{t_{i-1}}, ᾱ_{t_{-1}} = 1,
-    so the respaced ᾱ'_i equals the original ᾱ_{t_i} (improved DDPM §4:
-    β_{S_t} = 1 - ᾱ_{S_t}/ᾱ_{S_{t-1}})."""
-    betas = np.asarray(betas, dtype=np.float64)
-    steps = np.asarray(timesteps)
-    if steps.ndim != 1 or len(steps) == 0 or np.any(np.diff(steps) <= 0) or steps[0] < 0 or steps[-1] >= len(betas):
-        raise ValueError(f"timesteps: need a non-empty increasing sequence in [0, {len(betas)}), got {timesteps!r}")
-    alpha_bar = np.cumprod(1.0 - betas)[steps]
-    return 1.0 - alpha_bar / np.append(1.0, alpha_bar[:-1])

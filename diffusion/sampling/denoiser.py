@@ -96,7 +96,7 @@ class ModelDenoiser:
         cls, net, diffusion, model_kwargs: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32
     ) -> ModelDenoiser:
         """The denoiser of ``net`` trained on ``diffusion`` (a
-        :class:`~diffusion.process.gaussian.GaussianDiffusion`, respaced or not, or a
+        :class:`~diffusion.process.gaussian.GaussianDiffusion` or a
         :class:`~diffusion.process.continuous.ContinuousDiffusion`), on its process."""
         return cls(
             net, diffusion.process, prediction=diffusion.prediction, variance=diffusion.variance,

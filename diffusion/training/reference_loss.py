@@ -70,7 +70,7 @@ def reference_loss(
     was_training = model.training
     model.eval()
     try:
-        output = model(x_t, diffusion.tables(device).timestep_map[t])
+        output = model(x_t, t)
     finally:
         model.train(was_training)
     _, eps = diffusion.x0_eps_from_output(output[:, : x0.shape[1]], x_t, t)
