@@ -23,6 +23,8 @@ numbers on every device.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -46,12 +48,15 @@ LogFn = Callable[[int, dict[str, float]], None]
 
 
 def uniform_times(process: NoiseProcess, count: int, generator: torch.Generator) -> torch.Tensor:
-    """``count`` times drawn uniformly over ``process``'s: one of the discrete chain's model
-    timesteps each (long), or uniform on [t_min, t_max] (float64)."""
+    """``count`` times drawn uniformly over ``process``'s noise levels: one of the discrete
+    chain's model timesteps each (long), or on a continuous process uniform in λ = -log σ over
+    its σ range (float64), so EDM's σ in [0.002, 80] is not 99% above σ = 1 as uniform t would be."""
     if isinstance(process, DiscreteChain):
         index = torch.randint(process.num_timesteps, (count,), generator=generator)
         return torch.from_numpy(process.timesteps).long()[index]
-    return process.t_min + (process.t_max - process.t_min) * torch.rand(count, generator=generator, dtype=torch.float64)
+    low, high = (math.log(sigma) for sigma in process.sigma_range())
+    log_sigma = low + (high - low) * torch.rand(count, generator=generator, dtype=torch.float64)
+    return torch.from_numpy(process.t_of_sigma(log_sigma.exp().numpy()))
 
 
 def noised(process: NoiseProcess, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
