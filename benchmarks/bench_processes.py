@@ -76,6 +76,7 @@ PROCESSES: dict[str, dict] = {
 SAMPLERS: dict[str, dict] = {
     # name: sample params; every one 50 network evaluations with guidance w = 2
     "ddpm-25-linspace": {"sampler": "ddpm", "steps": 25, "schedule": "linspace"},  # today's
+    "ddpm-25-karras": {"sampler": "ddpm", "steps": 25, "schedule": "karras"},
     "dpm++2m-25-karras": {"sampler": "dpm++2m", "steps": 25, "schedule": "karras"},
     "heun-13-karras": {"sampler": "heun", "steps": 13, "schedule": "karras"},
     "euler-25-karras": {"sampler": "euler", "steps": 25, "schedule": "karras"},

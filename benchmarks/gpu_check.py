@@ -83,6 +83,7 @@ from diffusion.data.sources import load_source
 from diffusion.images import generate_images, sampling_labels
 from diffusion.packaged import DEFAULT_SAMPLER, PackagedDiffusion
 from diffusion.sampling.sample import SAMPLER_FUNCTIONS
+from diffusion.sampling.specs import options_refused
 from diffusion.training.devices import BatchMemoryError, batch_memory, resolve_device
 from diffusion.training.launch import free_port
 from diffusion.training.loop import Trainer, seeded_init
@@ -454,7 +455,11 @@ def section_samplers(setup: Setup, record: dict) -> None:
     record["settings"] = sampling_settings(setup)
     record["from"] = "trained default" if "default" in setup.trained else "untrained default"
     record["samplers"] = {}
+    process = setup.params["diffusion"]["process"]
     for name in SAMPLER_FUNCTIONS:
+        if options_refused(name, {}, process):  # euler and sde step in a continuous process's own time
+            record["samplers"][name] = {"skipped": f"the default's process is {process}"}
+            continue
         if device.type == "cuda":
             draw(setup, batch, batch, sampler=name)  # warm-up, not timed: kernel choices, the generators' first use
             synchronize(device)

@@ -30,13 +30,14 @@ def tiny_autoencoder(in_channels: int = 1) -> KLAutoencoder:
     return KLAutoencoder(in_channels=in_channels, **VAE_CONFIGS["vae-tiny"]).eval()
 
 
-def latent_model(**sampling) -> PackagedDiffusion:
-    """A class-conditional unet-tiny on the 2 x 8 x 8 latents of vae-tiny (16 px images)."""
+def latent_model(process: dict | None = None, **sampling) -> PackagedDiffusion:
+    """A class-conditional unet-tiny on the 2 x 8 x 8 latents of vae-tiny (16 px images), on
+    ``process`` (a diffusion section; default :data:`PROCESS`, the discrete chain)."""
     torch.manual_seed(0)
     autoencoder = tiny_autoencoder()
     spec = {"name": "unet-tiny", "in_channels": 2, "image_size": 8, "learn_sigma": False, "num_classes": 3, "overrides": {}}
     return PackagedDiffusion(
-        spec, PROCESS, sampling={"clip_denoised": False, **sampling},
+        spec, process or PROCESS, sampling={"clip_denoised": False, **sampling},
         autoencoder={"config": autoencoder.config, "scale_factor": 2.5}, decoder=autoencoder,
     )
 
@@ -81,8 +82,10 @@ def test_posterior_samples_are_seeded_per_image():
 @pytest.mark.parametrize("sampler", list(SAMPLER_SPECS))
 def test_every_sampler_decodes_latents_to_images(sampler, single_thread):
     """Each sampler draws 2 x 8 x 8 latents and returns the decoded 1 x 16 x 16 images in [-1, 1],
-    exactly D(z / scale) of the latents the sampler drew."""
-    packaged = latent_model()
+    exactly D(z / scale) of the latents the sampler drew; those in the process's own time
+    (euler, sde) on the flow, the others on the discrete chain."""
+    flow = {**PROCESS, "process": "flow", "schedule": None, "prediction": None}
+    packaged = latent_model(flow if SAMPLER_SPECS[sampler].continuous_only else None)
     labels = torch.tensor([0, 2])
     images = packaged.sample(2, sampler=sampler, steps=4, clip_denoised=False, guidance_scale=2.0, labels=labels, seed=0)
     assert images.shape == (2, *packaged.output_shape) == (2, 1, 16, 16)
