@@ -24,15 +24,10 @@ def _draw_device(generator: torch.Generator | None) -> torch.device:
     return generator.device if generator is not None else torch.device("cpu")
 
 
-class UniformSampler:
-    """t ~ U{0, ..., T-1}, every weight 1."""
+class _Stateless:
+    """A sampler that learns nothing from the losses: no state to checkpoint."""
 
-    def __init__(self, num_timesteps: int):
-        self.num_timesteps = num_timesteps
-
-    def sample(self, batch_size: int, device, generator: torch.Generator | None = None):
-        t = torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=_draw_device(generator))
-        return t.to(device), torch.ones(batch_size, device=device)
+    name = "the uniform sampler"
 
     def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
         """Nothing to learn from the losses."""
@@ -42,7 +37,19 @@ class UniformSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
-            raise ValueError(f"timestep sampler state: got keys {sorted(state)}; the uniform sampler has none")
+            raise ValueError(f"timestep sampler state: got keys {sorted(state)}; {self.name} has none")
+
+
+class UniformSampler(_Stateless):
+    """t ~ U{0, ..., T-1}, every weight 1."""
+
+    def __init__(self, num_timesteps: int):
+        self.num_timesteps = num_timesteps
+
+    def sample(self, batch_size: int, device, generator: torch.Generator | None = None):
+        t = torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=_draw_device(generator))
+        return t.to(device), torch.ones(batch_size, device=device)
+
 
 
 class LossAwareSampler:
@@ -100,7 +107,7 @@ class LossAwareSampler:
         self.counts.copy_(state["counts"])
 
 
-class NoiseLevelSampler:
+class NoiseLevelSampler(_Stateless):
     """t from a continuous distribution over ``process``'s times (module doc), in float64."""
 
     DEFAULTS = {"uniform": (None, None), "log-normal": (-1.2, 1.2), "logit-normal": (0.0, 1.0)}
@@ -126,16 +133,6 @@ class NoiseLevelSampler:
         draw = torch.rand if self.name == "uniform" else torch.randn
         u = draw((batch_size,), generator=generator, dtype=torch.float64)
         return self.times(u).to(device), torch.ones(batch_size, device=device)
-
-    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
-        """Nothing to learn from the losses."""
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            raise ValueError(f"timestep sampler state: got keys {sorted(state)}; {self.name} has none")
 
 
 TIMESTEP_SAMPLERS = {"uniform": UniformSampler, "loss-aware": LossAwareSampler}
