@@ -282,3 +282,30 @@ def test_diffit_trains_through_dvc_exp_run(tmp_path, prepared_repo):
     assert math.isfinite(json.loads((repo / "metrics/evaluate.json").read_text())["fid"])
     model_run = client.get_run(json.loads((repo / "models/run.json").read_text())["run_id"])
     assert model_run.data.params["model.name"] == "diffit-tiny" and model_run.info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("process", ["ddpm", "vp", "edm", "flow"])
+@pytest.mark.parametrize("name", ["unet-tiny", "dit-tiny", "diffit-tiny", "latent-diffit-tiny"])
+def test_every_network_family_trains_and_samples_on_every_process(name, process):
+    """Each family's network, given each process's time input (the chain's timesteps, 999 t, EDM's
+    ¼ ln σ) and image input (EDM's c_in x), gets a finite loss with a gradient in every parameter
+    and draws finite samples: the process is the network's business only through these."""
+    from diffusion.process.factory import make_diffusion
+    from diffusion.sampling.sample import sample
+
+    torch.manual_seed(0)
+    net = perturb(create_model(name, in_channels=2, image_size=8, num_classes=3))
+    section = {"process": process, "schedule": "cosine" if process == "ddpm" else None, "timesteps": 50,
+               "prediction": "v" if process == "ddpm" else None, "variance": "fixed_small", "loss": "mse"}
+    diffusion = make_diffusion(section)
+    x0, y = torch.rand(4, 2, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 3])  # 3: the null class
+    p = diffusion.process
+    t = torch.tensor([0, 10, 30, 49]) if process == "ddpm" else torch.linspace(p.t_min, p.t_max, 4, dtype=torch.float64)
+    loss = diffusion.training_losses(net, x0, t, model_kwargs={"y": y})["loss"].mean()
+    loss.backward()
+    assert math.isfinite(loss.item())
+    assert all(param.grad is not None and param.grad.abs().sum() > 0 for param in net.parameters())
+    with torch.no_grad():
+        x = sample(diffusion, net.eval(), (2, 2, 8, 8), sampler="dpm++2m", steps=3, labels=torch.tensor([0, 1]),
+                   clip_denoised=False, seed=0)
+    assert torch.isfinite(x).all()
