@@ -1,4 +1,4 @@
-"""Pixel-space U-Net against latent U-Net, DiT and latent DiffiT, after the same training minutes.
+"""Pixel-space U-Net against latent U-Net, DiT, SiT and latent DiffiT, after the same training minutes.
 
 The embedded default (MNIST-5k, 28 px, params.yaml's recipe). First the autoencoder of
 params.yaml's ``vae`` section trains as the train_vae stage trains it (``vae.steps``; its
@@ -11,9 +11,12 @@ params.yaml's sample section (a latent model decodes them; the timing includes t
 decoder), and is scored as :mod:`bench_default` scores: FID and KID against ``--reference``
 training digits, and the share of clear digits.
 
-Results: ``benchmarks/results/latent.json`` and ``latent_grid_<name>.png``.
+``latent-sit`` is ``latent-dit`` on the flow process (SiT: velocity, logit-normal t, Euler
+steps), every other param the same. Results: ``benchmarks/results/latent.json`` and
+``latent_grid_<name>.png`` (``--out`` names others).
 
     python benchmarks/bench_latent.py                       # ~15 minutes on 2 cores
+    python benchmarks/bench_latent.py --runs latent-dit latent-sit --out latent_sit   # DiT on ddpm against SiT
     python benchmarks/bench_latent.py --minutes 0.1 --vae-steps 20 --samples 50 --classifier-steps 50   # a quick look
 """
 
@@ -47,13 +50,18 @@ from diffusion.stages.encode import encode_images
 from diffusion.training.autoencoder import mean_image_error, reconstruction_error, train_autoencoder
 from diffusion.training.loop import seeded_init
 
-# (space, model.name, model.overrides): about unet-small's 1.2M parameters each; on 7 x 7
-# latents the transformers take patches of 1 (49 tokens) and the U-Net keeps one level.
+# (space, model.name, model.overrides, other params): about unet-small's 1.2M parameters each;
+# on 7 x 7 latents the transformers take patches of 1 (49 tokens) and the U-Net keeps one level.
+FLOW = {  # SiT (Ma et al. 2024): DiT on the linear interpolant, velocity, its Euler sampler
+    "diffusion.process": "flow", "diffusion.schedule": None, "diffusion.prediction": None,
+    "train.timestep_sampler": None, "sample.sampler": "euler", "sample.schedule": "linspace",
+}
 RUNS = {
-    "pixel-unet": ("pixel", "unet-small", {}),
-    "latent-unet": ("latent", "unet-small", {"channel_mult": [1], "base_channels": 64, "num_res_blocks": 2}),
-    "latent-dit": ("latent", "dit-cpu", {"patch_size": 1}),
-    "latent-diffit": ("latent", "latent-diffit-cpu", {"patch_size": 1}),
+    "pixel-unet": ("pixel", "unet-small", {}, {}),
+    "latent-unet": ("latent", "unet-small", {"channel_mult": [1], "base_channels": 64, "num_res_blocks": 2}, {}),
+    "latent-dit": ("latent", "dit-cpu", {"patch_size": 1}, {}),
+    "latent-diffit": ("latent", "latent-diffit-cpu", {"patch_size": 1}, {}),
+    "latent-sit": ("latent", "dit-cpu", {"patch_size": 1}, FLOW),
 }
 
 
@@ -101,9 +109,10 @@ def main() -> None:
 
     runs = {}
     for name in args.runs:
-        space, model, overrides = RUNS[name]
+        space, model, overrides, changes = RUNS[name]
         run_params = parse_params(
-            merge_params(base, {"model.space": space, "model.name": model, "model.overrides": overrides}), name,
+            merge_params(base, {"model.space": space, "model.name": model, "model.overrides": overrides, **changes}),
+            name,
         )
         images = None if space == "pixel" else latents * scale
         spec, trainer = pipeline_trainer(run_params, train_set, images)
@@ -128,7 +137,7 @@ def main() -> None:
         )
         sample_s = time.perf_counter() - start
         figures = run_figures(name, run, images, sampling, sample_s, (reference, classifier), args.out)
-        result[name] = {"model": RUNS[name][1], "overrides": RUNS[name][2], **figures}
+        result[name] = {"model": RUNS[name][1], "overrides": RUNS[name][2], "process": run["params"].diffusion.process, **figures}
     (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
