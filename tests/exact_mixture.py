@@ -20,17 +20,17 @@ import math
 import torch
 
 from diffusion.sampling.denoiser import Denoised, alpha_bar_at
-from diffusion.process.discrete import DiscreteChain
+from diffusion.process.base import NoiseProcess
 
 
 class MixtureDenoiser:
     """The exact denoiser of the mixture (``means`` [K, D], common std ``s``, weights ``weights``)
-    on ``levels``, as a :class:`~diffusion.sampling.denoiser.Denoiser`. Called with y
+    on ``process`` (any: it works in the samplers' variance-preserving view), as a :class:`~diffusion.sampling.denoiser.Denoiser`. Called with y
     (labels in 0..K-1, or ``null_class`` = K for "no label") it is class y's Gaussian;
     without y, the mixture. It counts the images it is called on in ``evaluations``."""
 
-    def __init__(self, levels: DiscreteChain, means, s: float, weights=None):
-        self.process = levels
+    def __init__(self, process: NoiseProcess, means, s: float, weights=None):
+        self.process = process
         self.means = torch.as_tensor(means, dtype=torch.float64)
         self.s = s
         k = len(self.means)

@@ -28,7 +28,7 @@ from diffusion.process.gaussian import (
 from diffusion.process.factory import make_diffusion
 from diffusion.process.options import Loss, Variance, names
 from diffusion.process.weighting import loss_weight
-from diffusion.process.schedules import cosine_betas, linear_betas, make_betas, space_timesteps
+from diffusion.process.schedules import cosine_betas, linear_betas, make_betas
 from diffusion.process.timestep_sampling import (
     TIMESTEP_SAMPLERS,
     LossAwareSampler,
