@@ -25,9 +25,9 @@ from diffusion.process.base import NoiseProcess
 
 class MixtureDenoiser:
     """The exact denoiser of the mixture (``means`` [K, D], common std ``s``, weights ``weights``)
-    on ``process`` (any: it works in the samplers' variance-preserving view), as a :class:`~diffusion.sampling.denoiser.Denoiser`. Called with y
-    (labels in 0..K-1, or ``null_class`` = K for "no label") it is class y's Gaussian;
-    without y, the mixture. It counts the images it is called on in ``evaluations``."""
+    on ``process`` (any: it works in the samplers' variance-preserving view), as a
+    :class:`~diffusion.sampling.denoiser.Denoiser`. Called with y (labels in 0..K-1, or
+    ``null_class`` = K for "no label") it is class y's Gaussian; without y, the mixture. It counts the images it is called on in ``evaluations``."""
 
     def __init__(self, process: NoiseProcess, means, s: float, weights=None):
         self.process = process
