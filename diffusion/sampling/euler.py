@@ -31,9 +31,8 @@ from diffusion.sampling.walk import Callback, check_deterministic, report, walk
 
 
 def _next_time(steps: Steps, i: int, like: torch.Tensor) -> torch.Tensor:
-    """t_{i+1} for the batch (0 after the last evaluation)."""
-    value = float(steps.timesteps[i + 1]) if i + 1 < len(steps) else 0.0
-    return steps.process.time_tensor(value, like.shape[0], like.device)
+    """t_{i+1} for the batch (both samplers return x̂_0 at the last evaluation, so i + 1 < n)."""
+    return steps.process.time_tensor(float(steps.timesteps[i + 1]), like.shape[0], like.device)
 
 
 def euler_sample(
