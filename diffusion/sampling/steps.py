@@ -51,7 +51,9 @@ class Steps:
         return len(self.timesteps)
 
 
-def _steps(process: NoiseProcess, timesteps: np.ndarray) -> Steps:
+def steps_at(process: NoiseProcess, timesteps: np.ndarray) -> Steps:
+    """The :class:`Steps` of ``timesteps`` of ``process``: n strictly decreasing times (a
+    fitted schedule, :mod:`diffusion.sampling.fitted`)."""
     timesteps = np.asarray(timesteps, dtype=np.float64)
     if timesteps.ndim != 1 or len(timesteps) == 0 or np.any(np.diff(timesteps) >= 0):
         raise ValueError(f"steps: the schedule gives no strictly decreasing timesteps ({timesteps.tolist()})")
@@ -69,7 +71,7 @@ def linspace_steps(process: NoiseProcess, steps: int | str | Sequence[int]) -> S
     chain any spec of :func:`~diffusion.process.schedules.space_timesteps`)."""
     if not isinstance(process, DiscreteChain):
         steps = _count(steps, "linspace")
-    return _steps(process, process.linspace_times(steps))
+    return steps_at(process, process.linspace_times(steps))
 
 
 def trailing_steps(process: NoiseProcess, steps: int | str | Sequence[int]) -> Steps:
@@ -77,19 +79,19 @@ def trailing_steps(process: NoiseProcess, steps: int | str | Sequence[int]) -> S
     process: its linspace grid)."""
     n = _count(steps, "trailing")
     if not isinstance(process, DiscreteChain):
-        return _steps(process, process.linspace_times(n))
+        return steps_at(process, process.linspace_times(n))
     T = process.num_timesteps
     if n > T:
         raise ValueError(f"steps: {n} is more than the {T} timesteps of the process")
     indices = np.round(np.arange(T, 0, -T / n)[:n]).astype(int) - 1
-    return _steps(process, process.timesteps[indices])
+    return steps_at(process, process.timesteps[indices])
 
 
 def log_snr_steps(process: NoiseProcess, steps: int | str | Sequence[int]) -> Steps:
     """n levels uniform in log σ (λ = -log σ: DPM-Solver's logSNR spacing), σ_max to σ_min."""
     n = _count(steps, "log-snr")
     sigma_min, sigma_max = process.sigma_range()
-    return _steps(process, process.t_of_sigma(np.exp(np.linspace(np.log(sigma_max), np.log(sigma_min), n))))
+    return steps_at(process, process.t_of_sigma(np.exp(np.linspace(np.log(sigma_max), np.log(sigma_min), n))))
 
 
 def karras_steps(process: NoiseProcess, steps: int | str | Sequence[int]) -> Steps:
@@ -98,7 +100,7 @@ def karras_steps(process: NoiseProcess, steps: int | str | Sequence[int]) -> Ste
     sigma_min, sigma_max = process.sigma_range()
     ramp = np.linspace(0, 1, n) if n > 1 else np.zeros(1)
     sigmas = (sigma_max ** (1 / KARRAS_RHO) + ramp * (sigma_min ** (1 / KARRAS_RHO) - sigma_max ** (1 / KARRAS_RHO))) ** KARRAS_RHO
-    return _steps(process, process.t_of_sigma(sigmas))
+    return steps_at(process, process.t_of_sigma(sigmas))
 
 
 STEP_SCHEDULES: dict[str, Callable[[NoiseProcess, int | str | Sequence[int]], Steps]] = dict(
