@@ -50,7 +50,7 @@ def test_empty_or_partial_params_are_an_error_not_a_second_set_of_defaults(tmp_p
         ({"sample": {"sampler": "ddim", "eta": 1.5}}, "sample.eta: 1.5 is outside DDIM's range"),
         ({"sample": {"sampler": "ddpm", "eta": 5.0}}, "sample.eta: 5.0 means nothing to ddpm; use 0, or a sampler that takes eta: ddim"),
         ({"sample": {"use_ema": False}}, "sample.use_ema: unknown key; allowed: num_samples"),
-        ({"sample": {"sampler": "euler2"}}, "sample.sampler: got 'euler2'; input should be 'ddpm', 'ddim', 'dpm++2m', 'dpm++3m', 'unipc', 'unipc3', 'heun', 'euler' or 'sde'"),
+        ({"sample": {"sampler": "euler2"}}, "sample.sampler: got 'euler2'; input should be 'ddpm', 'ddim', 'dpm++2m', 'dpm++3m', 'unipc', 'unipc3', 'ipndm', 'heun', 'euler' or 'sde'"),
         ({"sample": {"sampler": "euler"}}, "sample.sampler: euler steps in the process's own time; process 'ddpm' is a discrete chain: use vp, edm or flow"),
         ({"diffusion": {"zero_terminal_snr": True, "prediction": "eps"}}, "diffusion.prediction: 'eps' cannot recover x0"),
         ({"diffusion": {"schedule": "linear", "timesteps": 10}, "sample": {"steps": 5}}, "diffusion.timesteps: the linear schedule"),
@@ -152,7 +152,7 @@ def test_allowed_names_are_read_from_the_code_that_implements_them():
         "loss": tuple(m.value for m in Loss),
         "sampler": tuple(sampler_specs.SAMPLER_SPECS),
     }
-    assert allowed["schedule"] == ("linear", "cosine", "sigmoid") and allowed["sampler"] == ("ddpm", "ddim", "dpm++2m", "dpm++3m", "unipc", "unipc3", "heun", "euler", "sde")
+    assert allowed["schedule"] == ("linear", "cosine", "sigmoid") and allowed["sampler"] == ("ddpm", "ddim", "dpm++2m", "dpm++3m", "unipc", "unipc3", "ipndm", "heun", "euler", "sde")
 
 
 def test_config_loads_without_torch():

@@ -170,7 +170,7 @@ def test_generate_from_a_flow_model_file(flow_file, tmp_path):
     ("model", "args", "code", "message"),
     [
         ("conditional", ["--sampler", "nope"], 2,
-         "argument --sampler: invalid choice: 'nope' (choose from 'ddpm', 'ddim', 'dpm++2m', 'dpm++3m', 'unipc', 'unipc3', 'heun', 'euler', 'sde')"),
+         "argument --sampler: invalid choice: 'nope' (choose from 'ddpm', 'ddim', 'dpm++2m', 'dpm++3m', 'unipc', 'unipc3', 'ipndm', 'heun', 'euler', 'sde')"),
         ("conditional", ["--sampler", "euler"], 1,
          "--sampler: euler steps in the process's own time; process 'ddpm' is a discrete chain: use vp, edm or flow"),
         ("conditional", ["--s-churn", "5"], 1, "--s-churn: 5.0 means nothing to ddim; use 0.0, or a sampler that takes it: heun"),

@@ -247,7 +247,7 @@ def test_t_of_sigma_inverts_alpha_bar(name):
 # ---------------------------------------------------------------- 2. deterministic samplers: orders
 
 
-ORDER = {"ddim": 1, "dpm++2m": 2, "dpm++3m": 3, "unipc": 3, "heun": 2, "euler": 1}
+ORDER = {"ddim": 1, "dpm++2m": 2, "dpm++3m": 3, "unipc": 3, "ipndm": 4, "heun": 2, "euler": 1}
 NFES = (40, 57, 80, 113, 160)
 SOLVER_CASES = [
     (p, s) for p in PROCESSES for s in ORDER if not (p == "ddpm" and sampler_specs.SAMPLER_SPECS[s].continuous_only)
@@ -285,7 +285,9 @@ def fitted_order(nfes, errors):
 def test_sampler_converges_to_the_exact_ode_map_at_its_order(name, sampler):
     """On the two-class mixture (its denoiser is not linear: on one Gaussian the map is affine
     and leading errors cancel) with Karras steps, mean |x - reference| falls as NFE^-p, p the
-    solver's order (ddim, euler 1; dpm++2m, heun 2; dpm++3m, unipc 3), fitted over NFE 40..160.
+    solver's order (ddim, euler 1; dpm++2m, heun 2; dpm++3m, unipc 3; ipndm 4), fitted over NFE
+    40..160, fourth order over 80..320: its fifth-order term still bends the slope at 40 (local
+    slopes 3.4, 3.6, 3.8, 3.8 from 40 to 160, 3.85-3.87 over 80..320, 3.94 over 160..1280).
     The reference is the exact ODE from the schedule's first level to its last evaluation,
     denoised there (where every solver's last step lands: x̂_0 at t = 0)."""
     process = PROCESSES[name]
@@ -297,7 +299,7 @@ def test_sampler_converges_to_the_exact_ode_map_at_its_order(name, sampler):
         )
     reference = _REFERENCES[name]
     errors, nfes = [], []
-    for nfe in NFES:
+    for nfe in NFES if ORDER[sampler] < 4 else [2 * nfe for nfe in NFES]:
         n = (nfe + 1) // 2 if sampler == "heun" else nfe
         steps = make_steps("karras", process, n)
         assert steps.alpha_bar[0] == levels.alpha_bar[0] and steps.timesteps[-1] == levels.timesteps[-1]

@@ -24,7 +24,7 @@ from diffusion.process.continuous import ContinuousDiffusion
 from diffusion.process.gaussian import GaussianDiffusion
 # the modules specs.SAMPLER_SPECS names, imported by name so that each stage's import closure
 # (dvc.yaml's deps, tests/test_dvc_deps.py) holds them; _resolve then finds them loaded
-from diffusion.sampling import ancestral, dpm_solver, euler, heun, unipc  # noqa: F401
+from diffusion.sampling import ancestral, dpm_solver, euler, heun, ipndm, unipc  # noqa: F401
 from diffusion.sampling import specs as sampler_specs
 from diffusion.sampling.denoiser import ClippedDenoiser, Denoiser, ModelDenoiser
 from diffusion.sampling.noise import NoiseSource, StackedRandomGenerator, randn

@@ -47,6 +47,7 @@ SAMPLER_SPECS: dict[str, SamplerSpec] = {
     "dpm++3m": SamplerSpec("dpm_solver.dpmpp_3m_sample", nfe=lambda steps: steps),
     "unipc": SamplerSpec("unipc.unipc_sample", nfe=lambda steps: steps),  # the corrector reuses the next evaluation
     "unipc3": SamplerSpec("unipc.unipc3_sample", nfe=lambda steps: steps),
+    "ipndm": SamplerSpec("ipndm.ipndm_sample", nfe=lambda steps: steps),  # multistep: one a step
     # two a step, one on the last (to σ = 0); EDM's churn (Algorithm 2)
     "heun": SamplerSpec("heun.heun_sample", nfe=lambda steps: 2 * steps - 1, options=CHURN_OPTIONS),
     "euler": SamplerSpec("euler.euler_sample", nfe=lambda steps: steps, continuous_only=True),
