@@ -28,6 +28,7 @@ STAGES = {
     "encode": "diffusion.stages.encode",
     "train": "diffusion.stages.train",
     "train_classifier": "diffusion.stages.train_classifier",
+    "fit_schedule": "diffusion.stages.fit_schedule",
     "sample": "diffusion.stages.sample",
     "evaluate": "diffusion.stages.evaluate",
 }

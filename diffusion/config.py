@@ -34,7 +34,9 @@ from diffusion.process.options import (
     Loss, Prediction, Process, Variance, check_combination, check_threshold, loss_weighting_name, names,
     process_option, time_max,
 )
-from diffusion.sampling.specs import CHURN_OPTIONS, SAMPLER_SPECS, STEP_SCHEDULE_NAMES, eta_refused, options_refused
+from diffusion.sampling.specs import (
+    CHURN_OPTIONS, FITTED, SAMPLER_SPECS, SCHEDULE_NAMES, STEP_SCHEDULE_NAMES, eta_refused, fitted_refused, options_refused,
+)
 from diffusion.process.schedules import BETA_SCHEDULES
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -46,6 +48,7 @@ VarianceName = Literal[names(Variance)]
 LossName = Literal[names(Loss)]
 SamplerName = Literal[tuple(SAMPLER_SPECS)]
 StepScheduleName = Literal[STEP_SCHEDULE_NAMES]
+ScheduleChoice = Literal[SCHEDULE_NAMES]
 ClassifierName = Literal[tuple(CLASSIFIER_CONFIGS)]
 VaeName = Literal[tuple(VAE_CONFIGS)]
 
@@ -139,7 +142,7 @@ class SampleParams(_Section):
     batch_size: int = Field(ge=1)
     sampler: SamplerName
     steps: int = Field(ge=1)
-    schedule: StepScheduleName
+    schedule: ScheduleChoice  # fitted: the fit_schedule stage's (FitScheduleParams)
     eta: float = Field(ge=0)
     guidance_scale: float = Field(ge=0)  # ε_u + w (ε_c - ε_u): 1 is no guidance (diffusion/sampling/guidance.py)
     guidance_interval: tuple[float, float] | None  # guide only for model timesteps lo <= t <= hi
@@ -155,6 +158,16 @@ class SampleParams(_Section):
     device: Device
     distributed: int = Field(ge=1)  # processes the images are sharded over (one per GPU); 1: this process alone
     grid_rows: int = Field(ge=1)
+
+
+class FitScheduleParams(_Section):
+    """The fit_schedule stage (sample.schedule fitted; diffusion/sampling/fitted.py)."""
+
+    start: StepScheduleName  # the schedule the fit starts from; it never ends worse than it
+    calibration_images: int = Field(ge=1)  # the batch of fixed x_T it is fitted on
+    seed: int = Field(ge=0)  # their seed (image k from (seed, k)); another than sample.seed's: the FID's images stay unseen
+    reference_steps: int = Field(ge=2)  # the reference: REFERENCE_SAMPLER on this many log-snr steps
+    max_solves: int = Field(ge=1)  # the fit's budget: n-step solves of the calibration batch
 
 
 class GuidanceParams(_Section):
@@ -223,6 +236,7 @@ class Params(_Section):
     diffusion: DiffusionParams
     train: TrainParams
     sample: SampleParams
+    fit_schedule: FitScheduleParams
     vae: VaeParams
     guidance: GuidanceParams
     evaluate: EvaluateParams
@@ -248,6 +262,8 @@ class Params(_Section):
         churn = {key: getattr(self.sample, key) for key in CHURN_OPTIONS}
         if why := options_refused(self.sample.sampler, churn, d.process):
             raise ValueError(f"sample.{why}" if why.startswith("s_") else f"sample.sampler: {why}")
+        if self.sample.schedule == FITTED and (why := fitted_refused(self.sample.sampler, self.sample.eta, churn)):
+            raise ValueError(f"sample.schedule: {why}")
         if self.sample.s_tmax is not None and self.sample.s_tmin > self.sample.s_tmax:
             raise ValueError(f"sample.s_tmin: {self.sample.s_tmin} is above sample.s_tmax {self.sample.s_tmax}")
         check_threshold(self.sample.threshold, key="sample.threshold")
@@ -273,6 +289,11 @@ class Params(_Section):
             raise ValueError(
                 f"sample.steps: {self.sample.steps} is more than diffusion.timesteps "
                 f"({d.timesteps}); allowed 1..{d.timesteps}"
+            )
+        if d.process == "ddpm" and self.sample.schedule == FITTED and self.fit_schedule.reference_steps > d.timesteps:
+            raise ValueError(
+                f"fit_schedule.reference_steps: {self.fit_schedule.reference_steps} is more than diffusion.timesteps "
+                f"({d.timesteps}); allowed 2..{d.timesteps}"
             )
         return self
 

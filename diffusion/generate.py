@@ -37,8 +37,7 @@ from typing import Any, NoReturn
 
 from diffusion.errors import UserError
 from diffusion.process.options import time_max
-from diffusion.sampling.steps import STEP_SCHEDULES
-from diffusion.sampling.specs import CHURN_OPTIONS, SAMPLER_SPECS, eta_refused, options_refused
+from diffusion.sampling.specs import CHURN_OPTIONS, FITTED, SAMPLER_SPECS, SCHEDULE_NAMES, eta_refused, options_refused
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")  # an MLflow run id: its model is runs:/<id>/model
 IMAGE_NAME = re.compile(r"image-\d{5,}\.png")
@@ -63,7 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     unset = "(default: the model's)"
     parser.add_argument("--sampler", choices=list(SAMPLER_SPECS), help=f"sampler {unset}")
     parser.add_argument("--steps", type=int, help=f"sampler steps {unset}")
-    parser.add_argument("--schedule", choices=list(STEP_SCHEDULES), help=f"where the steps go {unset}")
+    parser.add_argument(
+        "--schedule", choices=list(SCHEDULE_NAMES), help=f"where the steps go (fitted: the model's own fit) {unset}"
+    )
     parser.add_argument("--eta", type=float, help=f"DDIM's eta, 0 for every other sampler {unset}")
     parser.add_argument("--guidance-scale", type=float, help=f"classifier-free guidance, 1 = off {unset}")
     parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
@@ -145,6 +146,17 @@ def settings(packaged, args: argparse.Namespace) -> dict[str, Any]:
     do not fit the model (guidance or labels without classes, too many steps)."""
     given = {key: getattr(args, key) for key in packaged.sampling if getattr(args, key, None) is not None}
     sampling = {**packaged.sampling, **given}
+    if sampling["schedule"] != FITTED:
+        sampling["timesteps"] = None  # a fitted model sampled on a formula: its fit no longer applies
+    elif sampling["timesteps"] is None:
+        raise GenerateError("--schedule: fitted needs a model that carries a fitted schedule (sample.schedule fitted "
+                            "before it was promoted); this one has none: name linspace, trailing, log-snr or karras")
+    elif (sampling["sampler"], sampling["steps"]) != (packaged.sampling["sampler"], packaged.sampling["steps"]):
+        raise GenerateError(
+            f"--schedule: the model's schedule was fitted for {packaged.sampling['sampler']} at "
+            f"{packaged.sampling['steps']} steps, not {sampling['sampler']} at {sampling['steps']}: drop "
+            "--sampler/--steps, or name another --schedule"
+        )
     process = packaged.diffusion.process
     conditional = bool(packaged.model_spec.get("num_classes"))
     if sampling["guidance_scale"] != 1 and not conditional:

@@ -31,13 +31,14 @@ from diffusion.models.factory import create_model
 from diffusion.models.vae import KLAutoencoder
 from diffusion.sampling.guidance import Classifier, guidance
 from diffusion.sampling.sample import sample as run_sampler
-from diffusion.sampling.specs import CHURN_DEFAULTS, CHURN_OPTIONS, SAMPLER_SPECS, options_refused
+from diffusion.sampling.specs import CHURN_DEFAULTS, CHURN_OPTIONS, FITTED, SAMPLER_SPECS, options_refused
 
 # The sample() arguments that ``sampling`` holds, and their defaults.
 DEFAULT_SAMPLER = {
     "sampler": "ddim",
     "steps": 50,
     "schedule": "linspace",
+    "timesteps": None,  # schedule "fitted": the fitted times (diffusion.sampling.fitted)
     "eta": 0.0,
     "clip_denoised": True,
     "threshold": None,
@@ -69,8 +70,9 @@ class PackagedDiffusion(nn.Module):
     sigma_data; :func:`~diffusion.process.factory.make_diffusion`: a file without
     ``process``, written before there were others, holds the discrete chain ``ddpm``).
     ``sampling``: what ``forward`` samples with, the keys of :data:`DEFAULT_SAMPLER`
-    (sampler, steps, schedule, eta, clip_denoised, threshold, guidance_scale,
-    guidance_interval, precision); those not given keep their default. ``autoencoder``:
+    (sampler, steps, schedule, timesteps, eta, clip_denoised, threshold, guidance_scale,
+    guidance_interval, precision; ``timesteps``: a fitted schedule's times, which a
+    registered model carries); those not given keep their default. ``autoencoder``:
     for a latent model, ``{"config": KLAutoencoder arguments, "scale_factor": float}``
     (and ``decoder``, its network; by default a fresh one to load weights into).
     """
@@ -190,6 +192,7 @@ class PackagedDiffusion(nn.Module):
                 sampler=settings["sampler"],
                 steps=settings["steps"],
                 schedule=settings["schedule"],
+                timesteps=settings["timesteps"] if settings["schedule"] == FITTED else None,
                 eta=settings["eta"],
                 labels=labels,
                 guidance=wrap,

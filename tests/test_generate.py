@@ -151,6 +151,30 @@ def flow_file(tmp_path_factory) -> Path:
     return model.save(tmp_path_factory.mktemp("flow") / "model.pt")
 
 
+FITTED_SAMPLING = {**SAMPLING, "sampler": "euler", "schedule": "fitted", "timesteps": [1.0, 0.4, 0.1]}
+
+
+@pytest.fixture(scope="module")
+def fitted_file(tmp_path_factory) -> Path:
+    model = PackagedDiffusion(SPEC, FLOW, net=tiny_unet(num_classes=CLASSES), sampling=FITTED_SAMPLING)
+    return model.save(tmp_path_factory.mktemp("fitted") / "model.pt")
+
+
+def test_a_model_with_a_fitted_schedule_samples_on_its_times(fitted_file, tmp_path):
+    """A model that carries a fitted schedule (as a promoted one does) samples on those times,
+    and records them; naming a formula instead drops them."""
+    assert generate(fitted_file, "-n", 2, "--out", tmp_path / "fitted") == 0
+    written = read(tmp_path / "fitted")
+    assert written["sampling"] == FITTED_SAMPLING
+    packaged = PackagedDiffusion.load(fitted_file)
+    labels = torch.tensor([0, 1])
+    expected = packaged.sample(2, labels=labels, seed=0)
+    np.testing.assert_array_equal(written["images"], to_uint8(expected).numpy())
+    assert not torch.equal(expected, packaged.sample(2, labels=labels, seed=0, schedule="linspace"))
+    assert generate(fitted_file, "-n", 2, "--schedule", "log-snr", "--out", tmp_path / "formula") == 0
+    assert read(tmp_path / "formula")["sampling"] == {**FITTED_SAMPLING, "schedule": "log-snr", "timesteps": None}
+
+
 def test_generate_from_a_flow_model_file(flow_file, tmp_path):
     """A model of a continuous process samples on it, with its own sampler (euler) or another;
     its steps have no bound (it has no timestep count), churn goes to heun."""
@@ -181,6 +205,11 @@ def test_generate_from_a_flow_model_file(flow_file, tmp_path):
         ("flow", ["--guidance-interval", "0", "2"], 1,
          "--guidance-interval: got [0.0, 2.0]; allowed 0 <= LO <= HI <= 1 (the process's times)"),
         ("conditional", ["-n", "0"], 1, "--num-images: got 0; allowed: 1 or more"),
+        ("conditional", ["--schedule", "fitted"], 1,
+         "--schedule: fitted needs a model that carries a fitted schedule (sample.schedule fitted before it was promoted); "
+         "this one has none: name linspace, trailing, log-snr or karras"),
+        ("fitted", ["--steps", "4"], 1,
+         "--schedule: the model's schedule was fitted for euler at 3 steps, not euler at 4: drop --sampler/--steps, or name another --schedule"),
         ("conditional", ["--labels", "3"], 1, "--labels: 3 is not a class of this model; allowed 0..2"),
         ("conditional", ["--steps", "51"], 1, "--steps: 51 is more than the model's 50 timesteps; allowed 1..50"),
         ("conditional", ["--guidance-interval", "5", "2"], 1, "--guidance-interval: got [5.0, 2.0]; allowed: LO HI with 0 <= LO <= HI"),
@@ -200,14 +229,14 @@ def test_generate_from_a_flow_model_file(flow_file, tmp_path):
     ],
 )
 def test_bad_arguments_are_one_line_before_anything_is_written(
-    model_file, unconditional_file, flow_file, tmp_path, capsys, monkeypatch, model, args, code, message
+    model_file, unconditional_file, flow_file, fitted_file, tmp_path, capsys, monkeypatch, model, args, code, message
 ):
     def sampled(*args, **kwargs):
         raise AssertionError("sampled images for bad arguments")
 
     monkeypatch.setattr("diffusion.images.generate_images", sampled)
     (tmp_path / "afile").write_text("not a folder")
-    source = {"conditional": model_file, "unconditional": unconditional_file, "flow": flow_file}.get(model, model)
+    source = {"conditional": model_file, "unconditional": unconditional_file, "flow": flow_file, "fitted": fitted_file}.get(model, model)
     args = [arg.replace("<tmp>", str(tmp_path)) for arg in args]
     assert generate(source, "--out", tmp_path / "out", *args) == code  # the last --out counts
     assert capsys.readouterr().err == f"diffusion generate: error: {message.replace('<tmp>', str(tmp_path))}\n"

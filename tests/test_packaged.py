@@ -70,7 +70,7 @@ def test_the_packaged_model_imports_none_of_the_helpers_that_use_it():
 
 
 def test_an_unknown_sampling_key_fails_with_one_line():
-    with pytest.raises(ValueError, match=r"^sampling: unknown seed; allowed sampler, steps, schedule, eta, clip_denoised, threshold, guidance_scale, guidance_interval, precision, s_churn, s_tmin, s_tmax, s_noise$"):
+    with pytest.raises(ValueError, match=r"^sampling: unknown seed; allowed sampler, steps, schedule, timesteps, eta, clip_denoised, threshold, guidance_scale, guidance_interval, precision, s_churn, s_tmin, s_tmax, s_noise$"):
         PackagedDiffusion(SPEC, PROCESS, sampling={"seed": 1})
 
 

@@ -406,14 +406,20 @@ def test_the_champion_of_a_real_pipeline_samples_with_its_fids_settings(tmp_path
     transformer, latent DiffiT (the registry holds any family; tests/test_transformers.py
     runs the other two through the pipeline), on the flow-matching process (train, sample with
     euler, evaluate, promote: the pipeline's run on a continuous process), whose MLflow run,
-    protocol and registered model record it. No bits/dim: that is the ODE's, slow at 28 px."""
-    sample = {**TINY_PARAMS["sample"], "eta": 0.0, "clip_denoised": False, "sampler": "euler"}
+    protocol and registered model record it; and on a schedule fitted to it (fit_schedule),
+    whose times the samples, the protocol and the champion carry. No bits/dim: that is the
+    ODE's, slow at 28 px."""
+    sample = {**TINY_PARAMS["sample"], "eta": 0.0, "clip_denoised": False, "sampler": "euler", "schedule": "fitted"}
     flow = {**TINY_PARAMS["diffusion"], "process": "flow", "schedule": None, "prediction": None}
     repo = copy_repo(prepared_repo, tmp_path / "repo", {
         **TINY_PARAMS, "sample": sample, "model": {"name": "latent-diffit-tiny"}, "diffusion": flow,
         "train": {**TINY_PARAMS["train"], "bpd_images": 0},
+        "fit_schedule": {"calibration_images": 4, "reference_steps": 10, "max_solves": 12},
     })
     run_in(repo, "dvc", "repro")
+    fit = json.loads((repo / "models/schedule.json").read_text())
+    assert (fit["schedule"], fit["sampler"], fit["steps"], fit["process"]) == ("fitted", "euler", sample["steps"], "flow")
+    assert fit["distance"] <= fit["start_distance"] and fit["solves"] <= 12 and len(fit["timesteps"]) == sample["steps"]
     uri = pipeline_env(repo)["MLFLOW_TRACKING_URI"]
     client = MlflowClient(uri)
     sample_run = client.get_run(json.loads((repo / "samples/run.json").read_text())["run_id"])
@@ -426,7 +432,7 @@ def test_the_champion_of_a_real_pipeline_samples_with_its_fids_settings(tmp_path
         "num_samples": sample["num_samples"], "reference_images": TINY_PARAMS["data"]["reference_images"],
         "reference_sha256": manifest["sha256"]["reference"], "inception": "clean-fid clean, inception-2015-12-05",
         "sampler": "euler", "steps": sample["steps"], "eta": 0.0, "clip_denoised": False, "threshold": None,
-        "schedule": "linspace", "guidance_scale": 2.0, "guidance_interval": None,  # the default's
+        "schedule": "fitted", "timesteps": fit["timesteps"], "guidance_scale": 2.0, "guidance_interval": None,
         "precision": precision_name(resolve_precision("auto", torch.device("cpu"))),  # what sample.precision auto ran
         "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": None, "s_noise": 1.0,
         "classifier_scale": 0.0, "classifier_md5": None,  # no classifier guided
@@ -447,15 +453,15 @@ def test_the_champion_of_a_real_pipeline_samples_with_its_fids_settings(tmp_path
     expected = {
         "sampler": params["sample.sampler"], "steps": int(params["sample.steps"]), "eta": float(params["sample.eta"]),
         "clip_denoised": params["sample.clip_denoised"] == "True", "threshold": None, "schedule": params["sample.schedule"],
-        "guidance_scale": float(params["sample.guidance_scale"]), "guidance_interval": None,
+        "timesteps": fit["timesteps"], "guidance_scale": float(params["sample.guidance_scale"]), "guidance_interval": None,
         "precision": recorded["precision"], "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": None, "s_noise": 1.0,
     }
     assert params["sample.threshold"] == "None" and params["sample.guidance_interval"] == "None"
     assert model.sampling == expected  # the classifier's fields are the protocol's, not the model's
     assert expected == {
         "sampler": "euler", "steps": sample["steps"], "eta": 0.0, "clip_denoised": False, "threshold": None,
-        "schedule": "linspace", "guidance_scale": 2.0, "guidance_interval": None, "precision": recorded["precision"],
-        "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": None, "s_noise": 1.0,
+        "schedule": "fitted", "timesteps": fit["timesteps"], "guidance_scale": 2.0, "guidance_interval": None,
+        "precision": recorded["precision"], "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": None, "s_noise": 1.0,
     }
     noise = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 1])  # forward's balanced labels for two images

@@ -6,7 +6,8 @@ An FID measures the images as much as the model. It depends on
   reference images (the sha256 of ``data/reference.npz`` and how many images it
   holds) and the features (clean-fid's mode and the Inception weights,
   :data:`diffusion.evaluation.metrics.INCEPTION`);
-- the sampler that drew the images: sampler, steps, schedule, eta, EDM's churn (s_churn, s_tmin,
+- the sampler that drew the images: sampler, steps, schedule (and a fitted schedule's
+  ``timesteps``: two fits are two schedules), eta, EDM's churn (s_churn, s_tmin,
   s_tmax, s_noise), clip_denoised, threshold, guidance and the network's precision (the keys of
   :data:`diffusion.packaged.DEFAULT_SAMPLER`), so two FIDs compare models at the same sampling
   cost. ``eta`` is 0 for a sampler that does not take it
@@ -40,7 +41,7 @@ from diffusion.sampling.specs import CHURN_DEFAULTS, SAMPLER_SPECS
 
 MEASUREMENT = ("num_samples", "reference_images", "reference_sha256", "inception")
 SAMPLING = (
-    "sampler", "steps", "schedule", "eta", "clip_denoised", "threshold", "guidance_scale", "guidance_interval", "precision",
+    "sampler", "steps", "schedule", "timesteps", "eta", "clip_denoised", "threshold", "guidance_scale", "guidance_interval", "precision",
     *CHURN_DEFAULTS,
 )
 CLASSIFIER_FIELDS = ("classifier_scale", "classifier_md5")
@@ -49,8 +50,8 @@ FIELDS = MEASUREMENT + SAMPLING + CLASSIFIER_FIELDS + MODEL_FIELDS
 TEXT_FIELDS = ("reference_sha256", "inception", "sampler", "schedule", "precision", "process")  # tagged as they are, not as JSON
 # Fields added after FIDs were first recorded, and the value every earlier FID had: a run or
 # model version tagged before ``precision`` existed sampled in fp32, before EDM's churn without
-# it, and before there were processes on the discrete chain.
-ADDED_LATER = {"precision": "fp32", **CHURN_DEFAULTS, "process": "ddpm"}
+# it, before there were processes on the discrete chain, and before fitted schedules on a formula.
+ADDED_LATER = {"precision": "fp32", **CHURN_DEFAULTS, "process": "ddpm", "timesteps": None}
 TAG_PREFIX = "fid.protocol."
 DIGEST_TAG = f"{TAG_PREFIX}digest"
 
@@ -81,6 +82,7 @@ def describe(
     s_tmax: float | None = ADDED_LATER["s_tmax"],
     s_noise: float = ADDED_LATER["s_noise"],
     process: str = ADDED_LATER["process"],
+    timesteps: Any = ADDED_LATER["timesteps"],
 ) -> dict[str, Any]:
     """The protocol as a dict of :data:`FIELDS`, each value in one canonical type
     (``eta`` 0 and 0.0 give the same digest); ``eta`` 0.0 for a sampler that does not take
@@ -98,6 +100,7 @@ def describe(
         "clip_denoised": bool(clip_denoised),
         "threshold": None if threshold is None else float(threshold),
         "schedule": str(schedule),
+        "timesteps": None if timesteps is None else [float(t) for t in timesteps],
         "guidance_scale": float(guidance_scale),
         "guidance_interval": None if guidance_interval is None else [float(v) for v in guidance_interval],
         "precision": str(precision),

@@ -104,7 +104,7 @@ def fit_timesteps(
     try:
         if len(w0):
             minimize(distance, w0, method="Powell", bounds=[(SMALLEST_FRACTION, 1)] * len(w0),
-                     options={"maxfev": max_solves, "xtol": 1e-4, "ftol": 1e-6})
+                     options={"maxfev": max_solves, "xtol": 1e-2, "ftol": 1e-6})
     except Spent:
         pass
     if best["distance"] >= start_distance:

@@ -51,6 +51,7 @@ def sample(
     sampler: str = "ddim",
     steps: int | str | Sequence[int] | None = None,
     schedule: str = "linspace",
+    timesteps: Sequence[float] | None = None,
     eta: float = 0.0,
     labels: torch.Tensor | None = None,
     guidance: Callable[[Denoiser], Denoiser] | None = None,
@@ -69,8 +70,8 @@ def sample(
 ):
     """Draw samples of ``shape`` from the network ``model`` trained on ``diffusion``, with the
     sampler ``sampler`` of :data:`SAMPLER_FUNCTIONS` on ``steps`` steps of the step schedule
-    ``schedule`` (:data:`~diffusion.sampling.steps.STEP_SCHEDULES`; None: every timestep of
-    the discrete chain).
+    ``schedule`` (:data:`~diffusion.sampling.steps.STEP_SCHEDULES`, or ``fitted`` with its
+    ``timesteps``; ``steps`` None: every timestep of the discrete chain).
 
     ``labels`` are the class labels of a class-conditional model; ``guidance`` wraps its
     denoiser (:mod:`diffusion.sampling.guidance`); x̂_0 is then clipped to [-1, 1]
@@ -98,7 +99,7 @@ def sample(
     denoiser: Denoiser = ModelDenoiser.for_process(model, diffusion, model_kwargs, dtype=dtype)
     if steps is None and not hasattr(diffusion, "num_timesteps"):
         raise ValueError("steps: a continuous process has no timestep count to default to; give a number of steps")
-    walk_steps = make_steps(schedule, denoiser.process, diffusion.num_timesteps if steps is None else steps)
+    walk_steps = make_steps(schedule, denoiser.process, diffusion.num_timesteps if steps is None else steps, timesteps)
     if guidance is not None:
         denoiser = guidance(denoiser)
     denoiser = ClippedDenoiser(denoiser, clip=clip_denoised, threshold=threshold)

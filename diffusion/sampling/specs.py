@@ -28,6 +28,8 @@ class SamplerSpec:
     """The ``sample`` params beyond the common ones that it takes (EDM's churn)."""
     continuous_only: bool = False
     """It steps in the process's own time, which the discrete chain (process ddpm) does not have."""
+    stochastic: bool = False
+    """It draws fresh noise every step (at any setting), so its answer is no ODE solution."""
 
     @property
     def takes_eta(self) -> bool:
@@ -41,7 +43,7 @@ CHURN_DEFAULTS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": None, "s_noise": 1.0}
 """Their values that change nothing (S_churn = 0: Algorithm 1; S_tmax None: ∞)."""
 
 SAMPLER_SPECS: dict[str, SamplerSpec] = {
-    "ddpm": SamplerSpec("ancestral.ddpm_sample", nfe=lambda steps: steps),  # one evaluation a step
+    "ddpm": SamplerSpec("ancestral.ddpm_sample", nfe=lambda steps: steps, stochastic=True),  # one evaluation a step
     "ddim": SamplerSpec("ancestral.ddim_sample", nfe=lambda steps: steps, max_eta=1.0),
     "dpm++2m": SamplerSpec("dpm_solver.dpmpp_2m_sample", nfe=lambda steps: steps),  # multistep: one a step
     "dpm++3m": SamplerSpec("dpm_solver.dpmpp_3m_sample", nfe=lambda steps: steps),
@@ -51,12 +53,30 @@ SAMPLER_SPECS: dict[str, SamplerSpec] = {
     # two a step, one on the last (to σ = 0); EDM's churn (Algorithm 2)
     "heun": SamplerSpec("heun.heun_sample", nfe=lambda steps: 2 * steps - 1, options=CHURN_OPTIONS),
     "euler": SamplerSpec("euler.euler_sample", nfe=lambda steps: steps, continuous_only=True),
-    "sde": SamplerSpec("euler.sde_sample", nfe=lambda steps: steps, continuous_only=True),
+    "sde": SamplerSpec("euler.sde_sample", nfe=lambda steps: steps, continuous_only=True, stochastic=True),
 }
 
 
 STEP_SCHEDULE_NAMES = ("linspace", "trailing", "log-snr", "karras")
-"""The step schedules params.yaml may name (:data:`diffusion.sampling.steps.STEP_SCHEDULES`, in this order)."""
+"""The step schedules by formula (:data:`diffusion.sampling.steps.STEP_SCHEDULES`, in this order)."""
+FITTED = "fitted"
+"""The schedule fitted to the model, one solver and one step count (:mod:`diffusion.sampling.fitted`,
+the fit_schedule stage): its times travel with the sampling settings (``timesteps``)."""
+SCHEDULE_NAMES = (*STEP_SCHEDULE_NAMES, FITTED)
+"""The step schedules params.yaml and ``diffusion generate`` may name."""
+
+
+def fitted_refused(sampler: str, eta: float, options: dict[str, object]) -> str | None:
+    """Why a schedule cannot be fitted to ``sampler`` at ``eta`` with ``options`` (None: it can):
+    the fit matches the solver's answer to the probability-flow ODE's, which a sampler that
+    draws noise on the way (ancestral ddpm, the sde, ddim at eta > 0, heun with churn) does
+    not give."""
+    deterministic = [name for name, spec in SAMPLER_SPECS.items() if not spec.stochastic]
+    if SAMPLER_SPECS[sampler].stochastic or eta != 0 or options.get("s_churn", 0.0) != 0:
+        noise = f"eta {eta}" if eta != 0 else "s_churn" if options.get("s_churn", 0.0) != 0 else "fresh noise every step"
+        return (f"a fitted schedule is fitted to an ODE solver's answer, and {sampler} with {noise} draws noise; "
+                f"allowed: {', '.join(deterministic)} (eta 0, s_churn 0)")
+    return None
 
 
 def eta_refused(sampler: str, eta: float) -> str | None:

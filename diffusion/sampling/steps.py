@@ -18,7 +18,8 @@ where the rest go:
 * ``karras``: EDM eq. 5, σ_i = (σ_max^(1/ρ) + i/(n-1) (σ_min^(1/ρ) - σ_max^(1/ρ)))^ρ, ρ = 7.
 
 log-snr and karras are written in EDM's σ = e^{-λ}, so they place the same levels on every
-process with the same σ range.
+process with the same σ range. ``fitted`` is none of these formulas: its times were fitted to
+one model, solver and step count (:mod:`diffusion.sampling.fitted`) and come with them.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 
 from diffusion.process.base import NoiseProcess
 from diffusion.process.discrete import DiscreteChain
-from diffusion.sampling.specs import STEP_SCHEDULE_NAMES
+from diffusion.sampling.specs import FITTED, SCHEDULE_NAMES, STEP_SCHEDULE_NAMES
 
 KARRAS_RHO = 7.0
 """ρ of EDM eq. 5 (Karras et al. 2022, Table 1)."""
@@ -108,8 +109,34 @@ STEP_SCHEDULES: dict[str, Callable[[NoiseProcess, int | str | Sequence[int]], St
 )
 
 
-def make_steps(name: str, process: NoiseProcess, steps: int | str | Sequence[int]) -> Steps:
-    """The :class:`Steps` of the schedule ``name`` of :data:`STEP_SCHEDULES` on ``process``."""
+def fitted_steps(process: NoiseProcess, steps: int | str | Sequence[int], timesteps: Sequence[float] | None) -> Steps:
+    """The :class:`Steps` of a fitted schedule's ``timesteps`` (:mod:`diffusion.sampling.fitted`):
+    ``steps`` of them, decreasing, within the process's [t_min, t_max]."""
+    n = _count(steps, FITTED)
+    if timesteps is None:
+        raise ValueError(
+            "schedule: 'fitted' needs the fitted times (the fit_schedule stage's models/schedule.json, or a "
+            "model whose sampling carries them); none given"
+        )
+    times = np.asarray(timesteps, dtype=np.float64)
+    if len(times) != n:
+        raise ValueError(f"schedule: the fitted schedule has {len(times)} steps, not {n}: fit it again for {n} steps")
+    slack = 1e-9 * process.t_max
+    if times[0] > process.t_max + slack or times[-1] < process.t_min - slack:
+        raise ValueError(
+            f"schedule: the fitted times run from {times[0]:g} to {times[-1]:g}; process {process.name!r} has them "
+            f"from t_max {process.t_max:g} to t_min {process.t_min:g}: fit it again for this model"
+        )
+    return steps_at(process, times)
+
+
+def make_steps(
+    name: str, process: NoiseProcess, steps: int | str | Sequence[int], timesteps: Sequence[float] | None = None
+) -> Steps:
+    """The :class:`Steps` of the schedule ``name`` of :data:`STEP_SCHEDULES` on ``process``, or
+    of ``timesteps`` for ``fitted`` (:func:`fitted_steps`)."""
+    if name == FITTED:
+        return fitted_steps(process, steps, timesteps)
     if name not in STEP_SCHEDULES:
-        raise ValueError(f"schedule: got {name!r}; allowed: {', '.join(STEP_SCHEDULES)}")
+        raise ValueError(f"schedule: got {name!r}; allowed: {', '.join(SCHEDULE_NAMES)}")
     return STEP_SCHEDULES[name](process, steps)

@@ -37,6 +37,8 @@ VAL_CURVE = Path("plots/val_loss.csv")
 CLASSIFIER = Path("models/classifier.pt")  # the noise-aware classifier, or CLASSIFIER_DISABLED
 CLASSIFIER_DISABLED = b"guidance.classifier is false: no classifier trained\n"  # the whole file when off
 CLASSIFIER_ACCURACY = Path("plots/classifier_accuracy.csv")
+# fit_schedule
+FITTED_SCHEDULE = Path("models/schedule.json")  # sample.schedule fitted: the fitted times (diffusion/stages/fit_schedule.py)
 # sample
 SAMPLES = Path("samples/samples.npz")
 GRID = Path("samples/grid.png")

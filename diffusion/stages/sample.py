@@ -20,7 +20,9 @@ With ``guidance.classifier`` (and ``guidance.classifier_scale`` > 0) the classif
 ``models/classifier.pt`` guides (:mod:`diffusion.sampling.guidance`); an unconditional model
 then gets balanced labels over the classifier's classes. The samples record the scale and
 the file's md5 (DVC's hash) for the FID protocol: 0.0 and null when no classifier guided. They
-also record the model's noise process (``process``), which the protocol holds too.
+also record the model's noise process (``process``), which the protocol holds too, and with
+``sample.schedule: fitted`` the times of ``models/schedule.json`` (the fit_schedule stage's), whose
+distances and cost go to the MLflow run.
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ from diffusion.images import generate_images, image_grid, sampling_labels
 from diffusion.models.classifier import NoiseAwareClassifier, classifier_from_state
 from diffusion.packaged import DEFAULT_SAMPLER, PackagedDiffusion
 from diffusion.process.options import process_identity
-from diffusion.stages.paths import CLASSIFIER, CLASSIFIER_DISABLED, GRID, MODEL, MODEL_RUN, SAMPLE_RUN, SAMPLES
+from diffusion.sampling.specs import FITTED
+from diffusion.stages.paths import (
+    CLASSIFIER, CLASSIFIER_DISABLED, FITTED_SCHEDULE, GRID, MODEL, MODEL_RUN, SAMPLE_RUN, SAMPLES,
+)
 from diffusion.training import distributed
 from diffusion.training.checkpoint import load_checkpoint
 from diffusion.training.devices import precision_name, resolve_device, resolve_precision
@@ -80,11 +85,27 @@ def load_classifier(packaged: PackagedDiffusion, device: torch.device) -> NoiseA
     return classifier.requires_grad_(False).to(device)
 
 
-def sampling_settings(params: Params, device: torch.device) -> dict:
+def fitted_timesteps(params: Params) -> list[float] | None:
+    """The times of ``models/schedule.json`` with ``sample.schedule: fitted`` (None otherwise);
+    one line when it holds no fit for ``sample.sampler`` at ``sample.steps``."""
+    if params.sample.schedule != FITTED:
+        return None
+    record = json.loads(FITTED_SCHEDULE.read_text()) if FITTED_SCHEDULE.is_file() else {}
+    if (record.get("schedule"), record.get("sampler"), record.get("steps")) != (FITTED, params.sample.sampler, params.sample.steps):
+        raise UserError(
+            f"sample.schedule: {FITTED_SCHEDULE} holds no schedule fitted for sampler {params.sample.sampler} at "
+            f"{params.sample.steps} steps: run `dvc repro fit_schedule`"
+        )
+    return record["timesteps"]
+
+
+def sampling_settings(params: Params, device: torch.device, timesteps: list[float] | None) -> dict:
     """The ``sample`` params that draw the images (the keys of :data:`DEFAULT_SAMPLER`), with
-    ``precision: auto`` resolved for ``device``, and ``clip_denoised`` false in latent space
-    (latents are not bounded), so the FID protocol names what ran."""
-    sampling = {key: getattr(params.sample, key) for key in DEFAULT_SAMPLER}
+    ``precision: auto`` resolved for ``device``, ``clip_denoised`` false in latent space
+    (latents are not bounded) and a fitted schedule's ``timesteps``, so the FID protocol names
+    what ran."""
+    sampling = {key: getattr(params.sample, key) for key in DEFAULT_SAMPLER if key != "timesteps"}
+    sampling["timesteps"] = timesteps
     sampling["precision"] = precision_name(resolve_precision(params.sample.precision, device))
     sampling["clip_denoised"] = params.sample.clip_denoised and params.model.space == "pixel"
     return sampling
@@ -109,7 +130,7 @@ def generate(
     part = part if part is not None else range(cfg.num_samples)
     labels = sampling_labels(cfg.labels, cfg.num_samples, num_classes)[part.start : part.stop]
     images = generate_images(
-        packaged, sampling_settings(params, device), labels=labels, batch_size=cfg.batch_size, seed=cfg.seed, device=device,
+        packaged, sampling_settings(params, device, fitted_timesteps(params)), labels=labels, batch_size=cfg.batch_size, seed=cfg.seed, device=device,
         name=lambda key: f"sample.{key}", classifier=classifier, classifier_scale=params.guidance.classifier_scale,
         first_index=part.start,
     )
@@ -147,7 +168,11 @@ def _sample_and_write(params: Params, packaged, device, classifier, current) -> 
     ) as active:
         tracking.log_params(params.model_dump(include={"sample", "guidance", "evaluate"}))
         images, labels = _generate_shards(packaged, params, device, classifier, current)
-        sampling = sampling_settings(params, device)
+        sampling = sampling_settings(params, device, fitted_timesteps(params))
+        if FITTED_SCHEDULE.is_file() and params.sample.schedule == FITTED:
+            fit = json.loads(FITTED_SCHEDULE.read_text())
+            tracking.log_metrics({f"fit_schedule.{key}": fit[key] for key in ("start_distance", "distance", "solves", "seconds")})
+            tracking.log_artifact(FITTED_SCHEDULE)
         sampling["classifier_scale"] = params.guidance.classifier_scale if classifier is not None else 0.0
         sampling["classifier_md5"] = tracking.file_md5(CLASSIFIER) if classifier is not None else None
         sampling["process"] = process_identity(packaged.process)["process"]  # the protocol's: steps differ per process
