@@ -29,7 +29,7 @@ import yaml
 from conftest import TINY_PARAMS, make_pipeline_repo, pipeline_env, run_in
 from faults import dvc_repro_killed
 
-STAGES = ("validate", "prepare", "train_vae", "encode", "train", "train_classifier", "sample", "evaluate")
+STAGES = ("validate", "prepare", "train_vae", "encode", "train", "train_classifier", "fit_schedule", "sample", "evaluate")
 RESUMED = re.compile(r"train: resuming from \S+ at step (\d+)")
 
 

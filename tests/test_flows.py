@@ -582,7 +582,7 @@ def test_train_pipeline_runs_each_stage_as_a_task(prefect_harness, tmp_path_fact
     patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow' / 'mlflow.db'}")
     try:
         ran = train_pipeline(repo=str(repo))
-        assert ran == [f"dvc repro --single-item {stage}" for stage in ("validate", "prepare", "train_vae", "encode", "train_classifier", "train", "sample", "evaluate")]
+        assert ran == [f"dvc repro --single-item {stage}" for stage in ("validate", "prepare", "train_vae", "encode", "train_classifier", "train", "fit_schedule", "sample", "evaluate")]
         assert json.loads((repo / "metrics" / "evaluate.json").read_text())["fid"] > 0
         ran = train_pipeline(params={"sample.steps": 4}, name="from-flow", repo=str(repo))
         assert ran == ["dvc exp run --temp --name from-flow -S sample.steps=4"]

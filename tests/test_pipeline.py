@@ -26,7 +26,7 @@ from diffusion.packaged import PackagedDiffusion
 
 pytestmark = pytest.mark.integration
 
-STAGES = ("validate", "prepare", "train_vae", "encode", "train", "train_classifier", "sample", "evaluate")
+STAGES = ("validate", "prepare", "train_vae", "encode", "train", "train_classifier", "fit_schedule", "sample", "evaluate")
 
 
 def ran_stages(output: str) -> list[str]:
@@ -91,9 +91,10 @@ def assert_tracked_everything(repo: Path, out: str) -> None:
 
 
 def assert_only_sampling_reran(repo: Path, out: str, model_run_id: str, sample_run_id: str) -> None:
-    """After a change of sampling params alone (printed ``out``): sample and evaluate re-ran, train
-    did not, and the new sample run is nested under the same model run."""
-    assert ran_stages(out) == ["validate", "sample", "evaluate"]  # validate checks every param change
+    """After a change of sampling params alone (printed ``out``): fit_schedule (a marker: the
+    schedule is not fitted), sample and evaluate re-ran, train did not, and the new sample run
+    is nested under the same model run."""
+    assert ran_stages(out) == ["validate", "fit_schedule", "sample", "evaluate"]  # validate checks every param change
     assert json.loads((repo / "models/run.json").read_text())["run_id"] == model_run_id
     new_sample_run = json.loads((repo / "samples/run.json").read_text())["run_id"]
     assert new_sample_run != sample_run_id
@@ -230,7 +231,7 @@ def test_damaged_checkpoint_and_killed_write_are_recovered_by_the_next_run(tmp_p
     assert warning.endswith("fails its CRC-32 check); resuming from the older " + str(ckpt_dir / "ckpt-00000010.pt"))
     assert f"train: removed the temp files of killed writes: {stale.name}" in out.stdout
     assert "at step 10" in out.stdout and not stale.exists()
-    assert ran_stages(out.stdout) == ["validate", "train", "train_classifier", "sample", "evaluate"]
+    assert ran_stages(out.stdout) == ["validate", "train", "train_classifier", "fit_schedule", "sample", "evaluate"]
 
     assert json.loads((repo / "metrics/train.json").read_text())["step"] == 30
     model = PackagedDiffusion.load(repo / "models/model.pt")  # checks every weight is finite
