@@ -250,6 +250,7 @@ class Params(_Section):
         _check_network(self)  # name, overrides, shape (of the images or their latents)
         _check_swept_model(self.sweep.space)
         _check_swept_process(self)
+        _check_swept_fitted(self)
         d = self.diffusion
         _check_process(self)
         if d.process == "ddpm" and d.schedule == "linear" and d.timesteps < 20:
@@ -469,6 +470,21 @@ def _check_swept_process(params: Params) -> None:
         except ValidationError as err:
             why = _one_line(err, f"process {choice!r}")
             raise ValueError(f"sweep.space.diffusion.process: {why}; {advice}") from None
+
+
+def _check_swept_fitted(params: Params) -> None:
+    """Where the sweep may sample on a fitted schedule (sample.schedule fitted, or a choice of it),
+    every sampler it may pick is one a schedule can be fitted to: one line naming the first other."""
+    space, sample = params.sweep.space, params.sample
+    if "sample.sampler" not in space and "sample.schedule" not in space:
+        return  # the params themselves: sample.schedule's own check
+    schedules = space["sample.schedule"].choices if "sample.schedule" in space else [sample.schedule]
+    samplers = space["sample.sampler"].choices if "sample.sampler" in space else [sample.sampler]
+    if FITTED not in (schedules or []):
+        return
+    for sampler in samplers or []:
+        if sampler in SAMPLER_SPECS and (why := fitted_refused(sampler, sample.eta, {"s_churn": sample.s_churn})):
+            raise ValueError(f"sweep.space.sample.sampler: choice {sampler!r} with sample.schedule fitted: {why}")
 
 
 def _check_param_path(path: str) -> None:

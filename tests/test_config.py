@@ -87,6 +87,8 @@ def test_empty_or_partial_params_are_an_error_not_a_second_set_of_defaults(tmp_p
         ({"sweep": {"space": {"model.name": {"type": "categorical", "choices": ["unet-small", "dit-huge"]}}}}, "sweep.space.model.name: unknown choice 'dit-huge'"),
         ({"model": {"overrides": {"attention_resolutions": [5]}}}, "attention_resolutions: [5] are not feature-map sizes"),
         ({"sweep": {"space": {"train.lrx": {"type": "float", "low": 0.1, "high": 1}}}}, "sweep.space: 'train.lrx': unknown key 'lrx'"),
+        ({"sample": {"sampler": "unipc", "schedule": "fitted"}, "sweep": {"space": {"sample.sampler": {"type": "categorical", "choices": ["unipc", "ddpm"]}}}},
+         "sweep.space.sample.sampler: choice 'ddpm' with sample.schedule fitted: a fitted schedule is fitted to an ODE solver's answer"),
         ({"extra": {}}, "extra: unknown key; allowed: data, model, diffusion"),
         ({"diffusion": {"process": "vp", "schedule": "cosine", "prediction": "eps"}},
          "diffusion.prediction: 'eps' cannot recover x0 where α reaches 0 (process 'vp' on the cosine schedule"),
