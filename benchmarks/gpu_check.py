@@ -324,9 +324,13 @@ def make_data(work: Workload) -> tuple[torch.Tensor, torch.Tensor, str]:
 
 
 def sampling_settings(setup: Setup, **changes: Any) -> dict:
-    """params.yaml's sample section as :class:`PackagedDiffusion` takes it, with ``changes``."""
+    """params.yaml's sample section as :class:`PackagedDiffusion` takes it, with ``changes``
+    (a fitted schedule's times are the fit_schedule stage's, which this check does not run:
+    none; a fitted schedule is sampled on its start, ``fit_schedule.start``)."""
     sample = setup.params["sample"]
-    settings = {key: sample[key] for key in DEFAULT_SAMPLER} | changes
+    settings = {key: sample.get(key, DEFAULT_SAMPLER[key]) for key in DEFAULT_SAMPLER} | changes
+    if settings["schedule"] == "fitted":
+        settings["schedule"] = setup.params["fit_schedule"]["start"]
     if setup.mode.sample_steps is not None:
         settings["steps"] = setup.mode.sample_steps
     return settings
