@@ -25,6 +25,25 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
+# The files that run pipelines, servers and sweeps, slowest first (by the durations CI prints).
+# `make test` hands each pytest-xdist worker a whole file at a time, in the order of the items
+# (--no-loadscope-reorder; xdist's own order, most tests first, left the one-test scale-out
+# file for last): the longest start first and the short files fill in after them, so neither
+# worker ends alone on a long one.
+SLOWEST_FIRST = (
+    "test_readme.py", "test_scaleout.py", "test_pipeline.py", "test_tracking_faults.py", "test_flows.py",
+    "test_latent.py", "test_transformers.py", "test_registry.py", "test_distributed.py", "test_ui.py",
+    "test_stopping.py", "test_concurrency.py",
+)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Order the files :data:`SLOWEST_FIRST`, the rest after them as collected (a stable sort:
+    the tests of a file keep their order)."""
+    rank = {name: index for index, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 # A config small enough for a whole `dvc repro` in about a minute on 2 cores.
 TINY_PARAMS = {
     "data": {"source": "mnist5k", "image_size": 28, "holdout": 16, "reference_images": 48},

@@ -32,6 +32,10 @@ SMALLEST_FRACTION = 1e-4
 """The smallest w_i: two levels closer than this share of the way left are one."""
 
 
+class _Spent(Exception):
+    """``max_solves`` reached (Powell's maxfev is checked between its line searches only)."""
+
+
 @dataclass(frozen=True)
 class FittedSchedule:
     """The fit's result, and what it cost."""
@@ -78,22 +82,21 @@ def fit_timesteps(
             levels.append(levels[-1] + fraction * (low - levels[-1]))
         return steps_at(process, np.concatenate([start.timesteps[:1], process.t_of_sigma(np.exp(levels[1:]))]))
 
-    class Spent(Exception):
-        """``max_solves`` reached (Powell's maxfev is checked between its line searches only)."""
-
     best: dict[str, object] = {"distance": math.inf, "steps": start}
     solves = 0
 
     def distance(w: np.ndarray) -> float:
         nonlocal solves
         if solves >= max_solves:
-            raise Spent
+            raise _Spent
         try:
             steps = schedule(w)
         except ValueError:  # two levels merged: not a schedule
             return math.inf
         solves += 1
         value = mean_distance(solve(steps), reference)
+        if not math.isfinite(value):  # the solver diverged on these levels
+            return math.inf
         if value < best["distance"]:
             best.update(distance=value, steps=steps)
         return value
@@ -105,7 +108,7 @@ def fit_timesteps(
         if len(w0):
             minimize(distance, w0, method="Powell", bounds=[(SMALLEST_FRACTION, 1)] * len(w0),
                      options={"maxfev": max_solves, "xtol": 1e-2, "ftol": 1e-6})
-    except Spent:
+    except _Spent:
         pass
     if best["distance"] >= start_distance:
         return FittedSchedule(start, start_distance, start_distance, solves)
