@@ -414,12 +414,12 @@ def test_the_champion_of_a_real_pipeline_samples_with_its_fids_settings(tmp_path
     repo = copy_repo(prepared_repo, tmp_path / "repo", {
         **TINY_PARAMS, "sample": sample, "model": {"name": "latent-diffit-tiny"}, "diffusion": flow,
         "train": {**TINY_PARAMS["train"], "bpd_images": 0},
-        "fit_schedule": {"calibration_images": 4, "reference_steps": 10, "max_solves": 12},
+        "fit_schedule": {"calibration_images": 2, "reference_steps": 6, "max_solves": 6},
     })
     run_in(repo, "dvc", "repro")
     fit = json.loads((repo / "models/schedule.json").read_text())
     assert (fit["schedule"], fit["sampler"], fit["steps"], fit["process"]) == ("fitted", "euler", sample["steps"], "flow")
-    assert fit["distance"] <= fit["start_distance"] and fit["solves"] <= 12 and len(fit["timesteps"]) == sample["steps"]
+    assert fit["distance"] <= fit["start_distance"] and fit["solves"] <= 6 and len(fit["timesteps"]) == sample["steps"]
     uri = pipeline_env(repo)["MLFLOW_TRACKING_URI"]
     client = MlflowClient(uri)
     sample_run = client.get_run(json.loads((repo / "samples/run.json").read_text())["run_id"])
