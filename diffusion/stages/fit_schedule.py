@@ -39,13 +39,12 @@ def fit(params: Params) -> dict:
     (:func:`diffusion.stages.sample.fitted_timesteps`)."""
     import torch
 
-    from diffusion.images import sampling_labels
     from diffusion.packaged import PackagedDiffusion
     from diffusion.process.options import process_identity
     from diffusion.sampling.fitted import fit_timesteps
     from diffusion.sampling.steps import make_steps
     from diffusion.stages.paths import MODEL
-    from diffusion.stages.sample import load_classifier, sampling_settings
+    from diffusion.stages.sample import image_labels, load_classifier, sampling_settings
     from diffusion.training.devices import resolve_device
 
     cfg, sample = params.fit_schedule, params.sample
@@ -53,9 +52,8 @@ def fit(params: Params) -> dict:
     packaged = PackagedDiffusion.load(MODEL, map_location=device)
     guided = params.guidance.classifier and params.guidance.classifier_scale > 0
     classifier = load_classifier(packaged, device) if guided else None
-    num_classes = packaged.model_spec.get("num_classes") or (classifier.num_classes if classifier is not None else None)
-    labels = sampling_labels(sample.labels, cfg.calibration_images, num_classes)
-    conditional = bool(num_classes)
+    labels = image_labels(packaged, params, classifier, cfg.calibration_images)
+    conditional = bool(packaged.model_spec.get("num_classes")) or classifier is not None  # as generate_images
     settings = sampling_settings(params, device, timesteps=None)
 
     def draw(**overrides) -> torch.Tensor:

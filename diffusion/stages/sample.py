@@ -111,6 +111,16 @@ def sampling_settings(params: Params, device: torch.device, timesteps: list[floa
     return sampling
 
 
+def image_labels(
+    packaged: PackagedDiffusion, params: Params, classifier: NoiseAwareClassifier | None, count: int
+) -> torch.Tensor:
+    """The labels of the first ``count`` images the stage draws: ``sample.labels`` cycled, or
+    balanced over the model's classes (the guiding ``classifier``'s when the model has none);
+    zeros when neither has classes."""
+    num_classes = packaged.model_spec.get("num_classes") or (classifier.num_classes if classifier is not None else None)
+    return sampling_labels(params.sample.labels, count, num_classes)
+
+
 def generate(
     packaged: PackagedDiffusion, params: Params, device: torch.device, classifier: NoiseAwareClassifier | None = None,
     part: range | None = None,
@@ -126,9 +136,8 @@ def generate(
     when the model has none.
     """
     cfg = params.sample
-    num_classes = packaged.model_spec.get("num_classes") or (classifier.num_classes if classifier is not None else None)
     part = part if part is not None else range(cfg.num_samples)
-    labels = sampling_labels(cfg.labels, cfg.num_samples, num_classes)[part.start : part.stop]
+    labels = image_labels(packaged, params, classifier, cfg.num_samples)[part.start : part.stop]
     images = generate_images(
         packaged, sampling_settings(params, device, fitted_timesteps(params)), labels=labels, batch_size=cfg.batch_size, seed=cfg.seed, device=device,
         name=lambda key: f"sample.{key}", classifier=classifier, classifier_scale=params.guidance.classifier_scale,
