@@ -21,12 +21,13 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 # A worker asks for scheduled flow runs every 2 s, not Prefect's 10 s (5 s of waiting per run on average).
 export PREFECT_WORKER_QUERY_SECONDS ?= 2
 
-.PHONY: help install test pipeline ui bench clean
+.PHONY: help install test pipeline ui dashboard bench clean
 
 help:
 	@echo "make pipeline  - set up .venv when missing, then run the DVC pipeline (dvc repro)"
 	@echo "make test      - set up .venv when missing, then run the test suite"
 	@echo "make ui        - MLflow UI on http://localhost:5000 (UI_PORT=...) over the local store in mlflow/"
+	@echo "make dashboard - optuna-dashboard on http://localhost:8080 (DASHBOARD_PORT=...) over the sweep's study storage (params.yaml sweep.storage)"
 	@echo "make bench     - benchmarks/ side by side with their peers (see BENCHMARKS.md; bench_default, bench_backbones and bench_latent write benchmarks/results/)"
 	@echo "make gpu-check - the CUDA path end to end on one GPU in at most 8 minutes (GPU_CHECK=--tiny: seconds on the CPU; PY=python3 without the venv; docs/gpu.md)"
 	@echo "make services  - Prefect server (http://127.0.0.1:4200) and MLflow server (mlflow/server.env); Ctrl-C stops both"
@@ -63,6 +64,12 @@ UI_PORT ?= 5000
 
 ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db --default-artifact-root ./mlflow/artifacts --host 127.0.0.1 --port $(UI_PORT)
+
+DASHBOARD_PORT ?= 8080
+
+# The storage the sweep uses: params.yaml's sweep.storage (null: .optuna/journal.log), opened by flows/study.py.
+dashboard: $(STAMP)
+	$(PY) -m flows.dashboard --host 127.0.0.1 --port $(DASHBOARD_PORT)
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e ".[bench]" 2>&1 | $(PIP_QUIET)

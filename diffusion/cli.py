@@ -38,6 +38,7 @@ TOOLS = {
     "promote": "diffusion.promote",
     "unlock": "diffusion.dvc_locks",
     "generate": "diffusion.generate",
+    "reference": "diffusion.evaluation.reference_files",
 }
 
 

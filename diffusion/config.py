@@ -53,6 +53,11 @@ ClassifierName = Literal[tuple(CLASSIFIER_CONFIGS)]
 VaeName = Literal[tuple(VAE_CONFIGS)]
 
 
+MAX_EMA_LENGTH = 12**-0.5
+"""The longest relative length σ_rel of a power function EMA, that of exponent γ = 0 (the plain
+average of all steps; EDM2 Eq. 123): diffusion/training/posthoc_ema.py."""
+
+
 class ConfigError(UserError, ValueError):
     """A params file that cannot be run; the message is one line naming the key."""
 
@@ -117,6 +122,8 @@ class TrainParams(_Section):
     grad_clip: float | None = Field(gt=0)
     ema_decay: float = Field(ge=0, lt=1)
     ema_warmup: bool
+    ema_lengths: list[float]  # σ_rel of the power function EMAs whose snapshots sample.ema_length reconstructs from (EDM2); []: none
+    ema_snapshot_every: int = Field(ge=1)  # steps between their snapshots (models/ema_snapshots.pt); the last step is one too
     timestep_sampler: Literal["uniform", "loss-aware", "log-normal", "logit-normal"] | None  # null: the process's own
     timestep_mean: float | None  # log-normal's P_mean (null: EDM's -1.2), logit-normal's m (null: SD3's 0)
     timestep_std: float | None = Field(gt=0)  # log-normal's P_std (null: EDM's 1.2), logit-normal's s (null: 1)
@@ -131,6 +138,11 @@ class TrainParams(_Section):
     bpd_images: int = Field(ge=0)
     val_every: int = Field(ge=1)
     val_images: int = Field(ge=0)
+    # KID and FID of the EMA model's samples every eval_every steps (diffusion/stages/train.py: sample_quality):
+    eval_every: int = Field(ge=1)
+    eval_images: int = Field(ge=0)  # images sampled each time, from fixed seeds; 0: off, else >= 2
+    eval_sampler: SamplerName  # on eval_steps log-snr steps, unguided: the curve measures the network
+    eval_steps: int = Field(ge=1)
     p_uncond: float = Field(ge=0, lt=1)  # classifier-free guidance: labels dropped to the null class
     min_snr_gamma: float | None = Field(gt=0)  # γ of loss_weighting min-snr (Hang et al. 2023); null: none
     distributed: int = Field(ge=1)  # DistributedDataParallel processes (one per GPU); 1: this process alone
@@ -148,6 +160,7 @@ class SampleParams(_Section):
     guidance_interval: tuple[float, float] | None  # guide only for model timesteps lo <= t <= hi
     precision: Literal["auto", "fp32", "bf16"]  # the network's (autocast); the protocol records what auto resolved to
     labels: list[int] | None  # class labels of the images, cycled; None: balanced over the classes
+    ema_length: float | None  # σ_rel of the EMA reconstructed from train.ema_lengths' snapshots; None: train.ema_decay's
     s_churn: float = Field(ge=0)  # EDM's stochastic sampler (heun): S_churn, 0 = Algorithm 1
     s_tmin: float = Field(ge=0)  # churn only where S_tmin <= σ <= S_tmax (EDM's σ = e^-λ)
     s_tmax: float | None = Field(ge=0)  # null: ∞
@@ -190,6 +203,11 @@ class EvaluateParams(_Section):
     kid: bool
     batch_size: int = Field(ge=1)
     device: Device
+    prdc_k: int = Field(ge=1)  # k of precision/recall/density/coverage's k-NN balls (diffusion/evaluation/fidelity.py)
+    reference: str | None  # null: the prepare stage's data/reference.npz; else that file (diffusion/evaluation/reference_files.py)
+    bootstrap_replicates: int = Field(ge=20)  # fewer cannot place a 95% interval's ends (2.5% of 20 is half a replicate)
+    confidence: float = Field(gt=0.5, lt=1)
+    fid_infinity: bool
 
 
 class TrackingParams(_Section):
@@ -227,6 +245,7 @@ class SweepParams(_Section):
     trial_retries: int = Field(ge=0)  # retries of a trial whose worker died (stale heartbeat)
     objectives: list[Literal["fid", "sampling_cost"]]
     pruning: bool
+    prune_on: Literal["val_loss", "train_kid"]  # the train stage's metric the pruner compares trials on
     space: dict[str, SearchDim]
 
 
@@ -286,6 +305,9 @@ class Params(_Section):
                     f"train.{key}: {getattr(self.train, key)} held-out images are scored after training, but "
                     "data.holdout is 0; allowed: 0, or data.holdout >= 1"
                 )
+        _check_train_eval(self)
+        _check_ema_lengths(self)
+        _check_evaluate(self)
         if d.process == "ddpm" and self.sample.steps > d.timesteps:
             raise ValueError(
                 f"sample.steps: {self.sample.steps} is more than diffusion.timesteps "
@@ -378,6 +400,61 @@ def _check_process(params: Params) -> None:
                     "use null, or timestep_sampler log-normal or logit-normal"
                 )
     loss_weighting_name(d.process, train.loss_weighting, train.min_snr_gamma, "train.")
+
+
+def _check_train_eval(params: Params) -> None:
+    """The in-training KID curve: pairs of images, a sampler the process takes on steps it has,
+    and pruning on it only where it is measured."""
+    train, d = params.train, params.diffusion
+    if train.eval_images == 1:
+        raise ValueError("train.eval_images: 1 image has no covariance (FID) and no pairs (KID); allowed: 0 (off), or >= 2")
+    if why := options_refused(train.eval_sampler, {}, d.process):
+        raise ValueError(f"train.eval_sampler: {why}")
+    if d.process == "ddpm" and train.eval_steps > d.timesteps:
+        raise ValueError(
+            f"train.eval_steps: {train.eval_steps} is more than diffusion.timesteps ({d.timesteps}); allowed 1..{d.timesteps}"
+        )
+    if params.sweep.pruning and params.sweep.prune_on == "train_kid" and not train.eval_images:
+        raise ValueError("sweep.prune_on: train_kid is measured only with train.eval_images >= 2; set it, or use val_loss")
+
+
+def _check_ema_lengths(params: Params) -> None:
+    """Power function EMA lengths (diffusion/training/posthoc_ema.py); sample.ema_length needs their snapshots."""
+    allowed = f"allowed 0 < sigma_rel < {MAX_EMA_LENGTH:.4f} (a power function EMA's: EDM2 Eq. 123)"
+    lengths = params.train.ema_lengths
+    for length in lengths:
+        if not 0 < length < MAX_EMA_LENGTH:
+            raise ValueError(f"train.ema_lengths: got {length}; {allowed}")
+    if len(set(lengths)) != len(lengths):
+        raise ValueError(f"train.ema_lengths: {lengths} names a length twice; allowed: distinct lengths")
+    length = params.sample.ema_length
+    if length is not None and not 0 < length < MAX_EMA_LENGTH:
+        raise ValueError(f"sample.ema_length: got {length}; {allowed}, or null (train.ema_decay's EMA)")
+    if length is not None and not lengths:
+        raise ValueError(
+            f"sample.ema_length: {length} is reconstructed from the snapshots of train.ema_lengths, which is []; "
+            "set it (EDM2's [0.05, 0.1]), or sample.ema_length null"
+        )
+
+
+def _check_evaluate(params: Params) -> None:
+    """A k-th nearest neighbour among the samples and the reference images (the reference
+    file's own count is validate's check); a reference file that exists (validate reads it)."""
+    cfg = params.evaluate
+    counts = {"sample.num_samples": params.sample.num_samples}
+    if cfg.reference is None:
+        counts["data.reference_images"] = params.data.reference_images
+    for key, count in counts.items():
+        if cfg.prdc_k >= count:
+            raise ValueError(
+                f"evaluate.prdc_k: {cfg.prdc_k} needs more than {cfg.prdc_k} images, but {key} is {count}; "
+                f"allowed 1..{count - 1}"
+            )
+    if cfg.reference is not None and not Path(cfg.reference).is_file():
+        raise ValueError(
+            f"evaluate.reference: {cfg.reference}: no such file; allowed: null (the prepare stage's data/reference.npz), "
+            "or an .npz of reference statistics (ours, ADM's or clean-fid's: `diffusion reference check FILE`)"
+        )
 
 
 def _check_guidance(params: Params) -> None:

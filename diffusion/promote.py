@@ -13,7 +13,7 @@ def main(argv: list[str]) -> int:
     """``diffusion promote``: the best run's model (or ``--run-id``'s) becomes challenger, maybe champion."""
     parser = argparse.ArgumentParser(
         prog="diffusion promote",
-        description="Register a run's model as 'challenger'; move 'champion' to it only if its FID is lower.",
+        description="Register a run's model as 'challenger'; move 'champion' to it only if its FID is lower beyond the noise (evaluate.confidence).",
     )
     parser.add_argument("--name", default="diffusion", help="registered model name (default: diffusion)")
     parser.add_argument("--run-id", help="the run whose FID and model to promote (default: the lowest FID)")

@@ -3,8 +3,11 @@
 :func:`promote` registers a run's model as a new version of a registered model and
 points the ``challenger`` alias at it. ``champion`` moves to it only if its FID was
 measured under the same protocol as the champion's (:mod:`diffusion.evaluation.protocol`, the
-``fid.protocol.digest`` tag) and is lower; the message says which happened, and
-names the fields in which the protocols differ. MLflow deprecated registry stages:
+``fid.protocol.digest`` tag) and is lower beyond the noise: with the confidence its FID's
+interval was computed at (``evaluate.confidence``, 0.95), by :func:`improvement_confidence` on
+the two FIDs' bootstrap standard errors. A version lower but within the noise is challenger
+only. The message says which happened, by how much and with what confidence, and names the
+fields in which the protocols differ. MLflow deprecated registry stages:
 aliases are all this module uses.
 
 :func:`load_model` (``load_model("models:/<name>@champion")``) is the loader. Models
@@ -20,10 +23,14 @@ trained weights from the model run's logged model (its weights-only file), sets
 (``promoted``), an output of the FID's run, which the version points at. The version
 is tagged with ``fid``, ``source_run``, ``model_run`` and the protocol.
 
-Which run holds the trained model (the train stage logs it as ``model``,
-:func:`diffusion.tracking.log_packaged_model`):
+Which run holds the model whose FID it is (the train stage logs it as ``model``,
+:func:`diffusion.tracking.log_packaged_model`), in the order :func:`find_model` asks:
 
-- the run that trained it: a model run, or a sweep trial whose train stage ran;
+- the FID's run itself: a sweep trial whose train stage ran; or, with ``sample.ema_length``, a run
+  the sample stage logged the network it drew from into, as ``model`` (the EMA of that length,
+  reconstructed after training; the run's newest ``model``, so in a trial it outranks the trained one);
+- a sweep trial whose sample stage came from DVC's run cache names the run that drew its
+  images in its tag ``sample.run_id`` (it holds the reconstructed EMA's model, if any);
 - a sweep trial whose train stage came from DVC's run cache names it in its tag
   ``train.model_run_id`` (or ``sample.model_run_id``, set by the sample stage);
 - a sample run is nested under it.
@@ -54,10 +61,13 @@ from diffusion.evaluation import protocol
 CHALLENGER = "challenger"
 CHAMPION = "champion"
 METRIC = "fid"
+SE_METRIC = "fid_se"  # the FID's bootstrap standard error (the evaluate stage's)
+CONFIDENCE_TAG = f"{protocol.INTERVAL_TAG_PREFIX}confidence"  # the confidence the evaluate stage's intervals were computed at
+DEFAULT_CONFIDENCE = 0.95  # for an FID recorded without it
 MODEL_NAME = "model"  # the train stage's log_model name
 PROMOTED_NAME = "promoted"  # the model promotion logs: the trained weights with the FID's sampling
 # Tags that point from a run to the run holding its model, in the order they are trusted.
-MODEL_RUN_TAGS = ("train.model_run_id", "sample.model_run_id", "mlflow.parentRunId")
+MODEL_RUN_TAGS = ("sample.run_id", "train.model_run_id", "sample.model_run_id", "mlflow.parentRunId")
 ALREADY_EXISTS = ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS")
 LOCK_SUFFIX = ".promotion-lock"  # the registered model that is the lock of a promotion of <name>
 LOCK_TTL_S = 60.0  # a lock not refreshed for this long belongs to a promotion that died
@@ -111,19 +121,16 @@ def is_measured_fid(fid: float | None) -> bool:
 
 
 def _logged_model_id(client: Any, run_id: str, name: str = MODEL_NAME) -> str | None:
-    """The id of the model the run logged as ``name`` (the last one), if it logged one."""
+    """The id of the model the run logged as ``name`` (the newest one), if it logged one."""
     run = client.get_run(run_id)
     outputs = run.outputs.model_outputs if run.outputs else []
-    for output in sorted(outputs, key=lambda o: o.step, reverse=True):
-        if client.get_logged_model(output.model_id).name == name:
-            return output.model_id
-    return None
+    named = [model for model in (client.get_logged_model(o.model_id) for o in outputs) if model.name == name]
+    return max(named, key=lambda model: model.creation_timestamp).model_id if named else None
 
 
 def find_model(client: Any, run: Any) -> tuple[str, str]:
-    """(model run id, logged model id) for ``run``: its own model or the one its tags point at."""
-    candidates = [run.data.tags.get(MODEL_RUN_TAGS[0]), run.info.run_id]
-    candidates += [run.data.tags.get(tag) for tag in MODEL_RUN_TAGS[1:]]
+    """(model run id, logged model id) for ``run``: its own model or the one its tags point at (module doc)."""
+    candidates = [run.info.run_id] + [run.data.tags.get(tag) for tag in MODEL_RUN_TAGS]
     for run_id in dict.fromkeys(c for c in candidates if c):
         model_id = _logged_model_id(client, run_id)
         if model_id:
@@ -275,6 +282,23 @@ def champion(client: Any, name: str) -> Any | None:
         return None
 
 
+def improvement_confidence(fid: float, se: float, previous_fid: float, previous_se: float) -> float:
+    """How sure it is that an FID of ``fid`` +- ``se`` is lower than ``previous_fid`` +- ``previous_se``:
+    ``Phi((previous_fid - fid) / sqrt(se^2 + previous_se^2))``, the two FIDs independent and
+    normal with their bootstrap standard errors (:func:`diffusion.evaluation.metrics.fid_bootstrap`).
+    Both errors include the reference's sampling error, which two FIDs of one protocol share
+    (one reference file), so this errs towards keeping the champion. Without errors (FIDs
+    recorded before they were measured): 1 when lower, else 0."""
+    spread = math.hypot(se, previous_se)
+    if spread == 0:
+        return float(fid < previous_fid)
+    return 0.5 * math.erfc((fid - previous_fid) / (spread * math.sqrt(2)))
+
+
+def _plus_minus(fid: float, se: float) -> str:
+    return f"FID {fid:.3f} +- {se:.3f}" if se else f"FID {fid:.3f}"
+
+
 def _recorded_protocol(tags: dict[str, str], where: str) -> dict[str, Any] | None:
     try:
         return protocol.from_tags(tags)
@@ -304,8 +328,13 @@ def promote(
     measured = _recorded_protocol(run.data.tags, f"run {run.info.run_id}")
     if measured is None:
         raise RegistryError(f"run {run.info.run_id} records no FID protocol (tag {protocol.DIGEST_TAG}): run evaluate again")
+    se = run.data.metrics.get(SE_METRIC, 0.0)
+    needed = float(run.data.tags.get(CONFIDENCE_TAG, DEFAULT_CONFIDENCE))
     model_run_id, model_id = find_model(client, run)
-    tags = {METRIC: repr(fid), "source_run": run.info.run_id, "model_run": model_run_id, **protocol.to_tags(measured)}
+    tags = {
+        METRIC: repr(fid), SE_METRIC: repr(se), "source_run": run.info.run_id, "model_run": model_run_id,
+        **protocol.to_tags(measured),
+    }
     if "sweep.study" in run.data.tags:
         tags |= {"sweep.study": run.data.tags["sweep.study"], "sweep.trial": run.data.tags.get("sweep.trial", "")}
 
@@ -313,23 +342,29 @@ def promote(
         version = _version_for(client, name, run, model_id, measured, tags)
         client.set_registered_model_alias(name, CHALLENGER, version.version)
         current = champion(client, name)
-        this = f"{name} v{version.version} (FID {fid:.3f}, run {run.info.run_id})"
+        this = f"{name} v{version.version} ({_plus_minus(fid, se)}, run {run.info.run_id})"
         previous_fid = float(current.tags.get(METRIC, "inf")) if current else None
+        previous_se = float(current.tags.get(SE_METRIC, 0.0)) if current else 0.0
         if current is None:
             wins, message = True, f"{this} is challenger and champion: there was no champion"
         elif current.version == version.version:
             wins, message = True, f"{this} is challenger and already champion"
         else:
-            theirs = f"v{current.version} (FID {previous_fid:.3f})" if is_measured_fid(previous_fid) else f"v{current.version} (no FID)"
+            measured_before = is_measured_fid(previous_fid)
+            theirs = f"v{current.version} ({_plus_minus(previous_fid, previous_se)})" if measured_before else f"v{current.version} (no FID)"
             differ = protocol.differences(measured, _recorded_protocol(current.tags, f"{name} v{current.version}"))
-            wins = not differ and fid < previous_fid
+            confidence = improvement_confidence(fid, se, previous_fid, previous_se) if measured_before else 1.0
+            wins = not differ and confidence >= needed
+            lower = f"lower by {previous_fid - fid:.3f} with confidence {confidence:.3f}" if measured_before else "it has an FID"
             if differ:
                 message = (
                     f"{this} is challenger; champion stays {theirs}, "
                     f"whose FID was measured under another protocol: {', '.join(differ)}"
                 )
             elif wins:
-                message = f"{this} is challenger and now champion: it beats {theirs}"
+                message = f"{this} is challenger and now champion: it beats {theirs}, {lower}"
+            elif fid < previous_fid:
+                message = f"{this} is challenger; champion stays {theirs}: {lower}, short of {needed} (within the noise)"
             else:
                 message = f"{this} is challenger; champion stays {theirs}, which it does not beat"
         if wins:

@@ -76,18 +76,15 @@ def log_missing_params(client: Any, run_id: str, params: Params, logged: Mapping
 
 
 def log_study_plots(study: Any, client: Any, run_id: str, objectives: list[str]) -> list[str]:
-    """Optuna's history, importances and parallel coordinates (and the Pareto front) as PNGs.
+    """Optuna's history, importances and parallel coordinates (and the Pareto front) as
+    interactive HTML (``optuna.visualization``, plotly).
 
-    plotly is not installed, so these are ``optuna.visualization.matplotlib``; the
-    trials table goes along as CSV. A plot the study cannot draw yet (too few
-    complete trials) is skipped with a warning.
+    Each file embeds plotly.js, so it opens in the MLflow UI, or from disk, without the
+    internet. The trials table goes along as CSV. A plot Optuna fails to draw is skipped
+    with a warning (with no complete trial yet, Optuna draws it empty, and says so).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import optuna
-    from optuna.visualization import matplotlib as plots
+    from optuna import visualization as plots
 
     logger = get_run_logger()
     target = None if len(objectives) == 1 else (lambda t: t.values[0])
@@ -103,13 +100,11 @@ def log_study_plots(study: Any, client: Any, run_id: str, objectives: list[str])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             try:
-                axes = draw()
+                figure = draw()
             except (ValueError, RuntimeError, ZeroDivisionError) as err:
                 logger.warning(f"optuna plot {name}: {err}")
                 continue
-        figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
-        client.log_figure(run_id, figure, f"optuna/{name}.png", save_kwargs={"bbox_inches": "tight", "dpi": 120})
-        plt.close(figure)
+        client.log_figure(run_id, figure, f"optuna/{name}.html", save_kwargs={"include_plotlyjs": True})
         logged.append(name)
     client.log_text(run_id, study.trials_dataframe().to_csv(index=False), "optuna/trials.csv")
     return logged
@@ -132,11 +127,13 @@ def summarize(study: Any, client: Any, run_id: str, objectives: list[str], ran: 
         front = study.best_trials if len(objectives) > 1 else [study.best_trial]
         best = [
             {"number": t.number, "values": dict(zip(objectives, t.values)), "params": t.params,
+             "fid_interval": [t.user_attrs.get("fid_low"), t.user_attrs.get("fid_high")],
              "mlflow_run_id": t.user_attrs.get("mlflow_run_id"), "dvc_experiment": t.user_attrs.get("dvc_experiment")}
             for t in front
         ]
         first = min(front, key=lambda t: t.values[0])
         metrics += [Metric(f"best_{name}", v, now, step) for name, v in zip(objectives, first.values)]
+        metrics += [Metric(f"best_{key}", first.user_attrs[key], now, step) for key in ("fid_low", "fid_high") if key in first.user_attrs]
         client.set_tag(run_id, "sweep.best_trial", str(first.number))
         client.set_tag(run_id, "sweep.best_run_id", first.user_attrs.get("mlflow_run_id", ""))
     client.log_batch(run_id, metrics=metrics)

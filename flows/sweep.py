@@ -15,7 +15,7 @@
   that its stages log into (``MLFLOW_RUN_ID``). The study's plots go to the parent run.
   A local SQLite store takes concurrent trials: MLflow's sessions wait out each other's
   writes (SQLite's busy timeout).
-- **Pruning** (:mod:`flows.pruning`): the flow polls the trial's ``val_loss``, reports
+- **Pruning** (:mod:`flows.pruning`): the flow polls the trial's ``val_loss`` (``sweep.prune_on``), reports
   it to Optuna's MedianPruner and stops the experiment when told to prune.
 - **Concurrency** (:mod:`flows.devices`): ``sweep.concurrency`` trials at once, each a
   Prefect task. Each trial leases one of the worker's GPUs (``CUDA_VISIBLE_DEVICES``)
@@ -48,12 +48,12 @@ from prefect.futures import as_completed
 from diffusion import tracking
 from diffusion.evaluation import protocol
 from diffusion.config import SearchDim, merge_params, parse_params
-from diffusion.stages.paths import EVALUATE_METRICS, FID_PROTOCOL, MODEL_RUN
+from diffusion.stages.paths import EVALUATE_METRICS, FID_PROTOCOL, MODEL_RUN, SAMPLE_RUN
 from flows import processes
 from flows.commands import check, command_env, run_with_lock_retries, set_args
 from flows.devices import available_cores, cpu_threads, lease_gpu, worker_gpus
 from flows.pipeline import dvc, stage_order
-from flows.pruning import ValLossReporter, pruning
+from flows.pruning import PruningReporter, pruning
 from flows.remote import fetch_run_cache, pull_args, push_runs
 from flows.reporting import end_stale_run, log_missing_params, log_study_plots, mlflow_client, open_parent_run, summarize
 from flows.study import (
@@ -61,6 +61,7 @@ from flows.study import (
 )
 
 POLL_S = 2.0
+INTERVAL_METRICS = ("fid_low", "fid_high", "fid_se")  # the evaluate stage's interval of its FID
 # Stages every trial shares unless the space changes their params section: run once,
 # before concurrent trials start.
 SHARED_STAGES = {"prepare": "data"}
@@ -105,9 +106,9 @@ def experiment_name(study_name: str, number: int) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_-]+', '-', study_name).strip('-') or 'sweep'}-{number}"
 
 
-def read_experiment(root: Path, name: str) -> tuple[dict[str, float] | None, dict | None, str | None]:
-    """The experiment's ``metrics/evaluate.json``, its ``metrics/protocol.json`` and the
-    model run in its ``models/run.json``."""
+def read_experiment(root: Path, name: str) -> tuple[dict[str, float] | None, dict | None, str | None, str | None]:
+    """The experiment's ``metrics/evaluate.json``, its ``metrics/protocol.json``, the
+    model run in its ``models/run.json`` and the sample run in its ``samples/run.json``."""
     from dvc.api import DVCFileSystem
     from dvc.exceptions import DvcException
 
@@ -119,8 +120,8 @@ def read_experiment(root: Path, name: str) -> tuple[dict[str, float] | None, dic
         except (FileNotFoundError, DvcException):
             return None
 
-    model = read(str(MODEL_RUN))
-    return read(str(EVALUATE_METRICS)), read(str(FID_PROTOCOL)), (model or {}).get("run_id")
+    model, sample = read(str(MODEL_RUN)), read(str(SAMPLE_RUN))
+    return read(str(EVALUATE_METRICS)), read(str(FID_PROTOCOL)), (model or {}).get("run_id"), (sample or {}).get("run_id")
 
 
 def trial_env(sweep: Sweep, number: int, run_id: str, gpu: str | None, log: Callable[[str], Any]) -> dict[str, str]:
@@ -162,7 +163,9 @@ def run_trial(number: int, trial: Any, overrides: dict[str, Any], sweep: Sweep) 
     try:
         params = parse_params(merge_params(sweep.raw_params, overrides), f"trial {number}")
         cmd = ["dvc", "exp", "run", "--temp", *pull_args(sweep.root), "--name", name, *set_args(overrides, sweep.raw_params)]
-        reporter = ValLossReporter.for_trial(trial, client, run_id, params.train.steps) if sweep.pruning else None
+        reporter = (
+            PruningReporter.for_trial(trial, client, run_id, params.train.steps, params.sweep.prune_on) if sweep.pruning else None
+        )
         fetch_run_cache(sweep.root, command_env(sweep.root), logger)  # before the lease: it needs no GPU
         with lease_gpu(sweep.gpus, holder=f"trial {number} of study {sweep.study_name}", log=logger.info) as gpu:
             env = trial_env(sweep, number, run_id, gpu, logger.info)
@@ -174,26 +177,32 @@ def run_trial(number: int, trial: Any, overrides: dict[str, Any], sweep: Sweep) 
         check(outcome, cmd)
         if reporter is not None:
             reporter.report()  # the points logged after the last poll
-        metrics, recorded, model_run = read_experiment(sweep.root, name)
+        metrics, recorded, model_run, sample_run = read_experiment(sweep.root, name)
         if metrics is None:
             # A repository that git-ignores metrics/ commits experiments without it: take what evaluate logged.
             logger.warning(f"trial {number}: {EVALUATE_METRICS} is not in experiment {name}; using the run's metrics")
             metrics = client.get_run(run_id).data.metrics
         if model_run and model_run != run_id:
             client.set_tag(run_id, "train.model_run_id", model_run)  # train came from DVC's run cache
+        if sample_run and sample_run != run_id:
+            client.set_tag(run_id, "sample.run_id", sample_run)  # so did sample: its run holds a reconstructed EMA's model
         try:
             values = [OBJECTIVES[objective](metrics, params) for objective in sweep.objectives]
         except KeyError as err:
             raise TrialFailed(f"trial {number}: no {err} in {EVALUATE_METRICS}") from None
         if not all(math.isfinite(v) for v in values):
             raise TrialFailed(f"trial {number}: objectives {dict(zip(sweep.objectives, values))} are not finite")
+        for key in INTERVAL_METRICS:  # the FID's interval beside the objective, in Optuna's dashboard too
+            if key in metrics:
+                through_outage(lambda key=key: trial.set_user_attr(key, metrics[key]), logger.info)
         logged = client.get_run(run_id).data
-        for objective, value in zip(sweep.objectives, values):
-            if objective not in logged.metrics:
-                client.log_metric(run_id, objective, value)
+        for key, value in {**metrics, **dict(zip(sweep.objectives, values))}.items():
+            if key not in logged.metrics and key != "num_samples":  # evaluate came from DVC's run cache
+                client.log_metric(run_id, key, value)
         if recorded and protocol.DIGEST_TAG not in logged.tags:
-            # evaluate came from DVC's run cache: its FID protocol from the experiment's file
-            for key, value in protocol.to_tags(recorded).items():
+            # evaluate came from DVC's run cache: its FID protocol and interval from the experiment's file
+            interval = {f"{protocol.INTERVAL_TAG_PREFIX}{key}": str(value) for key, value in recorded.pop("interval", {}).items()}
+            for key, value in (protocol.to_tags(recorded) | interval).items():
                 client.set_tag(run_id, key, value)
         log_missing_params(client, run_id, params, logged.params)
         push_runs(sweep.root, env, logger)

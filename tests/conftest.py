@@ -48,9 +48,14 @@ def pytest_collection_modifyitems(config, items) -> None:
 TINY_PARAMS = {
     "data": {"source": "mnist5k", "image_size": 28, "holdout": 16, "reference_images": 48},
     "model": {"name": "unet-tiny"},
-    "train": {"steps": 30, "batch_size": 16, "warmup_steps": 5, "checkpoint_every": 10, "log_every": 5, "bpd_images": 2},
+    # eval_images 0: no in-training KID curve (Inception in every training); tests/test_train_eval.py and
+    # the make-pipeline test of tests/test_readme.py turn it on
+    "train": {
+        "steps": 30, "batch_size": 16, "warmup_steps": 5, "checkpoint_every": 10, "log_every": 5, "bpd_images": 2,
+        "eval_images": 0,
+    },
     "sample": {"num_samples": 48, "batch_size": 48, "steps": 5, "grid_rows": 4},
-    "evaluate": {"batch_size": 48},
+    "evaluate": {"batch_size": 48, "bootstrap_replicates": 20},
     "diffusion": {"timesteps": 100},
     "sweep": {"n_trials": 2, "space": {"sample.steps": {"type": "categorical", "choices": [3, 5]}}},
 }

@@ -266,6 +266,8 @@ def test_validate_checks_the_autoencoders_and_the_classifiers_device(tmp_path, m
          "fit_schedule.reference_steps: 2000 is more than diffusion.timesteps (1000); allowed 2..1000"),
         ({"fit_schedule": {"start": "fitted"}}, "fit_schedule.start: got 'fitted'; input should be 'linspace', 'trailing', 'log-snr' or 'karras'"),
         ({"train": {"p_uncond": 1.0}}, "train.p_uncond: Input should be less than 1"),
+        ({"evaluate": {"bootstrap_replicates": 10}}, "evaluate.bootstrap_replicates: Input should be greater than or equal to 20"),
+        ({"evaluate": {"confidence": 1.0}}, "evaluate.confidence: Input should be less than 1"),
         ({"guidance": {"classifier_scale": -2}}, "guidance.classifier_scale: Input should be greater than or equal to 0"),
     ],
 )
@@ -327,12 +329,13 @@ def test_validate_checks_the_split_against_the_sources_size(tmp_path, monkeypatc
     (tmp_path / "idx" / "train-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3]) + (10).to_bytes(4, "big") + bytes(8))
     (tmp_path / "idx" / "train-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + (10).to_bytes(4, "big"))
     base = {"holdout": 16, "reference_images": 48}
+    k = {"evaluate": {"prdc_k": 1}}  # a k-th neighbour among 2 reference images
     with pytest.raises(DatasetError) as err:
-        validate.run(parse_params(full_params({"data": {**base, **data}})))
+        validate.run(parse_params(full_params({"data": {**base, **data}, **k})))
     assert str(err.value) == expected
     assert not (tmp_path / "data").exists()
     fits = {**data, "holdout": 1, "reference_images": 2}
-    validate.run(parse_params(full_params({"data": {**base, **fits}})))
+    validate.run(parse_params(full_params({"data": {**base, **fits}, **k})))
     assert (tmp_path / "data" / "params.ok").is_file()
 
 
@@ -363,9 +366,9 @@ def test_validate_checks_data_root_as_prepare_does(tmp_path, monkeypatch, data, 
     [
         ({"sample": {"labels": [3, 10]}}, "sample.labels: 10 is not a class of this model; allowed 0..9"),
         ({"data": {"source": "imagefolder", "root": "folder", "holdout": 1, "reference_images": 2},
-          "sample": {"labels": [1]}}, "sample.labels: 1 is not a class of this model; allowed 0..0"),
+          "evaluate": {"prdc_k": 1}, "sample": {"labels": [1]}}, "sample.labels: 1 is not a class of this model; allowed 0..0"),
         ({"data": {"source": "imagefolder", "root": "folder", "holdout": 1, "reference_images": 2},
-          "guidance": {"classifier": True, "classifier_eval_images": 1}},
+          "evaluate": {"prdc_k": 1}, "guidance": {"classifier": True, "classifier_eval_images": 1}},
          "guidance.classifier: data.source imagefolder holds 1 class; a classifier needs 2 or more (or set guidance.classifier: false)"),
     ],
 )

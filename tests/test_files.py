@@ -52,15 +52,15 @@ def _evaluate_outputs(disk: Path, size: int, patch: pytest.MonkeyPatch) -> None:
     for name in ("EVALUATE_METRICS", "FID_PROTOCOL", "FID_CURVE"):  # the stage's paths, on the small disk
         patch.setattr(evaluate, name, disk / getattr(evaluate, name))
     measured = dict.fromkeys(protocol.FIELDS, None) | {"note": "x" * size}
-    evaluate._write_outputs({"fid": 12.5, "num_samples": 48}, measured, [(16, 30.0), (48, 12.5)])
+    evaluate._write_outputs({"fid": 12.5, "num_samples": 48}, measured, {"replicates": 200}, [(16, 30.0), (48, 12.5)])
 
 
 def _train_outputs(disk: Path, size: int, patch: pytest.MonkeyPatch) -> None:
     from diffusion.stages import train
 
-    for name in ("TRAIN_METRICS", "LOSS_CURVE", "VAL_CURVE"):
+    for name in ("TRAIN_METRICS", "LOSS_CURVE", "VAL_CURVE", "EVAL_CURVE"):
         patch.setattr(train, name, disk / getattr(train, name))
-    train._write_outputs({"steps": 30, "note": "x" * size}, [(1, 1.0)], [(1, 1.0)])
+    train._write_outputs({"steps": 30, "note": "x" * size}, [(1, 1.0)], [(1, 1.0)], [(1, {"train_kid": 0.1, "train_fid": 9.0}, 2.0)])
 
 
 def _run_file(disk: Path, size: int, patch: pytest.MonkeyPatch) -> None:

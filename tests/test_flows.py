@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -160,6 +161,17 @@ def test_unet_arguments_are_not_searched_for_a_transformer():
         parse_params(full_params({"sweep": {"space": both}}))
 
 
+def plotly_traces(client, run_id: str, path: str, dst: Path) -> list[dict]:
+    """The traces a plotly HTML artifact draws (its ``Plotly.newPlot`` data); the file
+    carries plotly.js itself, so it opens without the internet."""
+    html = Path(client.download_artifacts(run_id, path, str(dst))).read_text()
+    embedded = re.search(r"\* plotly\.js v\d", html) and not re.search(r"<script[^>]*\ssrc=", html)
+    assert embedded, f"{path}: plotly.js is not embedded"
+    call = re.search(r'Plotly\.newPlot\(\s*"[^"]+",\s*', html)
+    assert call, f"{path}: no plotly figure"
+    return json.JSONDecoder().raw_decode(html, call.end())[0]
+
+
 def log_points(client, run_id: str, key: str, points: dict[int, float]) -> None:
     for step, value in points.items():
         client.log_metric(run_id, key, value, step=step)
@@ -169,7 +181,7 @@ def test_pruning_compares_val_loss_from_a_quarter_of_the_trials_own_steps(tmp_pa
     """The sweep's study and pruner, a real MLflow store: val_loss (not loss) decides, and
     the warm-up is a quarter of the trial's own train.steps (8 here), not the base config's (400)."""
     from diffusion.config import merge_params, parse_params
-    from flows.pruning import VAL_LOSS_METRIC, ValLossReporter
+    from flows.pruning import VAL_LOSS_METRIC, PruningReporter
     from flows.reporting import mlflow_client
     from flows.study import open_study
 
@@ -178,10 +190,10 @@ def test_pruning_compares_val_loss_from_a_quarter_of_the_trials_own_steps(tmp_pa
     client = mlflow_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.create_experiment("prune")
 
-    def reporter_of(trial, steps: int) -> tuple[ValLossReporter, str]:
+    def reporter_of(trial, steps: int) -> tuple[PruningReporter, str]:
         run_id = client.create_run(exp).info.run_id
         train_steps = parse_params(merge_params(raw, {"train.steps": steps})).train.steps
-        return ValLossReporter.for_trial(trial, client, run_id, train_steps), run_id
+        return PruningReporter.for_trial(trial, client, run_id, train_steps), run_id
 
     for _ in range(2):  # the pruner's startup trials, val_loss 1.0 at every step
         trial = study.ask()
@@ -209,7 +221,7 @@ def test_a_pruned_trial_stops_its_command(tmp_path):
     import optuna
 
     from flows.commands import command_env, run_command
-    from flows.pruning import VAL_LOSS_METRIC, ValLossReporter
+    from flows.pruning import VAL_LOSS_METRIC, PruningReporter
     from flows.reporting import mlflow_client
 
     client = mlflow_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -217,7 +229,7 @@ def test_a_pruned_trial_stops_its_command(tmp_path):
     log_points(client, run_id, VAL_LOSS_METRIC, {2: 5.0, 4: 5.0})
     study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=1.0))
     trial = study.ask()
-    reporter = ValLossReporter.for_trial(trial, client, run_id, train_steps=8)
+    reporter = PruningReporter.for_trial(trial, client, run_id, train_steps=8)
     start = time.monotonic()
     outcome = run_command(
         [sys.executable, "-c", "import time; print('training', flush=True); time.sleep(60)"],
@@ -336,7 +348,9 @@ def test_concurrent_two_objective_sweep(device, prefect_harness, tmp_path, monke
     # the default's guidance (w = 2) costs two passes a step
     assert {client.get_run(t["run_id"]).data.metrics["sampling_cost"] for t in trained} == {4.0, 10.0}
     plots = {a.path for a in client.list_artifacts(summary["parent_run_id"], "optuna")}
-    assert {"optuna/history.png", "optuna/pareto_front.png"} <= plots
+    assert {"optuna/history.html", "optuna/pareto_front.html"} <= plots
+    pareto = plotly_traces(client, summary["parent_run_id"], "optuna/pareto_front.html", tmp_path)
+    assert sorted(point for trace in pareto for point in zip(trace["x"], trace["y"])) == front
 
 
 class Messages(logging.Handler):
@@ -465,7 +479,7 @@ def test_trials_are_dvc_experiments(swept):
         assert fid == pytest.approx(study.trials[number].values[0], rel=1e-12)
 
 
-def test_trials_are_nested_mlflow_runs(swept):
+def test_trials_are_nested_mlflow_runs(swept, tmp_path):
     from mlflow import MlflowClient
 
     client = MlflowClient(swept["uri"])
@@ -485,7 +499,17 @@ def test_trials_are_nested_mlflow_runs(swept):
     for n in (0, 2, 3):
         assert runs[n].data.metrics["fid"] == pytest.approx(study.trials[n].values[0])
     plots = {a.path for a in client.list_artifacts(parent, "optuna")}
-    assert {"optuna/history.png", "optuna/parallel_coordinates.png", "optuna/trials.csv"} <= plots
+    assert {"optuna/history.html", "optuna/parallel_coordinates.html", "optuna/trials.csv"} <= plots
+    # The plots draw the study's complete trials: trial number against FID, and a line per trial
+    # through its FID and sample.steps (hover labels, Optuna's 3 significant digits).
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    history = plotly_traces(client, parent, "optuna/history.html", tmp_path)[0]
+    assert history["name"] == "fid" and history["x"] == [0, 2, 3]
+    assert history["y"] == pytest.approx([t.values[0] for t in complete], rel=1e-12)
+    lines = plotly_traces(client, parent, "optuna/parallel_coordinates.html", tmp_path)
+    assert sorted(trace["customdata"] for trace in lines if "customdata" in trace) == sorted(
+        [["fid", f"{t.values[0]:.3g}"], ["sample.steps", f"{t.params['sample.steps']:.3g}"]] for t in complete
+    )
 
 
 def test_promotion_follows_fid_under_one_protocol(swept):

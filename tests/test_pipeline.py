@@ -46,6 +46,10 @@ def assert_tracked_everything(repo: Path, out: str) -> None:
     assert math.isfinite(evaluation["fid"]) and evaluation["fid"] > 0
     assert evaluation["num_samples"] == TINY_PARAMS["sample"]["num_samples"]
     assert 0 < evaluation["kid"] < 10
+    # the intervals hold their estimates
+    assert evaluation["fid_low"] < evaluation["fid"] < evaluation["fid_high"] and evaluation["fid_se"] > 0
+    assert evaluation["kid_low"] < evaluation["kid"] < evaluation["kid_high"]
+    assert all(0 <= evaluation[key] <= 1 for key in ("precision", "recall", "coverage")) and evaluation["density"] >= 0
     train_metrics = json.loads((repo / "metrics/train.json").read_text())
     assert train_metrics["step"] == TINY_PARAMS["train"]["steps"]
     assert math.isfinite(train_metrics["bpd"])
@@ -69,6 +73,13 @@ def assert_tracked_everything(repo: Path, out: str) -> None:
     assert [m.step for m in losses] == list(range(5, 31, 5))
     for key in ("grad_norm", "lr", "img_per_s"):
         assert client.get_metric_history(model_run_id, key)
+    # The in-training KID curve (train.eval_images on; eval_every 150 > 30 steps: the last step alone).
+    kid_curve = (repo / "plots/train_kid.csv").read_text().splitlines()
+    assert kid_curve[0] == "step,kid,fid" and [row.split(",")[0] for row in kid_curve[1:]] == ["30"]
+    assert [(m.step, m.value) for m in client.get_metric_history(model_run_id, "train_kid")] == [
+        (30, pytest.approx(train_metrics["train_kid"]))
+    ]
+    assert 0 < train_metrics["train_eval_seconds"] and math.isfinite(train_metrics["train_fid"])
     assert any(k.startswith("system/") for k in model_run.data.metrics)
     assert model_run.data.tags["git_commit"] == run_in(repo, "git", "rev-parse", "HEAD").stdout.strip()
     train_md5 = next(o["md5"] for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/train.npz")

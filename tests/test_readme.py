@@ -26,6 +26,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import BIN, ROOT, TINY_PARAMS, make_pipeline_repo
+from diffusion.config import merge_params
 from services import flow_run_id, free_port, start, stop, wait_http
 from test_pipeline import assert_bad_param_stops_before_outputs_go, assert_only_sampling_reran, assert_tracked_everything
 from test_flows import SWEEP_PARAMS
@@ -73,7 +74,7 @@ def sh(repo: Path, *cmd: str, env: dict, timeout: float = 900) -> subprocess.Com
 @pytest.mark.integration
 def test_make_pipeline_tracks_everything_and_the_readme_commands_work_without_a_venv(tmp_path: Path):
     assert str(BIN) not in "/usr/bin:/bin"
-    repo = fresh_clone(tmp_path / "clone", TINY_PARAMS)
+    repo = fresh_clone(tmp_path / "clone", merge_params(TINY_PARAMS, {"train.eval_images": 4}))  # with the KID curve
     env = newcomer_env(repo)
     out = sh(repo, "make", "pipeline", env=env)
     assert "command not found" not in out.stdout + out.stderr
@@ -198,6 +199,7 @@ NOT_RUN_BY_A_TEST = {
     "dvc exp run -S sample.sampler=dpm++2m -S sample.steps=10 -S sample.schedule=log-snr":
         "re-samples and scores the 500 digits of a trained default",
     "dvc exp run -S model.class_conditional=false -S sample.guidance_scale=1": "trains the default again, unconditional",
+    "dvc exp run -S sample.ema_length=0.12": "re-samples and scores the 500 digits of a trained default with a reconstructed EMA",
     "dvc exp run -S sample.sampler=unipc -S sample.steps=8 -S sample.schedule=fitted":
         "fits a schedule to a trained default and scores 500 digits (tests/test_registry.py fits one through dvc repro)",
     "prefect deployment run train-sweep/train-sweep -p study_name=schedules -p concurrency=2":

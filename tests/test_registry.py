@@ -49,13 +49,17 @@ def store(tmp_path_factory):
         yield {"uri": uri, "model_run": run.info.run_id, "root": root}
 
 
-def fid_run(store, fid: float, recorded: dict | None = MEASURED, **changes) -> str:
-    """A finished sample run nested under the model run: its FID and the protocol it was
-    measured under (``recorded`` with ``changes``; None: no protocol tags)."""
+def fid_run(store, fid: float, recorded: dict | None = MEASURED, *, se: float | None = None, **changes) -> str:
+    """A finished sample run nested under the model run: its FID (and its bootstrap standard
+    error ``se``) and the protocol it was measured under (``recorded`` with ``changes``; None:
+    no protocol tags)."""
     client = MlflowClient(store["uri"])
     experiment = tracking.experiment_id("diffusion", store["uri"])
     run = client.create_run(experiment, tags={"mlflow.parentRunId": store["model_run"]})
     client.log_metric(run.info.run_id, "fid", fid)
+    if se is not None:
+        client.log_metric(run.info.run_id, "fid_se", se)
+        client.set_tag(run.info.run_id, "fid.interval.confidence", "0.95")
     for key, value in protocol.to_tags({**recorded, **changes}).items() if recorded else ():
         client.set_tag(run.info.run_id, key, value)
     client.set_terminated(run.info.run_id)
@@ -94,6 +98,48 @@ def test_champion_moves_only_over_a_version_of_the_same_protocol(store):
         assert torch.equal(model.net.state_dict()[key], weight), key
     # Promoting the same run again reuses its version.
     assert registry.promote(name, run_id=same.run_id, tracking_uri=store["uri"]).version == same.version
+
+
+def test_champion_moves_only_on_an_fid_lower_beyond_the_noise(store):
+    name = "beyond-the-noise"
+    first = registry.promote(name, run_id=fid_run(store, 40.0, se=0.5), tracking_uri=store["uri"])
+    assert first.champion
+    # 0.5 lower, each +- 0.5: Phi(0.5 / (0.5 sqrt 2)) = Phi(0.7071) = 0.7602 of being lower, short of 0.95
+    close = registry.promote(name, run_id=fid_run(store, 39.5, se=0.5), tracking_uri=store["uri"])
+    assert not close.champion
+    assert close.message.endswith(
+        f"champion stays v{first.version} (FID 40.000 +- 0.500): lower by 0.500 with confidence 0.760, short of 0.95 (within the noise)"
+    )
+    client = MlflowClient(store["uri"])
+    assert client.get_model_version_by_alias(name, "champion").version == first.version
+    assert client.get_model_version_by_alias(name, "challenger").version == close.version
+    # 2.5 lower: Phi(3.536) = 0.9998
+    clear = registry.promote(name, run_id=fid_run(store, 37.5, se=0.5), tracking_uri=store["uri"])
+    assert clear.champion and clear.message.endswith(
+        f"now champion: it beats v{first.version} (FID 40.000 +- 0.500), lower by 2.500 with confidence 1.000"
+    )
+    assert client.get_model_version_by_alias(name, "champion").tags["fid_se"] == "0.5"
+    assert registry.improvement_confidence(37.5, 0.5, 40.0, 0.5) == pytest.approx(0.99980, abs=1e-5)
+
+
+def test_the_model_a_sample_run_drew_from_is_the_one_promoted(store):
+    """With sample.ema_length the sample stage logs the network it drew from into its own run,
+    weights other than the trained ones: promotion registers those, and of two models one run
+    logged (a sweep trial's train stage, then its sample stage) the newer; also when the run names
+    a model run (a trial whose train stage came from DVC's run cache)."""
+    run_id = fid_run(store, 30.0)
+    MlflowClient(store["uri"]).set_tag(run_id, "train.model_run_id", store["model_run"])
+    nets = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        nets.append(PackagedDiffusion(SPEC, PROCESS))
+        tracking.log_packaged_model(nets[-1], run_id=run_id, tracking_uri=store["uri"])
+        time.sleep(0.01)  # creation times in ms: the second is the newer
+    promotion = registry.promote("sampled", run_id=run_id, tracking_uri=store["uri"])
+    assert promotion.model_run_id == run_id
+    model = registry.load_model("models:/sampled@champion", tracking_uri=store["uri"])
+    for key, weight in nets[1].net.state_dict().items():
+        assert torch.equal(model.net.state_dict()[key], weight), key
 
 
 def test_a_run_without_a_protocol_is_not_promoted(store):

@@ -135,9 +135,10 @@ def test_resume_is_bit_for_bit(tmp_path, data):
     """10 steps, then fresh objects resume and run 10 more == 20 straight steps."""
     # log_every=3: the resume at 10 falls inside a log window, which must carry over.
     # Each call sees a different caller RNG: none may leak into the trajectory.
-    straight, straight_result = _run(tmp_path / "straight", data, _cfg(steps=20, log_every=3), caller_seed=1)
-    _run(tmp_path / "split", data, _cfg(steps=10, log_every=3), caller_seed=2)
-    resumed, resumed_result = _run(tmp_path / "split", data, _cfg(steps=20, log_every=3), caller_seed=3)
+    every = {"log_every": 3, "ema_snapshot_every": 5}
+    straight, straight_result = _run(tmp_path / "straight", data, _cfg(steps=20, **every), caller_seed=1)
+    _run(tmp_path / "split", data, _cfg(steps=10, **every), caller_seed=2)
+    resumed, resumed_result = _run(tmp_path / "split", data, _cfg(steps=20, **every), caller_seed=3)
 
     _assert_same_weights(_state(straight), _state(resumed))
     _assert_same_weights(straight_result.ema_model.state_dict(), resumed_result.ema_model.state_dict())
@@ -146,6 +147,11 @@ def test_resume_is_bit_for_bit(tmp_path, data):
     assert resumed_result.loss == straight_result.loss
     assert resumed_result.step == 20 and resumed_result.checkpoint == checkpoint_path(tmp_path / "split", 20)
     assert not torch.equal(straight.conv_out.weight, straight_result.ema_model.conv_out.weight)
+    # The power function EMAs' snapshots (train.ema_lengths) resume with the checkpoint.
+    snapshots = [(s["sigma_rel"], s["step"]) for s in resumed_result.ema_snapshots]
+    assert snapshots == [(length, step) for step in (5, 10, 15, 20) for length in (0.05, 0.1)]
+    for ours, theirs in zip(resumed_result.ema_snapshots, straight_result.ema_snapshots, strict=True):
+        _assert_same_weights(ours["state_dict"], theirs["state_dict"])
 
 
 def test_resume_uses_saved_dropout_rng(tmp_path, data):
@@ -253,7 +259,7 @@ def test_no_readable_checkpoint_is_one_line_and_trains_nothing(tmp_path, data):
     assert {p: p.read_bytes() for p in list_checkpoints(tmp_path)} == before
 
 
-@pytest.mark.parametrize("key", ["loss_curve", "val_curve"])
+@pytest.mark.parametrize("key", ["loss_curve", "val_curve", "posthoc_ema"])
 def test_checkpoint_missing_a_key_is_one_line(tmp_path, data, key):
     """A checkpoint of an older version, without ``loss_curve`` (or the newer ``val_curve``)."""
     _run(tmp_path, data, _cfg(steps=5))

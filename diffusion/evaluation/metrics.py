@@ -9,9 +9,10 @@ memory exactly as ``cleanfid.utils.ResizeDataset`` feeds decoded PNGs, so
 :func:`fid` equals ``cleanfid.fid.compute_fid`` on the same images written as files.
 
 - FID (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule"):
-  ``|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))``, by ``cleanfid.fid.frechet_distance``,
-  on the features of both sets written in a basis of the subspace they span (exact;
-  see :func:`fid_from_features`).
+  ``|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))``, the trace of the square root as the
+  nuclear norm of a product of covariance factors (exact; :func:`frechet_distance`), with
+  its uncertainty: a bootstrap over both feature sets (:func:`fid_bootstrap`) and FID
+  extrapolated to infinitely many images (:func:`fid_infinity`).
 - KID (Binkowski et al. 2018, "Demystifying MMD GANs"): the unbiased MMD^2 with the
   kernel ``k(x, y) = (x.y / d + 1)^3``, averaged over 100 subsets of up to 1,000
   features, by ``cleanfid.fid.kernel_distance``; its subsets come from numpy's global
@@ -45,7 +46,8 @@ import io
 import os
 import stat
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -231,35 +233,131 @@ def load_reference(path: str | Path) -> dict[str, np.ndarray]:
     return reference
 
 
-def _check_features(features: np.ndarray, where: str) -> np.ndarray:
+def _check_features(features: np.ndarray, where: str, dim: int | None = FEATURE_DIM) -> np.ndarray:
+    """``features`` as an array, when finite ``[N >= 2, dim]`` (any width when ``dim`` is None)."""
     features = np.asarray(features)
-    if features.ndim != 2 or features.shape[1] != FEATURE_DIM or len(features) < 2 or not np.isfinite(features).all():
-        raise DatasetError(f"{where}: expected finite Inception features [N >= 2, {FEATURE_DIM}]; got {features.dtype} {features.shape}")
+    width = features.shape[-1] if dim is None else dim
+    if features.ndim != 2 or features.shape[1] != width or len(features) < 2 or not np.isfinite(features).all():
+        kind = "Inception features" if dim == FEATURE_DIM else "features"
+        raise DatasetError(f"{where}: expected finite {kind} [N >= 2, {dim or 'D'}]; got {features.dtype} {features.shape}")
     return features
 
 
-def fid_from_features(features: np.ndarray, reference_features: np.ndarray) -> float:
-    """FID between two feature sets by ``cleanfid.fid.frechet_distance``, on the features written
-    in an orthonormal basis of the span of both centred sets and the mean difference.
+@dataclass(frozen=True)
+class Moments:
+    """The mean and a factor ``F`` of the covariance (``sigma = F^T F``) of a feature distribution."""
 
-    Exact, not an approximation: both covariances vanish outside that span and the mean
-    difference lies in it, and the Frechet distance is invariant under isometries. With
-    fewer than 2048 images in all, the matrix square root is (N1 + N2 + 1)-dimensional
-    instead of 2048-dimensional: milliseconds instead of tens of CPU-seconds, and a lower
-    rounding floor (a rank-deficient product's square root carries up to about
-    sqrt(machine eps) * largest eigenvalue of noise per dimension).
+    mean: np.ndarray  # [2048], float64
+    factor: np.ndarray  # [r, 2048], float64
+
+
+def moments(features: np.ndarray) -> Moments:
+    """Mean and unbiased covariance of ``[N, D]`` features. With N <= D the factor is the
+    centred features over sqrt(N - 1) (``[N, D]``: cheap); otherwise the covariance's
+    symmetric square root (:func:`statistics_moments`)."""
+    x = _check_features(features, "features", dim=None).astype(np.float64)
+    mean = x.mean(axis=0)
+    if len(x) > x.shape[1]:
+        return statistics_moments(mean, np.atleast_2d(np.cov(x, rowvar=False)))
+    return Moments(mean, (x - mean) / np.sqrt(len(x) - 1))
+
+
+def statistics_moments(mu: np.ndarray, sigma: np.ndarray) -> Moments:
+    """:class:`Moments` of a distribution known by its mean and covariance: ``F = L^(1/2) V^T``
+    from ``sigma = V L V^T`` (eigenvalues below 0, rounding, set to 0)."""
+    eigenvalues, vectors = np.linalg.eigh(np.asarray(sigma, dtype=np.float64))
+    return Moments(np.asarray(mu, dtype=np.float64), (vectors * np.sqrt(eigenvalues.clip(min=0))).T)
+
+
+def frechet_distance(a: Moments, b: Moments) -> float:
+    """``|mu_a - mu_b|^2 + Tr(S_a) + Tr(S_b) - 2 Tr((S_a S_b)^(1/2))`` (Heusel et al. 2017, eq. 6).
+
+    With ``S = F^T F``, the eigenvalues of ``S_a S_b`` that are not 0 are those of ``M M^T``,
+    ``M = F_a F_b^T``, so ``Tr((S_a S_b)^(1/2))`` is the sum of the singular values of ``M``
+    (its nuclear norm): exact, with no matrix square root, whose rounding on a rank-deficient
+    product (fewer than 2048 images) is what clean-fid's ``scipy.linalg.sqrtm`` pays for.
     """
-    from cleanfid.fid import frechet_distance
+    trace_sqrt = np.linalg.svd(a.factor @ b.factor.T, compute_uv=False).sum()
+    difference = a.mean - b.mean
+    return float(difference @ difference + np.sum(a.factor**2) + np.sum(b.factor**2) - 2 * trace_sqrt)
 
-    x = _check_features(features, "features").astype(np.float64)
-    y = _check_features(reference_features, "reference features").astype(np.float64)
-    mean_x, mean_y = x.mean(axis=0), y.mean(axis=0)
-    span = np.concatenate([x - mean_x, y - mean_y, (mean_x - mean_y)[None]])
-    if len(span) < FEATURE_DIM:
-        basis, _ = np.linalg.qr(span.T)
-        x, y = x @ basis, y @ basis
-    sx, sy = _statistics(x), _statistics(y)
-    return float(frechet_distance(sx["mu"], sx["sigma"], sy["mu"], sy["sigma"]))
+
+def fid_from_features(features: np.ndarray, reference_features: np.ndarray) -> float:
+    """FID between two feature sets (:func:`frechet_distance`); equals clean-fid's
+    ``frechet_distance`` of their ``mu`` and ``sigma`` up to its square root's rounding."""
+    return frechet_distance(moments(features), moments(reference_features))
+
+
+def fid_from_statistics(features: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> float:
+    """FID of features against a reference known only by its ``mu`` and ``sigma``."""
+    return frechet_distance(moments(features), statistics_moments(mu, sigma))
+
+
+def fid_bootstrap(
+    features: np.ndarray, reference: np.ndarray | Moments, *, replicates: int, seed: int = 0
+) -> np.ndarray:
+    """FIDs of ``replicates`` bootstrap resamples (Efron 1979): each draws N generated features
+    with replacement, and as many reference features from ``reference`` when it is a feature
+    set (a reference known by its :class:`Moments` alone is held fixed). Their spread is the
+    FID's sampling error at this N from both sides; :func:`bootstrap_interval` reads it."""
+    features = _check_features(features, "features", dim=None)
+    rng = np.random.default_rng(seed)
+    fixed = reference if isinstance(reference, Moments) else None
+    values = np.empty(replicates)
+    for i in range(replicates):
+        resampled = features[rng.integers(len(features), size=len(features))]
+        ref = fixed if fixed is not None else moments(reference[rng.integers(len(reference), size=len(reference))])
+        values[i] = frechet_distance(moments(resampled), ref)
+    return values
+
+
+def bootstrap_interval(estimate: float, replicates: np.ndarray, confidence: float) -> tuple[float, float]:
+    """The interval around ``estimate`` that its bootstrap ``replicates`` spread over: the
+    percentile interval (Efron & Tibshirani 1993, ch. 13) moved by the replicates' own shift
+    from the estimate, ``estimate + q - mean(replicates)`` for the (1 - confidence) / 2 and
+    (1 + confidence) / 2 quantiles q. A resample holds about 63% distinct images, so FID's
+    upward bias at small N is larger on the replicates than on the estimate; the shift takes it
+    out, and the interval is for FID at this N, the number a protocol fixes."""
+    low, high = np.quantile(replicates, [(1 - confidence) / 2, (1 + confidence) / 2]) - np.mean(replicates)
+    return float(estimate + low), float(estimate + high)
+
+
+def kid_bootstrap(features: np.ndarray, reference_features: np.ndarray, *, replicates: int, seed: int = 0) -> np.ndarray:
+    """KIDs of ``replicates`` bootstrap resamples of both feature sets: the unbiased MMD^2
+    (Binkowski et al. 2018, eq. 4) with KID's kernel ``(x.y / d + 1)^3`` on each resample, its
+    within-set means over pairs of distinct features, read from the kernel matrices computed once. With at most 1,000 features a side this is the
+    estimator :func:`kid_from_features` averages over its subsets (each one all the features)."""
+    x = _check_features(features, "features", dim=None).astype(np.float64)
+    y = _check_features(reference_features, "reference features", dim=None).astype(np.float64)
+    d = x.shape[1]
+    kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+    rng = np.random.default_rng(seed)
+
+    def distinct_pairs_mean(k: np.ndarray, index: np.ndarray) -> float:
+        distinct = index[:, None] != index[None, :]  # a feature drawn twice is not a pair of two
+        return k[np.ix_(index, index)][distinct].mean()
+
+    values = np.empty(replicates)
+    for r in range(replicates):
+        i, j = rng.integers(len(x), size=len(x)), rng.integers(len(y), size=len(y))
+        values[r] = distinct_pairs_mean(kxx, i) + distinct_pairs_mean(kyy, j) - 2 * kxy[np.ix_(i, j)].mean()
+    return values
+
+
+def fid_infinity(
+    features: np.ndarray, reference: Moments, *, sizes: Sequence[int], seed: int = 0
+) -> tuple[float, list[tuple[int, float]]]:
+    """FID extrapolated to infinitely many generated images (Chong & Forsyth 2020, "Effectively
+    Unbiased FID and Inception Score and where to find them", Sec. 3): FID at N is linear in
+    1/N, ``FID_N = FID_inf + k / N``, so a least-squares line through FID of random subsets of
+    ``sizes`` images, against the fixed ``reference``, meets 1/N = 0 at FID_inf. Returns FID_inf
+    and the (N, FID_N) points it was fitted to."""
+    features = _check_features(features, "features", dim=None)
+    rng = np.random.default_rng(seed)
+    points = [(int(n), frechet_distance(moments(features[rng.permutation(len(features))[:n]]), reference)) for n in sizes]
+    inverse = np.array([1 / n for n, _ in points])
+    slope, intercept = np.polyfit(inverse, np.array([value for _, value in points]), 1)
+    return float(intercept), points
 
 
 def kid_from_features(features: np.ndarray, reference_features: np.ndarray, *, seed: int = 0) -> float:

@@ -3,8 +3,8 @@
 An FID measures the images as much as the model. It depends on
 
 - the measurement: the number of samples (FID is biased upwards at small N), the
-  reference images (the sha256 of ``data/reference.npz`` and how many images it
-  holds) and the features (clean-fid's mode and the Inception weights,
+  reference (the sha256 of its file, ``data/reference.npz`` or ``evaluate.reference``, and
+  how many images it holds: null for a file of statistics alone) and the features (clean-fid's mode and the Inception weights,
   :data:`diffusion.evaluation.metrics.INCEPTION`);
 - the sampler that drew the images: sampler, steps, schedule (and a fitted schedule's
   ``timesteps``: two fits are two schedules), eta, EDM's churn (s_churn, s_tmin,
@@ -54,6 +54,7 @@ TEXT_FIELDS = ("reference_sha256", "inception", "sampler", "schedule", "precisio
 ADDED_LATER = {"precision": "fp32", **CHURN_DEFAULTS, "process": "ddpm", "timesteps": None}
 TAG_PREFIX = "fid.protocol."
 DIGEST_TAG = f"{TAG_PREFIX}digest"
+INTERVAL_TAG_PREFIX = "fid.interval."  # how the FID's interval was computed (not part of the protocol)
 
 
 class ProtocolError(ValueError):
@@ -63,7 +64,7 @@ class ProtocolError(ValueError):
 def describe(
     *,
     num_samples: int,
-    reference_images: int,
+    reference_images: int | None,
     reference_sha256: str,
     inception: str,
     sampler: str,
@@ -91,7 +92,7 @@ def describe(
     spec = SAMPLER_SPECS.get(str(sampler))  # None: a sampler since removed, its eta kept
     return {
         "num_samples": int(num_samples),
-        "reference_images": int(reference_images),
+        "reference_images": None if reference_images is None else int(reference_images),
         "reference_sha256": str(reference_sha256),
         "inception": str(inception),
         "sampler": str(sampler),

@@ -39,17 +39,15 @@ def fit(params: Params) -> dict:
     (:func:`diffusion.stages.sample.fitted_timesteps`)."""
     import torch
 
-    from diffusion.packaged import PackagedDiffusion
     from diffusion.process.options import process_identity
     from diffusion.sampling.fitted import fit_timesteps
     from diffusion.sampling.steps import make_steps
-    from diffusion.stages.paths import MODEL
-    from diffusion.stages.sample import image_labels, load_classifier, sampling_settings
+    from diffusion.stages.sample import image_labels, load_classifier, load_model, sampling_settings
     from diffusion.training.devices import resolve_device
 
     cfg, sample = params.fit_schedule, params.sample
     device = resolve_device(sample.device)
-    packaged = PackagedDiffusion.load(MODEL, map_location=device)
+    packaged = load_model(params, device)
     guided = params.guidance.classifier and params.guidance.classifier_scale > 0
     classifier = load_classifier(packaged, device) if guided else None
     labels = image_labels(packaged, params, classifier, cfg.calibration_images)

@@ -30,9 +30,11 @@ PIXEL_SPACE = b"model.space is pixel: no autoencoder, no latents\n"
 # train
 MODEL = Path("models/model.pt")
 MODEL_RUN = Path("models/run.json")  # the MLflow run that trained the model
+EMA_SNAPSHOTS = Path("models/ema_snapshots.pt")  # the power function EMAs' snapshots (diffusion/training/posthoc_ema.py)
 TRAIN_METRICS = Path("metrics/train.json")
 LOSS_CURVE = Path("plots/train_loss.csv")
 VAL_CURVE = Path("plots/val_loss.csv")
+EVAL_CURVE = Path("plots/train_kid.csv")  # KID and FID of the EMA model's samples during training
 # train_classifier
 CLASSIFIER = Path("models/classifier.pt")  # the noise-aware classifier, or CLASSIFIER_DISABLED
 CLASSIFIER_DISABLED = b"guidance.classifier is false: no classifier trained\n"  # the whole file when off

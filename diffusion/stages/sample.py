@@ -1,7 +1,10 @@
 """sample: N images from the trained model with the chosen sampler.
 
-Sampling is always from the EMA weights: ``models/model.pt`` stores only them (the
-train stage saves the EMA network), so there is no choice to make.
+Sampling is from EMA weights (:func:`load_model`): those of ``models/model.pt`` (the train stage
+saves the EMA network of ``train.ema_decay``) or, with ``sample.ema_length``, the power function
+EMA of that length, reconstructed from ``models/ema_snapshots.pt`` (EDM2's post-hoc EMA,
+:mod:`diffusion.training.posthoc_ema`); that network is then logged as the sample run's model,
+which promotion registers (:func:`diffusion.registry.find_model`).
 
 Outputs: ``samples/samples.npz`` (uint8 images [N, C, H, W], their labels and, as
 JSON, the sampling settings that drew them, which evaluate records in the FID
@@ -42,12 +45,26 @@ from diffusion.packaged import DEFAULT_SAMPLER, PackagedDiffusion
 from diffusion.process.options import process_identity
 from diffusion.sampling.specs import FITTED
 from diffusion.stages.paths import (
-    CLASSIFIER, CLASSIFIER_DISABLED, FITTED_SCHEDULE, GRID, MODEL, MODEL_RUN, SAMPLE_RUN, SAMPLES,
+    CLASSIFIER, CLASSIFIER_DISABLED, EMA_SNAPSHOTS, FITTED_SCHEDULE, GRID, MODEL, MODEL_RUN, SAMPLE_RUN, SAMPLES,
 )
 from diffusion.training import distributed
 from diffusion.training.checkpoint import load_checkpoint
+from diffusion.training.posthoc_ema import reconstruct
 from diffusion.training.devices import precision_name, resolve_device, resolve_precision
 from diffusion.errors import UserError
+
+
+def load_model(params: Params, device: torch.device) -> PackagedDiffusion:
+    """The network the sample and fit_schedule stages draw from, on ``device``: ``models/model.pt``'s, with
+    ``sample.ema_length`` its weights replaced by the power function EMA of that length at the
+    last snapshot's step, reconstructed from ``models/ema_snapshots.pt``."""
+    packaged = PackagedDiffusion.load(MODEL, map_location=device)
+    if params.sample.ema_length is not None:
+        snapshots = load_checkpoint(EMA_SNAPSHOTS)["snapshots"]
+        if not snapshots:
+            raise UserError(f"sample.ema_length: {EMA_SNAPSHOTS} holds no snapshots (train.ema_lengths was []): run `dvc repro train`")
+        packaged.net.load_state_dict(reconstruct(snapshots, params.sample.ema_length))
+    return packaged
 
 
 def load_classifier(packaged: PackagedDiffusion, device: torch.device) -> NoiseAwareClassifier:
@@ -151,7 +168,7 @@ def run(params: Params) -> None:
     if current.main:
         tracking.check_store(experiment=params.tracking.experiment)  # in seconds, before any work: one line
     device = resolve_device(params.sample.device)
-    packaged = PackagedDiffusion.load(MODEL, map_location=device)
+    packaged = load_model(params, device)
     guided = params.guidance.classifier and params.guidance.classifier_scale > 0
     classifier = load_classifier(packaged, device) if guided else None
     with distributed.process_group(current):
@@ -191,4 +208,6 @@ def _sample_and_write(params: Params, packaged, device, classifier, current) -> 
         with atomic_write(GRID) as fh:
             Image.fromarray(image_grid(images[: rows * rows], columns=rows)).save(fh, format="png")
         tracking.log_artifact(GRID)
+        if params.sample.ema_length is not None and params.tracking.log_model:
+            tracking.log_packaged_model(packaged)  # the weights the FID measures: promotion registers the run's own model
         tracking.write_run_id(SAMPLE_RUN, active.info.run_id)

@@ -3,7 +3,13 @@
 Outputs: ``models/model.pt`` (the EMA network and its configs, see
 :mod:`diffusion.packaged`), ``models/run.json`` (the MLflow run that trained it),
 ``metrics/train.json``, ``plots/train_loss.csv`` and ``plots/val_loss.csv`` (the
-reference loss that compares across configs, :mod:`diffusion.training.reference_loss`).
+reference loss that compares across configs, :mod:`diffusion.training.reference_loss`), and
+``plots/train_kid.csv``: KID and FID of the EMA model's samples against ``data/reference.npz``
+every ``train.eval_every`` steps (:func:`sample_quality`), also MLflow's ``train_kid`` and
+``train_fid`` against the step, with ``train_eval_seconds``, the time they took; and
+``models/ema_snapshots.pt``, the snapshots of the power function EMAs of ``train.ema_lengths``
+(:mod:`diffusion.training.posthoc_ema`), from which the sample stage reconstructs the EMA of
+length ``sample.ema_length`` (an empty list with ``train.ema_lengths: []``).
 
 With ``model.space: latent`` the network trains on the scaled latents of ``data/latents.npz``
 (the encode stage's), and ``models/model.pt`` carries the autoencoder of ``models/vae.pt``
@@ -42,31 +48,37 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from diffusion import tracking
-from diffusion.training.checkpoint import list_checkpoints
-from diffusion.config import Params
+from diffusion.training.checkpoint import list_checkpoints, save_checkpoint
+from diffusion.config import Params, TrainParams
 from diffusion.data.dataset import load_dataset
 from diffusion.data.latents import load_latents
 from diffusion.errors import UserError
+from diffusion.evaluation.metrics import cache_dir, fid_from_features, inception_features, kid_from_features, load_reference
 from diffusion.files import exclusive_lock, remove_stale_temps, write_csv, write_json
+from diffusion.images import generate_images, sampling_labels
 from diffusion.process.continuous import ContinuousDiffusion
 from diffusion.process.gaussian import GaussianDiffusion
 from diffusion.packaged import PackagedDiffusion, load_autoencoder
 from diffusion.stages.paths import (
-    AUTOENCODER, AUTOENCODER_RUN, HELDOUT_SET, LATENTS, LOSS_CURVE, MODEL, MODEL_RUN, TRAIN_METRICS, TRAIN_SET, VAL_CURVE,
-    checkpoint_key, checkpoints_dir,
+    AUTOENCODER, AUTOENCODER_RUN, EMA_SNAPSHOTS, EVAL_CURVE, HELDOUT_SET, LATENTS, LOSS_CURVE, MODEL, MODEL_RUN, REFERENCE,
+    TRAIN_METRICS, TRAIN_SET, VAL_CURVE, checkpoint_key, checkpoints_dir,
 )
 from diffusion.training import distributed
-from diffusion.training.loop import seeded_init, train
+from diffusion.training.devices import precision_name, resolve_precision
+from diffusion.training.loop import EvalFn, seeded_init, train
 
 MODEL_MD5_TAG = "model.md5"  # the md5 of models/model.pt (DVC's hash) the run's model was logged from
 
 # Params that do not change the trajectory: a checkpoint stays valid when they change.
 RESUMABLE_CHANGES = {
     "steps", "log_every", "checkpoint_every", "bpd_images", "val_every", "val_images", "device", "distributed", "micro_batch_size",
+    "eval_every", "eval_images", "eval_sampler", "eval_steps",
 }
+EVAL_SCHEDULE = "log-snr"  # the step schedule of the in-training samples (sample_quality)
 
 
 def model_spec(params: Params, channels: int, image_size: int, num_classes: int) -> dict:
@@ -106,10 +118,51 @@ def training_data(params: Params, dataset) -> TrainingData:
     )
 
 
+def sample_quality(cfg: TrainParams, packaged: PackagedDiffusion, data: TrainingData, reference_features: np.ndarray) -> EvalFn:
+    """``evaluate(step, ema_model)`` for the training loop: ``train_kid`` and ``train_fid``
+    (:func:`~diffusion.evaluation.metrics.kid_from_features`, :func:`~diffusion.evaluation.metrics.fid_from_features`)
+    of ``train.eval_images`` samples of the EMA network against ``reference_features``.
+
+    The same images every time: image k is image k of ``train.seed``
+    (:func:`diffusion.images.generate_images`) for label k of the balanced labels, drawn with
+    ``train.eval_sampler`` on ``train.eval_steps`` steps of the :data:`EVAL_SCHEDULE` schedule,
+    unguided (scale 1: the curve follows the network, not the guidance), at the training's
+    precision; a latent model's samples are decoded by ``data``'s autoencoder
+    (:class:`~diffusion.packaged.PackagedDiffusion`). None of the ``sample`` params enter.
+    """
+    labels = sampling_labels(None, cfg.eval_images, packaged.model_spec.get("num_classes"))
+    options = {"batch_size": "train.batch_size", "sampler": "train.eval_sampler", "steps": "train.eval_steps"}
+
+    def evaluate(step: int, ema_model: torch.nn.Module) -> dict[str, float]:
+        device = next(ema_model.parameters()).device
+        settings = {
+            "sampler": cfg.eval_sampler, "steps": cfg.eval_steps, "schedule": EVAL_SCHEDULE, "guidance_scale": 1.0,
+            "precision": precision_name(resolve_precision(cfg.precision, device)),
+        }
+        decoder = data.decoder.to(device) if data.decoder is not None else None
+        model = PackagedDiffusion(
+            packaged.model_spec, packaged.process, net=ema_model, sampling=settings, autoencoder=data.autoencoder,
+            decoder=decoder,
+        )
+        images = generate_images(
+            model, model.sampling, labels=labels, batch_size=cfg.batch_size, seed=cfg.seed, device=device,
+            name=options.get,
+        )
+        features = inception_features(images, device=cfg.device)
+        return {
+            "train_kid": kid_from_features(features, reference_features),
+            "train_fid": fid_from_features(features, reference_features),
+        }
+
+    return evaluate
+
+
 def run(params: Params) -> None:
     current = distributed.world()
     if current.main:
         tracking.check_store(experiment=params.tracking.experiment)  # in seconds, before any work: one line
+        if params.train.eval_images:
+            cache_dir()  # the Inception weights' cache, before any work: a HOME that is not writable is one line
     dataset = load_dataset(TRAIN_SET)
     data = training_data(params, dataset)
     _, channels, height, _ = data.images.shape
@@ -146,6 +199,9 @@ def _train(params: Params, packaged: PackagedDiffusion, dataset, data: TrainingD
     resume_run = _checkpoint_run(ckpt_dir)
     newest = list_checkpoints(ckpt_dir)
     continues = {"resumed_from_checkpoint": str(newest[-1])} if newest else {}
+    evaluate = None  # train.eval_images 0: no curve
+    if params.train.eval_images:
+        evaluate = sample_quality(params.train, packaged, data, load_reference(REFERENCE)["features"])
 
     with tracking.stage_run(
         "train", params.tracking.experiment, resume_run_id=resume_run, resume_tags=continues,
@@ -171,6 +227,7 @@ def _train(params: Params, packaged: PackagedDiffusion, dataset, data: TrainingD
                 params.train,
                 checkpoint_dir=ckpt_dir,
                 log=log,
+                evaluate=evaluate,
                 heldout_images=data.heldout,
                 class_conditional=params.model.class_conditional,
                 world=current,
@@ -181,13 +238,17 @@ def _train(params: Params, packaged: PackagedDiffusion, dataset, data: TrainingD
                 autoencoder=data.autoencoder, decoder=data.decoder,
             )
             final.save(MODEL)
+            save_checkpoint(EMA_SNAPSHOTS, {"snapshots": result.ema_snapshots})
             val_loss = result.val_curve[-1][1] if result.val_curve else None
+            quality = result.eval_curve[-1][1] if result.eval_curve else {}
             summary = {
-                "step": result.step, "loss": result.loss, "val_loss": val_loss, "img_per_s": result.img_per_s,
+                "step": result.step, "loss": result.loss, "val_loss": val_loss, **quality, "img_per_s": result.img_per_s,
                 "bpd": result.bpd,
             }
+            if result.eval_curve:
+                summary["train_eval_seconds"] = sum(seconds for *_, seconds in result.eval_curve)
             summary = {k: v for k, v in summary.items() if v is not None}
-            _write_outputs(summary, result.loss_curve, result.val_curve)
+            _write_outputs(summary, result.loss_curve, result.val_curve, result.eval_curve)
             tracking.write_run_id(MODEL_RUN, run_id)
             log(result.step, {f"final_{k}": v for k, v in summary.items() if k != "step"})
         model_missing = params.tracking.log_model and (log.unsent > 0 or not _log_model_once(final, active))
@@ -235,7 +296,11 @@ def _say_offline(run_id: str, log: tracking.MetricLog, model_missing: bool) -> N
     )
 
 
-def _write_outputs(summary: dict, loss_curve: list[tuple[int, float]], val_curve: list[tuple[int, float]]) -> None:
+def _write_outputs(
+    summary: dict, loss_curve: list[tuple[int, float]], val_curve: list[tuple[int, float]],
+    eval_curve: list[tuple[int, dict[str, float], float]],
+) -> None:
     write_json(TRAIN_METRICS, summary)
     write_csv(LOSS_CURVE, ["step", "loss"], loss_curve)
     write_csv(VAL_CURVE, ["step", "val_loss"], val_curve)
+    write_csv(EVAL_CURVE, ["step", "kid", "fid"], [(step, m["train_kid"], m["train_fid"]) for step, m, _ in eval_curve])

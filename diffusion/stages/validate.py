@@ -13,7 +13,9 @@ checks that depend on the data: ``data.holdout`` and ``data.reference_images`` a
 number of images the source holds (:mod:`diffusion.data.sizes`, the rule prepare applies to
 the images it reads), ``data.root`` as the source takes it, and ``sample.labels`` and
 ``guidance.classifier`` against the source's classes (the rules sample and train_classifier apply),
-and a ``vae.pretrained`` autoencoder against the source's channels (train_vae's rule). The output's content never changes, so a valid change re-runs no stage that its params do not
+and a ``vae.pretrained`` autoencoder against the source's channels (train_vae's rule); and an
+``evaluate.reference`` file, read as evaluate reads it, with ``evaluate.prdc_k`` against its
+features. The output's content never changes, so a valid change re-runs no stage that its params do not
 concern.
 """
 
@@ -31,6 +33,7 @@ OK = b"params.yaml is valid on this machine\n"
 
 def run(params: Params) -> None:
     _check_data(params)
+    _check_reference(params)
     devices = {"train.device": params.train.device, "sample.device": params.sample.device}
     if params.model.space == "latent":  # train_vae and encode
         devices["vae.device"] = params.vae.device
@@ -66,6 +69,26 @@ def _check_data(params: Params) -> None:
     if params.model.space == "latent" and params.vae.pretrained is not None:
         encodes = autoencoder_config(params.vae)["in_channels"]
         check_autoencoder_channels(params.vae.pretrained, encodes, FIXED_CHANNELS[params.data.source], where)
+
+
+def _check_reference(params: Params) -> None:
+    """``evaluate.reference`` (a file config.py found) loads as a reference (one line naming it,
+    :mod:`diffusion.evaluation.reference_files`), and holds more features than ``evaluate.prdc_k``
+    when it holds any (statistics alone give FID only)."""
+    path, k = params.evaluate.reference, params.evaluate.prdc_k
+    if path is None:
+        return
+    from diffusion.evaluation.reference_files import ReferenceFileError, load_reference_statistics
+
+    try:
+        features = load_reference_statistics(path)["features"]
+    except ReferenceFileError as err:
+        raise ReferenceFileError(f"evaluate.reference: {err}") from None
+    if features is not None and k >= len(features):
+        raise ReferenceFileError(
+            f"evaluate.prdc_k: {k} needs more than {k} images, but evaluate.reference {path} holds {len(features)} "
+            f"features; allowed 1..{len(features) - 1}"
+        )
 
 
 def _check_gpus(processes: int, section: str) -> None:

@@ -15,7 +15,9 @@ sampled timesteps and the hybrid loss):
    (:mod:`diffusion.process.weighting`: simple, min-SNR-γ, EDM's λ(σ), the flow's);
 3. AdamW (Loshchilov & Hutter 2019) with linear learning-rate warm-up
    (:func:`warmup_lr`), the gradient norm clipped to ``grad_clip`` (always
-   measured), then an EMA update of the weights (:mod:`diffusion.training.ema`).
+   measured), then an EMA update of the weights (:mod:`diffusion.training.ema`) and, on rank 0,
+   of the power function EMAs of ``train.ema_lengths``, snapshotted every ``train.ema_snapshot_every``
+   steps and at the last (:mod:`diffusion.training.posthoc_ema`: EDM2's post-hoc EMA).
 
 Checkpoints are ``<checkpoint_dir>/ckpt-<step>.pt`` (zero-padded step), written
 atomically every ``checkpoint_every`` steps, at the end, and at the step where SIGINT or
@@ -67,6 +69,7 @@ from diffusion.training.checkpoint import (
 )
 from diffusion.training.devices import autocast, batch_memory, resolve_device, resolve_precision
 from diffusion.training.ema import EMA
+from diffusion.training.posthoc_ema import PosthocEMA
 from diffusion.errors import UserError
 from diffusion.training.reference_loss import reference_loss
 from diffusion.process.continuous import ContinuousDiffusion
@@ -83,7 +86,7 @@ KEEP_CHECKPOINTS = 3
 """How many ``ckpt-<step>.pt`` files are kept; older ones are deleted."""
 
 RESUME_KEYS = (
-    "model", "ema", "optimizer", "timestep_sampler", "data_generator", "rng_cpu",
+    "model", "ema", "posthoc_ema", "optimizer", "timestep_sampler", "data_generator", "rng_cpu",
     "step", "loss_curve", "val_curve", "log_window",
 )
 """The keys of a training checkpoint that resume reads (and ``rng_cuda`` when it was saved on CUDA)."""
@@ -92,6 +95,8 @@ LOGGED_TERMS = ("loss", "mse", "vb")
 """Per-example terms of ``training_losses`` that are logged when present."""
 
 LogFn = Callable[[int, dict[str, float]], None]
+EvalFn = Callable[[int, nn.Module], dict[str, float]]
+"""``evaluate(step, ema_model)``: metrics of the EMA model at ``step`` (the train stage's sample quality)."""
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -112,12 +117,16 @@ class TrainResult:
     """Held-out bits/dim of the EMA model, or None when no held-out images were given."""
     val_curve: list[tuple[int, float]]
     """(step, :func:`~diffusion.training.reference_loss.reference_loss` of the EMA model) every ``val_every`` steps."""
+    eval_curve: list[tuple[int, dict[str, float], float]]
+    """(step, ``evaluate``'s metrics of the EMA model, its wall seconds) every ``eval_every`` steps and at the last."""
     img_per_s: float | None
     """Training throughput of this call (None when no step was left to run)."""
     checkpoint: Path
     """The newest checkpoint file."""
     ema_model: nn.Module
     """The EMA network (eval mode, on the training device): the one to sample from."""
+    ema_snapshots: list[dict[str, Any]]
+    """The snapshots of the power function EMAs (:attr:`~diffusion.training.posthoc_ema.PosthocEMA.snapshots`), rank 0's."""
 
 
 # ---------------------------------------------------------------- schedule & data
@@ -259,6 +268,7 @@ class Trainer:
         self.diffusion = diffusion
         self.cfg = cfg
         self.ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
+        self.posthoc = PosthocEMA(model, cfg.ema_lengths, cfg.ema_snapshot_every) if world.main else None
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         process = diffusion.process
         self.sampler = make_timestep_sampler(
@@ -329,6 +339,8 @@ class Trainer:
         self.optimizer.step()
         self.sampler.update(t_all, distributed.concat(torch.cat(per_example)))
         self.ema.update(self.model)
+        if self.posthoc is not None:
+            self.posthoc.update(self.model, last=step == cfg.steps)
         return stats
 
     def _rng_state(self) -> dict[str, torch.Tensor]:
@@ -344,6 +356,7 @@ class Trainer:
         state = {
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
+            "posthoc_ema": self.posthoc.state_dict() if self.posthoc is not None else None,  # rank 0's, which writes
             "optimizer": self.optimizer.state_dict(),
             "timestep_sampler": self.sampler.state_dict(),
             "data_generator": self.generator.get_state(),
@@ -363,6 +376,8 @@ class Trainer:
         try:
             self.model.load_state_dict(state["model"])
             self.ema.load_state_dict(state["ema"])
+            if self.posthoc is not None:
+                self.posthoc.load_state_dict(state["posthoc_ema"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.sampler.load_state_dict(state["timestep_sampler"])
             self.generator.set_state(state["data_generator"])
@@ -395,6 +410,7 @@ def train(
     checkpoint_dir: str | Path,
     heldout_images: torch.Tensor | None = None,
     log: LogFn | None = None,
+    evaluate: EvalFn | None = None,
     class_conditional: bool = False,
     progress: bool = True,
     world: distributed.World = distributed.World(),
@@ -406,8 +422,11 @@ def train(
     loss, mse (and vb) and grad_norm, plus lr and img_per_s; log points do not
     depend on where runs were stopped and resumed, so neither does the loss
     curve. The final loss is that of the last full window (of the steps so far
-    when there are fewer than ``log_every``). If ``heldout_images`` (uint8, or latents) are
-    given, the EMA model's :func:`~diffusion.training.reference_loss.reference_loss` on the
+    when there are fewer than ``log_every``). ``evaluate(step, ema_model)`` (:data:`EvalFn`), if
+    given, is called at every multiple of ``cfg.eval_every`` and at the last step, and its metrics
+    are logged with ``train_eval_seconds``, the wall seconds spent in it so far; it runs inside
+    ``torch.random.fork_rng``, so whatever it draws leaves the trajectory alone.
+    If ``heldout_images`` (uint8, or latents) are given, the EMA model's :func:`~diffusion.training.reference_loss.reference_loss` on the
     first ``cfg.val_images`` of them is logged as ``val_loss`` at every multiple of
     ``cfg.val_every`` (it draws no random number of the run, so the trajectory is the
     same with or without it), and for uint8 images their bits/dim on the first
@@ -428,7 +447,7 @@ def train(
     rng_devices = [run.device.index] if run.device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(run.torch_seed)
-        step, loss_curve, val_curve, window = 0, [], [], []
+        step, loss_curve, val_curve, eval_curve, window = 0, [], [], [], []
         val_images = None  # scaled once, scored every val_every steps
         if heldout_images is not None and cfg.val_images:
             val_images = model_input(heldout_images[: cfg.val_images])
@@ -437,11 +456,14 @@ def train(
             run.load_state_dict(state, last_ckpt)
             step, loss_curve, window = state["step"], state["loss_curve"], state["log_window"]
             val_curve = state["val_curve"]
+            eval_curve = state.get("eval_curve", [])  # a checkpoint of a run without evaluate has none
             if main:
                 print(f"train: resuming from {last_ckpt} at step {step}", flush=True)
 
         def write_checkpoint() -> Path:
-            state = run.state_dict() | {"step": step, "loss_curve": loss_curve, "val_curve": val_curve, "log_window": window}
+            state = run.state_dict() | {
+                "step": step, "loss_curve": loss_curve, "val_curve": val_curve, "eval_curve": eval_curve, "log_window": window,
+            }
             path = checkpoint_path(checkpoint_dir, step)
             if main:
                 save_checkpoint(path, state)
@@ -478,6 +500,14 @@ def train(
                     if log is not None:
                         log(step, {"val_loss": val_curve[-1][1]})
 
+                if main and evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+                    eval_start = time.perf_counter()
+                    with torch.random.fork_rng(devices=rng_devices):
+                        quality = evaluate(step, run.ema.model)
+                    eval_curve.append((step, quality, time.perf_counter() - eval_start))
+                    if log is not None:
+                        log(step, quality | {"train_eval_seconds": sum(seconds for *_, seconds in eval_curve)})
+
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                     last_ckpt = write_checkpoint()
                 stop = distributed.highest(interrupt.requested() or 0)  # every rank stops at the same step
@@ -498,10 +528,12 @@ def train(
         loss=loss_curve[-1][1] if loss_curve else sum(s["loss"] for s in window) / len(window),
         loss_curve=loss_curve,
         val_curve=val_curve,
+        eval_curve=eval_curve,
         bpd=bpd,
         img_per_s=cfg.batch_size * timed_steps / timed_s if timed_steps else None,
         checkpoint=last_ckpt,
         ema_model=run.ema.model,
+        ema_snapshots=run.posthoc.snapshots if run.posthoc is not None else [],
     )
 
 
