@@ -22,7 +22,9 @@ from mlflow.exceptions import MlflowException
 from conftest import TINY_PARAMS, copy_repo, pipeline_env, run_in
 from diffusion import registry, tracking
 from diffusion.evaluation import protocol
-from diffusion.training.checkpoint import CheckpointError
+from diffusion.stages import evaluate
+from diffusion.training.checkpoint import CheckpointError, load_checkpoint
+from diffusion.training.posthoc_ema import reconstruct
 from diffusion.packaged import DEFAULT_SAMPLER, PackagedDiffusion
 from diffusion.training.devices import precision_name, resolve_precision
 
@@ -453,9 +455,12 @@ def test_the_champion_of_a_real_pipeline_samples_with_its_fids_settings(tmp_path
     runs the other two through the pipeline), on the flow-matching process (train, sample with
     euler, evaluate, promote: the pipeline's run on a continuous process), whose MLflow run,
     protocol and registered model record it; and on a schedule fitted to it (fit_schedule),
-    whose times the samples, the protocol and the champion carry. No bits/dim: that is the
-    ODE's, slow at 28 px."""
-    sample = {**TINY_PARAMS["sample"], "eta": 0.0, "clip_denoised": False, "sampler": "euler", "schedule": "fitted"}
+    whose times the samples, the protocol and the champion carry; from the EMA of length 0.1
+    reconstructed after training (sample.ema_length), whose weights the champion holds. No
+    bits/dim: that is the ODE's, slow at 28 px."""
+    sample = {
+        **TINY_PARAMS["sample"], "eta": 0.0, "clip_denoised": False, "sampler": "euler", "schedule": "fitted", "ema_length": 0.1,
+    }
     flow = {**TINY_PARAMS["diffusion"], "process": "flow", "schedule": None, "prediction": None}
     repo = copy_repo(prepared_repo, tmp_path / "repo", {
         **TINY_PARAMS, "sample": sample, "model": {"name": "latent-diffit-tiny"}, "diffusion": flow,
@@ -484,9 +489,10 @@ def test_the_champion_of_a_real_pipeline_samples_with_its_fids_settings(tmp_path
         "classifier_scale": 0.0, "classifier_md5": None,  # no classifier guided
         "process": "flow",
         "digest": recorded["digest"],
+        "interval": {"method": evaluate.INTERVAL_METHOD, "replicates": 20, "confidence": 0.95},  # how fid_low/high were computed
     }
     assert model_run.data.params["diffusion.process"] == "flow" and sample_run.data.tags["fid.protocol.process"] == "flow"
-    assert protocol.from_tags(sample_run.data.tags) == {k: v for k, v in recorded.items() if k != "digest"}
+    assert protocol.from_tags(sample_run.data.tags) == {k: v for k, v in recorded.items() if k not in ("digest", "interval")}
     assert sample_run.data.tags["fid.protocol.digest"] == recorded["digest"] == model_run.data.tags["fid.protocol.digest"]
 
     result = run_in(repo, "diffusion", "promote", "--run-id", sample_run.info.run_id)
@@ -494,7 +500,10 @@ def test_the_champion_of_a_real_pipeline_samples_with_its_fids_settings(tmp_path
     model = registry.load_model("models:/diffusion@champion", tracking_uri=uri)
     assert type(model.net).__name__ == "LatentDiffiT" and model.model_spec["name"] == "latent-diffit-tiny"
     assert model.process["process"] == model.diffusion.process.name == "flow"  # it samples on its own process
-    torch.testing.assert_close(model.net.state_dict(), PackagedDiffusion.load(repo / "models/model.pt").net.state_dict())
+    reconstructed = reconstruct(load_checkpoint(repo / "models/ema_snapshots.pt")["snapshots"], 0.1)
+    torch.testing.assert_close(model.net.state_dict(), reconstructed)  # the weights the FID measured
+    trained = PackagedDiffusion.load(repo / "models/model.pt").net.state_dict()  # the EMA of train.ema_decay
+    assert any(not torch.equal(reconstructed[key], weight) for key, weight in trained.items())
     params = sample_run.data.params
     expected = {
         "sampler": params["sample.sampler"], "steps": int(params["sample.steps"]), "eta": float(params["sample.eta"]),

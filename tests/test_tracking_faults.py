@@ -217,7 +217,8 @@ def tiny_sample_dir(folder: Path, monkeypatch, **sample) -> tuple[str, dict]:
     spec = {"name": "unet-tiny", "in_channels": 1, "image_size": 8, "learn_sigma": False, "num_classes": None}
     PackagedDiffusion(spec, process, net=tiny_unet()).save("models/model.pt")
     params = {"model": {"name": "unet-tiny", "class_conditional": False}, "data": {"image_size": 8},
-              "diffusion": {"timesteps": 1000}, "sample": {"sampler": "ddpm", "device": "cpu", "guidance_scale": 1.0, **sample}}
+              "diffusion": {"timesteps": 1000}, "sample": {"sampler": "ddpm", "device": "cpu", "guidance_scale": 1.0, **sample},
+              "evaluate": {"prdc_k": 1}}  # a k-th neighbour among 2 samples
     set_params(folder, params)
     return uri, params
 
