@@ -50,7 +50,7 @@ install: $(STAMP)
 # The suite on TEST_WORKERS pytest-xdist workers, a test file to a worker (a module's fixtures are
 # built once), the slowest files first (tests/conftest.py's SLOWEST_FIRST); the 25 slowest tests
 # printed at the end. TEST_WORKERS=0 runs it in this process.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 
 test: $(STAMP)
 	$(PY) -m pytest -q --timeout=900 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25

@@ -355,16 +355,16 @@ def promote(
             differ = protocol.differences(measured, _recorded_protocol(current.tags, f"{name} v{current.version}"))
             confidence = improvement_confidence(fid, se, previous_fid, previous_se) if measured_before else 1.0
             wins = not differ and confidence >= needed
-            lower = f"lower by {previous_fid - fid:.3f} with confidence {confidence:.3f}" if measured_before else "it has an FID"
+            lower = f", lower by {previous_fid - fid:.3f} with confidence {confidence:.3f}" if measured_before else ""
             if differ:
                 message = (
                     f"{this} is challenger; champion stays {theirs}, "
                     f"whose FID was measured under another protocol: {', '.join(differ)}"
                 )
             elif wins:
-                message = f"{this} is challenger and now champion: it beats {theirs}, {lower}"
+                message = f"{this} is challenger and now champion: it beats {theirs}{lower}"
             elif fid < previous_fid:
-                message = f"{this} is challenger; champion stays {theirs}: {lower}, short of {needed} (within the noise)"
+                message = f"{this} is challenger; champion stays {theirs}: {lower.removeprefix(', ')}, short of {needed} (within the noise)"
             else:
                 message = f"{this} is challenger; champion stays {theirs}, which it does not beat"
         if wins:
