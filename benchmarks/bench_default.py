@@ -21,7 +21,7 @@ Measured for each, and for real held-out digits: FID and KID (clean-fid features
 :mod:`diffusion.evaluation.metrics`) of ``--samples`` images against ``--reference``
 digits drawn at random from the training split (MNIST-5k is sorted by label, so a
 prefix would be all 0s and 1s), and the share of clear digits with their class counts
-(:mod:`digit_classifier`, trained on the training split, its held-out accuracy printed).
+(:mod:`diffusion.evaluation.digit_classifier`, trained on the training split, its held-out accuracy printed).
 Results go to ``benchmarks/results/default_vs_diffusers.json`` and the sample grids to
 ``benchmarks/results/default_grid_{ours,diffusers}.png``.
 
@@ -47,11 +47,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_networks import machine
-from digit_classifier import accuracy, digit_scores, train_classifier
 
 from diffusion.config import merge_params, parse_params
 from diffusion.data.dataset import split
 from diffusion.data.sources import load_source
+from diffusion.evaluation.digit_classifier import accuracy, digit_scores, train_digit_classifier
 from diffusion.evaluation.metrics import fid_from_features, inception_features, kid_from_features
 from diffusion.images import generate_images, image_grid, sampling_labels, to_uint8
 from diffusion.packaged import PackagedDiffusion
@@ -127,7 +127,7 @@ def pipeline_trainer(params, train_set, images: torch.Tensor | None = None) -> t
         packaged = PackagedDiffusion(spec, params.diffusion.model_dump())
     trainer = Trainer(
         packaged.net, packaged.diffusion, images, train_set.labels, params.train,
-        class_conditional=params.model.class_conditional,
+        conditional=params.model.conditioning != "none",
     )
     return spec, trainer
 
@@ -157,7 +157,7 @@ def reference_and_judge(splits, count: int, seed: int, classifier_steps: int):
     train_set = splits.train
     draw = torch.randperm(len(train_set.images), generator=torch.Generator().manual_seed(seed))
     reference = inception_features(train_set.images[draw[:count]], device="cpu")
-    classifier = train_classifier(train_set.images, train_set.labels, steps=classifier_steps)
+    classifier = train_digit_classifier(train_set.images, train_set.labels, steps=classifier_steps)
     return reference, classifier, accuracy(classifier, splits.heldout.images, splits.heldout.labels)
 
 

@@ -74,7 +74,7 @@ def main() -> None:
     began = time.perf_counter()
     trained = train(
         packaged.net, packaged.diffusion, splits.train.images, splits.train.labels, params.train,
-        checkpoint_dir="checkpoints", class_conditional=params.model.class_conditional, progress=False,
+        checkpoint_dir="checkpoints", conditional=params.model.conditioning != "none", progress=False,
     )
     result["train_s"] = time.perf_counter() - began
     PackagedDiffusion(spec, params.diffusion.model_dump(), net=trained.ema_model).save(MODEL)

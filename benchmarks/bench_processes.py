@@ -15,7 +15,7 @@ Each trained EMA network then draws ``--samples`` images (seeded, the sample sta
 guidance w = 2) with each sampler of :data:`SAMPLERS` the process allows, all at <= 50
 network evaluations (:func:`diffusion.sampling.specs.network_evaluations`), scored as
 bench_default.py scores (FID/KID against ``--reference`` training images drawn at random,
-and on digits the clear-digit share of :mod:`digit_classifier`). Each row is written to
+and on digits the clear-digit share of :mod:`diffusion.evaluation.digit_classifier`). Each row is written to
 the results as soon as it is scored.
 
     python benchmarks/bench_processes.py                          # MNIST-5k: ~35 minutes on 2 cores
@@ -152,7 +152,7 @@ def main() -> None:
     changes = {k: yaml.safe_load(v) for k, v in (change.split("=", 1) for change in args.set)}
     if args.data == "cifar10":
         changes = {"data.source": "imagefolder", "data.root": str(cifar_root(args.cifar_cache, args.cifar_shards)),
-                   "data.image_size": 32, **changes}
+                   "data.image_size": 32, "data.captions": None, **changes}
     if args.steps is not None:
         changes["train.steps"] = args.steps
     if args.minutes is not None and args.steps is None:

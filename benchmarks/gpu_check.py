@@ -141,7 +141,7 @@ FULL = Mode(
     workloads=lambda params: {
         "default": Workload(
             params["model"]["name"], (1, params["data"]["image_size"], params["data"]["image_size"]),
-            10 if params["model"]["class_conditional"] else None, params["train"]["batch_size"],
+            10 if params["model"]["conditioning"] == "class" else None, params["train"]["batch_size"],
         ),
         # DiT-S/2 on ImageNet-256's latents (Peebles & Xie 2023)
         "dit": Workload("dit-s-2", (4, 32, 32), 1000, 256, data="latents"),
@@ -155,7 +155,7 @@ TINY = Mode(
     name="tiny",
     workloads=lambda params: {
         # unet-small, not unet-tiny: diffusers' twin needs widths divisible by its 32 norm groups
-        "default": Workload("unet-small", (1, 8, 8), 10 if params["model"]["class_conditional"] else None, 2),
+        "default": Workload("unet-small", (1, 8, 8), 10 if params["model"]["conditioning"] == "class" else None, 2),
         "dit": Workload("dit-tiny", (4, 8, 8), 1000, 2, data="latents"),
     },
     train_s=0.0, min_steps=1, warmup_steps=1, compile_backend="eager", ddp_s=0.0, sample_images=2, sample_steps=2,
@@ -299,7 +299,7 @@ class Setup:
         with seeded_init(cfg.seed):
             packaged = PackagedDiffusion(self.spec(role), self.params["diffusion"])
         conditional = self.workloads[role].classes is not None
-        return Trainer(packaged.net, packaged.diffusion, images, labels if conditional else None, cfg, class_conditional=conditional)
+        return Trainer(packaged.net, packaged.diffusion, images, labels if conditional else None, cfg, conditional=conditional)
 
     def packaged(self, role: str = "default") -> PackagedDiffusion:
         """``role``'s network as the sample stage holds it: trained by the train section if it
@@ -318,7 +318,7 @@ def make_data(work: Workload) -> tuple[torch.Tensor, torch.Tensor, str]:
     if work.data == "latents":
         return torch.randn((4096, *work.shape), generator=generator), labels, "random latents"
     with contextlib.suppress(DatasetError):
-        dataset = load_source(SimpleNamespace(source="mnist5k", root=None, image_size=work.shape[-1]))
+        dataset = load_source(SimpleNamespace(source="mnist5k", root=None, image_size=work.shape[-1], captions=None))
         return dataset.images, dataset.labels, "mnist5k"
     return torch.randint(0, 256, (4096, *work.shape), dtype=torch.uint8, generator=generator), labels, "random uint8"
 

@@ -67,6 +67,10 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+CAPTION_SOURCES = {"measured": ("mnist5k", "mnist"), "metadata": ("imagefolder",)}
+"""The data sources each ``data.captions`` reads captions from (diffusion/data/captions.py)."""
+
+
 class DataParams(_Section):
     source: Literal["mnist5k", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder"]
     root: str | None
@@ -74,13 +78,42 @@ class DataParams(_Section):
     holdout: int = Field(ge=0)
     reference_images: int = Field(ge=2)
     seed: int
+    captions: Literal[tuple(CAPTION_SOURCES)] | None  # measured: from the digits' pixels; metadata: the image folder's file
+
+    @model_validator(mode="before")
+    @classmethod
+    def resolve_auto_captions(cls, raw: Any) -> Any:
+        """``auto``: measured for a digit source, none for any other (an image folder's metadata
+        file is named explicitly); the validated config holds what was resolved."""
+        if isinstance(raw, dict) and raw.get("captions") == "auto":
+            measured = raw.get("source") in CAPTION_SOURCES["measured"]
+            raw = {**raw, "captions": "measured" if measured else None}
+        return raw
+
+    @model_validator(mode="after")
+    def check_captions(self) -> DataParams:
+        if self.captions is not None and self.source not in CAPTION_SOURCES[self.captions]:
+            allowed = [name for name, sources in CAPTION_SOURCES.items() if self.source in sources] + ["null"]
+            raise ValueError(
+                f"data.captions: {self.captions} captions need data.source {' or '.join(CAPTION_SOURCES[self.captions])}; "
+                f"with {self.source} allowed: {' | '.join(allowed)}"
+            )
+        return self
 
 
 class ModelParams(_Section):
     name: str
     overrides: dict[str, Any]
-    class_conditional: bool
+    conditioning: Literal["none", "class", "text"]  # class: the labels; text: the captions (the text section)
     space: Literal["pixel", "latent"]  # latent: diffusion on the autoencoder's latents (the vae section)
+
+
+class TextParams(_Section):
+    """The text encoder of a text-conditional model (model.conditioning text; diffusion/models/text.py)."""
+
+    encoder: str  # char-transformer (learned with the model) | a folder of a Hugging Face text encoder (frozen)
+    overrides: dict[str, Any]  # the encoder's arguments, e.g. {width: 128, depth: 2, max_length: 48}
+    cache: bool  # a pretrained encoder: its embeddings of the training captions computed once (stage encode_text)
 
 
 class VaeParams(_Section):
@@ -160,6 +193,7 @@ class SampleParams(_Section):
     guidance_interval: tuple[float, float] | None  # guide only for model timesteps lo <= t <= hi
     precision: Literal["auto", "fp32", "bf16"]  # the network's (autocast); the protocol records what auto resolved to
     labels: list[int] | None  # class labels of the images, cycled; None: balanced over the classes
+    prompts: list[str]  # a text-conditional model's evaluation prompts, cycled over the images
     ema_length: float | None  # σ_rel of the EMA reconstructed from train.ema_lengths' snapshots; None: train.ema_decay's
     s_churn: float = Field(ge=0)  # EDM's stochastic sampler (heun): S_churn, 0 = Algorithm 1
     s_tmin: float = Field(ge=0)  # churn only where S_tmin <= σ <= S_tmax (EDM's σ = e^-λ)
@@ -208,6 +242,7 @@ class EvaluateParams(_Section):
     bootstrap_replicates: int = Field(ge=20)  # fewer cannot place a 95% interval's ends (2.5% of 20 is half a replicate)
     confidence: float = Field(gt=0.5, lt=1)
     fid_infinity: bool
+    digit_classifier_steps: int = Field(ge=1)  # digit data: the classifier that scores clear and named digits (stage train_digit_classifier)
 
 
 class TrackingParams(_Section):
@@ -243,7 +278,7 @@ class SweepParams(_Section):
     concurrency: int = Field(ge=1)
     heartbeat_s: int = Field(ge=1)  # an RDB storage's trial heartbeat; stale after 3 of them: FAIL, retried
     trial_retries: int = Field(ge=0)  # retries of a trial whose worker died (stale heartbeat)
-    objectives: list[Literal["fid", "sampling_cost"]]
+    objectives: list[Literal["fid", "sampling_cost", "text_error"]]  # text_error: model.conditioning text, digit data
     pruning: bool
     prune_on: Literal["val_loss", "train_kid"]  # the train stage's metric the pruner compares trials on
     space: dict[str, SearchDim]
@@ -252,6 +287,7 @@ class SweepParams(_Section):
 class Params(_Section):
     data: DataParams
     model: ModelParams
+    text: TextParams
     diffusion: DiffusionParams
     train: TrainParams
     sample: SampleParams
@@ -288,6 +324,12 @@ class Params(_Section):
             raise ValueError(f"sample.s_tmin: {self.sample.s_tmin} is above sample.s_tmax {self.sample.s_tmax}")
         check_threshold(self.sample.threshold, key="sample.threshold")
         _check_guidance(self)
+        _check_text(self)
+        if "text_error" in self.sweep.objectives and not (self.model.conditioning == "text" and self.data.captions == "measured"):
+            raise ValueError(
+                "sweep.objectives: text_error measures a text-conditional model's digits against their prompts; it needs "
+                "model.conditioning text and data.captions measured; allowed otherwise: fid, sampling_cost"
+            )
         if self.train.batch_size % self.train.distributed:
             raise ValueError(
                 f"train.batch_size: {self.train.batch_size} does not split evenly over train.distributed "
@@ -458,16 +500,16 @@ def _check_evaluate(params: Params) -> None:
 
 
 def _check_guidance(params: Params) -> None:
-    """Classifier-free guidance and given labels need a class-conditional model; the interval
-    lies in the process's timesteps."""
-    sample, conditional = params.sample, params.model.class_conditional
-    if sample.guidance_scale != 1 and not conditional:
+    """Classifier-free guidance needs a conditional model, given labels a class-conditional
+    one; the interval lies in the process's timesteps."""
+    sample, conditioning = params.sample, params.model.conditioning
+    if sample.guidance_scale != 1 and conditioning == "none":
         raise ValueError(
-            f"sample.guidance_scale: {sample.guidance_scale} guides a class-conditional model; "
-            "set model.class_conditional: true, or 1 (no guidance)"
+            f"sample.guidance_scale: {sample.guidance_scale} guides a conditional model; "
+            "set model.conditioning: class or text, or 1 (no guidance)"
         )
-    if sample.labels is not None and not (conditional or params.guidance.classifier):
-        raise ValueError("sample.labels: labels need model.class_conditional or guidance.classifier; use null")
+    if sample.labels is not None and not (conditioning == "class" or params.guidance.classifier):
+        raise ValueError("sample.labels: labels need model.conditioning: class or guidance.classifier; use null")
     if sample.labels is not None and (not sample.labels or min(sample.labels) < 0):
         raise ValueError(f"sample.labels: got {sample.labels}; allowed: a non-empty list of class indices >= 0, or null")
     interval, top = sample.guidance_interval, time_max(params.diffusion.process, params.diffusion.timesteps)
@@ -478,6 +520,26 @@ def _check_guidance(params: Params) -> None:
         )
     if params.guidance.classifier:
         _check_classifier(params)
+
+
+def _check_text(params: Params) -> None:
+    """A text-conditional model needs captions, prompts that are not blank and no classifier
+    guidance (the classifier guides towards labels); a pretrained encoder's folder holds a
+    config (the validate stage builds the encoder with its overrides)."""
+    if params.model.conditioning != "text":
+        return
+    if params.data.captions is None:
+        raise ValueError("model.conditioning: text trains on captions, and data.captions is null; allowed: measured (digit "
+                         "sources) or metadata (imagefolder), or model.conditioning none or class")
+    if not params.sample.prompts or any(not prompt.strip() for prompt in params.sample.prompts):
+        raise ValueError(f"sample.prompts: got {params.sample.prompts}; allowed: a non-empty list of non-blank captions")
+    if params.guidance.classifier:
+        raise ValueError("guidance.classifier: the classifier guides towards class labels, and model.conditioning is text; "
+                         "allowed: false (classifier-free guidance on the prompts: sample.guidance_scale)")
+    encoder = params.text.encoder
+    if encoder != "char-transformer" and not (Path(encoder) / "config.json").is_file():
+        raise ValueError(f"text.encoder: {encoder}: no config.json there; allowed: char-transformer, or a folder "
+                         "holding a Hugging Face text encoder and its tokenizer (save_pretrained)")
 
 
 def _check_classifier(params: Params) -> None:

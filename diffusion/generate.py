@@ -9,17 +9,20 @@ left out is the model's own :attr:`~diffusion.packaged.PackagedDiffusion.samplin
 registered model samples with the settings behind its recorded FID unless told
 otherwise. The images are drawn as the sample stage draws them
 (:func:`diffusion.images.generate_images`): image k from its own generator, seeded from
-(``--seed``, k), for ``--labels`` cycled, or by default balanced over the classes.
+(``--seed``, k), for ``--labels`` cycled, or by default balanced over the classes; a
+text-conditional model for ``--prompt`` (repeatable) or the lines of ``--prompts FILE``, cycled.
 
 Written into ``--out``, each file atomically: ``image-00000.png`` ... (one per image),
-``grid.png`` and ``samples.npz`` (uint8 ``images`` [N, C, H, W], ``labels``, the
-``sampling`` settings as JSON, the ``seed``), the sample stage's format. Image files of
+``grid.png`` and ``samples.npz`` (uint8 ``images`` [N, C, H, W], ``labels`` (a text model's:
+its token ids) and its ``prompts``, the ``sampling`` settings as JSON, the ``seed``), the sample
+stage's format. Image files of
 an earlier, larger run in the folder are removed.
 
 Bad arguments are one line, before anything is sampled: a value out of range, an unknown
 sampler or step schedule, an eta or churn the sampler does not take, a sampler in the
 process's own time (euler, sde) on the discrete chain, a missing model file or URI, labels
-outside the model's classes, labels or guidance for an unconditional model, more steps than
+outside the model's classes, labels or guidance for an unconditional model, prompts for a model
+not conditioned on text (or none for one that is), an empty prompts file, more steps than
 a discrete chain's timesteps, a guidance interval beyond the process's times, an ``--out``
 that is a file or cannot be written. The model samples on its own noise process (the
 ``process`` it was trained on, :func:`diffusion.process.factory.make_diffusion`).
@@ -41,6 +44,7 @@ from diffusion.sampling.specs import CHURN_OPTIONS, FITTED, SAMPLER_SPECS, SCHED
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")  # an MLflow run id: its model is runs:/<id>/model
 IMAGE_NAME = re.compile(r"image-\d{5,}\.png")
+MODEL_KIND = {"none": "unconditional", "class": "class-conditional", "text": "text-conditional"}  # by its conditioning
 
 
 class GenerateError(UserError, ValueError):
@@ -59,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("model", help="models/model.pt, a run id, runs:/<run id>/model or models:/<name>@<alias>")
     parser.add_argument("-n", "--num-images", type=int, default=16, help="how many images (default: 16)")
     parser.add_argument("--labels", type=int, nargs="+", help="class labels, cycled over the images (default: balanced)")
+    parser.add_argument("--prompt", action="append", help="a text-conditional model's caption; repeat for several, cycled over the images")
+    parser.add_argument("--prompts", metavar="FILE", help="a file of prompts, one a line (blank lines skipped), cycled over the images")
     unset = "(default: the model's)"
     parser.add_argument("--sampler", choices=list(SAMPLER_SPECS), help=f"sampler {unset}")
     parser.add_argument("--steps", type=int, help=f"sampler steps {unset}")
@@ -103,10 +109,23 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise GenerateError(f"{option(key)}: got {value}; allowed: {low} or more")
     if args.labels is not None and min(args.labels) < 0:
         raise GenerateError(f"--labels: got {min(args.labels)}; allowed: class indices >= 0")
+    if args.prompts is not None:
+        args.prompt = (args.prompt or []) + read_prompts(Path(args.prompts))
     if args.guidance_interval is not None and not 0 <= args.guidance_interval[0] <= args.guidance_interval[1]:
         raise GenerateError(f"--guidance-interval: got {args.guidance_interval}; allowed: LO HI with 0 <= LO <= HI")
     if args.sampler is not None and args.eta is not None and (why := eta_refused(args.sampler, args.eta)):
         raise GenerateError(f"--eta: {why}")
+
+
+def read_prompts(path: Path) -> list[str]:
+    """The non-blank lines of ``path``, stripped; :class:`GenerateError` naming it when it cannot be read or holds none."""
+    try:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise GenerateError(f"--prompts: {path}: cannot be read ({getattr(err, 'strerror', None) or err}); allowed: a UTF-8 text file, one prompt a line") from None
+    if not prompts:
+        raise GenerateError(f"--prompts: {path}: holds no prompt; allowed: a UTF-8 text file, one prompt a line")
+    return prompts
 
 
 def check_out(out: Path) -> None:
@@ -158,14 +177,20 @@ def settings(packaged, args: argparse.Namespace) -> dict[str, Any]:
             "--sampler/--steps, or name another --schedule"
         )
     process = packaged.diffusion.process
-    conditional = bool(packaged.model_spec.get("num_classes"))
-    if sampling["guidance_scale"] != 1 and not conditional:
+    conditioning = packaged.conditioning
+    if sampling["guidance_scale"] != 1 and conditioning == "none":
         raise GenerateError(
-            f"--guidance-scale: {sampling['guidance_scale']} guides a class-conditional model, and this one "
+            f"--guidance-scale: {sampling['guidance_scale']} guides a conditional model, and this one "
             "is unconditional; allowed: 1 (no guidance)"
         )
-    if args.labels is not None and not conditional:
-        raise GenerateError("--labels: this model is unconditional (it has no classes); leave --labels out")
+    if args.labels is not None and conditioning != "class":
+        raise GenerateError(f"--labels: this model is {MODEL_KIND[conditioning]}, not class-conditional; leave --labels out")
+    if args.prompt is not None and conditioning != "text":
+        raise GenerateError(
+            f"--prompt: this model is {MODEL_KIND[conditioning]}, not text-conditional; leave --prompt and --prompts out"
+        )
+    if args.prompt is None and conditioning == "text":
+        raise GenerateError('--prompt: this model is text-conditional; give --prompt "a caption" (repeatable) or --prompts FILE')
     if args.eta is not None and (why := eta_refused(sampling["sampler"], args.eta)):
         raise GenerateError(f"--eta: {why}")
     if why := options_refused(sampling["sampler"], {key: sampling[key] for key in CHURN_OPTIONS}, process.name):
@@ -182,7 +207,7 @@ def settings(packaged, args: argparse.Namespace) -> dict[str, Any]:
     return sampling
 
 
-def write(out: Path, images, labels, sampling: dict[str, Any], seed: int) -> None:
+def write(out: Path, images, labels, sampling: dict[str, Any], seed: int, prompts: list[str] | None = None) -> None:
     """One PNG per image, the grid and ``samples.npz``, each atomically; earlier image files beyond this run's removed."""
     import numpy as np
     from PIL import Image
@@ -198,7 +223,8 @@ def write(out: Path, images, labels, sampling: dict[str, Any], seed: int) -> Non
     with atomic_write(out / "grid.png") as fh:
         Image.fromarray(image_grid(images, columns=math.ceil(math.sqrt(len(images))))).save(fh, format="png")
     with atomic_write(out / "samples.npz") as fh:
-        np.savez(fh, images=images.numpy(), labels=labels.numpy(), sampling=np.array(json.dumps(sampling)), seed=np.array(seed))
+        text = {"prompts": np.array(prompts, dtype=str)} if prompts is not None else {}
+        np.savez(fh, images=images.numpy(), labels=labels.numpy(), sampling=np.array(json.dumps(sampling)), seed=np.array(seed), **text)
     for stale in out.iterdir():
         if IMAGE_NAME.fullmatch(stale.name) and stale.name not in names:
             stale.unlink()
@@ -213,18 +239,22 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         check_arguments(args)
-        from diffusion.images import generate_images, sampling_labels
+        from diffusion.images import cycled_prompts, generate_images, sampling_labels
         from diffusion.training.devices import resolve_device
 
         device = resolve_device(args.device, key="--device")
         packaged = load(args.model, args.tracking_uri).to(device)
         sampling = settings(packaged, args)
-        labels = sampling_labels(args.labels, args.num_images, packaged.model_spec.get("num_classes"), key="--labels")
+        prompts = cycled_prompts(args.prompt, args.num_images) if args.prompt else None
+        if prompts is not None:
+            labels = packaged.tokenize(prompts)
+        else:
+            labels = sampling_labels(args.labels, args.num_images, packaged.model_spec.get("num_classes"), key="--labels")
         check_out(Path(args.out))
         images = generate_images(
             packaged, sampling, labels=labels, batch_size=args.batch_size, seed=args.seed, device=device, name=option
         )
-        write(Path(args.out), images, labels, sampling, args.seed)
+        write(Path(args.out), images, labels, sampling, args.seed, prompts)
     except UserError as err:
         print(f"diffusion generate: error: {err}", file=sys.stderr)
         return 1

@@ -45,6 +45,12 @@ def sampling_labels(
     return torch.tensor(given, dtype=torch.long)[torch.arange(count) % len(given)]
 
 
+def cycled_prompts(prompts: list[str], count: int) -> list[str]:
+    """The prompt of each of ``count`` images: ``prompts`` cycled (image k draws prompt k mod P),
+    so every prompt gets ``count / P`` images and the grid's columns repeat them."""
+    return [prompts[k % len(prompts)] for k in range(count)]
+
+
 def generate_images(
     packaged: PackagedDiffusion,
     sampling: Mapping[str, Any],
@@ -69,7 +75,7 @@ def generate_images(
     :class:`NonFiniteSamplesError` if any image holds NaN or inf, and a batch too large for
     the device's memory, are one line naming those options.
     """
-    conditional = bool(packaged.model_spec.get("num_classes")) or classifier is not None
+    conditional = packaged.conditioning != "none" or classifier is not None
     total = len(labels)
     batches, non_finite = [], 0
     for start in range(0, total, batch_size):

@@ -28,6 +28,8 @@ from torch import nn
 from diffusion.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from diffusion.process.factory import make_diffusion
 from diffusion.models.factory import create_model
+from diffusion.models.layers import null_condition
+from diffusion.models.text import build_text_encoder
 from diffusion.models.vae import KLAutoencoder
 from diffusion.sampling.guidance import Classifier, guidance
 from diffusion.sampling.sample import sample as run_sampler
@@ -65,7 +67,8 @@ class PackagedDiffusion(nn.Module):
     """A denoiser plus everything needed to sample from it.
 
     ``model_spec``: ``create_model`` arguments (name, in_channels, image_size,
-    learn_sigma, num_classes, overrides). ``process``: the diffusion section of
+    learn_sigma, num_classes, overrides) and, for a text-conditional model, ``text_encoder``:
+    the encoder's :meth:`~diffusion.models.text.TextEncoder.spec`. ``process``: the diffusion section of
     params.yaml (process, schedule, timesteps, zero_terminal_snr, prediction, variance, loss,
     sigma_data; :func:`~diffusion.process.factory.make_diffusion`: a file without
     ``process``, written before there were others, holds the discrete chain ``ddpm``).
@@ -94,8 +97,10 @@ class PackagedDiffusion(nn.Module):
         unclipped = {"clip_denoised": False} if autoencoder is not None else {}
         self.sampling = {**DEFAULT_SAMPLER, **unclipped, **(sampling or {})}
         spec = dict(model_spec)
+        text = spec.pop("text_encoder", None)
         self.net = net if net is not None else create_model(
-            spec.pop("name"), **spec.pop("overrides", {}), **spec
+            spec.pop("name"), **spec.pop("overrides", {}), **spec,
+            **({"text_encoder": build_text_encoder(**text)} if text else {}),
         )
         self.diffusion = make_diffusion(self.process)
         self.autoencoder, self.latent_scale = None, None
@@ -110,6 +115,25 @@ class PackagedDiffusion(nn.Module):
         if self.autoencoder is None:
             return None
         return {"config": self.autoencoder.config, "scale_factor": self.latent_scale}
+
+    @property
+    def conditioning(self) -> str:
+        """``none``, ``class`` (labels [N] condition it) or ``text`` (token ids [N, L] of captions)."""
+        if self.model_spec.get("text_encoder"):
+            return "text"
+        return "class" if self.model_spec.get("num_classes") else "none"
+
+    @property
+    def null_condition(self) -> int | torch.Tensor | None:
+        """The condition of classifier-free guidance's unconditional pass
+        (:func:`~diffusion.models.layers.null_condition`), None for an unconditional model."""
+        return None if self.conditioning == "none" else null_condition(self.net)
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """The condition of a text-conditional model for ``prompts``: token ids [N, L]."""
+        if self.conditioning != "text":
+            raise ValueError(f"prompts: this model is conditioned on {self.conditioning}, not text; leave the prompts out")
+        return self.net.text_encoder.tokenize(prompts)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -161,7 +185,8 @@ class PackagedDiffusion(nn.Module):
         ``settings``: keys of :data:`DEFAULT_SAMPLER` (sampler, steps, schedule, eta,
         clip_denoised, threshold, guidance_scale, guidance_interval, precision); each one not
         given is the model's own, :attr:`sampling`, what ``forward`` samples with.
-        ``guidance_scale`` != 1 guides a class-conditional model towards ``labels``
+        ``labels``: the condition of each image, class labels [N] or a text model's token ids [N, L]
+        (:meth:`tokenize`). ``guidance_scale`` != 1 guides a conditional model towards ``labels``
         (classifier-free), ``classifier`` at ``classifier_scale`` adds classifier guidance
         (:mod:`diffusion.sampling.guidance`). A latent model samples latents, unclipped, and
         returns them decoded."""
@@ -177,7 +202,7 @@ class PackagedDiffusion(nn.Module):
             )
         wrap = guidance(
             scale=settings["guidance_scale"],
-            null_class=self.model_spec.get("num_classes"),
+            null_condition=self.null_condition,
             interval=settings["guidance_interval"],
             classifier=classifier,
             classifier_scale=classifier_scale,

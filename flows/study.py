@@ -17,7 +17,10 @@
   unconditional model, eta or EDM's churn for a sampler that does not take it, U-Net
   arguments for a transformer).
 - **Objectives**: ``fid`` (``metrics/evaluate.json``); ``sampling_cost``, the sampler's
-  network evaluations per image (:func:`diffusion.sampling.specs.network_evaluations`).
+  network evaluations per image (:func:`diffusion.sampling.specs.network_evaluations`);
+  ``text_error``, how far a text-conditional model's images are from their prompts
+  (:func:`diffusion.evaluation.text_faithfulness.text_faithfulness`: 1 - the mean of the named
+  digit's accuracy and the attributes' agreement).
 """
 
 from __future__ import annotations
@@ -206,8 +209,8 @@ SUGGEST: dict[str, Callable[[Any, str, SearchDim], Any]] = {
 # key -> (the param it acts through, whether that param's value lets it act, why not). A
 # dimension whose param the space itself searches is kept: some trials may use it.
 NEEDS: dict[str, tuple[str, Callable[[Params], bool], str]] = {
-    key: ("model.class_conditional", lambda params: params.model.class_conditional,
-          "classifier-free guidance needs a class-conditional model, and model.class_conditional is false")
+    key: ("model.conditioning", lambda params: params.model.conditioning != "none",
+          "classifier-free guidance needs a conditional model, and model.conditioning is none")
     for key in ("sample.guidance_scale", "sample.guidance_interval")
 } | {
     "sample.eta": ("sample.sampler", lambda params: SAMPLER_SPECS[params.sample.sampler].takes_eta,
@@ -249,4 +252,5 @@ OBJECTIVES: dict[str, Callable[[Mapping[str, float], Params], float]] = {
     "sampling_cost": lambda metrics, params: float(
         network_evaluations(params.sample.sampler, params.sample.steps, params.sample.guidance_scale)
     ),
+    "text_error": lambda metrics, params: float(metrics["text_error"]),
 }

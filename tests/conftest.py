@@ -55,7 +55,7 @@ TINY_PARAMS = {
         "eval_images": 0,
     },
     "sample": {"num_samples": 48, "batch_size": 48, "steps": 5, "grid_rows": 4},
-    "evaluate": {"batch_size": 48, "bootstrap_replicates": 20},
+    "evaluate": {"batch_size": 48, "bootstrap_replicates": 20, "digit_classifier_steps": 20},
     "diffusion": {"timesteps": 100},
     "sweep": {"n_trials": 2, "space": {"sample.steps": {"type": "categorical", "choices": [3, 5]}}},
 }

@@ -50,7 +50,7 @@ TOY_TRAINING = dict(
 # Params of an 8 px run of the stages on the toy data.
 TOY_PARAMS = {
     "data": {"image_size": 8, "holdout": 200},
-    "model": {"name": "unet-tiny", "class_conditional": False},  # the classifier alone guides
+    "model": {"name": "unet-tiny", "conditioning": "none"},  # the classifier alone guides
     "diffusion": {"timesteps": 100},
     "guidance": TOY_TRAINING,
     "sample": {"num_samples": 6, "batch_size": 6, "steps": 4, "grid_rows": 2, "device": "cpu", "guidance_scale": 1.0},

@@ -43,7 +43,7 @@ def _train(tmp_path, p_uncond: float) -> tuple[torch.nn.Module, torch.Tensor, Pa
     )
     images, labels = _data()
     result = train(net, packaged.diffusion, images, labels, cfg, checkpoint_dir=tmp_path / f"p{p_uncond}",
-                   class_conditional=True, progress=False)
+                   conditional=True, progress=False)
     return net, null_before, PackagedDiffusion(SPEC, PROCESS, net=result.ema_model)
 
 

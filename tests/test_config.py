@@ -89,7 +89,7 @@ def test_empty_or_partial_params_are_an_error_not_a_second_set_of_defaults(tmp_p
         ({"sweep": {"space": {"train.lrx": {"type": "float", "low": 0.1, "high": 1}}}}, "sweep.space: 'train.lrx': unknown key 'lrx'"),
         ({"sample": {"sampler": "unipc", "schedule": "fitted"}, "sweep": {"space": {"sample.sampler": {"type": "categorical", "choices": ["unipc", "ddpm"]}}}},
          "sweep.space.sample.sampler: choice 'ddpm' with sample.schedule fitted: a fitted schedule is fitted to an ODE solver's answer"),
-        ({"extra": {}}, "extra: unknown key; allowed: data, model, diffusion"),
+        ({"extra": {}}, "extra: unknown key; allowed: data, model, text, diffusion"),
         ({"diffusion": {"process": "vp", "schedule": "cosine", "prediction": "eps"}},
          "diffusion.prediction: 'eps' cannot recover x0 where α reaches 0 (process 'vp' on the cosine schedule"),
         ({"diffusion": {"process": "edm"}}, "diffusion.prediction: got 'v'; process 'edm' allows 'x0'"),
@@ -251,11 +251,11 @@ def test_validate_checks_the_autoencoders_and_the_classifiers_device(tmp_path, m
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        ({"model": {"class_conditional": False}, "sample": {"guidance_scale": 3.0}}, "sample.guidance_scale: 3.0 guides a class-conditional model; set model.class_conditional"),
+        ({"model": {"conditioning": "none"}, "sample": {"guidance_scale": 3.0}}, "sample.guidance_scale: 3.0 guides a conditional model; set model.conditioning: class or text"),
         ({"sample": {"guidance_scale": -1.0}}, "sample.guidance_scale: Input should be greater than or equal to 0"),
-        ({"model": {"class_conditional": False}, "sample": {"guidance_scale": 1.0, "labels": [1, 2]}}, "sample.labels: labels need model.class_conditional or guidance.classifier"),
-        ({"model": {"class_conditional": True}, "sample": {"labels": [-1]}}, "sample.labels: got [-1]; allowed: a non-empty list"),
-        ({"model": {"class_conditional": True}, "sample": {"guidance_interval": [500, 1000]}},
+        ({"model": {"conditioning": "none"}, "sample": {"guidance_scale": 1.0, "labels": [1, 2]}}, "sample.labels: labels need model.conditioning: class or guidance.classifier"),
+        ({"model": {"conditioning": "class"}, "sample": {"labels": [-1]}}, "sample.labels: got [-1]; allowed: a non-empty list"),
+        ({"model": {"conditioning": "class"}, "sample": {"guidance_interval": [500, 1000]}},
          "sample.guidance_interval: got [500.0, 1000.0]; allowed: [lo, hi] with 0 <= lo <= hi <= 999"),
         ({"sample": {"schedule": "cosine"}}, "sample.schedule: got 'cosine'; input should be 'linspace', 'trailing', 'log-snr', 'karras' or 'fitted'"),
         ({"sample": {"schedule": "fitted", "sampler": "ddpm"}},
@@ -279,7 +279,7 @@ def test_guidance_and_schedule_params_give_one_line(raw, expected):
 
 def test_a_conditional_model_takes_guidance_an_interval_and_labels():
     params = parse_params(full_params({
-        "model": {"class_conditional": True},
+        "model": {"conditioning": "class"},
         "sample": {"guidance_scale": 4.0, "guidance_interval": [100, 800], "labels": [3, 7], "schedule": "karras"},
     }))
     assert params.sample.guidance_scale == 4.0 and params.sample.guidance_interval == (100.0, 800.0)

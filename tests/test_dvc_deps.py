@@ -67,7 +67,7 @@ def dep_files(deps: list[str]) -> set[str]:
         path = ROOT / dep
         if dep.split("/")[0] != PACKAGE or not path.exists():
             continue
-        found = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        found = sorted(path.rglob("*.py")) if path.is_dir() else [path] if path.suffix == ".py" else []  # data files: deps of their own
         files |= {p.relative_to(ROOT).as_posix() for p in found if "__pycache__" not in p.parts}
     return files
 

@@ -52,7 +52,7 @@ def _evaluate_outputs(disk: Path, size: int, patch: pytest.MonkeyPatch) -> None:
     for name in ("EVALUATE_METRICS", "FID_PROTOCOL", "FID_CURVE"):  # the stage's paths, on the small disk
         patch.setattr(evaluate, name, disk / getattr(evaluate, name))
     measured = dict.fromkeys(protocol.FIELDS, None) | {"note": "x" * size}
-    evaluate._write_outputs({"fid": 12.5, "num_samples": 48}, measured, {"replicates": 200}, [(16, 30.0), (48, 12.5)])
+    evaluate._write_outputs({"fid": 12.5, "num_samples": 48}, measured, {"replicates": 200}, None, [(16, 30.0), (48, 12.5)])
 
 
 def _train_outputs(disk: Path, size: int, patch: pytest.MonkeyPatch) -> None:

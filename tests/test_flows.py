@@ -29,7 +29,7 @@ SWEEP_PARAMS = {
     **TINY_PARAMS,
     "train": {**TINY_PARAMS["train"], "steps": 6, "log_every": 2, "checkpoint_every": 6, "bpd_images": 0},
     "sample": {"num_samples": 16, "batch_size": 16, "steps": 2, "grid_rows": 4},
-    "evaluate": {"kid": False, "batch_size": 16},
+    "evaluate": {"kid": False, "batch_size": 16, "digit_classifier_steps": 20},
     "sweep": {
         "study_name": STUDY,
         "n_trials": 2,
@@ -88,7 +88,7 @@ def test_sampling_cost_is_network_evaluations_per_image():
         params = parse_params(full_params({"sample": {"sampler": name, "steps": 7, "guidance_scale": 1.0},
                                            "diffusion": flow if spec.continuous_only else {}}))
         assert OBJECTIVES["sampling_cost"]({}, params) == spec.nfe(7) > 0
-    guided = parse_params(full_params({"model": {"class_conditional": True}, "sample": {"steps": 7, "guidance_scale": 3.0}}))
+    guided = parse_params(full_params({"model": {"conditioning": "class"}, "sample": {"steps": 7, "guidance_scale": 3.0}}))
     assert OBJECTIVES["sampling_cost"]({}, guided) == 14  # the conditional and unconditional pass
 
 
@@ -98,16 +98,16 @@ def test_guidance_is_not_searched_for_an_unconditional_model():
     from flows.study import searched_space
 
     unconditional = parse_params(full_params(
-        {"model": {"class_conditional": False}, "sample": {"sampler": "ddim", "guidance_scale": 1.0}}
+        {"model": {"conditioning": "none"}, "sample": {"sampler": "ddim", "guidance_scale": 1.0}}
     ))
-    assert "sample.guidance_scale" in unconditional.sweep.space and not unconditional.model.class_conditional
+    assert "sample.guidance_scale" in unconditional.sweep.space and unconditional.model.conditioning == "none"
     space, dropped = searched_space(unconditional)
-    assert dropped == {"sample.guidance_scale": "classifier-free guidance needs a class-conditional model, "
-                                                "and model.class_conditional is false"}
+    assert dropped == {"sample.guidance_scale": "classifier-free guidance needs a conditional model, "
+                                                "and model.conditioning is none"}
     assert set(space) == set(unconditional.sweep.space) - {"sample.guidance_scale"}
-    conditional = parse_params(full_params({"model": {"class_conditional": True}, "sample": {"sampler": "ddim"}}))
+    conditional = parse_params(full_params({"model": {"conditioning": "class"}, "sample": {"sampler": "ddim"}}))
     assert searched_space(conditional) == (dict(conditional.sweep.space), {})
-    either = {"model.class_conditional": {"type": "categorical", "choices": [False, True]},
+    either = {"model.conditioning": {"type": "categorical", "choices": ["none", "class"]},
               "sample.guidance_scale": {"type": "float", "low": 1.0, "high": 4.0}}
     assert set(searched_space(parse_params(full_params({"sweep": {"space": either}})))[0]) == set(either)
 
@@ -151,7 +151,7 @@ def test_unet_arguments_are_not_searched_for_a_transformer():
     dit = parse_params(full_params({"model": {"name": "dit-cpu"}, "sample": {"sampler": "ddim"}}))
     space, dropped = searched_space(dit)
     assert dropped == {"model.overrides.num_res_blocks": "dit-cpu (a dit) has no such argument; it takes "
-                                                         "depth, hidden_size, patch_size, num_heads, mlp_ratio"}
+                                                         "depth, hidden_size, patch_size, num_heads, mlp_ratio, text_attention"}
     assert set(space) == set(dit.sweep.space) - {"model.overrides.num_res_blocks"}
     both = {"model.name": {"type": "categorical", "choices": ["dit-cpu", "latent-diffit-cpu"]},
             "model.overrides.depth": {"type": "int", "low": 2, "high": 6}}
@@ -365,12 +365,12 @@ class Messages(logging.Handler):
 
 
 def test_an_unconditional_sweep_drops_the_guidance_dimension(prefect_harness, tmp_path, monkeypatch):
-    """model.class_conditional is false: sample.guidance_scale is not searched, and one log line says why."""
+    """model.conditioning is none: sample.guidance_scale is not searched, and one log line says why."""
     from mlflow import MlflowClient
 
     from flows.sweep import train_sweep
 
-    params = {"model": {"class_conditional": False}, "sample": {"steps": 5, "guidance_scale": 1.0},
+    params = {"model": {"conditioning": "none"}, "sample": {"steps": 5, "guidance_scale": 1.0},
               "sweep": {"study_name": "plain", "concurrency": 1, "space": {
         "sample.steps": {"type": "categorical", "choices": [2]},
         "sample.guidance_scale": {"type": "float", "low": 1.0, "high": 6.0}}}}
@@ -383,7 +383,7 @@ def test_an_unconditional_sweep_drops_the_guidance_dimension(prefect_harness, tm
         summary = train_sweep(n_trials=1, repo=str(repo))
     finally:
         flow_log.removeHandler(logged)
-    why = "classifier-free guidance needs a class-conditional model, and model.class_conditional is false"
+    why = "classifier-free guidance needs a conditional model, and model.conditioning is none"
     assert summary["trials"] == {0: "COMPLETE"} and summary["dropped"] == {"sample.guidance_scale": why}
     assert [m for m in logged.messages if "dropped" in m] == [f"sweep.space: sample.guidance_scale dropped: {why}"]
     assert _study(repo, "plain").trials[0].params == {"sample.steps": 2}
@@ -564,7 +564,7 @@ def test_a_sweep_over_the_guidance_scale_of_a_class_conditional_model(prefect_ha
     from flows.sweep import train_sweep
 
     scale = "sample.guidance_scale"
-    params = {**SWEEP_PARAMS, "model": {**SWEEP_PARAMS["model"], "class_conditional": True},
+    params = {**SWEEP_PARAMS, "model": {**SWEEP_PARAMS["model"], "conditioning": "class"},
               "train": {**SWEEP_PARAMS["train"], "p_uncond": 0.2},
               "sweep": {**SWEEP_PARAMS["sweep"], "study_name": "guided",
                         "space": {scale: {"type": "float", "low": 1.0, "high": 6.0}}}}
@@ -606,7 +606,10 @@ def test_train_pipeline_runs_each_stage_as_a_task(prefect_harness, tmp_path_fact
     patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow' / 'mlflow.db'}")
     try:
         ran = train_pipeline(repo=str(repo))
-        assert ran == [f"dvc repro --single-item {stage}" for stage in ("validate", "prepare", "train_vae", "encode", "train_classifier", "train", "fit_schedule", "sample", "evaluate")]
+        assert ran == [f"dvc repro --single-item {stage}" for stage in (
+            "validate", "prepare", "train_vae", "encode", "encode_text", "train_classifier", "train", "fit_schedule",
+            "train_digit_classifier", "sample", "evaluate",
+        )]
         assert json.loads((repo / "metrics" / "evaluate.json").read_text())["fid"] > 0
         ran = train_pipeline(params={"sample.steps": 4}, name="from-flow", repo=str(repo))
         assert ran == ["dvc exp run --temp --name from-flow -S sample.steps=4"]

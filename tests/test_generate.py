@@ -13,7 +13,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 from PIL import Image
-from tiny_unet import tiny_unet
+from tiny_unet import perturb, tiny_unet
 
 from diffusion import registry, tracking
 from diffusion.cli import main
@@ -151,6 +151,38 @@ def flow_file(tmp_path_factory) -> Path:
     return model.save(tmp_path_factory.mktemp("flow") / "model.pt")
 
 
+TEXT_ENCODER = {"name": "char-transformer", "width": 16, "depth": 1, "heads": 2, "max_length": 24}
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    """A text-conditional unet-tiny (a char-transformer learned with it), perturbed off its zero-initialised layers."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = PackagedDiffusion({**SPEC, "num_classes": None, "text_encoder": TEXT_ENCODER}, PROCESS, sampling=SAMPLING)
+    perturb(model.net)
+    return model.save(tmp_path_factory.mktemp("text") / "model.pt")
+
+
+def test_generate_from_a_text_model_draws_each_image_for_its_prompt(text_file, tmp_path):
+    """--prompt (repeated) cycles over the images: image k is the model's sample for prompt k mod 2
+    from seed (0, k), guided by the model's scale against the empty caption; another prompt draws another image."""
+    assert generate(text_file, "-n", 4, "--prompt", "a thin two", "--prompt", "a thick seven", "--batch-size", 3,
+                    "--out", tmp_path / "t") == 0
+    with np.load(tmp_path / "t" / "samples.npz", allow_pickle=False) as npz:
+        prompts, images, sampling = [str(p) for p in npz["prompts"]], npz["images"], json.loads(str(npz["sampling"]))
+    assert prompts == ["a thin two", "a thick seven"] * 2 and sampling["guidance_scale"] == 2.0
+    packaged = PackagedDiffusion.load(text_file)
+    assert packaged.conditioning == "text" and packaged.model_spec["text_encoder"] == TEXT_ENCODER
+    expected = to_uint8(packaged.sample(4, **sampling, labels=packaged.tokenize(prompts), seed=0))
+    np.testing.assert_array_equal(images, expected.numpy())
+    assert not np.array_equal(images[0], images[2]) or not np.array_equal(images[1], images[3])  # own seeds
+    unclipped = {**sampling, "clip_denoised": False}  # this untrained network's x̂_0 lies far outside [-1, 1]
+    asked = packaged.sample(4, **unclipped, labels=packaged.tokenize(prompts), seed=0)
+    other = packaged.sample(4, **unclipped, labels=packaged.tokenize(["a large eight"] * 4), seed=0)
+    assert ((asked - other).abs().amax(dim=(1, 2, 3)) > 1e-3).all()  # the prompt changes every image
+
+
 FITTED_SAMPLING = {**SAMPLING, "sampler": "euler", "schedule": "fitted", "timesteps": [1.0, 0.4, 0.1]}
 
 
@@ -215,8 +247,15 @@ def test_generate_from_a_flow_model_file(flow_file, tmp_path):
         ("conditional", ["--guidance-interval", "5", "2"], 1, "--guidance-interval: got [5.0, 2.0]; allowed: LO HI with 0 <= LO <= HI"),
         ("conditional", ["--sampler", "ddpm", "--eta", "0.5"], 1, "--eta: 0.5 means nothing to ddpm; use 0, or a sampler that takes eta: ddim"),
         ("unconditional", ["--guidance-scale", "3"], 1,
-         "--guidance-scale: 3.0 guides a class-conditional model, and this one is unconditional; allowed: 1 (no guidance)"),
-        ("unconditional", ["--labels", "1"], 1, "--labels: this model is unconditional (it has no classes); leave --labels out"),
+         "--guidance-scale: 3.0 guides a conditional model, and this one is unconditional; allowed: 1 (no guidance)"),
+        ("unconditional", ["--labels", "1"], 1, "--labels: this model is unconditional, not class-conditional; leave --labels out"),
+        ("conditional", ["--prompt", "a two"], 1,
+         "--prompt: this model is class-conditional, not text-conditional; leave --prompt and --prompts out"),
+        ("conditional", ["--prompts", "<tmp>/none.txt"], 1,
+         "--prompts: <tmp>/none.txt: cannot be read (No such file or directory); allowed: a UTF-8 text file, one prompt a line"),
+        ("conditional", ["--prompts", "/dev/null"], 1, "--prompts: /dev/null: holds no prompt; allowed: a UTF-8 text file, one prompt a line"),
+        ("text", [], 1, '--prompt: this model is text-conditional; give --prompt "a caption" (repeatable) or --prompts FILE'),
+        ("text", ["--prompt", "a two", "--labels", "1"], 1, "--labels: this model is text-conditional, not class-conditional; leave --labels out"),
         ("missing.pt", [], 1, f"model: missing.pt: no such file, and not a run id or a model URI ({registry.URI_FORMS})"),
         ("conditional", ["--sampler", "ddim", "--eta", "5"], 1, "--eta: 5.0 is outside DDIM's range; allowed 0..1"),
         ("conditional", ["--eta", "1.5"], 1, "--eta: 1.5 is outside DDIM's range; allowed 0..1"),  # the model's DDIM
@@ -229,14 +268,15 @@ def test_generate_from_a_flow_model_file(flow_file, tmp_path):
     ],
 )
 def test_bad_arguments_are_one_line_before_anything_is_written(
-    model_file, unconditional_file, flow_file, fitted_file, tmp_path, capsys, monkeypatch, model, args, code, message
+    model_file, unconditional_file, flow_file, fitted_file, text_file, tmp_path, capsys, monkeypatch, model, args, code, message
 ):
     def sampled(*args, **kwargs):
         raise AssertionError("sampled images for bad arguments")
 
     monkeypatch.setattr("diffusion.images.generate_images", sampled)
     (tmp_path / "afile").write_text("not a folder")
-    source = {"conditional": model_file, "unconditional": unconditional_file, "flow": flow_file, "fitted": fitted_file}.get(model, model)
+    source = {"conditional": model_file, "unconditional": unconditional_file, "flow": flow_file, "fitted": fitted_file,
+              "text": text_file}.get(model, model)
     args = [arg.replace("<tmp>", str(tmp_path)) for arg in args]
     assert generate(source, "--out", tmp_path / "out", *args) == code  # the last --out counts
     assert capsys.readouterr().err == f"diffusion generate: error: {message.replace('<tmp>', str(tmp_path))}\n"

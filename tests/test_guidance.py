@@ -220,12 +220,12 @@ def test_the_variance_channels_come_from_the_conditional_half():
 
 def test_cfg_refuses_a_missing_label_and_a_reversed_interval():
     x, _ = points(2)
-    with pytest.raises(ValueError, match=r"^guidance_scale: classifier-free guidance needs class labels"):
+    with pytest.raises(ValueError, match=r"^guidance_scale: classifier-free guidance needs a condition"):
         ClassifierFreeGuidance(mixture(), 2.0, NULL)(x, at(10, 2))
     reversed_interval = r"^guidance_interval: got \(5, 1\); allowed: \[lo, hi\] with lo <= hi, or null$"
     with pytest.raises(ValueError, match=reversed_interval):
         ClassifierFreeGuidance(mixture(), 2.0, NULL, interval=(5, 1))
-    with pytest.raises(ValueError, match=r"^guidance_scale: 2.0 needs a class-conditional model"):
+    with pytest.raises(ValueError, match=r"^guidance_scale: 2.0 needs a conditional model"):
         guidance(scale=2.0)
 
 
@@ -277,7 +277,7 @@ def test_both_guidances_at_once_add_their_scales():
     classifier-free guidance at w + s; and the factory builds it in that order."""
     x, y = points(6)
     model = mixture()
-    wrap = guidance(scale=2.0, null_class=NULL, classifier=exact_classifier(model), classifier_scale=1.5)
+    wrap = guidance(scale=2.0, null_condition=NULL, classifier=exact_classifier(model), classifier_scale=1.5)
     both = wrap(model)
     assert isinstance(both, ClassifierGuidance) and isinstance(both.inner, ClassifierFreeGuidance)
     assert_same(both(x, at(300, 6), y), ClassifierFreeGuidance(model, 3.5, NULL)(x, at(300, 6), y), atol=1e-10)

@@ -26,7 +26,10 @@ from diffusion.packaged import PackagedDiffusion
 
 pytestmark = pytest.mark.integration
 
-STAGES = ("validate", "prepare", "train_vae", "encode", "train", "train_classifier", "fit_schedule", "sample", "evaluate")
+STAGES = (
+    "validate", "prepare", "train_vae", "encode", "encode_text", "train", "train_classifier", "train_digit_classifier",
+    "fit_schedule", "sample", "evaluate",
+)
 
 
 def ran_stages(output: str) -> list[str]:
@@ -50,6 +53,9 @@ def assert_tracked_everything(repo: Path, out: str) -> None:
     assert evaluation["fid_low"] < evaluation["fid"] < evaluation["fid_high"] and evaluation["fid_se"] > 0
     assert evaluation["kid_low"] < evaluation["kid"] < evaluation["kid_high"]
     assert all(0 <= evaluation[key] <= 1 for key in ("precision", "recall", "coverage")) and evaluation["density"] >= 0
+    # digits: the share of clear digits and of the asked class (the digit classifier of train_digit_classifier)
+    assert all(0 <= evaluation[key] <= 1 for key in ("text_clear", "text_digit_accuracy"))
+    assert evaluation["text_error"] == 1 - evaluation["text_digit_accuracy"]  # a class model asks for no attribute
     train_metrics = json.loads((repo / "metrics/train.json").read_text())
     assert train_metrics["step"] == TINY_PARAMS["train"]["steps"]
     assert math.isfinite(train_metrics["bpd"])
@@ -242,7 +248,7 @@ def test_damaged_checkpoint_and_killed_write_are_recovered_by_the_next_run(tmp_p
     assert warning.endswith("fails its CRC-32 check); resuming from the older " + str(ckpt_dir / "ckpt-00000010.pt"))
     assert f"train: removed the temp files of killed writes: {stale.name}" in out.stdout
     assert "at step 10" in out.stdout and not stale.exists()
-    assert ran_stages(out.stdout) == ["validate", "train", "train_classifier", "fit_schedule", "sample", "evaluate"]
+    assert ran_stages(out.stdout) == ["validate", "train", "train_classifier", "train_digit_classifier", "fit_schedule", "sample", "evaluate"]
 
     assert json.loads((repo / "metrics/train.json").read_text())["step"] == 30
     model = PackagedDiffusion.load(repo / "models/model.pt")  # checks every weight is finite

@@ -573,7 +573,7 @@ def test_every_accepted_combination_trains_and_the_others_are_refused():
                     diffusion = make_diffusion(params.diffusion.model_dump())
                     assert diffusion.process.name == process.value and diffusion.prediction.value == prediction
                     net.load_state_dict(initial)
-                    run = Trainer(net, diffusion, images, None, params.train, class_conditional=False)
+                    run = Trainer(net, diffusion, images, None, params.train, conditional=False)
                     assert run.loss_weighting == weighting
                     for step in (1, 2):
                         terms = run.step(step, None)

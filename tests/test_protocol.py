@@ -56,7 +56,9 @@ def test_eta_is_no_part_of_the_protocol_of_a_sampler_that_does_not_take_it():
 def test_classifier_guidance_is_recorded_beside_the_sampler_settings():
     """The classifier is a network of its own, not a setting of the packaged model's sampler:
     its scale and file hash are fields of the protocol, not of DEFAULT_SAMPLER."""
-    assert protocol.FIELDS == protocol.MEASUREMENT + protocol.SAMPLING + protocol.CLASSIFIER_FIELDS + protocol.MODEL_FIELDS
+    assert protocol.FIELDS == (
+        protocol.MEASUREMENT + protocol.SAMPLING + protocol.CLASSIFIER_FIELDS + protocol.MODEL_FIELDS + protocol.PROMPT_FIELDS
+    )
     assert not set(protocol.CLASSIFIER_FIELDS) & set(DEFAULT_SAMPLER)
     guided = {**MEASURED, "classifier_scale": 2.0, "classifier_md5": "ef" * 16}
     tags = protocol.to_tags(guided)

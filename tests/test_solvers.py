@@ -86,7 +86,7 @@ def mixture_reference(x_T, y=None, scale=1.0):
     key = (y is None, scale)
     if key not in _MIXTURE_REFERENCE:
         den = MixtureDenoiser(LEVELS["cosine"], MEANS, 0.3)
-        wrapped = den if scale == 1.0 else guidance(scale=scale, null_class=den.null_class)(den)
+        wrapped = den if scale == 1.0 else guidance(scale=scale, null_condition=den.null_class)(den)
         _MIXTURE_REFERENCE[key] = solve("unipc3", wrapped, x_T, "log-snr", 2000, y=y)
     return _MIXTURE_REFERENCE[key]
 
@@ -278,13 +278,13 @@ def test_error_falls_at_the_solvers_order_under_guidance(name):
     for nfe in NFES:
         den = MixtureDenoiser(LEVELS["cosine"], MEANS, 0.3)
         n = steps_for(name, nfe)
-        got = solve(name, guidance(scale=3.0, null_class=den.null_class)(den), x_T, "log-snr", n, y=y)
+        got = solve(name, guidance(scale=3.0, null_condition=den.null_class)(den), x_T, "log-snr", n, y=y)
         errors.append((got - reference).abs().mean().item())
         nfes.append(sampler_specs.network_evaluations(name, n))
         assert den.evaluations == 2 * 1000 * nfes[-1]
     assert fitted_order(nfes, errors) == pytest.approx(ORDER[name], abs=0.3), errors
     den = MixtureDenoiser(LEVELS["cosine"], MEANS, 0.3)
-    assert guidance(scale=1.0, null_class=den.null_class) is None  # w = 1: nothing to wrap
+    assert guidance(scale=1.0, null_condition=den.null_class) is None  # w = 1: nothing to wrap
     conditional = solve(name, den, x_T, "log-snr", steps_for(name, 320), y=y)
     means, ab_T = torch.tensor(MEANS, dtype=torch.float64)[y], LEVELS["cosine"].alphas_cumprod[-1]
     exact = means + 0.3 * (x_T - math.sqrt(ab_T) * means) / math.sqrt(ab_T * 0.09 + 1 - ab_T)

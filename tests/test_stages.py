@@ -86,7 +86,7 @@ def test_non_finite_samples_are_refused_and_nothing_is_written(tmp_path, monkeyp
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     PackagedDiffusion(_spec(3), PROCESS, net=net).save(MODEL)
     sample = {"num_samples": 7, "batch_size": 3, "sampler": "ddpm", "steps": 3, "device": "cpu"}
-    params = {"model": {"name": "unet-tiny", "class_conditional": True}, "data": {"image_size": 8}, "sample": sample}
+    params = {"model": {"name": "unet-tiny", "conditioning": "class"}, "data": {"image_size": 8}, "sample": sample}
     Path("params.yaml").write_text(yaml.safe_dump(full_params(params)))
 
     assert main(["sample"]) == 1
@@ -120,7 +120,7 @@ def test_sample_batch_too_large_for_memory_is_one_line() -> None:
     quarter = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 16 * 4  # bytes, whole floats
     packaged = PackagedDiffusion(_spec(None), PROCESS, net=WideLayer(tiny_unet(), quarter))
     sample = {"num_samples": 16, "batch_size": 16, "sampler": "ddim", "steps": 2, "guidance_scale": 1.0}
-    params = parse_params(full_params({"model": {"name": "unet-tiny", "class_conditional": False}, "data": {"image_size": 8},
+    params = parse_params(full_params({"model": {"name": "unet-tiny", "conditioning": "none"}, "data": {"image_size": 8},
                                        "sample": sample}))
     with pytest.raises(BatchMemoryError) as err:
         generate(packaged, params, torch.device("cpu"))

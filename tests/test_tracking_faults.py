@@ -216,7 +216,7 @@ def tiny_sample_dir(folder: Path, monkeypatch, **sample) -> tuple[str, dict]:
     process = {"schedule": "cosine", "timesteps": 1000, "prediction": "eps", "variance": "fixed_small", "loss": "mse"}
     spec = {"name": "unet-tiny", "in_channels": 1, "image_size": 8, "learn_sigma": False, "num_classes": None}
     PackagedDiffusion(spec, process, net=tiny_unet()).save("models/model.pt")
-    params = {"model": {"name": "unet-tiny", "class_conditional": False}, "data": {"image_size": 8},
+    params = {"model": {"name": "unet-tiny", "conditioning": "none"}, "data": {"image_size": 8},
               "diffusion": {"timesteps": 1000}, "sample": {"sampler": "ddpm", "device": "cpu", "guidance_scale": 1.0, **sample},
               "evaluate": {"prdc_k": 1}}  # a k-th neighbour among 2 samples
     set_params(folder, params)

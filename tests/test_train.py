@@ -99,7 +99,7 @@ def test_resolve_device_and_precision():
 def test_draw_batch_flips_and_label_drop(data):
     images, labels = data
     g = torch.Generator().manual_seed(0)
-    x, y = draw_batch(images, labels, 64, g, hflip=True, null_class=NUM_CLASSES, label_drop=0.5)
+    x, y = draw_batch(images, labels, 64, g, hflip=True, null_condition=NUM_CLASSES, label_drop=0.5)
     assert x.dtype == torch.float32 and x.shape == (64, 1, SIZE, SIZE)
     assert x.min() >= -1 and x.max() <= 1
     scaled = images.float() / 127.5 - 1
@@ -108,9 +108,9 @@ def test_draw_batch_flips_and_label_drop(data):
     assert bool((plain | flipped).all())
     assert 10 < int(flipped.sum()) < 54 and 10 < int(plain.sum()) < 54
     assert 10 < int((y == NUM_CLASSES).sum()) < 54
-    _, y_all = draw_batch(images, labels, 16, g, hflip=False, null_class=NUM_CLASSES, label_drop=1.0)
+    _, y_all = draw_batch(images, labels, 16, g, hflip=False, null_condition=NUM_CLASSES, label_drop=1.0)
     assert bool((y_all == NUM_CLASSES).all())
-    x_none, y_none = draw_batch(images, labels, 16, g, hflip=False, null_class=None)
+    x_none, y_none = draw_batch(images, labels, 16, g, hflip=False, null_condition=None)
     assert y_none is None and bool((x_none[:, None] == scaled[None]).flatten(2).all(2).any(1).all())
 
 
@@ -125,7 +125,7 @@ def _run(tmp, data, cfg, *, caller_seed=123, **kw):
     caller_rng = torch.get_rng_state()
     result = train(
         model, _diffusion("learned_range", "hybrid"), images, labels, cfg,
-        checkpoint_dir=tmp, class_conditional=True, progress=False, **kw,
+        checkpoint_dir=tmp, conditional=True, progress=False, **kw,
     )
     assert torch.equal(torch.get_rng_state(), caller_rng)  # train() leaves the caller's RNG alone
     return model, result
@@ -350,11 +350,11 @@ def test_bad_inputs_fail_with_one_line(tmp_path, data):
     with pytest.raises(ValueError, match=r"train: images must be a uint8 \(images\) or float \(latents\) tensor \[N, C, H, W\]; got torch.int64"):
         train(_model(), _diffusion(), images.long(), labels, cfg, checkpoint_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="needs a model built with num_classes"):
-        train(_model(), _diffusion(), images, labels, cfg, checkpoint_dir=tmp_path, class_conditional=True,
+        train(_model(), _diffusion(), images, labels, cfg, checkpoint_dir=tmp_path, conditional=True,
               progress=False)
     with pytest.raises(ValueError, match=r"labels must lie in 0\.\.1 \(the model's classes\); got 0\.\.2"):
         train(_model(num_classes=2), _diffusion(), images, labels, cfg, checkpoint_dir=tmp_path,
-              class_conditional=True, progress=False)
+              conditional=True, progress=False)
     assert list_checkpoints(tmp_path) == []
 
 
@@ -363,7 +363,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, data):
     train(_model(), _diffusion(), images, labels, _cfg(steps=1), checkpoint_dir=tmp_path, progress=False)
     with pytest.raises(CheckpointError) as err:
         train(_model(num_classes=NUM_CLASSES), _diffusion(), images, labels, _cfg(steps=2),
-              checkpoint_dir=tmp_path, class_conditional=True, progress=False)
+              checkpoint_dir=tmp_path, conditional=True, progress=False)
     msg = str(err.value)
     assert msg.startswith(f"{checkpoint_path(tmp_path, 1)}: does not fit this model/config") and "\n" not in msg
 

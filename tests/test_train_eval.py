@@ -58,7 +58,7 @@ def _train(folder: Path, data, cfg, evaluate=None, logs=None):
     images, labels = data
     log = (lambda step, metrics: logs.append((step, metrics))) if logs is not None else None
     return train(model, _diffusion(), images, labels, cfg, checkpoint_dir=folder, evaluate=evaluate, log=log,
-                 class_conditional=True, progress=False)
+                 conditional=True, progress=False)
 
 
 def weight_sum(step: int, ema_model: torch.nn.Module) -> dict[str, float]:

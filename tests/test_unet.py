@@ -173,7 +173,7 @@ def test_unknown_name_and_override_are_errors():
 
 def test_overridable_keys_are_the_constructor_arguments():
     """diffusion/models/configs.py lists them without importing torch; they must match UNet."""
-    given = {"in_channels", "out_channels", "image_size", "num_classes"}  # from the data and the process
+    given = {"in_channels", "out_channels", "image_size", "num_classes", "text_encoder"}  # from the data and the process
     assert set(UNET_OVERRIDABLE) == set(inspect.signature(UNet).parameters) - given
 
 

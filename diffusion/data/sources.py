@@ -16,13 +16,17 @@ imports torchvision's datasets and transforms: train, sample and evaluate read t
   not, as the Debian package ``dataset-fashion-mnist`` installs them
   (``data.root: /usr/share/datasets/fashion-mnist``). CIFAR reads
   ``<root>/cifar-10-batches-py/`` or ``<root>/cifar-100-python/``.
-- ``imagefolder``: ``<root>/<class>/<image>`` (torchvision ``ImageFolder``), RGB. 16-bit
+- ``imagefolder``: ``<root>/<class>/<image>`` (torchvision ``ImageFolder``), RGB; with
+  ``data.captions: metadata`` each image's caption from ``<root>/metadata.jsonl`` or
+  ``metadata.csv`` (:func:`diffusion.data.captions.metadata_captions`), read before any image. 16-bit
   images (modes ``I;16``, ``I``) are scaled to 8 bits, where PIL's ``convert`` would clip
   them to white. A file that PIL cannot decode, or with more pixels than its
   decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``), is one line naming it.
 
 Every image is resized (shorter side, antialiased bilinear) and centre-cropped to
-``data.image_size`` unless it already has that size, so MNIST at 28 is untouched.
+``data.image_size`` unless it already has that size, so MNIST at 28 is untouched. With
+``data.captions: measured`` (the digit sources) the fitted images are captioned from their
+pixels (:func:`diffusion.data.captions.measured_captions`).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from torchvision import datasets, transforms
 from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.transforms.v2 import functional as F
 
+from diffusion.data.captions import measured_captions, metadata_captions
 from diffusion.data.dataset import Dataset, DatasetError, quote_error
 from diffusion.data.sizes import MNIST_TRAIN_FILES, flat_idx_files, source_root
 
@@ -146,9 +151,10 @@ def _imagefolder(params: DataParams) -> Dataset:
         folder = datasets.ImageFolder(str(root), transform=fit, loader=_read_rgb)
     except FileNotFoundError as err:
         raise DatasetError(f"data.root: {err}") from None
+    captions = metadata_captions(root, [file for file, _ in folder.samples]) if params.captions == "metadata" else None
     images = [image for image, _ in folder]
     labels = torch.tensor(folder.targets, dtype=torch.long)
-    return Dataset(torch.stack(images), labels, list(folder.classes), "imagefolder", root.resolve().as_uri())
+    return Dataset(torch.stack(images), labels, list(folder.classes), "imagefolder", root.resolve().as_uri(), captions)
 
 
 def _read_rgb(file: str) -> Image.Image:
@@ -186,8 +192,11 @@ def _fit_images(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def load_source(params: DataParams) -> Dataset:
-    """The images of ``params.source`` at ``params.image_size`` (see the module docstring)."""
+    """The images of ``params.source`` at ``params.image_size``, with their captions as
+    ``params.captions`` asks (see the module docstring)."""
     if params.source not in SOURCES:
         raise DatasetError(f"data.source: got {params.source!r}; allowed {', '.join(SOURCES)}")
     ds = SOURCES[params.source](params)
-    return Dataset(_fit_images(ds.images, params.image_size), ds.labels, ds.class_names, ds.source, ds.source_uri)
+    images = _fit_images(ds.images, params.image_size)
+    captions = measured_captions(images, ds.labels, ds.class_names) if params.captions == "measured" else ds.captions
+    return Dataset(images, ds.labels, ds.class_names, ds.source, ds.source_uri, captions)

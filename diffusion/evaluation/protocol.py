@@ -18,7 +18,10 @@ An FID measures the images as much as the model. It depends on
 - the classifier that guided it (:data:`CLASSIFIER_FIELDS`): ``classifier_scale`` (0.0: none) and
   ``classifier_md5``, DVC's hash of ``models/classifier.pt`` (null: none). They are fields
   of their own, not sampler settings: the classifier is a second network, not part of the
-  packaged model, so a promoted model's ``sampling`` (:data:`SAMPLING`) cannot hold it.
+  packaged model, so a promoted model's ``sampling`` (:data:`SAMPLING`) cannot hold it;
+- what a text-conditional model was asked for (:data:`PROMPT_FIELDS`): ``prompts_sha256``, the
+  sha256 of ``sample.prompts`` as JSON (null: a model not conditioned on text), so FIDs of
+  other prompts are other distributions.
 
 The evaluate stage writes the protocol to ``metrics/protocol.json`` and tags the run
 it logs FID into with ``fid.protocol.<field>`` and ``fid.protocol.digest`` (a hash of
@@ -46,12 +49,14 @@ SAMPLING = (
 )
 CLASSIFIER_FIELDS = ("classifier_scale", "classifier_md5")
 MODEL_FIELDS = ("process",)
-FIELDS = MEASUREMENT + SAMPLING + CLASSIFIER_FIELDS + MODEL_FIELDS
+PROMPT_FIELDS = ("prompts_sha256",)
+FIELDS = MEASUREMENT + SAMPLING + CLASSIFIER_FIELDS + MODEL_FIELDS + PROMPT_FIELDS
 TEXT_FIELDS = ("reference_sha256", "inception", "sampler", "schedule", "precision", "process")  # tagged as they are, not as JSON
 # Fields added after FIDs were first recorded, and the value every earlier FID had: a run or
 # model version tagged before ``precision`` existed sampled in fp32, before EDM's churn without
-# it, before there were processes on the discrete chain, and before fitted schedules on a formula.
-ADDED_LATER = {"precision": "fp32", **CHURN_DEFAULTS, "process": "ddpm", "timesteps": None}
+# it, before there were processes on the discrete chain, before fitted schedules on a formula, and
+# before text conditioning without prompts.
+ADDED_LATER = {"precision": "fp32", **CHURN_DEFAULTS, "process": "ddpm", "timesteps": None, "prompts_sha256": None}
 TAG_PREFIX = "fid.protocol."
 DIGEST_TAG = f"{TAG_PREFIX}digest"
 INTERVAL_TAG_PREFIX = "fid.interval."  # how the FID's interval was computed (not part of the protocol)
@@ -84,6 +89,7 @@ def describe(
     s_noise: float = ADDED_LATER["s_noise"],
     process: str = ADDED_LATER["process"],
     timesteps: Any = ADDED_LATER["timesteps"],
+    prompts_sha256: str | None = ADDED_LATER["prompts_sha256"],
 ) -> dict[str, Any]:
     """The protocol as a dict of :data:`FIELDS`, each value in one canonical type
     (``eta`` 0 and 0.0 give the same digest); ``eta`` 0.0 for a sampler that does not take
@@ -112,6 +118,7 @@ def describe(
         "classifier_scale": float(classifier_scale),
         "classifier_md5": None if classifier_md5 is None else str(classifier_md5),
         "process": str(process),
+        "prompts_sha256": None if prompts_sha256 is None else str(prompts_sha256),
     }
 
 

@@ -167,6 +167,15 @@ DIT_CONFIGS: dict[str, dict] = {
     "dit-xl-8": dict(depth=28, hidden_size=1152, patch_size=8, num_heads=16),
 }
 
+def _one_of(*allowed: str) -> Callable[[Any], str]:
+    def one_of(value: Any) -> str:
+        if value not in allowed:
+            raise ValueError(f"needs one of {', '.join(map(repr, allowed))}")
+        return value
+
+    return one_of
+
+
 # The arguments of a ViT on patches, DiT's and latent DiffiT's alike.
 PATCH_TRANSFORMER_OVERRIDABLE: dict[str, Callable[[Any], Any]] = {
     "depth": _positive_int,
@@ -175,6 +184,12 @@ PATCH_TRANSFORMER_OVERRIDABLE: dict[str, Callable[[Any], Any]] = {
     "num_heads": _positive_int,
     "mlp_ratio": _positive_float,
 }
+
+# How a text-conditional DiT attends to the caption: "cross" (PixArt-alpha's cross-attention
+# sub-layer) or "joint" (SD3's MMDiT: image and text tokens in one attention); latent DiffiT: "cross".
+TEXT_ATTENTION = ("cross", "joint")
+DIT_OVERRIDABLE = PATCH_TRANSFORMER_OVERRIDABLE | {"text_attention": _one_of(*TEXT_ATTENTION)}
+LATENT_DIFFIT_OVERRIDABLE = PATCH_TRANSFORMER_OVERRIDABLE | {"text_attention": _one_of("cross")}
 
 
 def check_patch_transformer(image_size: int, *, hidden_size: int, patch_size: int, num_heads: int, **_: Any) -> None:
@@ -342,9 +357,9 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "unet": Family(UNET_CONFIGS, UNET_OVERRIDABLE, check_unet),
-    "dit": Family(DIT_CONFIGS, PATCH_TRANSFORMER_OVERRIDABLE, check_patch_transformer),
+    "dit": Family(DIT_CONFIGS, DIT_OVERRIDABLE, check_patch_transformer),
     "diffit": Family(DIFFIT_CONFIGS, DIFFIT_OVERRIDABLE, check_diffit),
-    "latent-diffit": Family(LATENT_DIFFIT_CONFIGS, PATCH_TRANSFORMER_OVERRIDABLE, check_patch_transformer),
+    "latent-diffit": Family(LATENT_DIFFIT_CONFIGS, LATENT_DIFFIT_OVERRIDABLE, check_patch_transformer),
 }
 
 # model.name -> its family's name.

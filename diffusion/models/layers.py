@@ -1,6 +1,7 @@
-"""Layers every denoising network shares: the timestep and label embeddings, multi-head
-self-attention (plain, and DiffiT's time-dependent form with a relative position bias),
-the transformer MLP, patches and their fixed 2-D position embedding, and resampling.
+"""Layers every denoising network shares: the timestep and label embeddings, the conditioning
+on a class or a caption, multi-head self-attention (plain, and DiffiT's time-dependent form with
+a relative position bias) and cross-attention to text tokens, the transformer MLP, patches and
+their fixed 2-D position embedding, and resampling.
 
 :mod:`~diffusion.models.unet`, :mod:`~diffusion.models.dit` and :mod:`~diffusion.models.diffit`
 build from these; no network has its own copy.
@@ -9,12 +10,17 @@ build from these; no network has its own copy.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion.models.configs import check_patch_transformer
+from diffusion.models.configs import TEXT_ATTENTION, check_patch_transformer
+
+if TYPE_CHECKING:
+    from diffusion.models.text import TextEmbedding, TextEncoder
 
 # The patch transformers' timestep embedding: 256 sinusoid frequencies into the MLP (DiT §3.2;
 # NVlabs/DiffiT likewise).
@@ -61,14 +67,52 @@ class LabelEmbedding(nn.Embedding):
         return super().forward(y)
 
 
-def condition(time: torch.Tensor, labels: LabelEmbedding | None, y: torch.Tensor | None) -> torch.Tensor:
-    """The conditioning vector: the time embedding plus, for a class-conditional network, the
-    label embedding (DiT §3.2 ``c = t + y``; the U-Net's embedding; DiffiT's time token)."""
-    if labels is not None:
-        return time + labels(y, time.shape[0])
+def check_conditioning(num_classes: int | None, text_encoder: TextEncoder | None) -> None:
+    """A network is conditioned on class labels or on captions, not both (ValueError, one line)."""
+    if num_classes is not None and text_encoder is not None:
+        raise ValueError("num_classes and text_encoder: a network takes class labels or captions, not both; give one")
+
+
+def pooled_embedding(text_encoder: TextEncoder | None, dim: int) -> nn.Linear | None:
+    """The projection of a caption's pooled embedding into the time embedding (Imagen §2.2,
+    Saharia et al. 2022; SD3's ``c = t + pooled``), zero-initialised by each family's init, so
+    a fresh network's conditioning vector is the time embedding's; None without text."""
+    return None if text_encoder is None else nn.Linear(text_encoder.dim, dim)
+
+
+def condition(
+    network: nn.Module, time: torch.Tensor, y: torch.Tensor | None
+) -> tuple[torch.Tensor, TextEmbedding | None]:
+    """The conditioning vector and the caption's embedding, for every family alike.
+
+    A class-conditional network (``network.label_embed``): ``c = t + y_emb`` (DiT §3.2; the
+    U-Net's embedding; DiffiT's time token), no text. A text-conditional one
+    (``network.text_encoder``, with ``network.pooled_embed``): ``y`` token ids [B, L] (None: the
+    empty caption, the null condition) encoded once, ``c = t + W pooled``, and the embedding
+    that cross- or joint attention reads. Otherwise ``c = t``."""
+    if network.text_encoder is not None:
+        if y is None:
+            y = network.text_encoder.null_tokens.expand(time.shape[0], -1)
+        text = network.text_encoder(y)
+        return time + network.pooled_embed(text.pooled), text
+    if network.label_embed is not None:
+        return time + network.label_embed(y, time.shape[0]), None
     if y is not None:
         raise ValueError("y: class labels given to a model built without num_classes")
-    return time
+    return time, None
+
+
+def null_condition(network: nn.Module) -> int | torch.Tensor:
+    """The null condition of classifier-free guidance (Ho & Salimans 2022), what the trainer drops
+    conditions to and guidance's unconditional pass is given: the null class ``num_classes`` of a
+    class-conditional network, the empty caption's token ids [L] of a text-conditional one (each
+    broadcast over a batch by its caller)."""
+    text_encoder = getattr(network, "text_encoder", None)
+    if text_encoder is not None:
+        return text_encoder.null_tokens
+    if getattr(network, "num_classes", None) is not None:
+        return network.num_classes
+    raise ValueError("null_condition: the model is unconditional (built without num_classes or text_encoder)")
 
 
 # ---------------------------------------------------------------- attention
@@ -97,6 +141,40 @@ class SelfAttention(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.attend(self.qkv(tokens))
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Multi-head ``softmax(QK^T / sqrt(d)) V`` (Vaswani et al. 2017, §3.2.2) of queries
+    [B, N, C] over keys and values [B, M, C], -> [B, N, C]; ``mask`` [B, M] bool: the keys that
+    may be attended (False: padding, never attended)."""
+    q, k, v = (a.unflatten(-1, (num_heads, -1)).transpose(1, 2) for a in (q, k, v))  # [B, heads, *, C/heads]
+    mask = None if mask is None else mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention from image tokens to a caption (Rombach et al. 2022, "High-
+    Resolution Image Synthesis with Latent Diffusion Models", §3.3; PixArt-alpha, Chen et al.
+    2024, §2.3): queries from the tokens [B, N, C], keys and values from the text tokens
+    [B, L, D] by their own projection, attention over the caption's real tokens only
+    (``TextEmbedding.mask``), an output projection. Each family zero-initialises ``proj``, so a
+    fresh layer adds nothing and a fresh network is its unconditional self."""
+
+    def __init__(self, dim: int, text_dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} does not divide the width {dim}; use a divisor of {dim}")
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(text_dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, tokens: torch.Tensor, text: TextEmbedding) -> torch.Tensor:
+        """tokens [B, N, C] and the caption's embedding (B of them) -> [B, N, C]."""
+        k, v = self.kv(text.tokens).chunk(2, dim=-1)
+        return self.proj(attention(self.q(tokens), k, v, self.num_heads, text.mask))
 
 
 class RelativePositionBias(nn.Module):
@@ -198,13 +276,18 @@ def sincos_2d_position_embedding(dim: int, grid_size: int) -> torch.Tensor:
 class PatchTransformer(nn.Module):
     """The frame DiT and latent DiffiT share: a ViT denoiser on patches. ``forward(x, t, y=None)``
     -> [B, out_channels, H, W]: patchify with fixed positions, the conditioning
-    ``c = t_emb + y_emb`` (DiT §3.2; DiffiT's time token), ``depth`` blocks
-    ``block(tokens, c)``, ``final_layer(tokens, c)`` to p*p*C_out a token, unpatchify.
+    ``c = t_emb + y_emb`` (DiT §3.2; DiffiT's time token) or ``c = t_emb + W pooled``,
+    ``depth`` blocks ``block(tokens, c)`` (``block(tokens, c, text)`` with a caption),
+    ``final_layer(tokens, c)`` to p*p*C_out a token, unpatchify.
 
     A subclass says what its blocks and final layer are (:meth:`make_block`,
     :meth:`make_final_layer`) and which layers start at zero (:meth:`zero_initialised`).
     ``num_classes``: class-conditional, with the null class of classifier-free guidance
     (index ``num_classes``) used when ``y`` is None; ``out_channels`` 2C for the learned variance.
+    ``text_encoder``: conditioned on captions (token ids ``y`` [B, L]; None: the empty caption),
+    each block attending to the caption by ``text_attention``: "cross" (a cross-attention
+    sub-layer, PixArt-alpha) or "joint" (a second, text stream in one attention, SD3's MMDiT;
+    its tokens are the caption's projected to ``hidden_size`` by ``text_embed``).
     """
 
     def __init__(
@@ -219,26 +302,40 @@ class PatchTransformer(nn.Module):
         num_heads: int,
         mlp_ratio: float = 4.0,
         num_classes: int | None = None,
+        text_encoder: TextEncoder | None = None,
+        text_attention: str = "cross",
     ) -> None:
         super().__init__()
         check_patch_transformer(image_size, hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads)
-        # The resolved constructor arguments: what rebuilds this network (or a peer's twin).
+        check_conditioning(num_classes, text_encoder)
+        if text_attention not in TEXT_ATTENTION:
+            raise ValueError(f"text_attention: unknown {text_attention!r}; allowed: {', '.join(TEXT_ATTENTION)}")
+        # The resolved constructor arguments: what rebuilds this network (or a peer's twin), the text encoder aside.
         self.config = dict(
             in_channels=in_channels, out_channels=out_channels, image_size=image_size, depth=depth,
             hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads, mlp_ratio=mlp_ratio,
-            num_classes=num_classes,
+            num_classes=num_classes, text_attention=text_attention,
         )
         self.patch_size, self.out_channels = patch_size, out_channels
         self.num_classes = num_classes  # the null class's index, which the trainer drops labels to
+        self.text_dim = None if text_encoder is None else text_encoder.dim
+        self.text_attention = text_attention
         self.patch_embed = PatchEmbedding(in_channels, hidden_size, patch_size, image_size)
         self.time_embed = TimestepEmbedding(TIME_FREQUENCIES, hidden_size)
         self.label_embed = LabelEmbedding(num_classes, hidden_size) if num_classes is not None else None
+        self.pooled_embed = pooled_embedding(text_encoder, hidden_size)
+        joint = text_encoder is not None and text_attention == "joint"
+        self.text_embed = nn.Linear(text_encoder.dim, hidden_size) if joint else None
         grid = image_size // patch_size
-        self.blocks = nn.ModuleList([self.make_block(hidden_size, num_heads, mlp_ratio, grid) for _ in range(depth)])
+        self.blocks = nn.ModuleList(
+            [self.make_block(hidden_size, num_heads, mlp_ratio, grid, last=i == depth - 1) for i in range(depth)]
+        )
         self.final_layer = self.make_final_layer(hidden_size, patch_size * patch_size * out_channels)
         initialize_transformer(self, zero=self.zero_initialised())
+        self.text_encoder = text_encoder  # after the init: the encoder keeps its own
 
-    def make_block(self, dim: int, num_heads: int, mlp_ratio: float, grid: int) -> nn.Module:
+    def make_block(self, dim: int, num_heads: int, mlp_ratio: float, grid: int, last: bool) -> nn.Module:
+        """One block; with ``self.text_dim`` set, one that attends to a caption by ``self.text_attention``."""
         raise NotImplementedError
 
     def make_final_layer(self, dim: int, out_features: int) -> nn.Module:
@@ -248,11 +345,20 @@ class PatchTransformer(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, C, H, W], t [B] timesteps, y [B] class labels (None: the null class) -> [B, out_channels, H, W]."""
+        """x [B, C, H, W], t [B] timesteps, y [B] class labels or [B, L] token ids (None: the
+        null condition) -> [B, out_channels, H, W]."""
         tokens = self.patch_embed(x)
-        c = condition(self.time_embed(t), self.label_embed, y)
-        for block in self.blocks:
-            tokens = block(tokens, c)
+        c, text = condition(self, self.time_embed(t), y)
+        if text is None:
+            for block in self.blocks:
+                tokens = block(tokens, c)
+        elif self.text_embed is None:
+            for block in self.blocks:
+                tokens = block(tokens, c, text)
+        else:  # joint attention: the text stream runs alongside and is dropped after the last block
+            text = replace(text, tokens=self.text_embed(text.tokens))
+            for block in self.blocks:
+                tokens, text = block(tokens, c, text)
         return unpatchify(self.final_layer(tokens, c), self.patch_size, self.out_channels)
 
 
@@ -308,6 +414,14 @@ def initialize_transformer(network: nn.Module, zero: list[nn.Module]) -> None:
         elif isinstance(module, TimestepEmbedding):
             nn.init.normal_(module[0].weight, std=0.02)
             nn.init.normal_(module[2].weight, std=0.02)
-    for layer in zero:
+    for layer in zero + text_layers(network):
         nn.init.zeros_(layer.weight)
         nn.init.zeros_(layer.bias)
+
+
+def text_layers(network: nn.Module) -> list[nn.Module]:
+    """The layers through which a caption enters that start at zero: every cross-attention's
+    output projection and the pooled embedding's projection (the adaLN-Zero idea, DiT §3.2),
+    so a fresh text-conditional network is its unconditional self."""
+    layers = [module.proj for module in network.modules() if isinstance(module, CrossAttention)]
+    return layers + ([network.pooled_embed] if getattr(network, "pooled_embed", None) is not None else [])

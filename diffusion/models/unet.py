@@ -14,12 +14,18 @@ Layout: ``conv_in``; per resolution level ``num_res_blocks`` residual blocks
 residual block, attention, residual block; the mirror image going up, where each
 block first concatenates the matching encoder activation (the skip); then
 GroupNorm, SiLU and a zero-initialised ``conv_out``, so a fresh model predicts 0.
+
+Conditioned on a caption (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent
+Diffusion Models", §3.3, Stable Diffusion's ``SpatialTransformer``): every self-attention block
+is followed by a cross-attention block to the caption's tokens, and the caption's pooled
+embedding is added to the timestep embedding.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +33,12 @@ from torch import nn
 
 from diffusion.models.configs import check_unet
 from diffusion.models.layers import (
-    Downsample, LabelEmbedding, SelfAttention, TimestepEmbedding, Upsample, condition, group_norm,
+    CrossAttention, Downsample, LabelEmbedding, SelfAttention, TimestepEmbedding, Upsample, check_conditioning,
+    condition, group_norm, pooled_embedding, text_layers,
 )
+
+if TYPE_CHECKING:
+    from diffusion.models.text import TextEmbedding, TextEncoder
 
 # ---------------------------------------------------------------- resampling
 
@@ -114,23 +124,45 @@ class ResBlock(nn.Module):
 class AttentionBlock(SelfAttention):
     """Multi-head self-attention over the H*W positions (DDPM App. B; ADM §3): GroupNorm,
     :class:`~diffusion.models.layers.SelfAttention` on the [B, H*W, C] tokens (a view when the
-    input is channels_last) with a zero-initialised output projection, residual."""
+    input is channels_last) with a zero-initialised output projection, residual. With
+    ``text_dim``, a :class:`CrossAttentionBlock` to the caption follows (``cross``)."""
 
-    def __init__(self, channels: int, num_heads: int) -> None:
+    def __init__(self, channels: int, num_heads: int, text_dim: int | None = None) -> None:
         super().__init__(channels, num_heads)
         self.norm = group_norm(channels)
+        self.cross = None if text_dim is None else CrossAttentionBlock(channels, text_dim, num_heads)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, text: TextEmbedding | None = None) -> torch.Tensor:
         h = super().forward(self.norm(x).flatten(2).transpose(1, 2))  # [B, HW, C]
+        x = x + h.transpose(1, 2).unflatten(2, x.shape[2:])
+        return x if self.cross is None else self.cross(x, text)
+
+
+class CrossAttentionBlock(CrossAttention):
+    """Cross-attention from the H*W positions to the caption (LDM §3.3): GroupNorm,
+    :class:`~diffusion.models.layers.CrossAttention` of the [B, H*W, C] tokens to the caption's
+    tokens (its output projection zero-initialised), residual."""
+
+    def __init__(self, channels: int, text_dim: int, num_heads: int) -> None:
+        super().__init__(channels, text_dim, num_heads)
+        self.norm = group_norm(channels)
+
+    def forward(self, x: torch.Tensor, text: TextEmbedding) -> torch.Tensor:
+        h = super().forward(self.norm(x).flatten(2).transpose(1, 2), text)  # [B, HW, C]
         return x + h.transpose(1, 2).unflatten(2, x.shape[2:])
 
 
 class EmbedSequential(nn.ModuleList):
-    """Blocks applied in order; residual blocks also get the embedding."""
+    """Blocks applied in order; residual blocks also get the embedding, attention blocks the caption's."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, text: TextEmbedding | None = None) -> torch.Tensor:
         for block in self:
-            x = block(x, emb) if isinstance(block, ResBlock) else block(x)
+            if isinstance(block, ResBlock):
+                x = block(x, emb)
+            elif isinstance(block, AttentionBlock):
+                x = block(x, text)
+            else:
+                x = block(x)
         return x
 
 
@@ -149,6 +181,7 @@ class Blocks:
     resblock_updown: bool
     num_heads: int
     head_channels: int | None
+    text_dim: int | None = None  # the caption's width: each attention block then cross-attends to it
 
     def heads(self, channels: int) -> int:
         """``channels // head_channels`` (ADM: 64 channels a head), else ``num_heads``."""
@@ -161,7 +194,7 @@ class Blocks:
         )
 
     def attention(self, channels: int) -> AttentionBlock:
-        return AttentionBlock(channels, self.heads(channels))
+        return AttentionBlock(channels, self.heads(channels), self.text_dim)
 
     def resample(self, channels: int, direction: str) -> nn.Module:
         """A BigGAN residual block (``resblock_updown``, ADM §3) or DDPM's convolution."""
@@ -198,13 +231,14 @@ def encoder(
 def initialize_weights(network: nn.Module, last: nn.Module) -> None:
     """DDPM's init (App. B, TF ``variance_scaling(1, "fan_avg", "uniform")``): Xavier-uniform
     weights, zero biases. The last layer of every residual branch (residual block
-    ``conv_out``, attention ``proj``) and ``last``, the network's output layer, are zero, so
-    each block starts as the identity and a fresh network outputs exactly zero."""
+    ``conv_out``, attention ``proj``, cross-attention ``proj`` and the pooled caption's
+    projection) and ``last``, the network's output layer, are zero, so each block starts as the
+    identity and a fresh network outputs exactly zero."""
     for module in network.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             nn.init.xavier_uniform_(module.weight)
             nn.init.zeros_(module.bias)
-    zero_init = [last]
+    zero_init = [last, *text_layers(network)]
     for module in network.modules():
         if isinstance(module, ResBlock):
             zero_init.append(module.conv_out)
@@ -226,7 +260,8 @@ class UNet(nn.Module):
     ``None`` for the lowest one only (the middle block always has it);
     ``head_channels``: channels per head (ADM: 64), else ``num_heads`` heads;
     ``num_classes``: class-conditional, with an extra row, index ``num_classes``, for
-    the null class of classifier-free guidance (Ho & Salimans 2022), used when ``y`` is None.
+    the null class of classifier-free guidance (Ho & Salimans 2022), used when ``y`` is None;
+    ``text_encoder``: conditioned on captions (token ids ``y`` [B, L]; None: the empty caption).
     """
 
     def __init__(
@@ -246,6 +281,7 @@ class UNet(nn.Module):
         resblock_updown: bool = False,
         use_scale_shift_norm: bool = True,
         rescale_skip: bool = False,
+        text_encoder: TextEncoder | None = None,
     ) -> None:
         super().__init__()
         channel_mult = tuple(channel_mult)
@@ -254,6 +290,7 @@ class UNet(nn.Module):
             image_size, base_channels=base_channels, channel_mult=channel_mult,
             attention_resolutions=attention_resolutions, num_heads=num_heads, head_channels=head_channels,
         )
+        check_conditioning(num_classes, text_encoder)
         # The resolved constructor arguments: what rebuilds this network (or a peer's twin).
         self.config = dict(
             in_channels=in_channels, out_channels=out_channels, image_size=image_size, base_channels=base_channels,
@@ -266,10 +303,12 @@ class UNet(nn.Module):
         blocks = Blocks(
             emb_channels, dropout=dropout, use_scale_shift_norm=use_scale_shift_norm, rescale_skip=rescale_skip,
             resblock_updown=resblock_updown, num_heads=num_heads, head_channels=head_channels,
+            text_dim=None if text_encoder is None else text_encoder.dim,
         )
 
         self.time_embed = TimestepEmbedding(base_channels, emb_channels)
         self.label_embed = LabelEmbedding(num_classes, emb_channels) if num_classes is not None else None
+        self.pooled_embed = pooled_embedding(text_encoder, emb_channels)
 
         self.conv_in, self.down, self.middle, skip_channels = encoder(
             blocks, in_channels=in_channels, base_channels=base_channels, channel_mult=channel_mult,
@@ -292,17 +331,20 @@ class UNet(nn.Module):
         self.norm_out = group_norm(ch)
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
         initialize_weights(self, last=self.conv_out)
+        self.text_encoder = text_encoder  # after the init: the encoder keeps its own
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, C, H, W], t [B] timesteps, y [B] class labels (None: the null class) -> [B, out_channels, H, W]."""
-        emb = F.silu(condition(self.time_embed(t), self.label_embed, y))
+        """x [B, C, H, W], t [B] timesteps, y [B] class labels or [B, L] token ids (None: the
+        null condition) -> [B, out_channels, H, W]."""
+        emb, text = condition(self, self.time_embed(t), y)
+        emb = F.silu(emb)
 
         h = self.conv_in(x)
         skips = [h]
         for stage in self.down:
-            h = stage(h, emb)
+            h = stage(h, emb, text)
             skips.append(h)
-        h = self.middle(h, emb)
+        h = self.middle(h, emb, text)
         for stage in self.up:
-            h = stage(torch.cat([h, skips.pop()], dim=1), emb)
+            h = stage(torch.cat([h, skips.pop()], dim=1), emb, text)
         return self.conv_out(F.silu(self.norm_out(h)))

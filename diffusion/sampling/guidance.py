@@ -28,19 +28,21 @@ class ClassifierFreeGuidance:
     stay consistent), the conditional and unconditional passes batched into one forward
     (DiT's ``forward_with_cfg``); the variance channels come from the conditional half.
 
-    ``null_class`` is the label of the unconditional pass (the U-Net's extra class). With
+    ``null_condition`` is the condition of the unconditional pass: the null class (the network's
+    extra class) of a class-conditional model, the empty caption's token ids [L] of a
+    text-conditional one (``diffusion.models.layers.null_condition``). With
     ``interval`` = (lo, hi), only steps with lo <= t <= hi (the process's times) are guided
     (Kynkäänniemi et al. 2024); the others run the conditional model alone (w = 1), as do
     all steps at w = 1; at w = 0 only the unconditional pass runs.
     """
 
     def __init__(
-        self, inner: Denoiser, scale: float, null_class: int, interval: Sequence[float] | None = None
+        self, inner: Denoiser, scale: float, null_condition: int | torch.Tensor, interval: Sequence[float] | None = None
     ):
         if interval is not None and (len(interval) != 2 or interval[0] > interval[1]):
             raise ValueError(f"guidance_interval: got {interval!r}; allowed: [lo, hi] with lo <= hi, or null")
         self.inner, self.process = inner, inner.process
-        self.scale, self.null_class, self.interval = float(scale), null_class, interval
+        self.scale, self.null_condition, self.interval = float(scale), null_condition, interval
 
     def _guided_at(self, t: torch.Tensor) -> bool:
         if self.interval is None:
@@ -50,10 +52,10 @@ class ClassifierFreeGuidance:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> Denoised:
         if y is None:
-            raise ValueError("guidance_scale: classifier-free guidance needs class labels (a class-conditional model)")
+            raise ValueError("guidance_scale: classifier-free guidance needs a condition (class labels or a caption's tokens)")
         if self.scale == 1.0 or not self._guided_at(t):
             return self.inner(x, t, y)
-        null = torch.full_like(y, self.null_class)
+        null = torch.as_tensor(self.null_condition, device=y.device).expand_as(y)
         if self.scale == 0.0:
             return self.inner(x, t, null)
         both = self.inner(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
@@ -114,17 +116,17 @@ class ClassifierGuidance:
 def guidance(
     *,
     scale: float = 1.0,
-    null_class: int | None = None,
+    null_condition: int | torch.Tensor | None = None,
     interval: Sequence[float] | None = None,
     classifier: Classifier | None = None,
     classifier_scale: float = 0.0,
 ) -> Callable[[Denoiser], Denoiser] | None:
     """The wrapper :func:`diffusion.sampling.sample.sample` takes as ``guidance``, or None when
-    nothing guides: classifier-free at ``scale`` (needs the model's ``null_class``) and, with a
-    ``classifier``, its gradient at ``classifier_scale`` on top. A model without a null class
+    nothing guides: classifier-free at ``scale`` (needs the model's ``null_condition``) and, with a
+    ``classifier``, its gradient at ``classifier_scale`` on top. A model without a null condition
     is unconditional: the classifier alone sees the labels."""
-    if scale != 1.0 and null_class is None:
-        raise ValueError(f"guidance_scale: {scale} needs a class-conditional model (one with a null class); use 1")
+    if scale != 1.0 and null_condition is None:
+        raise ValueError(f"guidance_scale: {scale} needs a conditional model (one with a null condition); use 1")
     if classifier is not None and classifier_scale == 0.0:
         classifier = None
     if scale == 1.0 and classifier is None:
@@ -132,9 +134,9 @@ def guidance(
 
     def wrap(denoiser: Denoiser) -> Denoiser:
         if scale != 1.0:
-            denoiser = ClassifierFreeGuidance(denoiser, scale, null_class, interval)
+            denoiser = ClassifierFreeGuidance(denoiser, scale, null_condition, interval)
         if classifier is not None:
-            denoiser = ClassifierGuidance(denoiser, classifier, classifier_scale, conditional=null_class is not None)
+            denoiser = ClassifierGuidance(denoiser, classifier, classifier_scale, conditional=null_condition is not None)
         return denoiser
 
     return wrap

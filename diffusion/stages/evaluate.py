@@ -12,6 +12,15 @@ the samples (FID is biased upwards at small N; the curve shows how far from conv
 number is). The metrics are logged into the sample stage's MLflow run with the protocol as
 ``fid.protocol.*`` tags and the interval's method as ``fid.interval.*``, and mirrored onto
 its model run.
+
+On digit data (``models/digit_classifier.pt`` holds a classifier: the train_digit_classifier
+stage) the metrics also say whether the images show what they were drawn for
+(:func:`~diffusion.evaluation.text_faithfulness.text_faithfulness`): ``text_clear``, and
+``text_digit_accuracy`` for the digit each was asked for (a text model's prompt, a class
+model's label), and for a text model each attribute's ``text_<attribute>_agreement``,
+``_chance`` and ``_gap`` and the summary ``text_error`` (the sweep's objective of that
+name). The protocol file records the classifier (its md5 and held-out accuracy) under
+``digits``, outside the digest: it changes no FID.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from diffusion import tracking
 from diffusion.evaluation import protocol
@@ -31,8 +41,13 @@ from diffusion.evaluation.metrics import (
     INCEPTION, Moments, bootstrap_interval, cache_dir, fid_bootstrap, fid_infinity, frechet_distance, inception_features,
     kid_bootstrap, kid_from_features, moments, statistics_moments,
 )
+from diffusion.data.captions import CAPTION_VOCABULARY, caption
+from diffusion.evaluation.digit_classifier import load_digit_classifier
 from diffusion.evaluation.reference_files import load_reference_statistics
-from diffusion.stages.paths import EVALUATE_METRICS, FID_CURVE, FID_PROTOCOL, REFERENCE, SAMPLE_RUN, SAMPLES
+from diffusion.evaluation.text_faithfulness import text_faithfulness
+from diffusion.stages.paths import (
+    DIGIT_CLASSIFIER, EVALUATE_METRICS, FID_CURVE, FID_PROTOCOL, NO_DIGIT_CLASSIFIER, REFERENCE, SAMPLE_RUN, SAMPLES,
+)
 
 CURVE_POINTS = 5
 MIN_CURVE_SAMPLES = 16
@@ -53,6 +68,28 @@ def load_samples(path: Path) -> tuple[np.ndarray, dict]:
     if sampling is None:
         raise DatasetError(f"{path}: records no sampling settings (an older sample stage wrote it): run sample again")
     return images, sampling
+
+
+def asked_prompts(path: Path, conditioning: str) -> list[str]:
+    """What each image of the samples file was drawn for, as a prompt: a text model's prompts, a
+    class model's label as the digit's name ("a seven"), an unconditional model's nothing ("")."""
+    with np.load(path, allow_pickle=False) as npz:
+        if "prompts" in npz.files:
+            return [str(prompt) for prompt in npz["prompts"]]
+        labels = npz["labels"]
+    if conditioning != "class":
+        return [""] * len(labels)
+    return [caption(CAPTION_VOCABULARY["digits"][label], []) for label in labels.tolist()]
+
+
+def digit_scores(images: np.ndarray, prompts: list[str]) -> tuple[dict, dict | None]:
+    """The text-faithfulness metrics of the images by ``models/digit_classifier.pt``, and the
+    protocol's record of that classifier; nothing when the data are not digits."""
+    if DIGIT_CLASSIFIER.read_bytes() == NO_DIGIT_CLASSIFIER:
+        return {}, None
+    classifier, meta = load_digit_classifier(DIGIT_CLASSIFIER)
+    record = {"classifier_md5": tracking.file_md5(DIGIT_CLASSIFIER), "heldout_accuracy": meta.get("heldout_accuracy")}
+    return text_faithfulness(torch.from_numpy(images), prompts, classifier), record
 
 
 def fid_curve(features: np.ndarray, reference: Moments) -> list[tuple[int, float]]:
@@ -86,9 +123,9 @@ def uncertainty(features: np.ndarray, reference: dict, cfg: EvaluateParams) -> t
     return results, curve
 
 
-def _write_outputs(results: dict, measured: dict, interval: dict, curve: list[tuple[int, float]]) -> None:
+def _write_outputs(results: dict, measured: dict, interval: dict, digits: dict | None, curve: list[tuple[int, float]]) -> None:
     write_json(EVALUATE_METRICS, results)
-    write_json(FID_PROTOCOL, {**measured, "digest": protocol.digest(measured), "interval": interval})
+    write_json(FID_PROTOCOL, {**measured, "digest": protocol.digest(measured), "interval": interval, "digits": digits})
     write_csv(FID_CURVE, ["num_samples", "fid"], curve)
 
 
@@ -106,12 +143,14 @@ def run(params: Params) -> None:
     interval = {"method": INTERVAL_METHOD, "replicates": cfg.bootstrap_replicates, "confidence": cfg.confidence}
     features = inception_features(images, device=cfg.device, batch_size=cfg.batch_size)
     results, curve = uncertainty(features, reference, cfg)
+    text, digits = digit_scores(images, asked_prompts(SAMPLES, params.model.conditioning))
+    results |= text
     print(
         f"evaluate: fid {results['fid']:.4g} ({cfg.confidence:.0%} interval {results['fid_low']:.4g} to {results['fid_high']:.4g}), "
         + ", ".join(f"{k} {v:.4g}" for k, v in results.items() if k not in ("fid", "fid_low", "fid_high"))
     )
 
-    _write_outputs(results, measured, interval, curve)
+    _write_outputs(results, measured, interval, digits, curve)
 
     with tracking.stage_run("evaluate", params.tracking.experiment, resume_run_id=tracking.read_run_id(SAMPLE_RUN)):
         logged = {k: v for k, v in results.items() if k != "num_samples"}

@@ -27,6 +27,8 @@ RECONSTRUCTIONS = Path("plots/vae_reconstructions.png")  # held-out images above
 LATENTS = Path("data/latents.npz")  # the encoded train and held-out sets (diffusion.data.latents), or PIXEL_SPACE
 LATENTS_METRICS = Path("metrics/latents.json")
 PIXEL_SPACE = b"model.space is pixel: no autoencoder, no latents\n"
+TEXT_EMBEDDINGS = Path("data/text_embeddings.npz")  # a frozen text encoder's embeddings of the captions, or NO_TEXT_CACHE
+NO_TEXT_CACHE = b"text.cache is off, or the text encoder learns: no text embeddings cached\n"
 # train
 MODEL = Path("models/model.pt")
 MODEL_RUN = Path("models/run.json")  # the MLflow run that trained the model
@@ -39,6 +41,9 @@ EVAL_CURVE = Path("plots/train_kid.csv")  # KID and FID of the EMA model's sampl
 CLASSIFIER = Path("models/classifier.pt")  # the noise-aware classifier, or CLASSIFIER_DISABLED
 CLASSIFIER_DISABLED = b"guidance.classifier is false: no classifier trained\n"  # the whole file when off
 CLASSIFIER_ACCURACY = Path("plots/classifier_accuracy.csv")
+# train_digit_classifier
+DIGIT_CLASSIFIER = Path("models/digit_classifier.pt")  # the classifier of clear and named digits, or NO_DIGIT_CLASSIFIER
+NO_DIGIT_CLASSIFIER = b"data.source is not a digit source: no digit classifier trained\n"  # the whole file then
 # fit_schedule
 FITTED_SCHEDULE = Path("models/schedule.json")  # sample.schedule fitted: the fitted times (diffusion/stages/fit_schedule.py)
 # sample

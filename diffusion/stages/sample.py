@@ -6,10 +6,12 @@ EMA of that length, reconstructed from ``models/ema_snapshots.pt`` (EDM2's post-
 :mod:`diffusion.training.posthoc_ema`); that network is then logged as the sample run's model,
 which promotion registers (:func:`diffusion.registry.find_model`).
 
-Outputs: ``samples/samples.npz`` (uint8 images [N, C, H, W], their labels and, as
-JSON, the sampling settings that drew them, which evaluate records in the FID
-protocol), ``samples/grid.png`` and ``samples/run.json``: the MLflow run, nested
-under the model's run, that the evaluate stage logs FID into.
+Outputs: ``samples/samples.npz`` (uint8 images [N, C, H, W], their labels (a text-conditional
+model's: the token ids of their ``prompts``, which it holds too) and, as JSON, the sampling
+settings that drew them, which evaluate records in the FID protocol), ``samples/grid.png`` and
+``samples/run.json``: the MLflow run, nested under the model's run, that the evaluate stage
+logs FID into. A text-conditional model draws image k for ``sample.prompts`` k mod P, and
+the run gets a grid of each prompt's images (``prompts/``).
 
 Images with NaN or inf (black once made uint8) are refused, and nothing is written.
 
@@ -30,7 +32,9 @@ distances and cost go to the MLflow run.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 
 import numpy as np
 import torch
@@ -39,7 +43,7 @@ from PIL import Image
 from diffusion import tracking
 from diffusion.config import Params
 from diffusion.files import atomic_write
-from diffusion.images import generate_images, image_grid, sampling_labels
+from diffusion.images import cycled_prompts, generate_images, image_grid, sampling_labels
 from diffusion.models.classifier import NoiseAwareClassifier, classifier_from_state
 from diffusion.packaged import DEFAULT_SAMPLER, PackagedDiffusion
 from diffusion.process.options import process_identity
@@ -133,7 +137,10 @@ def image_labels(
 ) -> torch.Tensor:
     """The labels of the first ``count`` images the stage draws: ``sample.labels`` cycled, or
     balanced over the model's classes (the guiding ``classifier``'s when the model has none);
-    zeros when neither has classes."""
+    zeros when neither has classes; a text-conditional model's: the token ids of ``sample.prompts``
+    cycled (:func:`~diffusion.images.cycled_prompts`)."""
+    if packaged.conditioning == "text":
+        return packaged.tokenize(cycled_prompts(params.sample.prompts, count))
     num_classes = packaged.model_spec.get("num_classes") or (classifier.num_classes if classifier is not None else None)
     return sampling_labels(params.sample.labels, count, num_classes)
 
@@ -202,12 +209,33 @@ def _sample_and_write(params: Params, packaged, device, classifier, current) -> 
         sampling["classifier_scale"] = params.guidance.classifier_scale if classifier is not None else 0.0
         sampling["classifier_md5"] = tracking.file_md5(CLASSIFIER) if classifier is not None else None
         sampling["process"] = process_identity(packaged.process)["process"]  # the protocol's: steps differ per process
+        sampling["prompts_sha256"] = prompts_digest(params.sample.prompts) if packaged.conditioning == "text" else None
+        prompts = cycled_prompts(params.sample.prompts, len(images)) if packaged.conditioning == "text" else None
+        text = {"prompts": np.array(prompts, dtype=str)} if prompts is not None else {}
         with atomic_write(SAMPLES) as fh:
-            np.savez(fh, images=images.numpy(), labels=labels.numpy(), sampling=np.array(json.dumps(sampling)))
+            np.savez(fh, images=images.numpy(), labels=labels.numpy(), sampling=np.array(json.dumps(sampling)), **text)
         rows = params.sample.grid_rows
         with atomic_write(GRID) as fh:
             Image.fromarray(image_grid(images[: rows * rows], columns=rows)).save(fh, format="png")
         tracking.log_artifact(GRID)
+        if prompts is not None:
+            _log_prompt_grids(images, params.sample.prompts)
         if params.sample.ema_length is not None and params.tracking.log_model:
             tracking.log_packaged_model(packaged)  # the weights the FID measures: promotion registers the run's own model
         tracking.write_run_id(SAMPLE_RUN, active.info.run_id)
+
+
+def prompts_digest(prompts: list[str]) -> str:
+    """The FID protocol's ``prompts_sha256``: the sha256 of the prompts' JSON."""
+    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+
+
+def _log_prompt_grids(images: torch.Tensor, prompts: list[str]) -> None:
+    """One grid of each prompt's images (every P-th image, :func:`~diffusion.images.cycled_prompts`)
+    as the run's ``prompts/<k>-<prompt>.png``, the prompt in the file name."""
+    for k, prompt in enumerate(prompts):
+        mine = images[k :: len(prompts)]
+        if not len(mine):
+            continue
+        slug = "".join(c if c.isalnum() else "-" for c in prompt.lower()).strip("-")[:60]
+        tracking.log_image(image_grid(mine, columns=math.ceil(math.sqrt(len(mine)))), f"prompts/{k:02d}-{slug}.png")

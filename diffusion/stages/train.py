@@ -45,7 +45,7 @@ folder's lock, logs to MLflow and writes checkpoints and the DVC outputs.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -62,10 +62,12 @@ from diffusion.files import exclusive_lock, remove_stale_temps, write_csv, write
 from diffusion.images import generate_images, sampling_labels
 from diffusion.process.continuous import ContinuousDiffusion
 from diffusion.process.gaussian import GaussianDiffusion
+from diffusion.models.text import load_text_embedding_cache
 from diffusion.packaged import PackagedDiffusion, load_autoencoder
+from diffusion.stages.encode_text import cached
 from diffusion.stages.paths import (
     AUTOENCODER, AUTOENCODER_RUN, EMA_SNAPSHOTS, EVAL_CURVE, HELDOUT_SET, LATENTS, LOSS_CURVE, MODEL, MODEL_RUN, REFERENCE,
-    TRAIN_METRICS, TRAIN_SET, VAL_CURVE, checkpoint_key, checkpoints_dir,
+    TEXT_EMBEDDINGS, TRAIN_METRICS, TRAIN_SET, VAL_CURVE, checkpoint_key, checkpoints_dir,
 )
 from diffusion.training import distributed
 from diffusion.training.devices import precision_name, resolve_precision
@@ -82,19 +84,22 @@ EVAL_SCHEDULE = "log-snr"  # the step schedule of the in-training samples (sampl
 
 
 def model_spec(params: Params, channels: int, image_size: int, num_classes: int) -> dict:
+    text = {"text_encoder": {"name": params.text.encoder, **params.text.overrides}} if params.model.conditioning == "text" else {}
     return {
         "name": params.model.name,
         "in_channels": channels,
         "image_size": image_size,
         "learn_sigma": params.diffusion.variance == "learned_range",
-        "num_classes": num_classes if params.model.class_conditional else None,
+        "num_classes": num_classes if params.model.conditioning == "class" else None,
         "overrides": dict(params.model.overrides),
+        **text,
     }
 
 
 @dataclass(frozen=True)
 class TrainingData:
-    """What the network trains on: uint8 images, or scaled latents (and the autoencoder)."""
+    """What the network trains on: uint8 images, or scaled latents (and the autoencoder), and
+    their labels (a text-conditional model's: its captions' token ids, ``conditions``)."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -124,13 +129,17 @@ def sample_quality(cfg: TrainParams, packaged: PackagedDiffusion, data: Training
     of ``train.eval_images`` samples of the EMA network against ``reference_features``.
 
     The same images every time: image k is image k of ``train.seed``
-    (:func:`diffusion.images.generate_images`) for label k of the balanced labels, drawn with
+    (:func:`diffusion.images.generate_images`) for label k of the balanced labels (a text model:
+    for the caption of training image k), drawn with
     ``train.eval_sampler`` on ``train.eval_steps`` steps of the :data:`EVAL_SCHEDULE` schedule,
     unguided (scale 1: the curve follows the network, not the guidance), at the training's
     precision; a latent model's samples are decoded by ``data``'s autoencoder
     (:class:`~diffusion.packaged.PackagedDiffusion`). None of the ``sample`` params enter.
     """
-    labels = sampling_labels(None, cfg.eval_images, packaged.model_spec.get("num_classes"))
+    if packaged.conditioning == "text":
+        labels = data.labels[: cfg.eval_images]
+    else:
+        labels = sampling_labels(None, cfg.eval_images, packaged.model_spec.get("num_classes"))
     options = {"batch_size": "train.batch_size", "sampler": "train.eval_sampler", "steps": "train.eval_steps"}
 
     def evaluate(step: int, ema_model: torch.nn.Module) -> dict[str, float]:
@@ -169,8 +178,16 @@ def run(params: Params) -> None:
     spec = model_spec(params, channels, height, len(dataset.class_names))
     with seeded_init(params.train.seed):
         packaged = PackagedDiffusion(spec, params.diffusion.model_dump())
+    text = {}
+    if packaged.conditioning == "text":  # the captions' token ids condition it; the file records the whole encoder
+        packaged.model_spec["text_encoder"] = packaged.net.text_encoder.spec()
+        data = replace(data, labels=packaged.tokenize(dataset.captions))
+        text = {"text": params.text.model_dump(exclude={"cache"})}  # the cache gives the encoder's own numbers
+        if cached(params):
+            packaged.net.text_encoder.use_cache(load_text_embedding_cache(TEXT_EMBEDDINGS))
     ckpt_dir = checkpoints_dir() / checkpoint_key(
         tracking.file_md5(data.file),  # the dataset's, or in latent space the latents'
+        **text,
         model=params.model.model_dump(),
         diffusion=params.diffusion.model_dump(),
         train=params.train.model_dump(exclude=RESUMABLE_CHANGES),
@@ -179,7 +196,7 @@ def run(params: Params) -> None:
         if not current.main:  # its slice of every batch; rank 0 writes and logs
             train(
                 packaged.net, packaged.diffusion, data.images, data.labels, params.train, checkpoint_dir=ckpt_dir,
-                heldout_images=data.heldout, class_conditional=params.model.class_conditional, world=current,
+                heldout_images=data.heldout, conditional=params.model.conditioning != "none", world=current,
             )
             return
 
@@ -213,7 +230,7 @@ def _train(params: Params, packaged: PackagedDiffusion, dataset, data: TrainingD
             tracking.log_params(params.model_dump(include={"data", "model", "diffusion", "train"}))
             tracking.log_dataset(
                 TRAIN_SET, name=params.data.source, source=dataset.source_uri,
-                images=dataset.images, labels=dataset.labels,
+                images=dataset.images, labels=dataset.labels, captions=dataset.captions,
             )
             if data.autoencoder is not None:
                 tracking.log_params({"latent_scale_factor": data.autoencoder["scale_factor"]})
@@ -229,7 +246,7 @@ def _train(params: Params, packaged: PackagedDiffusion, dataset, data: TrainingD
                 log=log,
                 evaluate=evaluate,
                 heldout_images=data.heldout,
-                class_conditional=params.model.class_conditional,
+                conditional=params.model.conditioning != "none",
                 world=current,
             )
             # The outputs first: they do not depend on the store.

@@ -11,11 +11,13 @@ autoencoder's with ``model.space: latent``, the classifier's with ``guidance.cla
 or more CUDA processes (``train.distributed``, ``sample.distributed``) than GPUs; and the
 checks that depend on the data: ``data.holdout`` and ``data.reference_images`` against the
 number of images the source holds (:mod:`diffusion.data.sizes`, the rule prepare applies to
-the images it reads), ``data.root`` as the source takes it, and ``sample.labels`` and
+the images it reads), ``data.root`` as the source takes it, with ``data.captions: metadata``
+the folder's metadata file, a caption for every image (:mod:`diffusion.data.captions`), and ``sample.labels`` and
 ``guidance.classifier`` against the source's classes (the rules sample and train_classifier apply),
 and a ``vae.pretrained`` autoencoder against the source's channels (train_vae's rule); and an
 ``evaluate.reference`` file, read as evaluate reads it, with ``evaluate.prdc_k`` against its
-features. The output's content never changes, so a valid change re-runs no stage that its params do not
+features; and a text-conditional model's ``text.encoder`` built with its ``text.overrides`` (a
+pretrained folder loaded, as train loads it). The output's content never changes, so a valid change re-runs no stage that its params do not
 concern.
 """
 
@@ -34,6 +36,10 @@ OK = b"params.yaml is valid on this machine\n"
 def run(params: Params) -> None:
     _check_data(params)
     _check_reference(params)
+    if params.model.conditioning == "text":
+        from diffusion.models.text import build_text_encoder
+
+        build_text_encoder(params.text.encoder, **params.text.overrides)  # its overrides, a pretrained folder's files
     devices = {"train.device": params.train.device, "sample.device": params.sample.device}
     if params.model.space == "latent":  # train_vae and encode
         devices["vae.device"] = params.vae.device
@@ -62,6 +68,10 @@ def _check_data(params: Params) -> None:
     if count is not None:
         check_split(count, params.data)
     classes = source_classes(params.data)  # the models' classes: train's, and the classifier's
+    if params.data.captions == "metadata":
+        from diffusion.data.captions import folder_captions
+
+        folder_captions(params.data)
     if classes is not None:
         check_labels(params.sample.labels, classes)
         if params.guidance.classifier:

@@ -31,6 +31,7 @@ from diffusion.tracking.runs import (
     flatten,
     log_artifact,
     log_dataset,
+    log_image,
     log_metrics,
     log_params,
     mirror_to_parent,

@@ -28,7 +28,7 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -283,14 +283,20 @@ def set_tags(tags: Mapping[str, str], run_id: str | None = None) -> None:
     mlflow_client().log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
-def log_dataset(path: str | Path, *, name: str, source: str, images, labels, context: str = "training") -> None:
-    """The dataset as an MLflow dataset: its DVC hash (md5 of the file) as digest, its source."""
+def log_dataset(
+    path: str | Path, *, name: str, source: str, images, labels, captions: Sequence[str] | None = None, context: str = "training",
+) -> None:
+    """The dataset as an MLflow dataset: its DVC hash (md5 of the file) as digest, its source;
+    with captions, its features are the flattened images and the captions (a string feature)."""
     import numpy as np
 
     mlflow = load_mlflow()
     digest = file_md5(path)
+    features = np.asarray(images).reshape(len(images), -1)
+    if captions is not None:
+        features = {"images": features, "captions": np.array(captions, dtype=str).reshape(-1)}
     ds = mlflow.data.from_numpy(
-        np.asarray(images).reshape(len(images), -1),
+        features,
         targets=np.asarray(labels),
         source=source,
         name=name,
@@ -301,6 +307,11 @@ def log_dataset(path: str | Path, *, name: str, source: str, images, labels, con
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
     load_mlflow().log_artifact(str(path), artifact_path)
+
+
+def log_image(image, artifact_file: str) -> None:
+    """A uint8 ``[H, W, C]`` array as the active run's PNG ``artifact_file``."""
+    load_mlflow().log_image(image, artifact_file=artifact_file)
 
 
 def mirror_to_parent(metrics: Mapping[str, float], tags: Mapping[str, str] | None = None) -> None:

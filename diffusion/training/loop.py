@@ -5,9 +5,10 @@ sampled timesteps and the hybrid loss):
 
 1. draw a batch x0 from the uint8 images (scaled to [-1, 1]) or the latents
    (:func:`model_input`), flipped left-right
-   with probability 1/2 if ``hflip``; for class-conditional training each label is
-   replaced by the null class with probability ``train.p_uncond``
-   (classifier-free guidance training, Ho & Salimans 2022, Algorithm 1);
+   with probability 1/2 if ``hflip``; for conditional training each condition (a class
+   label, or a caption's token ids) is replaced by the null condition (the null class, the
+   empty caption) with probability ``train.p_uncond`` (classifier-free guidance training,
+   Ho & Salimans 2022, Algorithm 1);
 2. draw noise levels t (times of the process) and importance weights w from the named
    distribution (:mod:`diffusion.process.timestep_sampling`), and the noise; the loss is
    ``mean(w * L_t)`` from ``diffusion.training_losses`` (the discrete chain's or a continuous
@@ -69,6 +70,7 @@ from diffusion.training.checkpoint import (
 )
 from diffusion.training.devices import autocast, batch_memory, resolve_device, resolve_precision
 from diffusion.training.ema import EMA
+from diffusion.models.layers import null_condition
 from diffusion.training.posthoc_ema import PosthocEMA
 from diffusion.errors import UserError
 from diffusion.training.reference_loss import reference_loss
@@ -165,29 +167,31 @@ def draw_batch(
     generator: torch.Generator,
     *,
     hflip: bool,
-    null_class: int | None,
+    null_condition: int | torch.Tensor | None,
     label_drop: float = 0.0,
     part: slice = slice(None),
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A random batch (indices drawn with replacement) and its labels.
+    """A random batch (indices drawn with replacement) and its conditions.
 
     All draws use ``generator`` (on the CPU); the images may live on any device.
-    Labels are returned only when ``null_class`` is given, each replaced by it
-    with probability ``label_drop``. ``part``: the examples of the batch to return (a
-    rank's slice); the draws are those of the whole batch either way.
+    ``labels``: one condition per image, class labels [N] or token ids [N, L]; returned only
+    when ``null_condition`` (the null class, or the empty caption's tokens [L]) is given,
+    each replaced by it with probability ``label_drop``. ``part``: the examples of the batch
+    to return (a rank's slice); the draws are those of the whole batch either way.
     """
     device = images.device
     idx = torch.randint(len(images), (batch_size,), generator=generator)
     flip = torch.rand(batch_size, generator=generator) < 0.5 if hflip else None
-    drop = torch.rand(batch_size, generator=generator) < label_drop if null_class is not None else None
+    drop = torch.rand(batch_size, generator=generator) < label_drop if null_condition is not None else None
     idx = idx[part]
     x = model_input(images[idx.to(device)])
     if flip is not None:
         x = torch.where(flip[part].to(device)[:, None, None, None], x.flip(3), x)
     if drop is None:
         return x, None
-    y = labels[idx.to(labels.device)].to(device).masked_fill(drop[part].to(device), null_class)
-    return x, y
+    y = labels[idx.to(labels.device)].to(device)
+    dropped = drop[part].to(device).view(-1, *[1] * (y.ndim - 1))
+    return x, torch.where(dropped, torch.as_tensor(null_condition, device=device), y)
 
 
 def _seeds(seed: int) -> tuple[int, int, int]:
@@ -207,23 +211,32 @@ def seeded_init(seed: int) -> Iterator[None]:
         yield
 
 
-def _check_data(images: torch.Tensor, labels: torch.Tensor | None, class_conditional: bool) -> None:
+def _check_data(images: torch.Tensor, labels: torch.Tensor | None, conditional: bool) -> None:
     if not (images.dtype == torch.uint8 or images.is_floating_point()) or images.ndim != 4:
         raise ValueError(
             f"train: images must be a uint8 (images) or float (latents) tensor [N, C, H, W]; got {images.dtype} "
             f"{tuple(images.shape)}"
         )
-    if class_conditional:
-        if labels is None or labels.shape != (len(images),):
-            got = None if labels is None else tuple(labels.shape)
-            raise ValueError(f"train: class-conditional training needs labels of shape ({len(images)},); got {got}")
+    if conditional and (labels is None or len(labels) != len(images)):
+        got = None if labels is None else tuple(labels.shape)
+        raise ValueError(f"train: conditional training needs one condition per image ({len(images)}); got {got}")
 
 
-def _null_class(model: nn.Module, labels: torch.Tensor) -> int:
-    """The model's null-class index (= its number of classes), checked against the labels."""
+def _null_condition(model: nn.Module, labels: torch.Tensor) -> int | torch.Tensor:
+    """The model's null condition, checked against the conditions: the empty caption's token
+    ids of a text-conditional model, the null-class index (= its number of classes) of a
+    class-conditional one."""
+    text_encoder = getattr(model, "text_encoder", None)
+    if text_encoder is not None:
+        if labels.shape[1:] != (text_encoder.max_length,) or labels.dtype != torch.int64:
+            raise ValueError(
+                f"train: a text-conditional model needs token ids int64 [N, {text_encoder.max_length}]; "
+                f"got {labels.dtype} {tuple(labels.shape)}"
+            )
+        return null_condition(model).cpu()
     num_classes = getattr(model, "num_classes", None)
     if num_classes is None:
-        raise ValueError("train: class-conditional training needs a model built with num_classes")
+        raise ValueError("train: conditional training needs a model built with num_classes or a text encoder")
     if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
         raise ValueError(
             f"train: labels must lie in 0..{num_classes - 1} (the model's classes); "
@@ -248,7 +261,7 @@ class Trainer:
         labels: torch.Tensor | None,
         cfg: TrainParams,
         *,
-        class_conditional: bool,
+        conditional: bool,
         world: distributed.World = distributed.World(),
     ) -> None:
         self.world = world
@@ -276,9 +289,9 @@ class Trainer:
             cfg.timestep_mean, cfg.timestep_std,
         )
         self.loss_weighting = loss_weighting_name(process.name, cfg.loss_weighting, cfg.min_snr_gamma, "train.")
-        self.null_class = _null_class(model, labels) if class_conditional else None
+        self.null_condition = _null_condition(model, labels) if conditional else None
         self.images = images.to(self.device)
-        self.labels = labels.to(self.device) if class_conditional else None
+        self.labels = labels.to(self.device) if conditional else None
         data_seed, torch_seed, _ = _seeds(cfg.seed)
         self.torch_seed = distributed.rank_seed(torch_seed, world.rank)
         self.generator = torch.Generator().manual_seed(data_seed)
@@ -292,7 +305,7 @@ class Trainer:
         """
         cfg, device, fmt, part = self.cfg, self.device, self.memory_format, self.part
         x0, y = draw_batch(
-            self.images, self.labels, cfg.batch_size, self.generator, hflip=cfg.hflip, null_class=self.null_class,
+            self.images, self.labels, cfg.batch_size, self.generator, hflip=cfg.hflip, null_condition=self.null_condition,
             label_drop=cfg.p_uncond, part=part,
         )
         x0 = x0.contiguous(memory_format=fmt)
@@ -411,7 +424,7 @@ def train(
     heldout_images: torch.Tensor | None = None,
     log: LogFn | None = None,
     evaluate: EvalFn | None = None,
-    class_conditional: bool = False,
+    conditional: bool = False,
     progress: bool = True,
     world: distributed.World = distributed.World(),
 ) -> TrainResult:
@@ -439,9 +452,9 @@ def train(
     up); every rank calls ``train``, and only rank 0 logs, validates and writes checkpoints.
     The result's curves and ``bpd`` are rank 0's.
     """
-    _check_data(images, labels, class_conditional)
+    _check_data(images, labels, conditional)
     checkpoint_dir = Path(checkpoint_dir)
-    run = Trainer(model, diffusion, images, labels, cfg, class_conditional=class_conditional, world=world)
+    run = Trainer(model, diffusion, images, labels, cfg, conditional=conditional, world=world)
     main = world.main
     log = log if main else None
     rng_devices = [run.device.index] if run.device.type == "cuda" else []
