@@ -156,7 +156,10 @@ class PackagedDiffusion(nn.Module):
     def forward(self, noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """x_T -> x_0 in [-1, 1] with :attr:`sampling`; a class-conditional model draws image k
         for ``labels[k]``, by default :func:`balanced_labels` (as the sample stage draws the
-        FID's images unless ``sample.labels`` says otherwise)."""
+        FID's images unless ``sample.labels`` says otherwise); a text-conditional one for the token
+        ids ``labels`` [N, L] of its prompts (:meth:`tokenize`), which it needs."""
+        if self.conditioning == "text" and labels is None:
+            raise ValueError("labels: a text-conditional model draws for prompts: give their token ids, model.tokenize(prompts)")
         num_classes = self.model_spec.get("num_classes")
         if num_classes and labels is None:
             labels = balanced_labels(noise.shape[0], num_classes)

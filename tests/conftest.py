@@ -116,7 +116,7 @@ def make_pipeline_repo(path: Path, params: dict | None = None) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared_repo(tmp_path_factory) -> Path:
-    """The repository of TINY_PARAMS after `dvc repro prepare` (validate, prepare), built once a
+    """The repository of TINY_PARAMS after `dvc repro prepare train_digit_classifier` (validate, prepare, the digit classifier), built once a
     session (by the first xdist worker that asks; the others wait for it and share it): a test
     that needs prepared data takes a :func:`copy_repo` of it, whose DVC cache and run cache
     already hold the data, instead of preparing it again. Nothing writes to it."""
@@ -130,7 +130,7 @@ def prepared_repo(tmp_path_factory) -> Path:
         if not (repo.parent / "ready").is_file():
             shutil.rmtree(repo.parent, ignore_errors=True)
             make_pipeline_repo(repo)
-            run_in(repo, "dvc", "repro", "prepare")
+            run_in(repo, "dvc", "repro", "prepare", "train_digit_classifier")  # the stages that read the data alone
             (repo.parent / "ready").touch()
     return repo
 

@@ -553,10 +553,11 @@ def test_promotion_follows_fid_under_one_protocol(swept):
     assert samples.shape == (1, 1, 28, 28) and torch.isfinite(samples).all()
 
 
-def test_a_sweep_over_the_guidance_scale_of_a_class_conditional_model(prefect_harness, tmp_path_factory, shared_cache):
-    """train-sweep of the tiny config made class-conditional (labels dropped to the null class
-    with train.p_uncond): trials at guidance scales 1 and 3, the second restoring train from
-    DVC's run cache, each FID recorded with the scale that drew its images."""
+def test_a_sweep_over_the_guidance_scale_of_a_text_conditional_model(prefect_harness, tmp_path_factory, shared_cache):
+    """train-sweep of the tiny config made text-conditional (captions dropped to the empty one
+    with train.p_uncond) on two objectives, FID and text_error: trials at guidance scales 1 and
+    3, the second restoring train from DVC's run cache, each FID recorded with the scale that
+    drew its images and each trial's text error from its evaluate stage."""
     import dvc.api
     from mlflow import MlflowClient
 
@@ -564,9 +565,10 @@ def test_a_sweep_over_the_guidance_scale_of_a_class_conditional_model(prefect_ha
     from flows.sweep import train_sweep
 
     scale = "sample.guidance_scale"
-    params = {**SWEEP_PARAMS, "model": {**SWEEP_PARAMS["model"], "conditioning": "class"},
+    params = {**SWEEP_PARAMS, "model": {**SWEEP_PARAMS["model"], "conditioning": "text"},
+              "text": {"overrides": {"width": 32, "depth": 1, "heads": 2, "max_length": 40}},
               "train": {**SWEEP_PARAMS["train"], "p_uncond": 0.2},
-              "sweep": {**SWEEP_PARAMS["sweep"], "study_name": "guided",
+              "sweep": {**SWEEP_PARAMS["sweep"], "study_name": "guided", "objectives": ["fid", "text_error"],
                         "space": {scale: {"type": "float", "low": 1.0, "high": 6.0}}}}
     root = tmp_path_factory.mktemp("guided")
     repo = make_sweep_repo(root / "repo", shared_cache, params)
@@ -588,13 +590,15 @@ def test_a_sweep_over_the_guidance_scale_of_a_class_conditional_model(prefect_ha
         metrics = shown[f"guided-{trial.number}"]
         assert metrics["metrics/protocol.json"]["data"]["guidance_scale"] == trial.params[scale]
         assert metrics["metrics/evaluate.json"]["data"]["fid"] == pytest.approx(trial.values[0], rel=1e-12)
+        assert metrics["metrics/evaluate.json"]["data"]["text_error"] == pytest.approx(trial.values[1], rel=1e-12)
         assert run.data.tags["fid.protocol.guidance_scale"] == json.dumps(trial.params[scale])
         assert run.data.metrics["fid"] == pytest.approx(trial.values[0])
     assert trials[0].values != trials[1].values  # guidance drew other images
     assert runs[1].data.tags["train.model_run_id"] == runs[0].info.run_id  # one training for both
     model_file = root / "model.pt"
     model_file.write_bytes(dvc.api.read("models/model.pt", repo=str(repo), rev="guided-0", mode="rb"))
-    assert PackagedDiffusion.load(model_file).model_spec["num_classes"] == 10  # MNIST's digits, and a null class
+    model = PackagedDiffusion.load(model_file)
+    assert model.conditioning == "text" and model.model_spec["text_encoder"]["name"] == "char-transformer"
 
 
 def test_train_pipeline_runs_each_stage_as_a_task(prefect_harness, tmp_path_factory, shared_cache):

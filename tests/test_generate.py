@@ -165,9 +165,11 @@ def text_file(tmp_path_factory) -> Path:
 
 
 def test_generate_from_a_text_model_draws_each_image_for_its_prompt(text_file, tmp_path):
-    """--prompt (repeated) cycles over the images: image k is the model's sample for prompt k mod 2
+    """--prompt and the lines of --prompts FILE (blank ones skipped), in that order, cycle over the
+    images: image k is the model's sample for prompt k mod 2
     from seed (0, k), guided by the model's scale against the empty caption; another prompt draws another image."""
-    assert generate(text_file, "-n", 4, "--prompt", "a thin two", "--prompt", "a thick seven", "--batch-size", 3,
+    (tmp_path / "prompts.txt").write_text("a thick seven\n\n")
+    assert generate(text_file, "-n", 4, "--prompt", "a thin two", "--prompts", tmp_path / "prompts.txt", "--batch-size", 3,
                     "--out", tmp_path / "t") == 0
     with np.load(tmp_path / "t" / "samples.npz", allow_pickle=False) as npz:
         prompts, images, sampling = [str(p) for p in npz["prompts"]], npz["images"], json.loads(str(npz["sampling"]))

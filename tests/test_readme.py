@@ -199,6 +199,8 @@ NOT_RUN_BY_A_TEST = {
     "dvc exp run -S sample.sampler=dpm++2m -S sample.steps=10 -S sample.schedule=log-snr":
         "re-samples and scores the 500 digits of a trained default",
     "dvc exp run -S model.conditioning=none -S sample.guidance_scale=1": "trains the default again, unconditional",
+    "dvc exp run -S model.conditioning=text":
+        "trains the default again, text-conditional (tests/test_text_pipeline.py runs the tiny config's text path through dvc repro)",
     "dvc exp run -S sample.ema_length=0.12":
         "re-samples and scores 500 digits of a trained default (tests/test_registry.py samples a reconstructed EMA through dvc repro)",
     "dvc exp run -S sample.sampler=unipc -S sample.steps=8 -S sample.schedule=fitted":

@@ -4,7 +4,7 @@
 captions condition a U-Net through a char-level transformer learned with it; the sample stage
 draws the evaluation prompts (a grid each in MLflow), evaluate scores FID beside the text
 metrics and records the prompts in the FID protocol; `diffusion promote` registers the model,
-and `diffusion generate models:/diffusion@champion --prompt ...` (and ``--prompts FILE``) draws
+and `diffusion generate models:/diffusion@champion --prompt ...` draws
 from it, as docs/text.md shows.
 """
 
@@ -60,17 +60,38 @@ def test_a_text_conditional_model_trains_samples_scores_registers_and_generates(
     assert client.get_run(sample_run).data.metrics["text_error"] == pytest.approx(evaluation["text_error"])
 
     run_in(repo, "diffusion", "promote")
-    (repo / "prompts.txt").write_text("a thin, upright two\n\na thick, right-leaning seven\n")
-    out = run_in(repo, "diffusion", "generate", "models:/diffusion@champion", "--prompt", "a thin, upright two", "-n", "4",
-                 "--out", "generated")
-    assert out.stdout.startswith("diffusion generate: 4 images")
-    with np.load(repo / "generated/samples.npz", allow_pickle=False) as npz:
-        assert [str(p) for p in npz["prompts"]] == ["a thin, upright two"] * 4 and npz["images"].shape == (4, 1, 28, 28)
-    run_in(repo, "diffusion", "generate", "models:/diffusion@champion", "--prompts", "prompts.txt", "-n", "3",
-           "--out", "generated/file")
-    with np.load(repo / "generated/file/samples.npz", allow_pickle=False) as npz:
-        assert [str(p) for p in npz["prompts"]] == ["a thin, upright two", "a thick, right-leaning seven", "a thin, upright two"]
-    refused = run_in(repo, "diffusion", "generate", "models:/diffusion@champion", "-n", "2", "--out", "generated/none", check=False)
-    assert refused.returncode == 1 and refused.stderr.endswith(  # after MLflow's download progress
-        '\ndiffusion generate: error: --prompt: this model is text-conditional; give --prompt "a caption" (repeatable) or --prompts FILE\n'
-    )
+    out = run_in(repo, "diffusion", "generate", "models:/diffusion@champion", "--prompt", "a thin, upright two", "-n", "16")
+    assert out.stdout.startswith("diffusion generate: 16 images")
+    with np.load(repo / "generated/samples.npz", allow_pickle=False) as npz:  # --out's default
+        assert [str(p) for p in npz["prompts"]] == ["a thin, upright two"] * 16 and npz["images"].shape == (16, 1, 28, 28)
+
+
+@pytest.mark.integration
+def test_a_pretrained_encoder_trains_frozen_on_embeddings_encode_text_cached(tmp_path: Path, prepared_repo: Path, monkeypatch):
+    """``text.encoder`` a folder saved with save_pretrained (a tiny CLIP built here): encode_text
+    writes the embeddings of every distinct training caption and of the empty one, train runs on
+    them, and the model file holds the encoder's weights unchanged (frozen) and loads back."""
+    import torch
+    from test_text_encoder import _save_tiny
+
+    from diffusion.data.dataset import load_dataset
+    from diffusion.models.text import PretrainedTextEncoder, load_text_embedding_cache
+    from diffusion.packaged import PackagedDiffusion
+
+    params = merge_params(TEXT_PARAMS, {"text": {"encoder": "encoders/clip", "overrides": {}, "cache": True},
+                                        "train": {"steps": 4, "checkpoint_every": 4, "log_every": 2}})
+    repo = copy_repo(prepared_repo, tmp_path / "repo", params)
+    _, clip = _save_tiny(repo / "encoders" / "clip", "clip")
+    out = run_in(repo, "dvc", "repro", "train")
+
+    monkeypatch.chdir(repo)  # the model file names the encoder's folder as text.encoder did: relative to the repository
+    cache = load_text_embedding_cache("data/text_embeddings.npz")
+    model = PackagedDiffusion.load("models/model.pt")
+    encoder = model.net.text_encoder
+    assert isinstance(encoder, PretrainedTextEncoder) and model.model_spec["text_encoder"]["name"] == "encoders/clip"
+    distinct = torch.unique(encoder.tokenize([*load_dataset("data/train.npz").captions, ""]), dim=0)
+    assert torch.equal(cache["ids"], distinct)
+    assert f"encode_text: {len(distinct)} distinct captions encoded by encoders/clip" in out.stdout
+    for name, weight in clip.state_dict().items():
+        assert torch.equal(encoder.model.state_dict()[name], weight), name  # frozen through training
+    torch.testing.assert_close(encoder.encode(distinct[:5]).pooled, cache["pooled"][:5])

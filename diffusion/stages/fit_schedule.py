@@ -51,7 +51,7 @@ def fit(params: Params) -> dict:
     guided = params.guidance.classifier and params.guidance.classifier_scale > 0
     classifier = load_classifier(packaged, device) if guided else None
     labels = image_labels(packaged, params, classifier, cfg.calibration_images)
-    conditional = bool(packaged.model_spec.get("num_classes")) or classifier is not None  # as generate_images
+    conditional = packaged.conditioning != "none" or classifier is not None  # as generate_images
     settings = sampling_settings(params, device, timesteps=None)
 
     def draw(**overrides) -> torch.Tensor:
