@@ -488,11 +488,14 @@ def test_the_champion_of_a_real_pipeline_samples_with_its_fids_settings(tmp_path
         "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": None, "s_noise": 1.0,
         "classifier_scale": 0.0, "classifier_md5": None,  # no classifier guided
         "process": "flow",
+        "prompts_sha256": None,  # a class-conditional model: no prompts
         "digest": recorded["digest"],
         "interval": {"method": evaluate.INTERVAL_METHOD, "replicates": 20, "confidence": 0.95},  # how fid_low/high were computed
+        "digits": {"classifier_md5": tracking.file_md5(repo / "models/digit_classifier.pt"),  # the text metrics' classifier
+                   "heldout_accuracy": recorded["digits"]["heldout_accuracy"]},
     }
     assert model_run.data.params["diffusion.process"] == "flow" and sample_run.data.tags["fid.protocol.process"] == "flow"
-    assert protocol.from_tags(sample_run.data.tags) == {k: v for k, v in recorded.items() if k not in ("digest", "interval")}
+    assert protocol.from_tags(sample_run.data.tags) == {k: v for k, v in recorded.items() if k not in ("digest", "interval", "digits")}
     assert sample_run.data.tags["fid.protocol.digest"] == recorded["digest"] == model_run.data.tags["fid.protocol.digest"]
 
     result = run_in(repo, "diffusion", "promote", "--run-id", sample_run.info.run_id)

@@ -90,3 +90,31 @@ def test_the_empty_caption_is_the_unconditional_pass(model):
     empty = model.sample(2, labels=model.tokenize(["", ""]), sampler="ddim", steps=3, guidance_scale=1.0, seed=1)
     assert torch.equal(unconditional, empty)
     assert not torch.equal(unconditional, model.sample(2, labels=tokens, sampler="ddim", steps=3, guidance_scale=1.0, seed=1))
+
+
+PROCESS_SAMPLERS = [
+    ({"process": "ddpm", "schedule": "cosine", "timesteps": 100, "prediction": "v"}, "ddpm", "linspace"),
+    ({"process": "vp", "schedule": "linear", "prediction": "eps"}, "dpm++2m", "log-snr"),
+    ({"process": "edm", "prediction": "x0"}, "heun", "karras"),
+    ({"process": "flow", "prediction": "velocity"}, "euler", "linspace"),
+]
+
+
+@pytest.mark.parametrize(("process", "sampler", "schedule"), PROCESS_SAMPLERS, ids=[p[0]["process"] for p in PROCESS_SAMPLERS])
+def test_the_empty_caption_is_the_null_condition_on_every_process_and_sampler(process, sampler, schedule):
+    """An untrained text model (its layers moved off zero) on each process: guidance scale 0 draws
+    the empty caption's images, 1 the prompt's, and 2 neither of them."""
+    from tiny_unet import perturb
+
+    torch.manual_seed(0)
+    spec = {**SPEC, "overrides": {**SPEC["overrides"], "base_channels": 8}}
+    model = PackagedDiffusion(spec, {"variance": "fixed_small", "loss": "mse", "schedule": None, **process})
+    perturb(model.net)
+    tokens = model.tokenize(["a thick zero"] * 2)
+    draw = dict(sampler=sampler, steps=3, schedule=schedule, clip_denoised=False, seed=2)
+    unconditional = model.sample(2, labels=tokens, guidance_scale=0.0, **draw)
+    assert torch.equal(unconditional, model.sample(2, labels=model.tokenize(["", ""]), guidance_scale=1.0, **draw))
+    conditional = model.sample(2, labels=tokens, guidance_scale=1.0, **draw)
+    guided = model.sample(2, labels=tokens, guidance_scale=2.0, **draw)
+    assert (conditional - unconditional).abs().max() > 1e-3
+    assert (guided - conditional).abs().max() > 1e-3 and (guided - unconditional).abs().max() > 1e-3
