@@ -1,6 +1,6 @@
 """train_digit_classifier: the classifier that tells whether samples are clear digits, and the ones their prompts name.
 
-With a digit source (``data.source`` in :data:`DIGIT_SOURCES`) it trains a
+With a digit source (``data.source`` one that measured captions read: mnist5k, mnist) it trains a
 :class:`~diffusion.evaluation.digit_classifier.DigitClassifier` on ``data/train.npz`` for
 ``evaluate.digit_classifier_steps`` steps and writes ``models/digit_classifier.pt`` with its
 accuracy on ``data/heldout.npz``; the evaluate stage scores the samples with it
@@ -11,15 +11,12 @@ MLflow. It depends on the data alone, not on the diffusion model, so a sweep tra
 
 from __future__ import annotations
 
-from diffusion.config import Params
+from diffusion.config import CAPTION_SOURCES, Params
 from diffusion.files import atomic_write
 from diffusion.stages.paths import DIGIT_CLASSIFIER, HELDOUT_SET, NO_DIGIT_CLASSIFIER, TRAIN_SET
 
-DIGIT_SOURCES = ("mnist5k", "mnist")  # data whose labels are the digits 0-9
-
-
 def run(params: Params) -> None:
-    if params.data.source not in DIGIT_SOURCES:
+    if params.data.source not in CAPTION_SOURCES["measured"]:  # the sources whose labels are the digits 0-9
         with atomic_write(DIGIT_CLASSIFIER) as fh:
             fh.write(NO_DIGIT_CLASSIFIER)
         return
