@@ -71,7 +71,6 @@ def build(params: Params, splits) -> tuple[PackagedDiffusion, torch.Tensor]:
     with seeded_init(params.train.seed):
         packaged = PackagedDiffusion(spec, params.diffusion.model_dump())
     if packaged.conditioning == "text":
-        packaged.model_spec["text_encoder"] = packaged.net.text_encoder.spec()
         return packaged, packaged.tokenize(splits.train.captions)
     return packaged, splits.train.labels
 

@@ -102,6 +102,8 @@ class PackagedDiffusion(nn.Module):
             spec.pop("name"), **spec.pop("overrides", {}), **spec,
             **({"text_encoder": build_text_encoder(**text)} if text else {}),
         )
+        if text and net is None:  # the whole encoder, its defaults included, is what rebuilds it
+            self.model_spec["text_encoder"] = self.net.text_encoder.spec()
         self.diffusion = make_diffusion(self.process)
         self.autoencoder, self.latent_scale = None, None
         if autoencoder is not None:

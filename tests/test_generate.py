@@ -175,7 +175,7 @@ def test_generate_from_a_text_model_draws_each_image_for_its_prompt(text_file, t
         prompts, images, sampling = [str(p) for p in npz["prompts"]], npz["images"], json.loads(str(npz["sampling"]))
     assert prompts == ["a thin two", "a thick seven"] * 2 and sampling["guidance_scale"] == 2.0
     packaged = PackagedDiffusion.load(text_file)
-    assert packaged.conditioning == "text" and packaged.model_spec["text_encoder"] == TEXT_ENCODER
+    assert packaged.conditioning == "text" and packaged.model_spec["text_encoder"] == {**TEXT_ENCODER, "mlp_ratio": 4.0}  # its defaults too
     expected = to_uint8(packaged.sample(4, **sampling, labels=packaged.tokenize(prompts), seed=0))
     np.testing.assert_array_equal(images, expected.numpy())
     assert not np.array_equal(images[0], images[2]) or not np.array_equal(images[1], images[3])  # own seeds

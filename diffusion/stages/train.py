@@ -179,8 +179,7 @@ def run(params: Params) -> None:
     with seeded_init(params.train.seed):
         packaged = PackagedDiffusion(spec, params.diffusion.model_dump())
     text = {}
-    if packaged.conditioning == "text":  # the captions' token ids condition it; the file records the whole encoder
-        packaged.model_spec["text_encoder"] = packaged.net.text_encoder.spec()
+    if packaged.conditioning == "text":  # the captions' token ids condition it
         data = replace(data, labels=packaged.tokenize(dataset.captions))
         text = {"text": params.text.model_dump(exclude={"cache"})}  # the cache gives the encoder's own numbers
         if cached(params):
