@@ -542,27 +542,45 @@ def test_a_read_only_store_stops_each_stage_in_one_line(tmp_path, prepared_repo)
 def test_two_queued_experiments_started_together_on_a_new_store(tmp_path, prepared_repo):
     """The fault as reported: a fresh clone, two queued experiments, `dvc queue start -j 2`. On
     main both failed creating the store at once. Now both train, and the store is healthy.
-    (Racy on main; the test above makes the race certain.)"""
+    (Racy on main; the test above makes the race certain.)
+
+    DVC's queue has a race of its own with two workers (treeverse/dvc#10673, open): an
+    experiment may fail while DVC sets it up, before any stage runs, and then has no output
+    logs. Such an experiment is queued again (at most twice); one that failed in a stage is
+    this test's failure, with its logs."""
     params = tiny(steps=4, checkpoint_every=2, log_every=2)
     params["tracking"] = {"log_model": False}
     repo = copy_repo(prepared_repo, tmp_path / "repo", params)
-    run_in(repo, "dvc", "exp", "run", "--queue", "-S", "train.steps=3", "-n", "r-a", "train")
-    run_in(repo, "dvc", "exp", "run", "--queue", "-S", "train.lr=0.001", "-n", "r-b", "train")
-    try:
-        run_in(repo, "dvc", "queue", "start", "-j", "2")
-        deadline = time.monotonic() + 240
-        while True:
-            status = run_in(repo, "dvc", "queue", "status").stdout
-            done = {name: line.split()[-1] for line in status.splitlines() for name in ("r-a", "r-b")
-                    if f" {name} " in f" {line} " and line.split()[-1] in ("Success", "Failed")}
-            if len(done) == 2:
-                break
-            assert time.monotonic() < deadline, status
-            time.sleep(1)
-    finally:
-        run_in(repo, "dvc", "queue", "stop", "--kill", check=False, timeout=120)
-    logs = {name: [line for line in run_in(repo, "dvc", "queue", "logs", name, check=False).stdout.splitlines()
-                   if "rror" in line][-5:] for name in done}
-    assert done == {"r-a": "Success", "r-b": "Success"}, logs
+    experiments = {"r-a": "train.steps=3", "r-b": "train.lr=0.001"}
+    queued = dict(experiments)
+    done: dict[str, str] = {}
+    for _ in range(3):
+        for name, change in queued.items():
+            run_in(repo, "dvc", "exp", "run", "--queue", "-S", change, "-n", name, "train")
+        try:
+            run_in(repo, "dvc", "queue", "start", "-j", "2")
+            deadline = time.monotonic() + 240
+            while True:
+                status = run_in(repo, "dvc", "queue", "status").stdout
+                finished = {name: line.split()[-1] for line in status.splitlines() for name in queued
+                            if f" {name} " in f" {line} " and line.split()[-1] in ("Success", "Failed")}
+                if len(finished) == len(queued):
+                    break
+                assert time.monotonic() < deadline, status
+                time.sleep(1)
+        finally:
+            run_in(repo, "dvc", "queue", "stop", "--kill", check=False, timeout=120)
+        queued = {}
+        for name, state in finished.items():
+            logs = run_in(repo, "dvc", "queue", "logs", name, check=False)
+            if state == "Failed" and logs.returncode != 0:  # failed in DVC's set-up: no stage ran
+                run_in(repo, "dvc", "queue", "remove", name)
+                queued[name] = experiments[name]
+            else:
+                done[name] = state
+                assert state == "Success", f"{name} failed in a stage:\n" + "\n".join(logs.stdout.splitlines()[-15:])
+        if not queued:
+            break
+    assert done == {"r-a": "Success", "r-b": "Success"}, f"still failing in DVC's set-up: {sorted(queued)}"
     assert healthy(repo / "mlflow" / "mlflow.db")
     assert len(train_runs(mlflow.MlflowClient(pipeline_env(repo)["MLFLOW_TRACKING_URI"]))) == 2
