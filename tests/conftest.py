@@ -54,8 +54,8 @@ TINY_PARAMS = {
         "steps": 30, "batch_size": 16, "warmup_steps": 5, "checkpoint_every": 10, "log_every": 5, "bpd_images": 2,
         "eval_images": 0,
     },
-    "sample": {"num_samples": 48, "batch_size": 48, "steps": 5, "grid_rows": 4},
-    "evaluate": {"batch_size": 48, "bootstrap_replicates": 20, "digit_classifier_steps": 20},
+    "sample": {"num_samples": 16, "batch_size": 16, "steps": 5, "grid_rows": 4},
+    "evaluate": {"batch_size": 16, "bootstrap_replicates": 20, "digit_classifier_steps": 20},
     "diffusion": {"timesteps": 100},
     "sweep": {"n_trials": 2, "space": {"sample.steps": {"type": "categorical", "choices": [3, 5]}}},
 }

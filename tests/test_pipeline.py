@@ -62,7 +62,7 @@ def assert_tracked_everything(repo: Path, out: str) -> None:
     manifest = json.loads((repo / "data/manifest.json").read_text())
     assert manifest["counts"] == {"train": 5000 - 16, "heldout": 16, "reference": 48}
     curve = (repo / "plots/fid_vs_samples.csv").read_text().splitlines()
-    assert curve[0] == "num_samples,fid" and curve[-1].startswith("48,")
+    assert curve[0] == "num_samples,fid" and curve[-1].startswith(f"{TINY_PARAMS['sample']['num_samples']},")
 
     # MLflow: the model run and its nested sample run, in the repo's own store.
     mlflow.set_tracking_uri(pipeline_env(repo)["MLFLOW_TRACKING_URI"])
@@ -202,11 +202,12 @@ def test_params_that_a_later_stage_refuses_stop_at_validate(tmp_path: Path, prep
 
 def test_killed_temp_experiment_resumes_when_retried(tmp_path: Path, prepared_repo: Path):
     """`dvc exp run --temp` (a sweep trial, train-pipeline with params) trains in a copy that DVC
-    removes; its checkpoints live in the repository's checkpoints/, so a retry resumes."""
+    removes; its checkpoints live in the repository's checkpoints/, so a retry resumes (both
+    runs to the train stage: what follows it is as in any experiment)."""
     params = json.loads(json.dumps(TINY_PARAMS))
     params["train"].update(steps=80, checkpoint_every=10, bpd_images=0)
     repo = copy_repo(prepared_repo, tmp_path / "repo", params)
-    cmd = ["dvc", "exp", "run", "--temp", "--name", "retried", "-S", "train.warmup_steps=6"]
+    cmd = ["dvc", "exp", "run", "--temp", "--name", "retried", "-S", "train.warmup_steps=6", "train"]
     proc = subprocess.Popen(cmd, cwd=repo, env=pipeline_env(repo), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -222,7 +223,7 @@ def test_killed_temp_experiment_resumes_when_retried(tmp_path: Path, prepared_re
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     stopped_at = max(int(p.stem.split("-")[1]) for p in (repo / "checkpoints").glob("*/ckpt-*.pt"))
-    out = run_in(repo, *cmd[:4], "--name", "retried-again", *cmd[-2:])
+    out = run_in(repo, *cmd[:4], "--name", "retried-again", *cmd[-3:])
     assert f"at step {stopped_at}" in out.stdout
     assert json.loads(run_in(repo, "dvc", "exp", "show", "--json").stdout)  # the experiment is listed
 
@@ -230,8 +231,8 @@ def test_killed_temp_experiment_resumes_when_retried(tmp_path: Path, prepared_re
 def test_damaged_checkpoint_and_killed_write_are_recovered_by_the_next_run(tmp_path: Path, prepared_repo: Path):
     """As seen on main: 64 bytes overwritten inside the newest checkpoint trained on silently
     into NaN weights, black samples and FID 482.5, and a writer killed mid-write left its
-    temp file for good. Now the next `dvc repro` warns in one line, resumes from the previous
-    good checkpoint, deletes the temp file, and samples real images."""
+    temp file for good. Now the next `dvc repro` (to the samples) warns in one line, resumes
+    from the previous good checkpoint, deletes the temp file, and samples real images."""
     params = json.loads(json.dumps(TINY_PARAMS))
     params["train"].update(steps=20, checkpoint_every=10, bpd_images=0)
     repo = copy_repo(prepared_repo, tmp_path / "repo", params)
@@ -242,20 +243,19 @@ def test_damaged_checkpoint_and_killed_write_are_recovered_by_the_next_run(tmp_p
 
     params["train"]["steps"] = 30
     (repo / "params.yaml").write_text(yaml.safe_dump(full_params(params)))
-    out = run_in(repo, "dvc", "repro")
+    out = run_in(repo, "dvc", "repro", "sample")
     (warning,) = [line for line in out.stderr.splitlines() if line.startswith("train: warning:")]
     assert "ckpt-00000020.pt: truncated or corrupt checkpoint (ValueError: entry " in warning
     assert warning.endswith("fails its CRC-32 check); resuming from the older " + str(ckpt_dir / "ckpt-00000010.pt"))
     assert f"train: removed the temp files of killed writes: {stale.name}" in out.stdout
     assert "at step 10" in out.stdout and not stale.exists()
-    assert ran_stages(out.stdout) == ["validate", "train", "train_classifier", "fit_schedule", "sample", "evaluate"]
+    assert ran_stages(out.stdout) == ["validate", "train", "train_classifier", "fit_schedule", "sample"]
 
     assert json.loads((repo / "metrics/train.json").read_text())["step"] == 30
     model = PackagedDiffusion.load(repo / "models/model.pt")  # checks every weight is finite
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     images = np.load(repo / "samples/samples.npz")["images"]
     assert (images.reshape(len(images), -1).max(axis=1) > 0).all()  # no black image
-    assert math.isfinite(json.loads((repo / "metrics/evaluate.json").read_text())["fid"])
 
 
 def test_locks_of_a_killed_unreaped_dvc_repro_are_released(tmp_path: Path, prepared_repo: Path):
@@ -283,7 +283,7 @@ def test_locks_of_a_killed_unreaped_dvc_repro_are_released(tmp_path: Path, prepa
             unlocked[0],
         ), unlocked
         assert run_in(repo, "diffusion", "unlock").stdout == ""  # nothing left to release
-        out = run_in(repo, "dvc", "repro")
+        out = run_in(repo, "dvc", "repro", "train")
         assert "resuming from" in out.stdout and "Running stage 'train'" in out.stdout
     finally:
         with contextlib.suppress(ProcessLookupError):

@@ -150,7 +150,7 @@ def test_the_readme_orchestration_path(tmp_path: Path, prepared_repo: Path):
 
         # docs/sweeps.md's other deployment runs: the pipeline as one experiment, and promotion.
         run = sh(repo, ".venv/bin/prefect", "deployment", "run", "train-pipeline/train-pipeline",
-                 "-p", 'params={"sample.steps": 2}', "-p", "name=readme-pipeline", *watch, env=env | api, timeout=540)
+                 "-p", 'params={"sample.steps": 3}', "-p", "name=readme-pipeline", *watch, env=env | api, timeout=540)
         assert "Completed" in run.stdout, run.stdout[-2000:]
         assert "readme-pipeline" in sh(repo, ".venv/bin/dvc", "exp", "show", env=env).stdout
         run = sh(repo, ".venv/bin/prefect", "deployment", "run", "promote/promote", "-p", "study=readme", *watch,

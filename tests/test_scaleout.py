@@ -9,10 +9,10 @@ repository ("host A", "host B"), sharing one DVC remote directory and nothing el
    ``make deploy`` and ``dvc remote add -d -f`` run again change nothing.
 2. Host A runs trial 0, which trains, and pushes its runs to the remote.
 3. Runs on A and B at once (two sweeps on one store), capped at ``sweep.max_trials``
-   = 4 trials: worker A is killed (SIGKILL) mid-trial, then PostgreSQL and the MLflow
+   = 3 trials: worker A is killed (SIGKILL) mid-trial, then PostgreSQL and the MLflow
    server are restarted while B's trials run.
 
-Then: the killed trial is FAIL and FAILED and was retried once on B; exactly 4 trials
+Then: the killed trial is FAIL and FAILED and was retried once on B; exactly 3 trials
 count; every trial has one MLflow run, in a final state; only trial 0 trained, and
 B's trials restored its model from the remote's run cache.
 """
@@ -39,7 +39,7 @@ pytestmark = [
 ]
 
 STUDY = "scaleout"
-MAX_TRIALS = 4
+MAX_TRIALS = 3
 PASSWORD = "scale-out-test"  # the team server's admin, created at its first start
 
 
@@ -52,7 +52,7 @@ def scaleout_params(storage: str) -> dict:
         "train": {**SWEEP_PARAMS["train"], "seed": 1},
         "tracking": {"log_model": False},
         "sweep": {
-            "study_name": STUDY, "n_trials": 4, "concurrency": 1, "storage": storage, "max_trials": MAX_TRIALS,
+            "study_name": STUDY, "n_trials": MAX_TRIALS, "concurrency": 1, "storage": storage, "max_trials": MAX_TRIALS,
             "heartbeat_s": 1, "trial_retries": 1, "pruning": False,
             "space": {"sample.steps": {"type": "categorical", "choices": [2, 3]}},
         },
