@@ -276,6 +276,19 @@ def test_kid_is_seeded_and_orders_the_sets(features: dict[str, np.ndarray]) -> N
     assert metrics.kid_from_features(features["noise"], a_many, seed=1) != metrics.kid_from_features(features["noise"], a_many, seed=2)
 
 
+@pytest.mark.parametrize("seed", [0, 3])
+def test_kid_is_clean_fids_kernel_distance(features: dict[str, np.ndarray], seed: int) -> None:
+    """The reference implementation: clean-fid's KID after seeding numpy's global RNG, on subsets
+    of N out of 2N reference features (so the draws matter), and with a subset size that caps."""
+    from cleanfid.fid import kernel_distance
+
+    reference = np.concatenate([features["a"], features["b"]])
+    for max_subset_size in (1000, N // 2):
+        np.random.seed(seed)
+        expected = kernel_distance(features["noise"], reference, max_subset_size=max_subset_size)
+        assert metrics.kid_from_features(features["noise"], reference, seed=seed, max_subset_size=max_subset_size) == expected
+
+
 # --------------------------------------------------------------------------- reference file
 
 

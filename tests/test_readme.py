@@ -28,7 +28,7 @@ from mlflow import MlflowClient
 from conftest import BIN, ROOT, TINY_PARAMS, make_pipeline_repo
 from diffusion.config import merge_params
 from services import flow_run_id, free_port, start, stop, wait_http
-from test_pipeline import assert_bad_param_stops_before_outputs_go, assert_only_sampling_reran, assert_tracked_everything
+from test_pipeline import assert_bad_param_stops_before_outputs_go, assert_only_sampling_reran, assert_tracked_everything, ran_stages
 from test_flows import SWEEP_PARAMS
 
 VENV = Path(sys.prefix)
@@ -97,7 +97,9 @@ def test_make_pipeline_tracks_everything_and_the_readme_commands_work_without_a_
     out = sh(repo, ".venv/bin/dvc", "exp", "run", "-S", "sample.steps=4", env=env)
     assert_only_sampling_reran(repo, out.stdout, model_run_id, sample_run_id)
     assert_bad_param_stops_before_outputs_go(repo)
-    out = sh(repo, ".venv/bin/dvc", "exp", "run", "--temp", "--name", "temp-copy", "-S", "sample.steps=3", env=env)
+    out = sh(repo, ".venv/bin/dvc", "exp", "run", "--temp", "--name", "temp-copy", "-S", "evaluate.confidence=0.9",
+             env=env)
+    assert ran_stages(out.stdout) == ["validate", "evaluate"]  # a stage command in the copy, for a newcomer
     shown = sh(repo, ".venv/bin/dvc", "exp", "show", "--json", env=env).stdout
     assert "temp-copy" in shown
 

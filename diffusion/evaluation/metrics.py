@@ -15,8 +15,9 @@ memory exactly as ``cleanfid.utils.ResizeDataset`` feeds decoded PNGs, so
   extrapolated to infinitely many images (:func:`fid_infinity`).
 - KID (Binkowski et al. 2018, "Demystifying MMD GANs"): the unbiased MMD^2 with the
   kernel ``k(x, y) = (x.y / d + 1)^3``, averaged over 100 subsets of up to 1,000
-  features, by ``cleanfid.fid.kernel_distance``; its subsets come from numpy's global
-  RNG, which :func:`kid_from_features` seeds and then restores, so KID is reproducible.
+  features, drawn as ``cleanfid.fid.kernel_distance`` draws them, from a seeded RNG
+  (:func:`kid_from_features`, equal to it; importing ``cleanfid.fid`` imports
+  torchvision, seconds in every process that scores).
 
 Weights: clean-fid loads ``inception-2015-12-05.pt`` from a fixed folder (``/tmp``;
 ``./`` on Windows; it has no setting to move it) and trusts whatever file has that
@@ -177,7 +178,6 @@ def inception_features(images: torch.Tensor | np.ndarray, *, device: str = "auto
     """float32 ``[N, 2048]`` clean-fid features of uint8 images ``[N, C, H, W]`` (C 1 or 3), in
     fp32 (bf16 autocast moved an FID past the limit, BENCHMARKS.md), ``batch_size`` at a time
     (20 ran faster than 50 on a 2-core CPU, BENCHMARKS.md; the features do not depend on it)."""
-    from cleanfid.fid import get_batch_features
     from cleanfid.resize import build_resizer
 
     dev = resolve_device(device)
@@ -189,7 +189,8 @@ def inception_features(images: torch.Tensor | np.ndarray, *, device: str = "auto
     features = []
     for start in range(0, len(rgb), batch_size):
         batch = torch.stack([torch.from_numpy(resize(image).transpose(2, 0, 1)) for image in rgb[start : start + batch_size]])
-        features.append(get_batch_features(batch, model, dev))
+        with torch.no_grad():
+            features.append(model(batch.to(dev)).cpu().numpy())
     return np.concatenate(features)
 
 
@@ -360,18 +361,25 @@ def fid_infinity(
     return float(intercept), points
 
 
-def kid_from_features(features: np.ndarray, reference_features: np.ndarray, *, seed: int = 0) -> float:
-    """KID of ``features`` against ``reference_features``; subsets drawn with ``seed``."""
-    from cleanfid.fid import kernel_distance
-
-    features = _check_features(features, "features")
-    reference_features = _check_features(reference_features, "reference features")
-    state = np.random.get_state()
-    np.random.seed(seed)
-    try:
-        return kernel_distance(features, reference_features)
-    finally:
-        np.random.set_state(state)
+def kid_from_features(
+    features: np.ndarray, reference_features: np.ndarray, *, seed: int = 0, subsets: int = 100, max_subset_size: int = 1000
+) -> float:
+    """KID of ``features`` against ``reference_features``: the unbiased MMD^2 (Binkowski et al.
+    2018, eq. 4) with the kernel ``(x.y / d + 1)^3``, averaged over ``subsets`` pairs of subsets
+    of ``min(N, M, max_subset_size)`` features drawn without replacement, reference first, from
+    numpy's ``RandomState(seed)``: ``cleanfid.fid.kernel_distance`` after ``np.random.seed(seed)``."""
+    y_all = _check_features(features, "features")
+    x_all = _check_features(reference_features, "reference features")
+    d, m = x_all.shape[1], min(len(x_all), len(y_all), max_subset_size)
+    rng = np.random.RandomState(seed)
+    total = 0.0
+    for _ in range(subsets):
+        x = x_all[rng.choice(len(x_all), m, replace=False)]
+        y = y_all[rng.choice(len(y_all), m, replace=False)]
+        within = (x @ x.T / d + 1) ** 3 + (y @ y.T / d + 1) ** 3
+        between = (x @ y.T / d + 1) ** 3
+        total += (within.sum() - np.diag(within).sum()) / (m - 1) - between.sum() * 2 / m
+    return float(total / subsets / m)
 
 
 def fid(images: torch.Tensor | np.ndarray, reference: Mapping[str, np.ndarray], *, device: str = "auto", batch_size: int = 20) -> float:
