@@ -150,7 +150,8 @@ def test_the_readme_orchestration_path(tmp_path: Path, prepared_repo: Path):
         assert second.data.tags["train.model_run_id"] == first.info.run_id  # the run cache's model
         assert second.data.metrics["fid"] == first.data.metrics["fid"]
 
-        # docs/sweeps.md's other deployment runs: the pipeline as one experiment, and promotion.
+        # docs/sweeps.md's other deployment runs: the pipeline as one experiment (at the sweep's
+        # point, so its stages restore from the run cache), and promotion.
         run = sh(repo, ".venv/bin/prefect", "deployment", "run", "train-pipeline/train-pipeline",
                  "-p", 'params={"sample.steps": 3}', "-p", "name=readme-pipeline", *watch, env=env | api, timeout=540)
         assert "Completed" in run.stdout, run.stdout[-2000:]
