@@ -46,7 +46,7 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 # A config small enough for a whole `dvc repro` in about a minute on 2 cores.
 TINY_PARAMS = {
-    "data": {"source": "mnist5k", "image_size": 28, "holdout": 16, "reference_images": 48},
+    "data": {"source": "mnist5k", "image_size": 28, "holdout": 16, "reference_images": 16},
     "model": {"name": "unet-tiny"},
     # eval_images 0: no in-training KID curve (Inception in every training); tests/test_train_eval.py and
     # the make-pipeline test of tests/test_readme.py turn it on

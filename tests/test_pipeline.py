@@ -60,7 +60,7 @@ def assert_tracked_everything(repo: Path, out: str) -> None:
     assert train_metrics["step"] == TINY_PARAMS["train"]["steps"]
     assert math.isfinite(train_metrics["bpd"])
     manifest = json.loads((repo / "data/manifest.json").read_text())
-    assert manifest["counts"] == {"train": 5000 - 16, "heldout": 16, "reference": 48}
+    assert manifest["counts"] == {"train": 5000 - 16, "heldout": 16, "reference": TINY_PARAMS["data"]["reference_images"]}
     curve = (repo / "plots/fid_vs_samples.csv").read_text().splitlines()
     assert curve[0] == "num_samples,fid" and curve[-1].startswith(f"{TINY_PARAMS['sample']['num_samples']},")
 
@@ -174,7 +174,7 @@ def test_missing_or_corrupt_dataset_gets_a_clear_error_and_keeps_outputs(tmp_pat
         "diffusion train: error: data/train.npz: truncated or corrupt dataset file"
     )
     assert (repo / "data/heldout.npz").exists()
-    assert np.load(repo / "data/reference.npz")["features"].shape == (48, 2048)
+    assert np.load(repo / "data/reference.npz")["features"].shape == (TINY_PARAMS["data"]["reference_images"], 2048)
 
 
 @pytest.mark.parametrize(

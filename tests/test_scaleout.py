@@ -6,7 +6,8 @@ it, a Prefect server, and two process workers, each in its own clone of one orig
 repository ("host A", "host B"), sharing one DVC remote directory and nothing else.
 
 1. Set-up races: worker A starts while ``make deploy`` runs; both succeed, and
-   ``make deploy`` and ``dvc remote add -d -f`` run again change nothing.
+   ``make deploy`` and ``dvc remote add -d -f`` run again change nothing. The origin
+   has pushed the prepared data to the remote (``flows/remote.py``).
 2. Host A runs trial 0, which trains, and pushes its runs to the remote.
 3. Runs on A and B at once (two sweeps on one store), capped at ``sweep.max_trials``
    = 3 trials: worker A is killed (SIGKILL) mid-trial, then PostgreSQL and the MLflow
@@ -116,6 +117,9 @@ def test_a_sweep_across_two_hosts_survives_a_killed_worker_and_restarted_servers
             run_in(origin, "dvc", "remote", "add", "-d", "-f", "shared", str(remote))
         run_in(origin, "git", "add", ".dvc/config")
         run_in(origin, "git", "commit", "-qm", "the shared DVC remote")
+        # The team's prepared data in the remote (the session's run cache of prepare), as the
+        # trials push theirs: trial 0 on host A restores prepare, and trains.
+        assert "new outputs pushed" in run_in(origin, str(BIN / "python"), "-m", "flows.remote").stdout
         hosts = {name: clone(origin, base / f"host-{name}") for name in ("A", "B")}
 
         prefect_port, mlflow_port = free_port(), free_port()
