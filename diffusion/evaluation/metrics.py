@@ -1,4 +1,4 @@
-"""FID and KID through clean-fid, the reference statistics, and the offline Inception weights.
+"""FID and KID of clean-fid's Inception features, the reference statistics, and the offline Inception weights.
 
 Features are clean-fid's "clean" mode (Parmar et al. 2022, "On Aliased Resizing and
 Surprising Subtleties in GAN Evaluation"): each uint8 RGB image is resized to
