@@ -330,8 +330,7 @@ def kid_bootstrap(features: np.ndarray, reference_features: np.ndarray, *, repli
     estimator :func:`kid_from_features` averages over its subsets (each one all the features)."""
     x = _check_features(features, "features", dim=None).astype(np.float64)
     y = _check_features(reference_features, "reference features", dim=None).astype(np.float64)
-    d = x.shape[1]
-    kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+    kxx, kyy, kxy = (kid_kernel(a, b) for a, b in ((x, x), (y, y), (x, y)))
     rng = np.random.default_rng(seed)
 
     def distinct_pairs_mean(k: np.ndarray, index: np.ndarray) -> float:
@@ -370,16 +369,21 @@ def kid_from_features(
     numpy's ``RandomState(seed)``: ``cleanfid.fid.kernel_distance`` after ``np.random.seed(seed)``."""
     y_all = _check_features(features, "features")
     x_all = _check_features(reference_features, "reference features")
-    d, m = x_all.shape[1], min(len(x_all), len(y_all), max_subset_size)
+    m = min(len(x_all), len(y_all), max_subset_size)
     rng = np.random.RandomState(seed)
     total = 0.0
     for _ in range(subsets):
         x = x_all[rng.choice(len(x_all), m, replace=False)]
         y = y_all[rng.choice(len(y_all), m, replace=False)]
-        within = (x @ x.T / d + 1) ** 3 + (y @ y.T / d + 1) ** 3
-        between = (x @ y.T / d + 1) ** 3
-        total += (within.sum() - np.diag(within).sum()) / (m - 1) - between.sum() * 2 / m
+        within = kid_kernel(x, x) + kid_kernel(y, y)
+        total += (within.sum() - np.diag(within).sum()) / (m - 1) - kid_kernel(x, y).sum() * 2 / m
     return float(total / subsets / m)
+
+
+def kid_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """KID's polynomial kernel matrix ``(a_i . b_j / d + 1)^3`` of ``[N, d]`` and ``[M, d]`` features
+    (Binkowski et al. 2018, Sec. 3), in the features' dtype."""
+    return (a @ b.T / a.shape[1] + 1) ** 3
 
 
 def fid(images: torch.Tensor | np.ndarray, reference: Mapping[str, np.ndarray], *, device: str = "auto", batch_size: int = 20) -> float:
