@@ -223,26 +223,26 @@ def _check_data(images: torch.Tensor, labels: torch.Tensor | None, conditional: 
 
 
 def _null_condition(model: nn.Module, labels: torch.Tensor) -> int | torch.Tensor:
-    """The model's null condition, checked against the conditions: the empty caption's token
-    ids of a text-conditional model, the null-class index (= its number of classes) of a
-    class-conditional one."""
+    """The model's null condition (:func:`~diffusion.models.layers.null_condition`: the empty
+    caption's token ids of a text-conditional model, the null-class index of a class-conditional
+    one), after checking the conditions against the model."""
     text_encoder = getattr(model, "text_encoder", None)
+    num_classes = getattr(model, "num_classes", None)
     if text_encoder is not None:
         if labels.shape[1:] != (text_encoder.max_length,) or labels.dtype != torch.int64:
             raise ValueError(
                 f"train: a text-conditional model needs token ids int64 [N, {text_encoder.max_length}]; "
                 f"got {labels.dtype} {tuple(labels.shape)}"
             )
-        return null_condition(model).cpu()
-    num_classes = getattr(model, "num_classes", None)
-    if num_classes is None:
+    elif num_classes is None:
         raise ValueError("train: conditional training needs a model built with num_classes or a text encoder")
-    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
+    elif len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
         raise ValueError(
             f"train: labels must lie in 0..{num_classes - 1} (the model's classes); "
             f"got {int(labels.min())}..{int(labels.max())}"
         )
-    return num_classes
+    null = null_condition(model)
+    return null.cpu() if isinstance(null, torch.Tensor) else null
 
 
 # ---------------------------------------------------------------- the loop
